@@ -1,0 +1,87 @@
+"""Backend registry: which implementations of the loss exist, which can run here, and which to pick.
+
+A backend is a pair of functions with the signatures of ``reference.fine_grained_loss_ref`` and
+``reference.filip_similarity_ref``, taking validated inputs. Fused backends (``triton``, ``cuda``,
+``cpu``) register themselves here as they land; ``reference`` is always available.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import reference
+
+ENV_BACKEND = "EGMA_KERNELS_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    loss: Callable
+    similarity: Callable
+    devices: tuple  # device types it runs on, e.g. ("cpu", "cuda")
+    is_available: Callable[[], bool] = lambda: True
+    # Lower is preferred by ``backend=None`` among the available backends for a device.
+    priority: int = 100
+
+
+_REGISTRY: Dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+register_backend(
+    Backend(
+        name="reference",
+        loss=reference.fine_grained_loss_ref,
+        similarity=reference.filip_similarity_ref,
+        devices=("cpu", "cuda"),
+        priority=1000,
+    )
+)
+
+
+def known_backends() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def available_backends(device: Optional[str] = None) -> List[str]:
+    """Names of the backends that can run here, optionally only those for a device type ("cpu", "cuda")."""
+    names = []
+    for b in sorted(_REGISTRY.values(), key=lambda b: (b.priority, b.name)):
+        if device is not None and device not in b.devices:
+            continue
+        if b.is_available():
+            names.append(b.name)
+    return names
+
+
+def resolve_backend(name: Optional[str], device: torch.device) -> Backend:
+    """The backend to run for tensors on ``device``: ``name``, else ``$EGMA_KERNELS_BACKEND``, else the best."""
+    if name is None:
+        name = os.environ.get(ENV_BACKEND) or None
+    if name is None or name == "auto":
+        candidates = available_backends(device.type)
+        if not candidates:
+            raise RuntimeError(f"no egma_kernels backend can run on {device.type} tensors")
+        return _REGISTRY[candidates[0]]
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string or None, got {type(name).__name__}")
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(known_backends())} (or None/'auto')")
+    backend = _REGISTRY[name]
+    if not backend.is_available():
+        raise RuntimeError(
+            f"backend {name!r} is not available in this installation; available: {', '.join(available_backends())}"
+        )
+    if device.type not in backend.devices:
+        raise ValueError(
+            f"backend {name!r} runs on {', '.join(backend.devices)} tensors, but the inputs are on {device.type}"
+        )
+    return backend

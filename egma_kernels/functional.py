@@ -1,0 +1,113 @@
+"""The public functions: validate, pick a backend, run it."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from ._validation import Scale, check_filip_inputs, check_loss_inputs
+from .backends import resolve_backend
+from .reference import LossTerms
+
+DEFAULT_ALPHA = 0.5
+EGMA_COMPAT_ALPHA = 0.8
+DEFAULT_MAP_THRESHOLD = 2.0 / 7.0
+
+
+def fine_grained_loss(
+    patch_emb: torch.Tensor,
+    sent_emb: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    logit_scale: Scale,
+    gaze: Optional[torch.Tensor] = None,
+    gaze_mask: Optional[torch.Tensor] = None,
+    *,
+    alpha: Optional[float] = None,
+    map_threshold: float = DEFAULT_MAP_THRESHOLD,
+    weights: Sequence[float] = (1.0, 1.0, 1.0),
+    egma_compat: bool = False,
+    backend: Optional[str] = None,
+    return_details: bool = False,
+    validate: Optional[bool] = None,
+) -> Union[torch.Tensor, LossTerms]:
+    """The EGMA loss (``SPEC.md``): fine-grained contrastive + gaze MLCE + gaze-guided mapping.
+
+    Args:
+        patch_emb: ``(B, P, D)`` patch tokens of ``B`` images, L2-normalised along ``D``.
+            float16, bfloat16, float32 or float64.
+        sent_emb: ``(N, D)`` sentence embeddings of the ``B`` reports packed in batch order, same dtype
+            and device as ``patch_emb`` (``pack_sentences`` builds it).
+        cu_seqlens: ``(B+1,)`` int32 offsets: report ``k`` owns sentences ``cu_seqlens[k]:cu_seqlens[k+1]``,
+            each report at least one sentence.
+        logit_scale: the temperature multiplier ``t > 0``: a number or a scalar tensor (gets a gradient).
+        gaze: optional ``(N, P)`` non-negative gaze heat of each sentence on each patch (no gradient).
+        gaze_mask: optional ``(B,)`` bool, which reports carry gaze (default: all, when ``gaze`` is given).
+        alpha: weight of the sentence-to-patch MLCE direction; default 0.5 (0.8 with ``egma_compat``).
+        map_threshold: the min-max threshold of the mapping weights (default 2/7).
+        weights: ``(w_con, w_mlce, w_map)`` multiplying the three terms.
+        egma_compat: reproduce the original EGMA training code (zero-padded I2T max, image-wise T2I CE).
+        backend: ``None``/``"auto"`` for the best available, or a name from ``available_backends()``.
+        return_details: return a ``LossTerms(loss, contrastive, gaze_mlce, mapping, i2t, t2i)``.
+        validate: check the input *values* too (offsets, gaze signs, ``logit_scale > 0``); default on
+            (``EGMA_KERNELS_VALIDATE=0`` turns it off). On CUDA this costs one host synchronisation.
+
+    Returns:
+        The scalar loss (float32; float64 for float64 inputs), or ``LossTerms`` with ``i2t``/``t2i`` ``(B, B)``.
+    """
+    if alpha is None:
+        alpha = EGMA_COMPAT_ALPHA if egma_compat else DEFAULT_ALPHA
+    weights = tuple(weights) if not isinstance(weights, torch.Tensor) else tuple(weights.tolist())
+    checked = check_loss_inputs(
+        patch_emb,
+        sent_emb,
+        cu_seqlens,
+        logit_scale,
+        gaze,
+        gaze_mask,
+        alpha=alpha,
+        map_threshold=map_threshold,
+        weights=weights,
+        validate=validate,
+    )
+    impl = resolve_backend(backend, checked.patch_emb.device)
+    terms = impl.loss(
+        checked.patch_emb,
+        checked.sent_emb,
+        checked.cu_seqlens,
+        checked.logit_scale,
+        checked.gaze,
+        checked.gaze_mask,
+        alpha=float(alpha),
+        map_threshold=float(map_threshold),
+        weights=tuple(float(w) for w in weights),
+        egma_compat=bool(egma_compat),
+    )
+    return terms if return_details else terms.loss
+
+
+def filip_similarity(
+    patch_emb: torch.Tensor,
+    sent_emb: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    logit_scale: Scale = 1.0,
+    *,
+    backend: Optional[str] = None,
+    validate: Optional[bool] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Late-interaction (FILIP) similarity of every image with every report, differentiable.
+
+    Args:
+        patch_emb: ``(M, P, D)`` patch tokens of ``M`` images.
+        sent_emb: ``(N, D)`` sentences of ``R`` reports packed in order.
+        cu_seqlens: ``(R+1,)`` int32 offsets of the reports (``R`` need not equal ``M``).
+        logit_scale: multiplier ``t > 0`` (default 1).
+
+    Returns:
+        ``(i2t, t2i)``, both ``(M, R)`` float32 (float64 for float64 inputs):
+        ``i2t[a, b]`` = mean over image ``a``'s patches of the best sentence of report ``b``;
+        ``t2i[a, b]`` = mean over report ``b``'s sentences of the best patch of image ``a``.
+    """
+    checked = check_filip_inputs(patch_emb, sent_emb, cu_seqlens, logit_scale, validate)
+    impl = resolve_backend(backend, checked.patch_emb.device)
+    return impl.similarity(checked.patch_emb, checked.sent_emb, checked.cu_seqlens, checked.logit_scale)

@@ -1,0 +1,57 @@
+"""``nn.Module`` wrapper holding the loss options."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .functional import DEFAULT_MAP_THRESHOLD, fine_grained_loss
+
+
+class FineGrainedLoss(nn.Module):
+    """The EGMA loss as a module; ``forward`` takes the tensors of ``fine_grained_loss``."""
+
+    def __init__(
+        self,
+        *,
+        alpha: Optional[float] = None,
+        map_threshold: float = DEFAULT_MAP_THRESHOLD,
+        weights: Sequence[float] = (1.0, 1.0, 1.0),
+        egma_compat: bool = False,
+        backend: Optional[str] = None,
+        return_details: bool = False,
+        validate: Optional[bool] = None,
+    ):
+        super().__init__()
+        self.alpha = alpha
+        self.map_threshold = map_threshold
+        self.weights = tuple(weights)
+        self.egma_compat = egma_compat
+        self.backend = backend
+        self.return_details = return_details
+        self.validate = validate
+
+    def forward(self, patch_emb, sent_emb, cu_seqlens, logit_scale, gaze=None, gaze_mask=None):
+        return fine_grained_loss(
+            patch_emb,
+            sent_emb,
+            cu_seqlens,
+            logit_scale,
+            gaze,
+            gaze_mask,
+            alpha=self.alpha,
+            map_threshold=self.map_threshold,
+            weights=self.weights,
+            egma_compat=self.egma_compat,
+            backend=self.backend,
+            return_details=self.return_details,
+            validate=self.validate,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, map_threshold={self.map_threshold:.4g}, weights={self.weights}, "
+            f"egma_compat={self.egma_compat}, backend={self.backend}"
+        )
