@@ -8,6 +8,9 @@ from .functional import fine_grained_loss, filip_similarity
 from .modules import FineGrainedLoss
 from .packing import cu_seqlens_from_lengths, pack_sentences, unpack_sentences
 from .reference import LossTerms, filip_similarity_ref, fine_grained_loss_ref
+from . import _optional_backends
+
+_optional_backends.load_all()
 
 __version__ = "0.1.0"
 
