@@ -1,0 +1,800 @@
+// Fused CPU kernels of the EGMA loss (../shared/SPEC.md) and of the FILIP similarity.
+//
+// Forward, phase 1: at::parallel_for over (image, block of whole reports) tiles. Each tile computes its
+// similarities A = t * <patch, sentence> in blocks of PATCH_BLOCK patches x (<= SENT_BLOCK sentences) in a
+// per-thread scratch buffer and reduces them at once: the I2T row max per (patch, report) and the T2I
+// column max per (sentence, image), with their argmax indices. The (B*P) x N matrix never exists. The
+// matched tiles (image k, report k) copy their similarities into `own` (N x P).
+// Forward, phase 2: at::parallel_for over reports k: the MLCE term and the mapping weights, mapped
+// features and the two CLIP losses of report k, from `own` and the embeddings.
+// Forward, phase 3 (serial, B x B): the two cross-entropies and the totals.
+//
+// Backward: at::parallel_for over k, which owns d patch_emb[k] and d sent_emb[report k]; gradients of the
+// max terms are routed through the saved argmax indices, the MLCE gradient is recomputed from `own`, and
+// the mapping term is recomputed from `own` (its weights are constant). Every output element is written
+// by exactly one task, every sum runs in a fixed order: results do not depend on the number of threads,
+// and there are no atomics.
+//
+// Inner products: a register-blocked (4 x 2) kernel on 32-byte GCC vector types, compiled twice
+// (x86-64-v3 with FMA, and the baseline) and chosen at load time with target_clones.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace egma_cpu {
+namespace {
+
+constexpr int64_t PATCH_BLOCK = 64;  // patches per similarity block
+constexpr int64_t SENT_BLOCK = 128;  // sentences per tile (whole reports; a longer report is its own tile)
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define EGMA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define EGMA_CLONES
+#endif
+#define EGMA_INLINE inline __attribute__((always_inline))
+
+typedef float vec_f __attribute__((vector_size(32)));
+typedef double vec_d __attribute__((vector_size(32)));
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  using type = vec_f;
+  static constexpr int width = 8;
+};
+template <>
+struct Vec<double> {
+  using type = vec_d;
+  static constexpr int width = 4;
+};
+
+template <typename T>
+static EGMA_INLINE typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// C[r * ldc + c] = <A[r], B[c]> for an RI x RJ block; every entry is computed the same way (lane sums over
+// D in order, then the lanes in order, then the scalar tail) whichever block shape it falls in.
+template <typename T, int RI, int RJ>
+static EGMA_INLINE void dots_micro(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t D, T* C, int64_t ldc) {
+  using VT = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  VT acc[RI][RJ];
+#pragma GCC unroll 8
+  for (int r = 0; r < RI; ++r)
+#pragma GCC unroll 8
+    for (int c = 0; c < RJ; ++c) acc[r][c] = VT{};
+  const int64_t Dv = D - D % W;
+  for (int64_t d = 0; d < Dv; d += W) {
+    VT a[RI], b[RJ];
+#pragma GCC unroll 8
+    for (int r = 0; r < RI; ++r) a[r] = vload(A + r * lda + d);
+#pragma GCC unroll 8
+    for (int c = 0; c < RJ; ++c) b[c] = vload(B + c * ldb + d);
+#pragma GCC unroll 8
+    for (int r = 0; r < RI; ++r)
+#pragma GCC unroll 8
+      for (int c = 0; c < RJ; ++c) acc[r][c] += a[r] * b[c];
+  }
+  for (int r = 0; r < RI; ++r)
+    for (int c = 0; c < RJ; ++c) {
+      T s = 0;
+      for (int l = 0; l < W; ++l) s += acc[r][c][l];
+      T tail = 0;
+      for (int64_t d = Dv; d < D; ++d) tail += A[r * lda + d] * B[c * ldb + d];
+      C[r * ldc + c] = s + tail;
+    }
+}
+
+template <typename T>
+static EGMA_INLINE void dots_impl(const T* A, int64_t lda, int64_t m, const T* B, int64_t ldb, int64_t n, int64_t D,
+                                  T* C, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) dots_micro<T, 4, 2>(A + i * lda, lda, B + j * ldb, ldb, D, C + i * ldc + j, ldc);
+    for (; j < n; ++j) dots_micro<T, 4, 1>(A + i * lda, lda, B + j * ldb, ldb, D, C + i * ldc + j, ldc);
+  }
+  for (; i < m; ++i) {
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) dots_micro<T, 1, 2>(A + i * lda, lda, B + j * ldb, ldb, D, C + i * ldc + j, ldc);
+    for (; j < n; ++j) dots_micro<T, 1, 1>(A + i * lda, lda, B + j * ldb, ldb, D, C + i * ldc + j, ldc);
+  }
+}
+
+EGMA_CLONES void dots_f(const float* A, int64_t lda, int64_t m, const float* B, int64_t ldb, int64_t n, int64_t D,
+                        float* C, int64_t ldc) {
+  dots_impl<float>(A, lda, m, B, ldb, n, D, C, ldc);
+}
+EGMA_CLONES void dots_d(const double* A, int64_t lda, int64_t m, const double* B, int64_t ldb, int64_t n, int64_t D,
+                        double* C, int64_t ldc) {
+  dots_impl<double>(A, lda, m, B, ldb, n, D, C, ldc);
+}
+// C (m x n, row stride ldc) = A (m x D) B^T (B is n x D), rows contiguous along D.
+inline void dots(const float* A, int64_t lda, int64_t m, const float* B, int64_t ldb, int64_t n, int64_t D, float* C,
+                 int64_t ldc) {
+  dots_f(A, lda, m, B, ldb, n, D, C, ldc);
+}
+inline void dots(const double* A, int64_t lda, int64_t m, const double* B, int64_t ldb, int64_t n, int64_t D,
+                 double* C, int64_t ldc) {
+  dots_d(A, lda, m, B, ldb, n, D, C, ldc);
+}
+
+template <typename T>
+static EGMA_INLINE void axpy_impl(int64_t n, T a, const T* __restrict x, T* __restrict y) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+EGMA_CLONES void axpy_f(int64_t n, float a, const float* __restrict x, float* __restrict y) { axpy_impl(n, a, x, y); }
+EGMA_CLONES void axpy_d(int64_t n, double a, const double* __restrict x, double* __restrict y) {
+  axpy_impl(n, a, x, y);
+}
+// y += a * x (vectorised, element-wise: no reordering of sums).
+inline void axpy(int64_t n, float a, const float* x, float* y) { axpy_f(n, a, x, y); }
+inline void axpy(int64_t n, double a, const double* x, double* y) { axpy_d(n, a, x, y); }
+
+template <typename T>
+inline T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// log(1 + sum_{keep} exp(v)) over a strided set, stably (the extra zero logit bounds the shift below).
+template <typename T, typename Keep>
+inline T lse_with_zero(int64_t n, const T* v, int64_t stride, T sign, Keep keep) {
+  T m = 0;
+  for (int64_t e = 0; e < n; ++e)
+    if (keep(e)) m = std::max(m, sign * v[e * stride]);
+  T s = std::exp(-m);
+  for (int64_t e = 0; e < n; ++e)
+    if (keep(e)) s += std::exp(sign * v[e * stride] - m);
+  return m + std::log(s);
+}
+
+// Row and column log-sum-exp of a square m x m block; returns the symmetric CLIP loss of the block.
+template <typename T>
+T clip_block(const T* L, int64_t m, T* row_lse, T* col_lse) {
+  for (int64_t i = 0; i < m; ++i) {
+    const T* row = L + i * m;
+    T mx = neg_inf<T>();
+    for (int64_t j = 0; j < m; ++j) mx = std::max(mx, row[j]);
+    T s = 0;
+    for (int64_t j = 0; j < m; ++j) s += std::exp(row[j] - mx);
+    row_lse[i] = mx + std::log(s);
+  }
+  std::vector<T> cmax(m, neg_inf<T>()), csum(m, T(0));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < m; ++j) cmax[j] = std::max(cmax[j], L[i * m + j]);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < m; ++j) csum[j] += std::exp(L[i * m + j] - cmax[j]);
+  T rows = 0, cols = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    col_lse[i] = cmax[i] + std::log(csum[i]);
+    rows += row_lse[i] - L[i * m + i];
+    cols += col_lse[i] - L[i * m + i];
+  }
+  return T(0.5) * (rows / T(m) + cols / T(m));
+}
+
+// Cross-entropy with targets on the diagonal over rows (by_rows) or columns of a square B x B matrix,
+// and optionally its gradient (scaled by coef) added into grad.
+template <typename T>
+T ce_diag(const T* M, int64_t B, bool by_rows, T coef, T* grad) {
+  T total = 0;
+  std::vector<T> p(B);
+  for (int64_t a = 0; a < B; ++a) {
+    auto at = [&](int64_t c) { return by_rows ? M[a * B + c] : M[c * B + a]; };
+    T mx = neg_inf<T>();
+    for (int64_t c = 0; c < B; ++c) mx = std::max(mx, at(c));
+    T s = 0;
+    for (int64_t c = 0; c < B; ++c) s += std::exp(at(c) - mx);
+    T lse = mx + std::log(s);
+    total += lse - at(a);
+    if (grad != nullptr) {
+      for (int64_t c = 0; c < B; ++c) {
+        T g = coef * (std::exp(at(c) - lse) - (c == a ? T(1) : T(0))) / T(B);
+        if (by_rows)
+          grad[a * B + c] += g;
+        else
+          grad[c * B + a] += g;
+      }
+    }
+  }
+  return total / T(B);
+}
+
+struct Reports {
+  const int32_t* cu;
+  int64_t R;
+  int64_t max_len = 0;
+  std::vector<int64_t> block_start;  // report index where each tile's block of reports starts (+ end)
+  std::vector<int32_t> owner;        // report of each sentence
+
+  Reports(const int32_t* cu_, int64_t R_, int64_t N) : cu(cu_), R(R_), owner(N) {
+    block_start.push_back(0);
+    int64_t in_block = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      int64_t n = cu[r + 1] - cu[r];
+      max_len = std::max(max_len, n);
+      if (in_block > 0 && in_block + n > SENT_BLOCK) {
+        block_start.push_back(r);
+        in_block = 0;
+      }
+      in_block += n;
+      for (int64_t u = cu[r]; u < cu[r + 1]; ++u) owner[u] = static_cast<int32_t>(r);
+    }
+    block_start.push_back(R);
+  }
+  int64_t num_blocks() const { return static_cast<int64_t>(block_start.size()) - 1; }
+  int64_t len(int64_t r) const { return cu[r + 1] - cu[r]; }
+};
+
+// Phase 1: I2T, T2I (M x R), argmax indices (optional) and the matched similarities (optional, M == R).
+template <typename T>
+void filip_tiles(const T* p, int64_t M, int64_t P, int64_t D, const T* s, int64_t N, const Reports& rep, T t,
+                 bool compat, T* i2t, T* t2i, int32_t* i2t_arg, int32_t* t2i_arg, T* own) {
+  const int64_t R = rep.R;
+  const int64_t nb = rep.num_blocks();
+  int64_t widest = 0;
+  for (int64_t k = 0; k < nb; ++k)
+    widest = std::max<int64_t>(widest, rep.cu[rep.block_start[k + 1]] - rep.cu[rep.block_start[k]]);
+  at::parallel_for(0, M * nb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(PATCH_BLOCK * widest), colbest(widest), rowsum(R);
+    std::vector<int32_t> colarg(widest);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t a = tile / nb, kb = tile % nb;
+      const int64_t r0 = rep.block_start[kb], r1 = rep.block_start[kb + 1];
+      const int64_t u0 = rep.cu[r0], u1 = rep.cu[r1], nu = u1 - u0;
+      std::fill(colbest.begin(), colbest.begin() + nu, neg_inf<T>());
+      std::fill(colarg.begin(), colarg.begin() + nu, 0);
+      std::fill(rowsum.begin() + r0, rowsum.begin() + r1, T(0));
+      const bool matched = own != nullptr && a >= r0 && a < r1;
+      for (int64_t i0 = 0; i0 < P; i0 += PATCH_BLOCK) {
+        const int64_t pc = std::min(PATCH_BLOCK, P - i0);
+        dots(p + (a * P + i0) * D, D, pc, s + u0 * D, D, nu, D, S.data(), nu);
+        for (int64_t ii = 0; ii < pc; ++ii) {
+          T* row = S.data() + ii * nu;
+          for (int64_t e = 0; e < nu; ++e) row[e] = t * row[e];
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t e0 = rep.cu[r] - u0, e1 = rep.cu[r + 1] - u0;
+            T best = row[e0];
+            int64_t arg = e0;
+            for (int64_t e = e0 + 1; e < e1; ++e)
+              if (row[e] > best) {
+                best = row[e];
+                arg = e;
+              }
+            int32_t arg_u = static_cast<int32_t>(u0 + arg);
+            if (compat && e1 - e0 < rep.max_len && best < T(0)) {  // zero padding wins the max
+              best = 0;
+              arg_u = -1;
+            }
+            rowsum[r] += best;
+            if (i2t_arg != nullptr) i2t_arg[(a * R + r) * P + i0 + ii] = arg_u;
+          }
+          for (int64_t e = 0; e < nu; ++e)
+            if (row[e] > colbest[e]) {
+              colbest[e] = row[e];
+              colarg[e] = static_cast<int32_t>(i0 + ii);
+            }
+        }
+        if (matched) {
+          for (int64_t u = rep.cu[a]; u < rep.cu[a + 1]; ++u)
+            for (int64_t ii = 0; ii < pc; ++ii) own[u * P + i0 + ii] = S[ii * nu + (u - u0)];
+        }
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        i2t[a * R + r] = rowsum[r] / T(P);
+        T sum = 0;
+        for (int64_t u = rep.cu[r]; u < rep.cu[r + 1]; ++u) sum += colbest[u - u0];
+        t2i[a * R + r] = sum / T(rep.len(r));
+      }
+      if (t2i_arg != nullptr)
+        for (int64_t u = u0; u < u1; ++u) t2i_arg[a * N + u] = colarg[u - u0];
+    }
+  });
+}
+
+template <typename T>
+struct LossParams {
+  T alpha, theta, w_con, w_mlce, w_map;
+  bool compat;
+};
+
+// The mapping weights of report k: W1 (P x n, each patch over sentences) and W2 (n x P, each sentence over
+// patches) from the matched block X (n x P) and the gaze rows GS (n x P, or null when g_k = 0).
+template <typename T, typename G>
+void mapping_weights(const T* X, const G* GS, int64_t n, int64_t P, T theta, T* W1, T* W2) {
+  auto omega = [&](T v, T mn, T spread) -> T {
+    if (spread == T(0)) return T(1);
+    return (v - mn) / spread >= theta ? T(1) : T(0);
+  };
+  for (int64_t i = 0; i < P; ++i) {
+    T mn = X[i], mx = X[i];
+    for (int64_t j = 1; j < n; ++j) {
+      mn = std::min(mn, X[j * P + i]);
+      mx = std::max(mx, X[j * P + i]);
+    }
+    T sum = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      T w = omega(X[j * P + i], mn, mx - mn) + (GS ? static_cast<T>(GS[j * P + i]) : T(0));
+      W1[i * n + j] = w;
+      sum += w;
+    }
+    for (int64_t j = 0; j < n; ++j) W1[i * n + j] /= sum;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const T* x = X + j * P;
+    T mn = x[0], mx = x[0];
+    for (int64_t i = 1; i < P; ++i) {
+      mn = std::min(mn, x[i]);
+      mx = std::max(mx, x[i]);
+    }
+    T sum = 0;
+    for (int64_t i = 0; i < P; ++i) {
+      T w = omega(x[i], mn, mx - mn) + (GS ? static_cast<T>(GS[j * P + i]) : T(0));
+      W2[j * P + i] = w;
+      sum += w;
+    }
+    for (int64_t i = 0; i < P; ++i) W2[j * P + i] /= sum;
+  }
+}
+
+// Per-thread scratch of the matched (per-report) phase.
+template <typename T>
+struct Scratch {
+  std::vector<T> W1, W2, crossP, crossS, LP, LS, lse_a, lse_b, dX, dcrossP, dcrossS, rl, rp, cl, cp;
+  void reserve(int64_t P, int64_t n, int64_t D) {
+    W1.resize(P * n);
+    W2.resize(n * P);
+    crossP.assign(P * D, T(0));
+    crossS.assign(n * D, T(0));
+    LP.resize(P * P);
+    LS.resize(n * n);
+    lse_a.resize(std::max(P, n));
+    lse_b.resize(std::max(P, n));
+  }
+};
+
+// Mapping forward of report k: builds W1, W2, crossP, crossS and the logits LP (P x P), LS (n x n) in sc.
+template <typename T>
+void mapping_forward(const T* pk, const T* sk, const T* X, const T* GS, int64_t n, int64_t P, int64_t D, T t, T theta,
+                  Scratch<T>& sc) {
+  sc.reserve(P, n, D);
+  mapping_weights(X, GS, n, P, theta, sc.W1.data(), sc.W2.data());
+  for (int64_t i = 0; i < P; ++i)
+    for (int64_t j = 0; j < n; ++j) axpy(D, sc.W1[i * n + j], sk + j * D, sc.crossP.data() + i * D);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < P; ++i) axpy(D, sc.W2[j * P + i], pk + i * D, sc.crossS.data() + j * D);
+  dots(sc.crossP.data(), D, P, pk, D, P, D, sc.LP.data(), P);
+  for (auto& v : sc.LP) v = t * v;
+  dots(sc.crossS.data(), D, n, sk, D, n, D, sc.LS.data(), n);
+  for (auto& v : sc.LS) v = t * v;
+}
+
+template <typename T>
+void mlce_lses(const T* X, const T* GS, int64_t n, int64_t P, T* row_neg, T* row_pos, T* col_neg, T* col_pos) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* x = X + j * P;
+    const T* g = GS + j * P;
+    row_neg[j] = lse_with_zero<T>(P, x, 1, T(1), [&](int64_t i) { return !(g[i] > 0); });
+    row_pos[j] = lse_with_zero<T>(P, x, 1, T(-1), [&](int64_t i) { return g[i] > 0; });
+  }
+  for (int64_t i = 0; i < P; ++i) {
+    col_neg[i] = lse_with_zero<T>(n, X + i, P, T(1), [&](int64_t j) { return !(GS[j * P + i] > 0); });
+    col_pos[i] = lse_with_zero<T>(n, X + i, P, T(-1), [&](int64_t j) { return GS[j * P + i] > 0; });
+  }
+}
+
+template <typename T>
+void loss_forward(const T* p, int64_t B, int64_t P, int64_t D, const T* s, int64_t N, const Reports& rep, T t,
+                  const T* gaze, const bool* gmask, const LossParams<T>& lp, T* terms, T* i2t, T* t2i,
+                  int32_t* i2t_arg, int32_t* t2i_arg, T* own) {
+  filip_tiles(p, B, P, D, s, N, rep, t, lp.compat, i2t, t2i, i2t_arg, t2i_arg, own);
+  std::vector<T> mlce_k(B, T(0)), map_k(B, T(0));
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> sc;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t u0 = rep.cu[k], n = rep.len(k);
+      const T* X = own + u0 * P;
+      const bool g = gaze != nullptr && (gmask == nullptr || gmask[k]);
+      const T* GS = g ? gaze + u0 * P : nullptr;
+      if (g) {
+        sc.rl.resize(n);
+        sc.rp.resize(n);
+        sc.cl.resize(P);
+        sc.cp.resize(P);
+        mlce_lses(X, GS, n, P, sc.rl.data(), sc.rp.data(), sc.cl.data(), sc.cp.data());
+        T s2p = 0, p2s = 0;
+        for (int64_t j = 0; j < n; ++j) s2p += sc.rl[j] + sc.rp[j];
+        for (int64_t i = 0; i < P; ++i) p2s += sc.cl[i] + sc.cp[i];
+        mlce_k[k] = lp.alpha * (s2p / T(n)) + (T(1) - lp.alpha) * (p2s / T(P));
+      }
+      if (n >= 2) {
+        mapping_forward(p + k * P * D, s + u0 * D, X, GS, n, P, D, t, lp.theta, sc);
+        T clip_p = clip_block(sc.LP.data(), P, sc.lse_a.data(), sc.lse_b.data());
+        T clip_s = clip_block(sc.LS.data(), n, sc.lse_a.data(), sc.lse_b.data());
+        map_k[k] = T(0.5) * (clip_p + clip_s);
+      }
+    }
+  });
+  int64_t num_g = 0, num_map = 0;
+  T mlce = 0, mapping = 0;
+  for (int64_t k = 0; k < B; ++k) {
+    if (gaze != nullptr && (gmask == nullptr || gmask[k])) {
+      ++num_g;
+      mlce += mlce_k[k];
+    }
+    if (rep.len(k) >= 2) {
+      ++num_map;
+      mapping += map_k[k];
+    }
+  }
+  mlce /= T(std::max<int64_t>(1, num_g));
+  mapping /= T(std::max<int64_t>(1, num_map));
+  const T con = T(0.5) * (ce_diag<T>(i2t, B, true, T(0), nullptr) + ce_diag<T>(t2i, B, lp.compat, T(0), nullptr));
+  terms[0] = lp.w_con * con + lp.w_mlce * mlce + lp.w_map * mapping;
+  terms[1] = con;
+  terms[2] = mlce;
+  terms[3] = mapping;
+}
+
+// Gradient of everything that involves image a (into dp_a, zeroed by the caller) from the max terms.
+template <typename T>
+void image_side_grad(int64_t a, const T* s, int64_t P, int64_t D, int64_t N, const Reports& rep, T t, const T* G1,
+                     const T* G2, const int32_t* i2t_arg, const int32_t* t2i_arg, T* dp_a) {
+  const int64_t R = rep.R;
+  for (int64_t b = 0; b < R; ++b) {
+    const T c = t * G1[a * R + b] / T(P);
+    if (c == T(0)) continue;
+    const int32_t* arg = i2t_arg + (a * R + b) * P;
+    for (int64_t i = 0; i < P; ++i)
+      if (arg[i] >= 0) axpy(D, c, s + arg[i] * D, dp_a + i * D);
+  }
+  for (int64_t u = 0; u < N; ++u) {
+    const int64_t b = rep.owner[u];
+    const T c = t * G2[a * R + b] / T(rep.len(b));
+    if (c == T(0)) continue;
+    axpy(D, c, s + u * D, dp_a + t2i_arg[a * N + u] * D);
+  }
+}
+
+// Gradient of everything that involves report b's sentences (into ds rows of b, zeroed by the caller).
+template <typename T>
+void report_side_grad(int64_t b, const T* p, int64_t M, int64_t P, int64_t D, int64_t N, const Reports& rep, T t,
+                      const T* G1, const T* G2, const int32_t* i2t_arg, const int32_t* t2i_arg, T* ds) {
+  const int64_t R = rep.R;
+  for (int64_t a = 0; a < M; ++a) {
+    const T c = t * G1[a * R + b] / T(P);
+    if (c == T(0)) continue;
+    const int32_t* arg = i2t_arg + (a * R + b) * P;
+    for (int64_t i = 0; i < P; ++i)
+      if (arg[i] >= 0) axpy(D, c, p + (a * P + i) * D, ds + arg[i] * D);
+  }
+  for (int64_t u = rep.cu[b]; u < rep.cu[b + 1]; ++u)
+    for (int64_t a = 0; a < M; ++a) {
+      const T c = t * G2[a * R + b] / T(rep.len(b));
+      if (c == T(0)) continue;
+      axpy(D, c, p + (a * P + t2i_arg[a * N + u]) * D, ds + u * D);
+    }
+}
+
+template <typename T>
+void filip_backward(const T* p, int64_t M, int64_t P, int64_t D, const T* s, int64_t N, const Reports& rep, T t,
+                    const T* G1, const T* G2, const T* i2t, const T* t2i, const int32_t* i2t_arg,
+                    const int32_t* t2i_arg, T* dp, T* ds, T* dt) {
+  const int64_t R = rep.R;
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t a = begin; a < end; ++a) {
+      std::fill(dp + a * P * D, dp + (a + 1) * P * D, T(0));
+      image_side_grad(a, s, P, D, N, rep, t, G1, G2, i2t_arg, t2i_arg, dp + a * P * D);
+    }
+  });
+  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(ds + rep.cu[b] * D, ds + rep.cu[b + 1] * D, T(0));
+      report_side_grad(b, p, M, P, D, N, rep, t, G1, G2, i2t_arg, t2i_arg, ds);
+    }
+  });
+  T g = 0;
+  for (int64_t e = 0; e < M * R; ++e) g += G1[e] * i2t[e] + G2[e] * t2i[e];
+  *dt = g / t;
+}
+
+template <typename T>
+void loss_backward(const T* gterms, const T* g_i2t, const T* g_t2i, const T* p, int64_t B, int64_t P, int64_t D,
+                   const T* s, int64_t N, const Reports& rep, T t, const T* gaze, const bool* gmask,
+                   const T* i2t, const T* t2i, const int32_t* i2t_arg, const int32_t* t2i_arg, const T* own,
+                   const LossParams<T>& lp, T* dp, T* ds, T* dt) {
+  int64_t num_g = 0, num_map = 0;
+  for (int64_t k = 0; k < B; ++k) {
+    num_g += (gaze != nullptr && (gmask == nullptr || gmask[k])) ? 1 : 0;
+    num_map += rep.len(k) >= 2 ? 1 : 0;
+  }
+  const T c_con = gterms[0] * lp.w_con + gterms[1];
+  const T c_mlce = (gterms[0] * lp.w_mlce + gterms[2]) / T(std::max<int64_t>(1, num_g));
+  const T c_map = (gterms[0] * lp.w_map + gterms[3]) / T(std::max<int64_t>(1, num_map));
+  std::vector<T> G1(g_i2t, g_i2t + B * B), G2(g_t2i, g_t2i + B * B);
+  ce_diag<T>(i2t, B, true, T(0.5) * c_con, G1.data());
+  ce_diag<T>(t2i, B, lp.compat, T(0.5) * c_con, G2.data());
+  std::vector<T> dt_k(B, T(0));
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> sc;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t u0 = rep.cu[k], n = rep.len(k);
+      T* dpk = dp + k * P * D;
+      T* dsk = ds + u0 * D;
+      const T* pk = p + k * P * D;
+      const T* sk = s + u0 * D;
+      std::fill(dpk, dpk + P * D, T(0));
+      std::fill(dsk, dsk + n * D, T(0));
+      image_side_grad(k, s, P, D, N, rep, t, G1.data(), G2.data(), i2t_arg, t2i_arg, dpk);
+      report_side_grad(k, p, B, P, D, N, rep, t, G1.data(), G2.data(), i2t_arg, t2i_arg, ds);
+      const T* X = own + u0 * P;
+      const bool g = gaze != nullptr && (gmask == nullptr || gmask[k]);
+      const T* GS = g ? gaze + u0 * P : nullptr;
+      T dtk = 0;
+      if (g && c_mlce != T(0)) {
+        sc.rl.resize(n);
+        sc.rp.resize(n);
+        sc.cl.resize(P);
+        sc.cp.resize(P);
+        mlce_lses(X, GS, n, P, sc.rl.data(), sc.rp.data(), sc.cl.data(), sc.cp.data());
+        sc.dX.resize(n * P);
+        const T cr = c_mlce * lp.alpha / T(n), cc = c_mlce * (T(1) - lp.alpha) / T(P);
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t i = 0; i < P; ++i) {
+            const T x = X[j * P + i];
+            T d;
+            if (GS[j * P + i] > 0)
+              d = -cr * std::exp(-x - sc.rp[j]) - cc * std::exp(-x - sc.cp[i]);
+            else
+              d = cr * std::exp(x - sc.rl[j]) + cc * std::exp(x - sc.cl[i]);
+            sc.dX[j * P + i] = d;
+            dtk += d * x;
+          }
+        // A = t * S: d S = t * d A.
+        for (int64_t i = 0; i < P; ++i)
+          for (int64_t j = 0; j < n; ++j) axpy(D, t * sc.dX[j * P + i], sk + j * D, dpk + i * D);
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t i = 0; i < P; ++i) axpy(D, t * sc.dX[j * P + i], pk + i * D, dsk + j * D);
+      }
+      if (n >= 2 && c_map != T(0)) {
+        mapping_forward(pk, sk, X, GS, n, P, D, t, lp.theta, sc);
+        // Patch side: LP = t * crossP pk^T.
+        clip_block(sc.LP.data(), P, sc.lse_a.data(), sc.lse_b.data());
+        // dLP = c_map * 0.5 * d clipP / d LP (in place; its dt contribution on the way).
+        {
+          const T c = c_map * T(0.5) * T(0.5) / T(P);
+          T* L = sc.LP.data();
+          for (int64_t i = 0; i < P; ++i)
+            for (int64_t j = 0; j < P; ++j) {
+              const T x = L[i * P + j];
+              const T gr = c * (std::exp(x - sc.lse_a[i]) + std::exp(x - sc.lse_b[j]) - (i == j ? T(2) : T(0)));
+              dtk += gr * x;
+              L[i * P + j] = t * gr;  // d (crossP pk^T)
+            }
+          sc.dcrossP.assign(P * D, T(0));
+          for (int64_t i = 0; i < P; ++i)
+            for (int64_t j = 0; j < P; ++j) {
+              axpy(D, L[i * P + j], pk + j * D, sc.dcrossP.data() + i * D);
+            }
+          for (int64_t i = 0; i < P; ++i)
+            for (int64_t j = 0; j < P; ++j) axpy(D, L[i * P + j], sc.crossP.data() + i * D, dpk + j * D);
+          for (int64_t i = 0; i < P; ++i)
+            for (int64_t j = 0; j < n; ++j) axpy(D, sc.W1[i * n + j], sc.dcrossP.data() + i * D, dsk + j * D);
+        }
+        // Sentence side: LS = t * crossS sk^T.
+        clip_block(sc.LS.data(), n, sc.lse_a.data(), sc.lse_b.data());
+        {
+          const T c = c_map * T(0.5) * T(0.5) / T(n);
+          T* L = sc.LS.data();
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < n; ++j) {
+              const T x = L[i * n + j];
+              const T gr = c * (std::exp(x - sc.lse_a[i]) + std::exp(x - sc.lse_b[j]) - (i == j ? T(2) : T(0)));
+              dtk += gr * x;
+              L[i * n + j] = t * gr;
+            }
+          sc.dcrossS.assign(n * D, T(0));
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < n; ++j) axpy(D, L[i * n + j], sk + j * D, sc.dcrossS.data() + i * D);
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < n; ++j) axpy(D, L[i * n + j], sc.crossS.data() + i * D, dsk + j * D);
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t i = 0; i < P; ++i) axpy(D, sc.W2[j * P + i], sc.dcrossS.data() + j * D, dpk + i * D);
+        }
+      }
+      dt_k[k] = dtk / t;
+    }
+  });
+  T g = 0;
+  for (int64_t e = 0; e < B * B; ++e) g += G1[e] * i2t[e] + G2[e] * t2i[e];
+  g /= t;
+  for (int64_t k = 0; k < B; ++k) g += dt_k[k];
+  *dt = g;
+}
+
+// ------------------------------------------------------------------------------------------------------
+// Op wrappers.
+
+at::Tensor new_out(at::IntArrayRef shape, const at::TensorOptions& opts, bool poison) {
+  if (poison && at::isFloatingType(opts.dtype().toScalarType())) return at::full(shape, NAN, opts);
+  if (poison) return at::full(shape, -7, opts);
+  return at::empty(shape, opts);
+}
+
+void check_common(const at::Tensor& patch, const at::Tensor& sent, const at::Tensor& cu, const at::Tensor& scale) {
+  TORCH_CHECK(patch.device().is_cpu() && sent.device().is_cpu() && cu.device().is_cpu() && scale.device().is_cpu(),
+              "egma_kernels CPU op: all tensors must be on the CPU");
+  TORCH_CHECK(patch.dim() == 3 && sent.dim() == 2 && cu.dim() == 1, "egma_kernels: bad ranks");
+  TORCH_CHECK(patch.size(2) == sent.size(1), "egma_kernels: embedding sizes differ");
+  TORCH_CHECK(patch.scalar_type() == sent.scalar_type(), "egma_kernels: patch_emb and sent_emb dtypes differ");
+  TORCH_CHECK(patch.scalar_type() == at::kFloat || patch.scalar_type() == at::kDouble,
+              "egma_kernels CPU op: float32 or float64 inputs (upcast float16/bfloat16 first)");
+  TORCH_CHECK(cu.scalar_type() == at::kInt, "egma_kernels: cu_seqlens must be int32");
+  TORCH_CHECK(scale.numel() == 1, "egma_kernels: logit_scale must have one element");
+  TORCH_CHECK(cu.size(0) >= 1, "egma_kernels: cu_seqlens must have at least one element");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_fwd_cpu(
+    const at::Tensor& patch_, const at::Tensor& sent_, const at::Tensor& cu_, const at::Tensor& scale_,
+    const std::optional<at::Tensor>& gaze_, const std::optional<at::Tensor>& gmask_, double alpha, double theta,
+    double w_con, double w_mlce, double w_map, bool compat, bool poison) {
+  check_common(patch_, sent_, cu_, scale_);
+  const auto patch = patch_.contiguous();
+  const auto sent = sent_.contiguous();
+  const auto cu = cu_.contiguous();
+  const int64_t B = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0);
+  TORCH_CHECK(cu.size(0) == B + 1, "egma_kernels: the loss needs one report per image");
+  at::Tensor gaze, gmask;
+  if (gaze_.has_value()) {
+    gaze = gaze_->to(patch.scalar_type()).contiguous();
+    TORCH_CHECK(gaze.dim() == 2 && gaze.size(0) == N && gaze.size(1) == P, "egma_kernels: gaze must be (N, P)");
+    if (gmask_.has_value()) {
+      gmask = gmask_->to(at::kBool).contiguous();
+      TORCH_CHECK(gmask.numel() == B, "egma_kernels: gaze_mask must be (B,)");
+    }
+  }
+  const auto opts = patch.options();
+  auto terms = new_out({4}, opts, poison);
+  auto i2t = new_out({B, B}, opts, poison);
+  auto t2i = new_out({B, B}, opts, poison);
+  auto i2t_arg = new_out({B, B, P}, opts.dtype(at::kInt), poison);
+  auto t2i_arg = new_out({B, N}, opts.dtype(at::kInt), poison);
+  auto own = new_out({N, P}, opts, poison);
+  AT_DISPATCH_FLOATING_TYPES(patch.scalar_type(), "egma_loss_fwd_cpu", [&] {
+    using T = scalar_t;
+    const T t = scale_.to(patch.scalar_type()).item<T>();
+    Reports rep(cu.data_ptr<int32_t>(), B, N);
+    LossParams<T> lp{T(alpha), T(theta), T(w_con), T(w_mlce), T(w_map), compat};
+    loss_forward<T>(patch.data_ptr<T>(), B, P, D, sent.data_ptr<T>(), N, rep, t,
+                    gaze.defined() ? gaze.data_ptr<T>() : nullptr, gmask.defined() ? gmask.data_ptr<bool>() : nullptr,
+                    lp, terms.data_ptr<T>(), i2t.data_ptr<T>(), t2i.data_ptr<T>(), i2t_arg.data_ptr<int32_t>(),
+                    t2i_arg.data_ptr<int32_t>(), own.data_ptr<T>());
+  });
+  return {terms, i2t, t2i, i2t_arg, t2i_arg, own};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_bwd_cpu(
+    const at::Tensor& gterms_, const at::Tensor& g_i2t_, const at::Tensor& g_t2i_, const at::Tensor& patch_,
+    const at::Tensor& sent_, const at::Tensor& cu_, const at::Tensor& scale_, const std::optional<at::Tensor>& gaze_,
+    const std::optional<at::Tensor>& gmask_, const at::Tensor& i2t_, const at::Tensor& t2i_,
+    const at::Tensor& i2t_arg_, const at::Tensor& t2i_arg_, const at::Tensor& own_, double alpha, double theta,
+    double w_con, double w_mlce, double w_map, bool compat, bool poison) {
+  check_common(patch_, sent_, cu_, scale_);
+  const auto patch = patch_.contiguous();
+  const auto sent = sent_.contiguous();
+  const auto cu = cu_.contiguous();
+  const int64_t B = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0);
+  const auto dt_ = patch.scalar_type();
+  const auto gterms = gterms_.to(dt_).contiguous();
+  const auto g_i2t = g_i2t_.to(dt_).contiguous();
+  const auto g_t2i = g_t2i_.to(dt_).contiguous();
+  const auto i2t = i2t_.contiguous();
+  const auto t2i = t2i_.contiguous();
+  const auto i2t_arg = i2t_arg_.contiguous();
+  const auto t2i_arg = t2i_arg_.contiguous();
+  const auto own = own_.contiguous();
+  at::Tensor gaze, gmask;
+  if (gaze_.has_value()) {
+    gaze = gaze_->to(dt_).contiguous();
+    if (gmask_.has_value()) gmask = gmask_->to(at::kBool).contiguous();
+  }
+  auto dp = new_out({B, P, D}, patch.options(), poison);
+  auto ds = new_out({N, D}, patch.options(), poison);
+  auto dscale = new_out({}, scale_.options(), poison);
+  AT_DISPATCH_FLOATING_TYPES(dt_, "egma_loss_bwd_cpu", [&] {
+    using T = scalar_t;
+    const T t = scale_.to(dt_).item<T>();
+    Reports rep(cu.data_ptr<int32_t>(), B, N);
+    LossParams<T> lp{T(alpha), T(theta), T(w_con), T(w_mlce), T(w_map), compat};
+    T gt = 0;
+    loss_backward<T>(gterms.data_ptr<T>(), g_i2t.data_ptr<T>(), g_t2i.data_ptr<T>(), patch.data_ptr<T>(), B, P, D,
+                     sent.data_ptr<T>(), N, rep, t, gaze.defined() ? gaze.data_ptr<T>() : nullptr,
+                     gmask.defined() ? gmask.data_ptr<bool>() : nullptr, i2t.data_ptr<T>(), t2i.data_ptr<T>(),
+                     i2t_arg.data_ptr<int32_t>(), t2i_arg.data_ptr<int32_t>(), own.data_ptr<T>(), lp,
+                     dp.data_ptr<T>(), ds.data_ptr<T>(), &gt);
+    dscale.fill_(gt);
+  });
+  return {dp, ds, dscale};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filip_fwd_cpu(const at::Tensor& patch_,
+                                                                         const at::Tensor& sent_,
+                                                                         const at::Tensor& cu_,
+                                                                         const at::Tensor& scale_, bool compat,
+                                                                         bool save_idx, bool poison) {
+  check_common(patch_, sent_, cu_, scale_);
+  const auto patch = patch_.contiguous();
+  const auto sent = sent_.contiguous();
+  const auto cu = cu_.contiguous();
+  const int64_t M = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0), R = cu.size(0) - 1;
+  const auto opts = patch.options();
+  auto i2t = new_out({M, R}, opts, poison);
+  auto t2i = new_out({M, R}, opts, poison);
+  auto i2t_arg = save_idx ? new_out({M, R, P}, opts.dtype(at::kInt), poison) : at::empty({0}, opts.dtype(at::kInt));
+  auto t2i_arg = save_idx ? new_out({M, N}, opts.dtype(at::kInt), poison) : at::empty({0}, opts.dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(patch.scalar_type(), "egma_filip_fwd_cpu", [&] {
+    using T = scalar_t;
+    const T t = scale_.to(patch.scalar_type()).item<T>();
+    Reports rep(cu.data_ptr<int32_t>(), R, N);
+    filip_tiles<T>(patch.data_ptr<T>(), M, P, D, sent.data_ptr<T>(), N, rep, t, compat, i2t.data_ptr<T>(),
+                   t2i.data_ptr<T>(), save_idx ? i2t_arg.data_ptr<int32_t>() : nullptr,
+                   save_idx ? t2i_arg.data_ptr<int32_t>() : nullptr, nullptr);
+  });
+  return {i2t, t2i, i2t_arg, t2i_arg};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> filip_bwd_cpu(const at::Tensor& g_i2t_, const at::Tensor& g_t2i_,
+                                                             const at::Tensor& patch_, const at::Tensor& sent_,
+                                                             const at::Tensor& cu_, const at::Tensor& scale_,
+                                                             const at::Tensor& i2t_, const at::Tensor& t2i_,
+                                                             const at::Tensor& i2t_arg_, const at::Tensor& t2i_arg_,
+                                                             bool poison) {
+  check_common(patch_, sent_, cu_, scale_);
+  const auto patch = patch_.contiguous();
+  const auto sent = sent_.contiguous();
+  const auto cu = cu_.contiguous();
+  const int64_t M = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0), R = cu.size(0) - 1;
+  const auto dt_ = patch.scalar_type();
+  TORCH_CHECK(i2t_arg_.numel() == M * R * P && t2i_arg_.numel() == M * N,
+              "egma_kernels filip backward: the forward did not save its argmax indices");
+  const auto g1 = g_i2t_.to(dt_).contiguous();
+  const auto g2 = g_t2i_.to(dt_).contiguous();
+  const auto i2t = i2t_.contiguous();
+  const auto t2i = t2i_.contiguous();
+  const auto i2t_arg = i2t_arg_.contiguous();
+  const auto t2i_arg = t2i_arg_.contiguous();
+  auto dp = new_out({M, P, D}, patch.options(), poison);
+  auto ds = new_out({N, D}, patch.options(), poison);
+  auto dscale = new_out({}, scale_.options(), poison);
+  AT_DISPATCH_FLOATING_TYPES(dt_, "egma_filip_bwd_cpu", [&] {
+    using T = scalar_t;
+    const T t = scale_.to(dt_).item<T>();
+    Reports rep(cu.data_ptr<int32_t>(), R, N);
+    T gt = 0;
+    filip_backward<T>(patch.data_ptr<T>(), M, P, D, sent.data_ptr<T>(), N, rep, t, g1.data_ptr<T>(),
+                      g2.data_ptr<T>(), i2t.data_ptr<T>(), t2i.data_ptr<T>(), i2t_arg.data_ptr<int32_t>(),
+                      t2i_arg.data_ptr<int32_t>(), dp.data_ptr<T>(), ds.data_ptr<T>(), &gt);
+    dscale.fill_(gt);
+  });
+  return {dp, ds, dscale};
+}
+
+}  // namespace
+}  // namespace egma_cpu
+
+TORCH_LIBRARY_IMPL(egma_kernels, CPU, m) {
+  m.impl("loss_fwd", &egma_cpu::loss_fwd_cpu);
+  m.impl("loss_bwd", &egma_cpu::loss_bwd_cpu);
+  m.impl("filip_fwd", &egma_cpu::filip_fwd_cpu);
+  m.impl("filip_bwd", &egma_cpu::filip_bwd_cpu);
+}
