@@ -60,6 +60,9 @@ class CheckedInputs:
     logit_scale: torch.Tensor
     gaze: Optional[torch.Tensor]
     gaze_mask: Optional[torch.Tensor]  # bool (B,), None when gaze is None
+    # The longest report's sentence count: given by the caller, or read with the value checks; None when
+    # neither happened (a backend that needs it reads it itself).
+    max_seqlen: Optional[int] = None
 
 
 def check_embeddings(patch_emb, sent_emb, cu_seqlens, num_reports: Optional[int]) -> None:
@@ -128,11 +131,14 @@ def _check_offset_values(cu_seqlens: torch.Tensor, num_sentences: int, bad: list
     bad.append(("every report needs at least one sentence (cu_seqlens has an empty report)", (lengths == 0).any()))
 
 
-def _raise_first(bad: list, describe_offsets: Optional[torch.Tensor] = None) -> None:
-    """Evaluate all pending value checks with a single host read, raise the first that failed."""
-    if not bad:
-        return
-    flags = torch.stack([cond.reshape(()) for _, cond in bad]).cpu().tolist()
+def _raise_first(bad: list, describe_offsets: Optional[torch.Tensor] = None) -> int:
+    """Evaluate all pending value checks with a single host read, raise the first that failed.
+
+    Returns the longest report's length, read in the same transfer.
+    """
+    lengths = describe_offsets[1:] - describe_offsets[:-1]
+    values = torch.stack([cond.reshape(()).to(torch.int64) for _, cond in bad] + [lengths.max().to(torch.int64)])
+    *flags, max_seqlen = values.cpu().tolist()
     for (message, _), failed in zip(bad, flags):
         if failed:
             if describe_offsets is not None and "cu_seqlens" in message:
@@ -140,18 +146,38 @@ def _raise_first(bad: list, describe_offsets: Optional[torch.Tensor] = None) -> 
                 suffix = ", ..." if describe_offsets.numel() > 12 else ""
                 message = f"{message}; got cu_seqlens = {shown}{suffix}"
             raise ValueError(message)
+    return int(max_seqlen)
 
 
-def check_filip_inputs(patch_emb, sent_emb, cu_seqlens, logit_scale: Scale, validate: Optional[bool]) -> CheckedInputs:
+def _check_max_seqlen(max_seqlen) -> Optional[int]:
+    if max_seqlen is None:
+        return None
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be a positive int (the longest report's sentence count), got {max_seqlen!r}")
+    return max_seqlen
+
+
+def _settle_max_seqlen(given: Optional[int], measured: Optional[int]) -> Optional[int]:
+    if given is not None and measured is not None and given < measured:
+        raise ValueError(f"max_seqlen={given} is smaller than the longest report ({measured} sentences)")
+    return given if given is not None else measured
+
+
+def check_filip_inputs(
+    patch_emb, sent_emb, cu_seqlens, logit_scale: Scale, validate: Optional[bool], max_seqlen: Optional[int] = None
+) -> CheckedInputs:
     check_embeddings(patch_emb, sent_emb, cu_seqlens, num_reports=None)
     scale = _scale_tensor(logit_scale, patch_emb)
+    max_seqlen = _check_max_seqlen(max_seqlen)
+    measured = None
     if _value_checks_enabled(validate):
         bad: list = []
         _check_offset_values(cu_seqlens, sent_emb.shape[0], bad)
         if isinstance(logit_scale, torch.Tensor):
             bad.append(("logit_scale must be finite and > 0", ~(torch.isfinite(scale) & (scale > 0))))
-        _raise_first(bad, cu_seqlens)
-    return CheckedInputs(patch_emb, sent_emb, cu_seqlens.to(torch.int32), scale, None, None)
+        measured = _raise_first(bad, cu_seqlens)
+    max_seqlen = _settle_max_seqlen(max_seqlen, measured)
+    return CheckedInputs(patch_emb, sent_emb, cu_seqlens.to(torch.int32), scale, None, None, max_seqlen)
 
 
 def check_loss_inputs(
@@ -166,6 +192,7 @@ def check_loss_inputs(
     map_threshold: float,
     weights: Sequence[float],
     validate: Optional[bool],
+    max_seqlen: Optional[int] = None,
 ) -> CheckedInputs:
     check_embeddings(patch_emb, sent_emb, cu_seqlens, num_reports=patch_emb.shape[0] if isinstance(patch_emb, torch.Tensor) and patch_emb.dim() == 3 else None)
     B, P, _ = patch_emb.shape
@@ -204,6 +231,8 @@ def check_loss_inputs(
     if len(w) != 3 or not all(math.isfinite(x) for x in w):
         raise ValueError(f"weights must be three finite numbers (contrastive, gaze_mlce, mapping), got {weights!r}")
 
+    max_seqlen = _check_max_seqlen(max_seqlen)
+    measured = None
     if _value_checks_enabled(validate):
         bad: list = []
         _check_offset_values(cu_seqlens, N, bad)
@@ -212,5 +241,6 @@ def check_loss_inputs(
         if gaze is not None:
             bad.append(("gaze must be finite (found inf or nan)", ~torch.isfinite(gaze).all()))
             bad.append(("gaze must be >= 0 (found a negative value)", (gaze < 0).any()))
-        _raise_first(bad, cu_seqlens)
-    return CheckedInputs(patch_emb, sent_emb, cu_seqlens.to(torch.int32), scale, gaze, gaze_mask)
+        measured = _raise_first(bad, cu_seqlens)
+    max_seqlen = _settle_max_seqlen(max_seqlen, measured)
+    return CheckedInputs(patch_emb, sent_emb, cu_seqlens.to(torch.int32), scale, gaze, gaze_mask, max_seqlen)

@@ -27,6 +27,11 @@ class Backend:
     is_available: Callable[[], bool] = lambda: True
     # Lower is preferred by ``backend=None`` among the available backends for a device.
     priority: int = 100
+    # Device types for which ``backend=None`` may pick it (default: all of ``devices``). The Triton
+    # backend runs CPU tensors only under the interpreter, which is for tests, never a default.
+    auto_devices: Optional[tuple] = None
+    # Whether the loss/similarity functions take ``max_seqlen=`` (the longest report, a host int).
+    wants_max_seqlen: bool = False
 
 
 _REGISTRY: Dict[str, Backend] = {}
@@ -51,11 +56,13 @@ def known_backends() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def available_backends(device: Optional[str] = None) -> List[str]:
-    """Names of the backends that can run here, optionally only those for a device type ("cpu", "cuda")."""
+def available_backends(device: Optional[str] = None, *, auto: bool = False) -> List[str]:
+    """Names of the backends that can run here, best first, optionally only those for a device type
+    ("cpu", "cuda"); with ``auto=True`` only those that ``backend=None`` may choose for that device."""
     names = []
     for b in sorted(_REGISTRY.values(), key=lambda b: (b.priority, b.name)):
-        if device is not None and device not in b.devices:
+        devices = (b.auto_devices if b.auto_devices is not None else b.devices) if auto else b.devices
+        if device is not None and device not in devices:
             continue
         if b.is_available():
             names.append(b.name)
@@ -67,7 +74,7 @@ def resolve_backend(name: Optional[str], device: torch.device) -> Backend:
     if name is None:
         name = os.environ.get(ENV_BACKEND) or None
     if name is None or name == "auto":
-        candidates = available_backends(device.type)
+        candidates = available_backends(device.type, auto=True)
         if not candidates:
             raise RuntimeError(f"no egma_kernels backend can run on {device.type} tensors")
         return _REGISTRY[candidates[0]]

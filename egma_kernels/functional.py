@@ -30,6 +30,7 @@ def fine_grained_loss(
     backend: Optional[str] = None,
     return_details: bool = False,
     validate: Optional[bool] = None,
+    max_seqlen: Optional[int] = None,
 ) -> Union[torch.Tensor, LossTerms]:
     """The EGMA loss (``SPEC.md``): fine-grained contrastive + gaze MLCE + gaze-guided mapping.
 
@@ -51,6 +52,9 @@ def fine_grained_loss(
         return_details: return a ``LossTerms(loss, contrastive, gaze_mlce, mapping, i2t, t2i)``.
         validate: check the input *values* too (offsets, gaze signs, ``logit_scale > 0``); default on
             (``EGMA_KERNELS_VALIDATE=0`` turns it off). On CUDA this costs one host synchronisation.
+        max_seqlen: the longest report's sentence count, if the caller knows it (as in flash-attention's
+            varlen API). The fused GPU kernels size their tiles by it; without it (and with ``validate``
+            off) they read it from ``cu_seqlens``, one host synchronisation. Pass it under ``torch.compile``.
 
     Returns:
         The scalar loss (float32; float64 for float64 inputs), or ``LossTerms`` with ``i2t``/``t2i`` ``(B, B)``.
@@ -69,8 +73,10 @@ def fine_grained_loss(
         map_threshold=map_threshold,
         weights=weights,
         validate=validate,
+        max_seqlen=max_seqlen,
     )
     impl = resolve_backend(backend, checked.patch_emb.device)
+    extra = {"max_seqlen": checked.max_seqlen} if impl.wants_max_seqlen else {}
     terms = impl.loss(
         checked.patch_emb,
         checked.sent_emb,
@@ -82,6 +88,7 @@ def fine_grained_loss(
         map_threshold=float(map_threshold),
         weights=tuple(float(w) for w in weights),
         egma_compat=bool(egma_compat),
+        **extra,
     )
     return terms if return_details else terms.loss
 
@@ -94,6 +101,7 @@ def filip_similarity(
     *,
     backend: Optional[str] = None,
     validate: Optional[bool] = None,
+    max_seqlen: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Late-interaction (FILIP) similarity of every image with every report, differentiable.
 
@@ -102,12 +110,14 @@ def filip_similarity(
         sent_emb: ``(N, D)`` sentences of ``R`` reports packed in order.
         cu_seqlens: ``(R+1,)`` int32 offsets of the reports (``R`` need not equal ``M``).
         logit_scale: multiplier ``t > 0`` (default 1).
+        backend, validate, max_seqlen: as in ``fine_grained_loss``.
 
     Returns:
         ``(i2t, t2i)``, both ``(M, R)`` float32 (float64 for float64 inputs):
         ``i2t[a, b]`` = mean over image ``a``'s patches of the best sentence of report ``b``;
         ``t2i[a, b]`` = mean over report ``b``'s sentences of the best patch of image ``a``.
     """
-    checked = check_filip_inputs(patch_emb, sent_emb, cu_seqlens, logit_scale, validate)
+    checked = check_filip_inputs(patch_emb, sent_emb, cu_seqlens, logit_scale, validate, max_seqlen)
     impl = resolve_backend(backend, checked.patch_emb.device)
-    return impl.similarity(checked.patch_emb, checked.sent_emb, checked.cu_seqlens, checked.logit_scale)
+    extra = {"max_seqlen": checked.max_seqlen} if impl.wants_max_seqlen else {}
+    return impl.similarity(checked.patch_emb, checked.sent_emb, checked.cu_seqlens, checked.logit_scale, **extra)

@@ -33,7 +33,7 @@ class FineGrainedLoss(nn.Module):
         self.return_details = return_details
         self.validate = validate
 
-    def forward(self, patch_emb, sent_emb, cu_seqlens, logit_scale, gaze=None, gaze_mask=None):
+    def forward(self, patch_emb, sent_emb, cu_seqlens, logit_scale, gaze=None, gaze_mask=None, max_seqlen=None):
         return fine_grained_loss(
             patch_emb,
             sent_emb,
@@ -48,6 +48,7 @@ class FineGrainedLoss(nn.Module):
             backend=self.backend,
             return_details=self.return_details,
             validate=self.validate,
+            max_seqlen=max_seqlen,
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,463 @@
+"""Triton kernels of the EGMA loss (SPEC.md). Launched by ``egma_kernels.triton_backend``.
+
+Notation as in SPEC: ``A[a, i ; u] = t * <patch[a, i], sent[u]>``. No kernel writes the ``(B*P) x N``
+matrix: every tile of it is recomputed from the embeddings where it is needed.
+
+Kernels (one program per ...):
+  _filip_fwd_kernel       (image a, report b): I2T[a,b], T2I[a,b], the argmax patch of each sentence,
+                          and on the matched tiles (a == b) the own block X[u, i] = A[o(u), i ; u].
+  _matched_fwd_kernel     report k: on X_k (n_k x P) the gaze MLCE rows/columns, the mapping weights
+                          (recomputed from X and the gaze, never stored) and both mapping CLIP losses,
+                          using Z1 = W_I2T^T X_k (P x P) and Z2 = W_T2I X_k^T (n_k x n_k): since
+                          X_k = t * S_k P_k^T, the mapped features never need to be formed.
+  _matched_bwd_kernel     report k: dL/dX_k from the MLCE and mapping terms.
+  _filip_bwd_patch_kernel (image a, patch block): dL/dpatch and the logit-scale partial sums.
+  _filip_bwd_sent_kernel  report b: dL/dsent.
+Every reduction happens inside one program in a fixed order: results are deterministic (no atomics).
+
+A report is always held whole in one tile of BLOCK_S >= its length sentences (BLOCK_S comes from the
+longest report), so a segment max or log-sum-exp over a report's sentences never crosses tiles.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _similarity_tile(
+    patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D,
+    stride_pb, stride_pp, stride_sn,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """<patch[img, p], sent[u]> for a [BLOCK_P, BLOCK_S] tile (unscaled), accumulated in ACC."""
+    acc = tl.zeros([BLOCK_P, BLOCK_S], dtype=ACC)
+    p_base = patch_ptr + tl.cast(img, tl.int64) * stride_pb + p_offs.to(tl.int64)[:, None] * stride_pp
+    s_base = sent_ptr + u_offs.to(tl.int64)[None, :] * stride_sn
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = d < D
+        pt = tl.load(p_base + d[None, :], mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+        st = tl.load(s_base + d[:, None], mask=d_mask[:, None] & u_mask[None, :], other=0.0)
+        acc = tl.dot(pt, st, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _filip_fwd_kernel(
+    patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
+    i2t_ptr, t2i_ptr, best_patch_ptr, own_ptr,
+    P, D, N, R,
+    stride_pb, stride_pp, stride_sn,
+    EGMA_COMPAT: tl.constexpr, WRITE_OWN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    img = tl.program_id(0)
+    rep = tl.program_id(1)
+    start = tl.load(cu_ptr + rep)
+    n_rep = tl.load(cu_ptr + rep + 1) - start
+    t = tl.load(scale_ptr).to(ACC)
+    j = tl.arange(0, BLOCK_S)
+    u_offs = start + j
+    u_mask = j < n_rep
+    if EGMA_COMPAT:
+        padded = n_rep < tl.load(smax_ptr)  # zero-padding takes part in this report's max
+
+    col_max = tl.full([BLOCK_S], float("-inf"), dtype=ACC)
+    col_arg = tl.zeros([BLOCK_S], dtype=tl.int32)
+    row_total = tl.zeros([BLOCK_P], dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        p_offs = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p_offs < P
+        sim = t * _similarity_tile(
+            patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
+            BLOCK_P, BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+        )
+        # I2T: each patch's best sentence of this report.
+        row_max = tl.max(tl.where(u_mask[None, :], sim, float("-inf")), axis=1)
+        if EGMA_COMPAT:
+            row_max = tl.where(padded, tl.maximum(row_max, 0.0), row_max)
+        row_total += tl.where(p_mask, row_max, 0.0)
+        # T2I: each sentence's best patch of this image, carried across patch blocks (first index on ties).
+        masked = tl.where(p_mask[:, None], sim, float("-inf"))
+        blk_max = tl.max(masked, axis=0)
+        blk_arg = tl.argmax(masked, axis=0, tie_break_left=True).to(tl.int32) + p0
+        better = blk_max > col_max
+        col_arg = tl.where(better, blk_arg, col_arg)
+        col_max = tl.where(better, blk_max, col_max)
+        if WRITE_OWN:
+            own_offs = u_offs.to(tl.int64)[None, :] * P + p_offs[:, None]
+            tl.store(own_ptr + own_offs, sim, mask=p_mask[:, None] & u_mask[None, :] & (img == rep))
+
+    tl.store(i2t_ptr + img * R + rep, tl.sum(row_total, axis=0) / P)
+    tl.store(t2i_ptr + img * R + rep, tl.sum(tl.where(u_mask, col_max, 0.0), axis=0) / n_rep)
+    tl.store(best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs, col_arg, mask=u_mask)
+
+
+@triton.jit
+def _grad_tile(
+    sim, img, rep, p_offs, p_mask, j, u_offs, u_mask, n_rep, P, N, R,
+    g_i2t_ptr, g_t2i_ptr, best_patch_ptr, d_own_ptr, smax_ptr,
+    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr,
+):
+    """dL/dA on one (image, report) tile: routed through each max, plus the own block's gradient."""
+    masked = tl.where(u_mask[None, :], sim, float("-inf"))
+    row_arg = tl.argmax(masked, axis=1, tie_break_left=True)
+    hit = j[None, :] == row_arg[:, None]
+    if EGMA_COMPAT:
+        row_max = tl.max(masked, axis=1)
+        padded = n_rep < tl.load(smax_ptr)
+        hit = hit & ~(padded & (row_max < 0.0))[:, None]  # the zero padding won: no gradient
+    g_row = tl.load(g_i2t_ptr + img * R + rep) / P
+    d_sim = tl.where(hit & p_mask[:, None], g_row, 0.0)
+    best = tl.load(best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs, mask=u_mask, other=-1)
+    g_col = tl.load(g_t2i_ptr + img * R + rep) / n_rep
+    d_sim += tl.where((p_offs[:, None] == best[None, :]) & u_mask[None, :], g_col, 0.0)
+    if HAS_OWN_GRAD:
+        own_offs = u_offs.to(tl.int64)[None, :] * P + p_offs[:, None]
+        d_sim += tl.load(d_own_ptr + own_offs, mask=p_mask[:, None] & u_mask[None, :] & (img == rep), other=0.0)
+    return d_sim
+
+
+@triton.jit
+def _filip_bwd_patch_kernel(
+    patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
+    g_i2t_ptr, g_t2i_ptr, best_patch_ptr, d_own_ptr,
+    d_patch_ptr, d_scale_part_ptr,
+    P, D, N, R,
+    stride_pb, stride_pp, stride_sn,
+    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_PAD: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    img = tl.program_id(0)
+    pblk = tl.program_id(1)
+    t = tl.load(scale_ptr).to(ACC)
+    p_offs = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p_offs < P
+    j = tl.arange(0, BLOCK_S)
+    dd = tl.arange(0, D_PAD)
+    acc = tl.zeros([BLOCK_P, D_PAD], dtype=ACC)
+    scale_acc = tl.zeros([BLOCK_P], dtype=ACC)
+    for rep in range(0, R):
+        start = tl.load(cu_ptr + rep)
+        n_rep = tl.load(cu_ptr + rep + 1) - start
+        u_offs = start + j
+        u_mask = j < n_rep
+        sim = t * _similarity_tile(
+            patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
+            BLOCK_P, BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+        )
+        d_sim = _grad_tile(
+            sim, img, rep, p_offs, p_mask, j, u_offs, u_mask, n_rep, P, N, R,
+            g_i2t_ptr, g_t2i_ptr, best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD,
+        ).to(ACC)
+        scale_acc += tl.sum(d_sim * sim, axis=1)
+        sents = tl.load(
+            sent_ptr + u_offs.to(tl.int64)[:, None] * stride_sn + dd[None, :],
+            mask=u_mask[:, None] & (dd[None, :] < D), other=0.0,
+        ).to(ACC)
+        acc = tl.dot(d_sim, sents, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+    out = d_patch_ptr + tl.cast(img, tl.int64) * P * D + p_offs.to(tl.int64)[:, None] * D + dd[None, :]
+    tl.store(out, t * acc, mask=p_mask[:, None] & (dd[None, :] < D))
+    # dL/dt = sum dA * A / t, one partial per program, summed on the host side in a fixed order.
+    tl.store(d_scale_part_ptr + img * tl.num_programs(1) + pblk, tl.sum(scale_acc, axis=0) / t)
+
+
+@triton.jit
+def _filip_bwd_sent_kernel(
+    patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
+    g_i2t_ptr, g_t2i_ptr, best_patch_ptr, d_own_ptr,
+    d_sent_ptr,
+    num_images, P, D, N, R,
+    stride_pb, stride_pp, stride_sn,
+    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_PAD: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    rep = tl.program_id(0)
+    t = tl.load(scale_ptr).to(ACC)
+    start = tl.load(cu_ptr + rep)
+    n_rep = tl.load(cu_ptr + rep + 1) - start
+    j = tl.arange(0, BLOCK_S)
+    u_offs = start + j
+    u_mask = j < n_rep
+    dd = tl.arange(0, D_PAD)
+    acc = tl.zeros([BLOCK_S, D_PAD], dtype=ACC)
+    for img in range(0, num_images):
+        for p0 in range(0, P, BLOCK_P):
+            p_offs = p0 + tl.arange(0, BLOCK_P)
+            p_mask = p_offs < P
+            sim = t * _similarity_tile(
+                patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
+                BLOCK_P, BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+            )
+            d_sim = _grad_tile(
+                sim, img, rep, p_offs, p_mask, j, u_offs, u_mask, n_rep, P, N, R,
+                g_i2t_ptr, g_t2i_ptr, best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD,
+            ).to(ACC)
+            patches = tl.load(
+                patch_ptr + tl.cast(img, tl.int64) * stride_pb + p_offs.to(tl.int64)[:, None] * stride_pp + dd[None, :],
+                mask=p_mask[:, None] & (dd[None, :] < D), other=0.0,
+            ).to(ACC)
+            acc = tl.dot(tl.trans(d_sim), patches, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+    out = d_sent_ptr + u_offs.to(tl.int64)[:, None] * D + dd[None, :]
+    tl.store(out, t * acc, mask=u_mask[:, None] & (dd[None, :] < D))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Matched blocks: gaze MLCE and gaze-guided mapping, on X_k = own[c_k : c_k + n_k, :] (n_k x P).
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE: tl.constexpr, ACC: tl.constexpr):
+    offs = u_offs.to(tl.int64)[:, None] * P + p_offs[None, :]
+    mask = u_mask[:, None] & p_mask[None, :]
+    x = tl.load(own_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if HAS_GAZE:
+        heat = tl.load(gaze_ptr + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        heat = tl.zeros_like(x)
+    return x, heat, mask
+
+
+@triton.jit
+def _binarise(x, lo, hi, threshold):
+    """1[ min-max(x) >= threshold ] given the row/column min and max (all ones on a constant row)."""
+    spread = hi - lo
+    constant = spread == 0.0
+    scaled = (x - lo) / tl.where(constant, 1.0, spread)
+    scaled = tl.where(constant, 1.0, scaled)
+    return tl.where(scaled >= threshold, 1.0, 0.0)
+
+
+@triton.jit
+def _w_i2t_block(x, heat, mask, add_gaze, threshold):
+    """W_I2T on a [sentences, patch block] tile: each patch's weights over the report's sentences."""
+    lo = tl.min(tl.where(mask, x, float("inf")), axis=0)
+    hi = tl.max(tl.where(mask, x, float("-inf")), axis=0)
+    w = _binarise(x, lo[None, :], hi[None, :], threshold) + tl.where(add_gaze, heat, 0.0)
+    w = tl.where(mask, w, 0.0)
+    total = tl.sum(w, axis=0)
+    return w / tl.where(total > 0.0, total, 1.0)[None, :]
+
+
+@triton.jit
+def _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total):
+    """W_T2I on a tile, from each sentence's min and max and weight total over all patches."""
+    w = _binarise(x, row_lo[:, None], row_hi[:, None], threshold) + tl.where(add_gaze, heat, 0.0)
+    w = tl.where(mask, w, 0.0)
+    return w / tl.where(row_total > 0.0, row_total, 1.0)[:, None]
+
+
+@triton.jit
+def _online_lse(m, s, values, axis: tl.constexpr):
+    """Merge a block's values (-inf = absent) into a running (max, sum of exp) along ``axis``."""
+    new_m = tl.maximum(m, tl.max(values, axis=axis))
+    s = s * tl.exp(m - new_m) + tl.sum(tl.exp(values - tl.expand_dims(new_m, axis)), axis=axis)
+    return new_m, s
+
+
+@triton.jit
+def _matched_fwd_kernel(
+    own_ptr, gaze_ptr, gaze_mask_ptr, cu_ptr,
+    s2p_ptr, p2s_ptr, clip_p_ptr, clip_s_ptr,
+    row_stats_ptr, z1_row_lse_ptr, z1_col_lse_ptr,
+    P, threshold,
+    HAS_GAZE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    k = tl.program_id(0)
+    start = tl.load(cu_ptr + k)
+    n_rep = tl.load(cu_ptr + k + 1) - start
+    j = tl.arange(0, BLOCK_S)
+    u_offs = start + j
+    u_mask = j < n_rep
+    if HAS_GAZE:
+        add_gaze = tl.load(gaze_mask_ptr + k) != 0
+    else:
+        add_gaze = k < 0  # never: without gaze the heat tiles are zeros anyway
+    NEG_INF: tl.constexpr = float("-inf")
+
+    # Pass 1 over patch blocks: MLCE rows (online), MLCE columns (complete per block), W_T2I row stats,
+    # and the diagonal of Z1 (sum_j W_I2T[j, i] X[j, i]).
+    neg_m = tl.zeros([BLOCK_S], dtype=ACC)  # the extra zero logit: running max starts at 0, sum at 1
+    neg_s = tl.full([BLOCK_S], 1.0, dtype=ACC)
+    pos_m = tl.zeros([BLOCK_S], dtype=ACC)
+    pos_s = tl.full([BLOCK_S], 1.0, dtype=ACC)
+    row_lo = tl.full([BLOCK_S], float("inf"), dtype=ACC)
+    row_hi = tl.full([BLOCK_S], NEG_INF, dtype=ACC)
+    p2s_total = tl.zeros([BLOCK_P], dtype=ACC)
+    z1_diag = tl.zeros([BLOCK_P], dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        p_offs = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p_offs < P
+        x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
+        positive = heat > 0.0
+        neg = tl.where(mask & ~positive, x, NEG_INF)
+        pos = tl.where(mask & positive, -x, NEG_INF)
+        neg_m, neg_s = _online_lse(neg_m, neg_s, neg, 1)
+        pos_m, pos_s = _online_lse(pos_m, pos_s, pos, 1)
+        zero = tl.zeros([BLOCK_P], dtype=ACC)
+        one = tl.full([BLOCK_P], 1.0, dtype=ACC)
+        cn_m, cn_s = _online_lse(zero, one, neg, 0)
+        cp_m, cp_s = _online_lse(zero, one, pos, 0)
+        p2s_total += tl.where(p_mask, cn_m + tl.log(cn_s) + cp_m + tl.log(cp_s), 0.0)
+        row_lo = tl.minimum(row_lo, tl.min(tl.where(mask, x, float("inf")), axis=1))
+        row_hi = tl.maximum(row_hi, tl.max(tl.where(mask, x, NEG_INF), axis=1))
+        w1 = _w_i2t_block(x, heat, mask, add_gaze, threshold)
+        z1_diag += tl.sum(w1 * x, axis=0)
+    row_mlce = neg_m + tl.log(neg_s) + pos_m + tl.log(pos_s)
+    tl.store(s2p_ptr + k, tl.sum(tl.where(u_mask, row_mlce, 0.0), axis=0) / n_rep)
+    tl.store(p2s_ptr + k, tl.sum(p2s_total, axis=0) / P)
+
+    # Pass 2: W_T2I totals, then Z2 = W_T2I X^T (n_k x n_k) accumulated over patch blocks.
+    row_total = tl.zeros([BLOCK_S], dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        p_offs = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p_offs < P
+        x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
+        one = tl.full([BLOCK_S], 1.0, dtype=ACC)
+        w_raw = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, one)
+        row_total += tl.sum(w_raw, axis=1)
+    z2 = tl.zeros([BLOCK_S, BLOCK_S], dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        p_offs = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p_offs < P
+        x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
+        w2 = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total)
+        z2 = tl.dot(w2, tl.trans(x), z2, input_precision=DOT_PRECISION, out_dtype=ACC)
+    pair_mask = u_mask[:, None] & u_mask[None, :]
+    z2m = tl.where(pair_mask, z2, NEG_INF)
+    z2_row = tl.max(z2m, axis=1)
+    z2_row = z2_row + tl.log(tl.sum(tl.exp(z2m - z2_row[:, None]), axis=1))
+    z2_col = tl.max(z2m, axis=0)
+    z2_col = z2_col + tl.log(tl.sum(tl.exp(z2m - z2_col[None, :]), axis=0))
+    z2_diag = tl.sum(tl.where(j[:, None] == j[None, :], z2, 0.0), axis=1)
+    clip_s = 0.5 * tl.sum(tl.where(u_mask, z2_row + z2_col - 2.0 * z2_diag, 0.0), axis=0) / n_rep
+    tl.store(clip_s_ptr + k, clip_s)
+    # Saved for the backward pass: the MLCE row log-sum-exps, W_T2I row stats, Z2 log-sum-exps.
+    stats = row_stats_ptr + u_offs.to(tl.int64) * 7
+    tl.store(stats + 0, neg_m + tl.log(neg_s), mask=u_mask)
+    tl.store(stats + 1, pos_m + tl.log(pos_s), mask=u_mask)
+    tl.store(stats + 2, row_lo, mask=u_mask)
+    tl.store(stats + 3, row_hi, mask=u_mask)
+    tl.store(stats + 4, row_total, mask=u_mask)
+    tl.store(stats + 5, z2_row, mask=u_mask)
+    tl.store(stats + 6, z2_col, mask=u_mask)
+
+    # Pass 3: log-sum-exp of the rows and of the columns of Z1 = W_I2T^T X (P x P), block by block.
+    z1_total = tl.zeros([BLOCK_P], dtype=ACC)
+    for outer in range(0, P, BLOCK_P):
+        o_offs = outer + tl.arange(0, BLOCK_P)
+        o_mask = o_offs < P
+        xo, ho, mo = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, o_offs, o_mask, P, HAS_GAZE, ACC)
+        w1o = _w_i2t_block(xo, ho, mo, add_gaze, threshold)
+        r_m = tl.full([BLOCK_P], NEG_INF, dtype=ACC)
+        r_s = tl.zeros([BLOCK_P], dtype=ACC)
+        c_m = tl.full([BLOCK_P], NEG_INF, dtype=ACC)
+        c_s = tl.zeros([BLOCK_P], dtype=ACC)
+        for inner in range(0, P, BLOCK_P):
+            i_offs = inner + tl.arange(0, BLOCK_P)
+            i_mask = i_offs < P
+            xi, hi, mi = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, i_offs, i_mask, P, HAS_GAZE, ACC)
+            w1i = _w_i2t_block(xi, hi, mi, add_gaze, threshold)
+            # rows of Z1 in the outer block: Z1[o, i] = sum_j W1[j, o] X[j, i]
+            z_rows = tl.dot(tl.trans(w1o), xi, input_precision=DOT_PRECISION, out_dtype=ACC)
+            r_m, r_s = _online_lse(r_m, r_s, tl.where(i_mask[None, :], z_rows, NEG_INF), 1)
+            # columns of Z1 in the outer block: Z1[i, o] = sum_j W1[j, i] X[j, o]
+            z_cols = tl.dot(tl.trans(w1i), xo, input_precision=DOT_PRECISION, out_dtype=ACC)
+            c_m, c_s = _online_lse(c_m, c_s, tl.where(i_mask[:, None], z_cols, NEG_INF), 0)
+        r_lse = r_m + tl.log(r_s)
+        c_lse = c_m + tl.log(c_s)
+        tl.store(z1_row_lse_ptr + k.to(tl.int64) * P + o_offs, r_lse, mask=o_mask)
+        tl.store(z1_col_lse_ptr + k.to(tl.int64) * P + o_offs, c_lse, mask=o_mask)
+        z1_total += tl.where(o_mask, r_lse + c_lse, 0.0)
+    clip_p = 0.5 * (tl.sum(z1_total, axis=0) - 2.0 * tl.sum(z1_diag, axis=0)) / P
+    tl.store(clip_p_ptr + k, clip_p)
+
+
+@triton.jit
+def _matched_bwd_kernel(
+    own_ptr, gaze_ptr, gaze_mask_ptr, cu_ptr,
+    g_s2p_ptr, g_p2s_ptr, g_clip_p_ptr, g_clip_s_ptr,
+    row_stats_ptr, z1_row_lse_ptr, z1_col_lse_ptr,
+    d_own_ptr,
+    P, threshold,
+    HAS_GAZE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    k = tl.program_id(0)
+    start = tl.load(cu_ptr + k)
+    n_rep = tl.load(cu_ptr + k + 1) - start
+    j = tl.arange(0, BLOCK_S)
+    u_offs = start + j
+    u_mask = j < n_rep
+    if HAS_GAZE:
+        add_gaze = tl.load(gaze_mask_ptr + k) != 0
+    else:
+        add_gaze = k < 0  # never: without gaze the heat tiles are zeros anyway
+    NEG_INF: tl.constexpr = float("-inf")
+    g_s2p = tl.load(g_s2p_ptr + k).to(ACC) / n_rep
+    g_p2s = tl.load(g_p2s_ptr + k).to(ACC) / P
+    g_clip_p = 0.5 * tl.load(g_clip_p_ptr + k).to(ACC) / P
+    g_clip_s = 0.5 * tl.load(g_clip_s_ptr + k).to(ACC) / n_rep
+
+    stats = row_stats_ptr + u_offs.to(tl.int64) * 7
+    neg_lse = tl.load(stats + 0, mask=u_mask, other=0.0)
+    pos_lse = tl.load(stats + 1, mask=u_mask, other=0.0)
+    row_lo = tl.load(stats + 2, mask=u_mask, other=0.0)
+    row_hi = tl.load(stats + 3, mask=u_mask, other=0.0)
+    row_total = tl.load(stats + 4, mask=u_mask, other=1.0)
+    z2_row = tl.load(stats + 5, mask=u_mask, other=0.0)
+    z2_col = tl.load(stats + 6, mask=u_mask, other=0.0)
+
+    # dZ2 from the saved log-sum-exps (Z2 recomputed: it is n_k x n_k).
+    z2 = tl.zeros([BLOCK_S, BLOCK_S], dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        p_offs = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p_offs < P
+        x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
+        w2 = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total)
+        z2 = tl.dot(w2, tl.trans(x), z2, input_precision=DOT_PRECISION, out_dtype=ACC)
+    pair_mask = u_mask[:, None] & u_mask[None, :]
+    eye = j[:, None] == j[None, :]
+    d_z2 = tl.exp(z2 - z2_row[:, None]) + tl.exp(z2 - z2_col[None, :]) - tl.where(eye, 2.0, 0.0)
+    d_z2 = tl.where(pair_mask, g_clip_s * d_z2, 0.0)
+
+    for c0 in range(0, P, BLOCK_P):
+        c_offs = c0 + tl.arange(0, BLOCK_P)
+        c_mask = c_offs < P
+        x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, c_offs, c_mask, P, HAS_GAZE, ACC)
+        positive = heat > 0.0
+        # MLCE: rows (sentence over patches) from saved log-sum-exps, columns computed here.
+        neg = tl.where(mask & ~positive, x, NEG_INF)
+        pos = tl.where(mask & positive, -x, NEG_INF)
+        zero = tl.zeros([BLOCK_P], dtype=ACC)
+        one = tl.full([BLOCK_P], 1.0, dtype=ACC)
+        cn_m, cn_s = _online_lse(zero, one, neg, 0)
+        cp_m, cp_s = _online_lse(zero, one, pos, 0)
+        col_neg_lse = cn_m + tl.log(cn_s)
+        col_pos_lse = cp_m + tl.log(cp_s)
+        d_x = g_s2p * (tl.exp(neg - neg_lse[:, None]) - tl.exp(pos - pos_lse[:, None]))
+        d_x += g_p2s * (tl.exp(neg - col_neg_lse[None, :]) - tl.exp(pos - col_pos_lse[None, :]))
+        # Mapping, sentence side: Z2 = W2 X^T  ->  dX += dZ2^T W2.
+        w2 = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total)
+        d_x += tl.dot(tl.trans(d_z2), w2, input_precision=DOT_PRECISION, out_dtype=ACC)
+        # Mapping, patch side: Z1 = W1^T X  ->  dX[:, c] += sum_o W1[:, o] dZ1[o, c].
+        c_lse = tl.load(z1_col_lse_ptr + k.to(tl.int64) * P + c_offs, mask=c_mask, other=0.0)
+        for o0 in range(0, P, BLOCK_P):
+            o_offs = o0 + tl.arange(0, BLOCK_P)
+            o_mask = o_offs < P
+            xo, ho, mo = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, o_offs, o_mask, P, HAS_GAZE, ACC)
+            w1o = _w_i2t_block(xo, ho, mo, add_gaze, threshold)
+            r_lse = tl.load(z1_row_lse_ptr + k.to(tl.int64) * P + o_offs, mask=o_mask, other=0.0)
+            z1 = tl.dot(tl.trans(w1o), x, input_precision=DOT_PRECISION, out_dtype=ACC)
+            eye1 = o_offs[:, None] == c_offs[None, :]
+            d_z1 = tl.exp(z1 - r_lse[:, None]) + tl.exp(z1 - c_lse[None, :]) - tl.where(eye1, 2.0, 0.0)
+            d_z1 = tl.where(o_mask[:, None] & c_mask[None, :], g_clip_p * d_z1, 0.0)
+            d_x += tl.dot(w1o, d_z1, input_precision=DOT_PRECISION, out_dtype=ACC)
+        offs = u_offs.to(tl.int64)[:, None] * P + c_offs[None, :]
+        tl.store(d_own_ptr + offs, d_x, mask=mask)
