@@ -1,4 +1,21 @@
 """egma_model: the thin EGMA model layer (encoders, gaze preprocessing, data, training, evaluation).
 
-Built on ``egma_kernels.fine_grained_loss``; filled in by the model-layer issue.
+Composes ``timm`` (image encoder), ``transformers`` (sentence encoder) and ``egma_kernels`` (the loss).
+Nothing is downloaded: encoders are built from configs with random weights unless local weights are given.
 """
+
+from .data import (Collator, EGMADataset, GazeOptions, ManifestError, ManifestRecord, load_image, load_manifest,
+                   preprocess_image, split_sentences)
+from .gaze import (GazeFormatError, GazeRecord, detect_fixations, gaze_for_sentences, read_egd_cxr,
+                   read_mimic_eye_egd, read_reflacx, read_reflacx_metadata, sentence_heatmaps, sentence_spans,
+                   to_patch_grid)
+from .model import EGMAConfig, EGMAModel
+from .tokenizer import build_word_tokenizer, load_tokenizer
+
+__all__ = [
+    "EGMAConfig", "EGMAModel", "EGMADataset", "Collator", "GazeOptions", "ManifestError", "ManifestRecord",
+    "load_manifest", "load_image", "preprocess_image", "split_sentences", "GazeRecord", "GazeFormatError",
+    "detect_fixations", "sentence_spans", "sentence_heatmaps", "to_patch_grid", "gaze_for_sentences",
+    "read_reflacx", "read_reflacx_metadata", "read_egd_cxr", "read_mimic_eye_egd", "build_word_tokenizer",
+    "load_tokenizer",
+]

@@ -1,0 +1,327 @@
+"""``EGMAModel``: a timm image encoder and a transformers sentence encoder, trained with the EGMA loss.
+
+The model is thin: patch tokens from ``timm`` (``forward_intermediates``, any stage), sentence embeddings
+by masked mean pooling of a BERT-family encoder, linear projections to ``embed_dim`` (512), a learnable
+temperature, and ``egma_kernels.fine_grained_loss`` for the loss. Nothing is downloaded: without local
+weights the encoders are built from their configurations with random weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import egma_kernels
+
+__all__ = ["EGMAConfig", "EGMAModel", "TINY_SWIN", "TINY_VIT", "TINY_BERT", "BIO_CLINICAL_BERT_CONFIG"]
+
+CONFIG_NAME = "egma_config.json"
+WEIGHTS_NAME = "egma_model.pt"
+
+# Bio_ClinicalBERT has the bert-base-cased architecture (vocabulary 28996); used when no local weights are given.
+BIO_CLINICAL_BERT_CONFIG = dict(vocab_size=28996, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                intermediate_size=3072, max_position_embeddings=512)
+# Small configurations for tests and CPU demos.
+TINY_SWIN = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+TINY_VIT = dict(embed_dim=48, depth=2, num_heads=2)
+TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                 max_position_embeddings=128)
+
+
+@dataclass
+class EGMAConfig:
+    """Everything needed to rebuild an ``EGMAModel`` (saved as ``egma_config.json`` with checkpoints).
+
+    image_model: a timm model name (``swin_tiny_patch4_window7_224``: 7x7 grid at 224 px, the paper's
+        default; ``vit_base_patch16_224``: 14x14).
+    image_kwargs: extra ``timm.create_model`` arguments (e.g. ``TINY_SWIN`` for a small model).
+    image_weights: a local weights file for the image encoder (loaded with timm's ``pretrained_cfg_overlay``).
+    scales: which encoder stages give patch tokens for the loss (``-1`` = the last; Swin's earlier stages
+        ``1``, ``2`` give 28x28 and 14x14 at 224 px). The first scale listed is the main one (gaze grid,
+        global embedding, zero-shot scoring).
+    text_model: a local directory with a BERT-family model (``from_pretrained``); ``None`` builds one from
+        ``text_config`` with random weights.
+    text_config: ``transformers.BertConfig`` arguments when ``text_model`` is None
+        (default: the Bio_ClinicalBERT architecture).
+    vocab_size: overrides ``text_config['vocab_size']`` (set it to the tokenizer's size).
+    loss_weights: ``(w_con, w_mlce, w_map)`` of ``fine_grained_loss``; ``global_weight``: the optional global
+        CLIP term on the pooled embeddings (0 = off); ``scale_weights``: per scale (default all 1).
+    use_gaze: False drops the gaze terms (MLCE and the gaze part of the mapping): gaze_mask all false.
+    """
+
+    image_model: str = "swin_tiny_patch4_window7_224"
+    image_size: int = 224
+    image_kwargs: Dict = field(default_factory=dict)
+    image_weights: Optional[str] = None
+    scales: Tuple[int, ...] = (-1,)
+    text_model: Optional[str] = None
+    text_config: Dict = field(default_factory=lambda: dict(BIO_CLINICAL_BERT_CONFIG))
+    vocab_size: Optional[int] = None
+    max_length: int = 64
+    embed_dim: int = 512
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)
+    loss_weights: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    alpha: Optional[float] = None
+    map_threshold: float = 2.0 / 7.0
+    egma_compat: bool = False
+    global_weight: float = 0.0
+    scale_weights: Optional[Tuple[float, ...]] = None
+    use_gaze: bool = True
+    backend: Optional[str] = None
+
+    def to_dict(self) -> Dict:
+        d = dataclasses.asdict(self)
+        for k in ("scales", "loss_weights", "scale_weights"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "EGMAConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown EGMAConfig field(s): {sorted(unknown)}")
+        d = dict(d)
+        for k in ("scales", "loss_weights", "scale_weights"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    @classmethod
+    def tiny(cls, image_model: str = "swin_tiny_patch4_window7_224", **kw) -> "EGMAConfig":
+        """A small CPU-friendly configuration (tests and demos)."""
+        image_kwargs = dict(TINY_VIT if "vit" in image_model else TINY_SWIN)
+        image_kwargs.update(kw.pop("image_kwargs", {}))
+        text_config = dict(TINY_BERT)
+        text_config.update(kw.pop("text_config", {}))
+        kw.setdefault("embed_dim", 64)
+        kw.setdefault("max_length", 32)
+        return cls(image_model=image_model, image_kwargs=image_kwargs, text_config=text_config, **kw)
+
+
+def _clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    logits = scale * a @ b.t()
+    target = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+class EGMAModel(nn.Module):
+    """The EGMA dual encoder.
+
+    ``encode_image(pixel_values)`` -> patch embeddings per scale; ``encode_sentences(input_ids, attention_mask)``
+    -> ``(N, D)``; ``forward(batch)`` -> dict of loss terms (see ``forward``).
+    """
+
+    def __init__(self, config: Optional[EGMAConfig] = None):
+        super().__init__()
+        import timm
+        from transformers import AutoModel, BertConfig, BertModel
+
+        self.config = config = config or EGMAConfig()
+        kwargs = dict(config.image_kwargs)
+        kwargs.setdefault("img_size", config.image_size)
+        if config.image_weights:
+            if not os.path.isfile(config.image_weights):
+                raise FileNotFoundError(f"image encoder weights not found: {config.image_weights}")
+            self.image_encoder = timm.create_model(config.image_model, pretrained=True, num_classes=0,
+                                                   pretrained_cfg_overlay=dict(file=config.image_weights), **kwargs)
+        else:
+            self.image_encoder = timm.create_model(config.image_model, pretrained=False, num_classes=0, **kwargs)
+        if config.text_model:
+            if not os.path.isdir(config.text_model):
+                raise FileNotFoundError(f"text encoder directory not found: {config.text_model}")
+            self.text_encoder = AutoModel.from_pretrained(config.text_model, local_files_only=True)
+        else:
+            tc = dict(config.text_config)
+            if config.vocab_size is not None:
+                tc["vocab_size"] = config.vocab_size
+            self.text_encoder = BertModel(BertConfig(**tc), add_pooling_layer=False)
+        # probe the encoder once for the grids and widths of the chosen stages
+        with torch.no_grad():
+            was = self.image_encoder.training
+            self.image_encoder.eval()
+            feats = self._image_features(torch.zeros(1, 3, config.image_size, config.image_size))
+            self.image_encoder.train(was)
+        self.grids: List[Tuple[int, int]] = [tuple(f.shape[-2:]) for f in feats]
+        widths = [f.shape[1] for f in feats]
+        D = config.embed_dim
+        self.image_proj = nn.ModuleList([nn.Linear(w, D) for w in widths])
+        self.text_proj = nn.Linear(self.text_encoder.config.hidden_size, D)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+
+    # ------------------------------------------------------------------ encoders
+    def _image_features(self, pixel_values: torch.Tensor) -> List[torch.Tensor]:
+        enc = self.image_encoder
+        n = None
+        for name in ("layers", "stages", "blocks"):
+            if isinstance(getattr(enc, name, None), nn.Sequential) or isinstance(getattr(enc, name, None), nn.ModuleList):
+                n = len(getattr(enc, name))
+                break
+        scales = list(self.config.scales)
+        resolved = [s if s >= 0 or n is None else n + s for s in scales]
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f"scales {scales} name the same stage twice")
+        feats = enc.forward_intermediates(pixel_values, indices=sorted(resolved), norm=True, output_fmt="NCHW",
+                                          intermediates_only=True)
+        by_stage = dict(zip(sorted(resolved), feats))  # timm returns them in stage order
+        return [by_stage[r] for r in resolved]
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        """The main scale's patch grid ``(gh, gw)``."""
+        return self.grids[0]
+
+    @property
+    def gaze_grid(self) -> Tuple[int, int]:
+        """The finest grid over the scales: build gaze on it (coarser scales area-pool it)."""
+        return max(self.grids, key=lambda g: g[0] * g[1])
+
+    def scale(self) -> torch.Tensor:
+        """``t = exp(clamp(log_scale, 0, ln 100))``."""
+        return self.logit_scale.clamp(0.0, self.config.max_logit_scale).exp()
+
+    def encode_image(self, pixel_values: torch.Tensor, *, all_scales: bool = False, normalize: bool = True):
+        """Patch embeddings ``(B, P, D)`` of the main scale (or a list over scales with ``all_scales``)."""
+        out = []
+        for proj, f in zip(self.image_proj, self._image_features(pixel_values)):
+            tok = proj(f.flatten(2).transpose(1, 2))
+            out.append(F.normalize(tok.float(), dim=-1) if normalize else tok)
+        return out if all_scales else out[0]
+
+    def encode_image_global(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Global image embedding ``(B, D)``: the normalised mean of the main scale's projected patches."""
+        return F.normalize(self.encode_image(pixel_values, normalize=False).float().mean(1), dim=-1)
+
+    def encode_sentences(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, normalize: bool = True):
+        """Sentence embeddings ``(N, D)``: masked mean of the encoder's last hidden states, projected."""
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        emb = self.text_proj(pooled)
+        return F.normalize(emb.float(), dim=-1) if normalize else emb
+
+    def encode_reports(self, input_ids, attention_mask, cu_seqlens) -> torch.Tensor:
+        """Global report embeddings ``(R, D)``: the normalised mean of each report's projected sentences."""
+        emb = self.encode_sentences(input_ids, attention_mask, normalize=False).float()
+        return F.normalize(_segment_mean(emb, cu_seqlens), dim=-1)
+
+    # ------------------------------------------------------------------ loss
+    def _gaze_for_grid(self, gaze: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        P = grid[0] * grid[1]
+        if gaze.shape[1] == P:
+            return gaze
+        side = int(round(math.sqrt(gaze.shape[1])))
+        if side * side != gaze.shape[1] or side % grid[0] or side % grid[1]:
+            raise ValueError(f"gaze has {gaze.shape[1]} columns, which is not the image encoder's {grid[0]}x{grid[1]} "
+                             f"grid ({P} patches) nor a square grid that is a multiple of it; build the gaze for grid {grid}")
+        pooled = F.adaptive_avg_pool2d(gaze.reshape(-1, 1, side, side).float(), grid).reshape(-1, P)
+        peak = pooled.amax(1, keepdim=True)
+        return torch.where(peak > 0, pooled / peak.clamp_min(1e-30), pooled)
+
+    def forward(self, batch: Dict[str, torch.Tensor], *, return_details: bool = False) -> Dict[str, torch.Tensor]:
+        """Loss terms for a collated batch (``egma_model.data.Collator``).
+
+        ``batch``: ``pixel_values (B,3,H,W)``, ``input_ids``/``attention_mask (N,L)``, ``cu_seqlens (B+1,)`` int32,
+        optional ``gaze (N,P)`` and ``gaze_mask (B,)``.
+        Returns ``{"loss", "contrastive", "gaze_mlce", "mapping", "global", "logit_scale"}`` (terms summed over
+        scales with ``scale_weights``; per-scale terms as ``"<term>@<gh>x<gw>"`` when several scales).
+        """
+        cfg = self.config
+        patch = self.encode_image(batch["pixel_values"], all_scales=True, normalize=False)
+        sent_raw = self.encode_sentences(batch["input_ids"], batch["attention_mask"], normalize=False).float()
+        sent = F.normalize(sent_raw, dim=-1)
+        cu = batch["cu_seqlens"].to(device=sent.device, dtype=torch.int32)
+        t = self.scale()
+        gaze, mask = batch.get("gaze"), batch.get("gaze_mask")
+        if not cfg.use_gaze:
+            gaze, mask = None, None
+        if gaze is not None and gaze.shape[0] != sent.shape[0]:
+            raise ValueError(f"gaze has {gaze.shape[0]} rows but the batch has {sent.shape[0]} sentences")
+        sw = cfg.scale_weights or (1.0,) * len(patch)
+        out: Dict[str, torch.Tensor] = {}
+        total = sent.new_zeros(())
+        sums = {k: sent.new_zeros(()) for k in ("contrastive", "gaze_mlce", "mapping")}
+        for s, (p, grid) in enumerate(zip(patch, self.grids)):
+            pe = F.normalize(p.float(), dim=-1)
+            g = None if gaze is None else self._gaze_for_grid(gaze.to(pe.device), grid).to(pe.dtype)
+            terms = egma_kernels.fine_grained_loss(
+                pe, sent, cu, t, g, None if g is None else mask, alpha=cfg.alpha, map_threshold=cfg.map_threshold,
+                weights=cfg.loss_weights, egma_compat=cfg.egma_compat, backend=cfg.backend, return_details=True)
+            total = total + sw[s] * terms.loss
+            for k in sums:
+                v = getattr(terms, k)
+                sums[k] = sums[k] + sw[s] * v
+                if len(patch) > 1:
+                    out[f"{k}@{grid[0]}x{grid[1]}"] = v.detach()
+            if s == 0 and return_details:
+                out["i2t"], out["t2i"] = terms.i2t, terms.t2i
+        glob = sent.new_zeros(())
+        if cfg.global_weight > 0:
+            img_g = F.normalize(patch[0].float().mean(1), dim=-1)
+            rep_g = F.normalize(_segment_mean(sent_raw, cu), dim=-1)
+            glob = _clip_loss(img_g, rep_g, t)
+            total = total + cfg.global_weight * glob
+        out.update(loss=total, **sums)
+        out["global"] = glob
+        out["logit_scale"] = t.detach()
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, path: str, tokenizer=None) -> None:
+        """Write ``egma_config.json`` and ``egma_model.pt`` (and the tokenizer under ``tokenizer/``) to ``path``."""
+        os.makedirs(path, exist_ok=True)
+        cfg = self.config.to_dict()
+        # a checkpoint is self-contained: the encoders are rebuilt from their configs, then loaded
+        cfg["image_weights"] = None
+        cfg["text_model"] = None
+        cfg["text_config"] = {k: v for k, v in self.text_encoder.config.to_dict().items()
+                              if k in _BERT_KEYS}
+        cfg["text_config"]["model_type"] = self.text_encoder.config.model_type
+        cfg["vocab_size"] = self.text_encoder.config.vocab_size
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            json.dump(cfg, f, indent=2)
+        torch.save(self.state_dict(), os.path.join(path, WEIGHTS_NAME))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location="cpu", **overrides) -> "EGMAModel":
+        """Load a checkpoint written by ``save_pretrained`` (local directory; ``overrides`` change config fields)."""
+        cfg_path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{path}: not an EGMA checkpoint (no {CONFIG_NAME}); for encoder weights use "
+                                    f"EGMAConfig(text_model=<dir>, image_weights=<file>)")
+        with open(cfg_path) as f:
+            d = json.load(f)
+        d.update(overrides)
+        tc = dict(d.get("text_config") or {})
+        mt = tc.pop("model_type", "bert")
+        if mt != "bert":
+            raise ValueError(f"{cfg_path}: text encoder type {mt!r} is rebuilt as BERT only; load it via text_model=<dir>")
+        d["text_config"] = tc
+        model = cls(EGMAConfig.from_dict(d))
+        state = torch.load(os.path.join(path, WEIGHTS_NAME), map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+        return model
+
+
+_BERT_KEYS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+              "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id"}
+
+
+def _segment_mean(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    lengths = (cu[1:] - cu[:-1]).long()
+    idx = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths.to(x.device))
+    out = x.new_zeros(lengths.numel(), x.shape[1]).index_add_(0, idx, x)
+    return out / lengths.to(x.device, x.dtype).unsqueeze(1)
