@@ -1,0 +1,390 @@
+"""``egma-eval``: zero-shot classification, image-text retrieval and linear probing of a trained EGMA model.
+
+Prompts file (JSON)::
+
+    {"classes": {"Atelectasis": ["atelectasis at the left base", "..."], "Cardiomegaly": ["..."]},
+     "multi_label": false,
+     "queries": [{"text": "there is a small left pleural effusion.", "label": "Effusion"}, ...]}
+
+``queries`` (optional) are the retrieval texts (paper: reports of the CheXpert 8x200 classes); without
+them the class prompts are the queries. Scoring is global (cosine of pooled embeddings) or fine-grained
+(``egma_kernels.filip_similarity``: mean of its image-to-text and text-to-image scores).
+
+Example::
+
+    egma-eval --checkpoint runs/tiny/final --manifest data/test.csv --prompts data/prompts.json \\
+        --tasks zeroshot,retrieval,probe --train-manifest data/train.csv --out runs/tiny/eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import egma_kernels
+
+from .data import Collator, EGMADataset, ManifestError, load_manifest, split_sentences
+from .model import EGMAModel
+
+__all__ = [
+    "accuracy", "macro_f1", "confusion_matrix", "precision_at_k", "auroc", "mean_auroc",
+    "encode_dataset", "encode_texts", "similarity", "zero_shot", "retrieval", "linear_probe", "main",
+]
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def accuracy(y_true, y_pred) -> float:
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return float((y_true == y_pred).mean()) if y_true.size else float("nan")
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """``cm[i, j]`` = number of samples of true class ``i`` predicted as ``j``."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return cm
+
+
+def macro_f1(y_true, y_pred, num_classes: Optional[int] = None) -> float:
+    """Mean over classes of ``F1 = 2TP / (2TP + FP + FN)``, over the classes present in ``y_true`` or
+    ``y_pred`` (scikit-learn's convention)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    n = num_classes or int(max(y_true.max(initial=0), y_pred.max(initial=0)) + 1)
+    cm = confusion_matrix(y_true, y_pred, n)
+    tp = np.diag(cm).astype(np.float64)
+    fp = cm.sum(0) - tp
+    fn = cm.sum(1) - tp
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    denom = 2 * tp + fp + fn
+    f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
+    return float(f1[present].mean()) if present.any() else float("nan")
+
+
+def precision_at_k(sim, query_labels, gallery_labels, k: int) -> float:
+    """Mean over queries of the fraction of the ``k`` most similar gallery items sharing the query's label.
+
+    ``sim``: ``(Q, G)``; ties are broken by gallery order (stable sort).
+    """
+    sim = np.asarray(sim, dtype=np.float64)
+    q, g = np.asarray(query_labels), np.asarray(gallery_labels)
+    k = min(k, sim.shape[1])
+    order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return float((g[order] == q[:, None]).mean())
+
+
+def auroc(scores, labels) -> float:
+    """Binary AUROC (probability a positive outscores a negative, ties count 1/2); NaN with one class."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    npos, nneg = int(y.sum()), int((~y).sum())
+    if npos == 0 or nneg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1
+        i = j + 1
+    return float((ranks[y].sum() - npos * (npos + 1) / 2) / (npos * nneg))
+
+
+def mean_auroc(scores, labels) -> Tuple[float, List[float]]:
+    """Mean AUROC over the columns (classes) of ``(M, C)`` scores and 0/1 labels; classes with one value skipped."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    per = [auroc(scores[:, c], labels[:, c]) for c in range(labels.shape[1])]
+    valid = [a for a in per if not np.isnan(a)]
+    return (float(np.mean(valid)) if valid else float("nan")), per
+
+
+# ------------------------------------------------------------------------------------------- encoding
+
+
+def _progress(it, total, desc, enabled):
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return it
+    return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def encode_dataset(model: EGMAModel, dataset: EGMADataset, *, batch_size: int = 32, device=None,
+                   progress: bool = True) -> Dict[str, torch.Tensor]:
+    """``{"patch" (M,P,D) normalised, "global" (M,D), "pooled" (M,C) backbone features, "labels" (M,C)}``."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    patch, pooled, labels = [], [], []
+    idx = list(range(len(dataset)))
+    chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    for ch in _progress(chunks, len(chunks), "encode images", progress):
+        x = torch.stack([dataset.image_tensor(i, augment=False) for i in ch]).to(device)
+        feats = model._image_features(x)[0]
+        pooled.append(feats.float().mean((2, 3)).cpu())
+        tok = model.image_proj[0](feats.flatten(2).transpose(1, 2)).float()
+        patch.append(tok.cpu())
+        if dataset.classes:
+            labels.append(torch.stack([dataset.label_vector(dataset.records[i]) for i in ch]))
+    raw = torch.cat(patch)
+    out = {"patch": F.normalize(raw, dim=-1), "global": F.normalize(raw.mean(1), dim=-1), "pooled": torch.cat(pooled)}
+    if labels:
+        out["labels"] = torch.cat(labels)
+    return out
+
+
+@torch.no_grad()
+def encode_texts(model: EGMAModel, tokenizer, texts: Sequence[str], *, batch_size: int = 128,
+                 device=None) -> Dict[str, torch.Tensor]:
+    """Texts split into sentences: ``{"sent" (N,D), "cu_seqlens" (T+1,), "global" (T,D)}``."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    sents, lengths = [], []
+    for t in texts:
+        s = split_sentences(t) or [t]
+        sents += s
+        lengths.append(len(s))
+    emb = []
+    for i in range(0, len(sents), batch_size):
+        tok = tokenizer(sents[i : i + batch_size], padding=True, truncation=True, max_length=model.config.max_length,
+                        return_tensors="pt").to(device)
+        emb.append(model.encode_sentences(tok["input_ids"], tok["attention_mask"], normalize=False).float().cpu())
+    raw = torch.cat(emb)
+    cu = egma_kernels.cu_seqlens_from_lengths(lengths)
+    from .model import _segment_mean
+
+    return {"sent": F.normalize(raw, dim=-1), "cu_seqlens": cu, "global": F.normalize(_segment_mean(raw, cu), dim=-1)}
+
+
+def similarity(images: Dict[str, torch.Tensor], texts: Dict[str, torch.Tensor], scoring: str = "fine") -> torch.Tensor:
+    """``(M, T)`` image-text scores: ``global`` cosine, or ``fine`` = (i2t + t2i) / 2 of ``filip_similarity``."""
+    if scoring == "global":
+        return images["global"] @ texts["global"].t()
+    if scoring == "fine":
+        i2t, t2i = egma_kernels.filip_similarity(images["patch"], texts["sent"], texts["cu_seqlens"], 1.0)
+        return 0.5 * (i2t + t2i)
+    raise ValueError(f"scoring must be 'global' or 'fine', got {scoring!r}")
+
+
+# ------------------------------------------------------------------------------------------- tasks
+
+
+def zero_shot(model, tokenizer, images: Dict[str, torch.Tensor], class_prompts: Dict[str, List[str]],
+              image_classes: Sequence[str], *, scoring: str = "fine", reduce: str = "max",
+              multi_label: bool = False) -> Dict:
+    """Zero-shot classification: each class's score = ``reduce`` (max or mean) over its prompts' scores.
+
+    Single-label: images whose label set has exactly one of the prompt classes are scored (accuracy, macro-F1,
+    confusion matrix over the prompt classes). Multi-label: mean AUROC over classes.
+    """
+    names = list(class_prompts)
+    texts, owner = [], []
+    for c, ps in enumerate(names):
+        for p in class_prompts[ps]:
+            texts.append(p)
+            owner.append(c)
+    sim = similarity(images, encode_texts(model, tokenizer, texts), scoring)
+    owner_t = torch.tensor(owner)
+    scores = torch.stack([(sim[:, owner_t == c].amax(1) if reduce == "max" else sim[:, owner_t == c].mean(1))
+                          for c in range(len(names))], dim=1)
+    labels = images["labels"].numpy()
+    cols = [image_classes.index(n) if n in image_classes else None for n in names]
+    res: Dict = {"classes": names, "scoring": scoring, "reduce": reduce}
+    ind = np.stack([labels[:, c] if c is not None else np.zeros(len(labels)) for c in cols], 1)
+    if multi_label:
+        res["mean_auroc"], res["auroc"] = mean_auroc(scores.numpy(), ind)
+        return res
+    keep = ind.sum(1) == 1  # images with exactly one of the prompt classes
+    y_true = ind[keep].argmax(1)
+    y_pred = scores[torch.from_numpy(keep)].argmax(1).numpy()
+    res.update(n_images=int(keep.sum()), accuracy=accuracy(y_true, y_pred),
+               macro_f1=macro_f1(y_true, y_pred, len(names)),
+               confusion_matrix=confusion_matrix(y_true, y_pred, len(names)).tolist())
+    return res
+
+
+def retrieval(model, tokenizer, images: Dict[str, torch.Tensor], image_labels: Sequence[str], queries: Sequence[Dict],
+              *, scoring: str = "fine", ks: Sequence[int] = (1, 5, 10)) -> Dict:
+    """Precision@k in both directions; relevant = same class (image label vs query label)."""
+    texts = [q["text"] for q in queries]
+    q_labels = [q["label"] for q in queries]
+    sim = similarity(images, encode_texts(model, tokenizer, texts), scoring).numpy()
+    res = {"scoring": scoring, "n_images": len(image_labels), "n_queries": len(texts)}
+    for k in ks:
+        res[f"image_to_text_p@{k}"] = precision_at_k(sim, image_labels, q_labels, k)
+        res[f"text_to_image_p@{k}"] = precision_at_k(sim.T, q_labels, image_labels, k)
+    return res
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, multi_label: bool, *, steps: int = 100, wd: float = 1e-3):
+    mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True).clamp_min(1e-6)
+    xs = (x - mean) / std
+    C = y.shape[1]
+    w = torch.zeros(x.shape[1], C, requires_grad=True)
+    b = torch.zeros(C, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = xs @ w + b
+        loss = (F.binary_cross_entropy_with_logits(logits, y) if multi_label
+                else F.cross_entropy(logits, y.argmax(1))) + wd * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    threads = torch.get_num_threads()
+    if x.numel() < 1_000_000:  # tiny problems run far faster on one thread than on a busy pool
+        torch.set_num_threads(1)
+    try:
+        opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
+    return lambda z: (((z - mean) / std) @ w + b).detach()
+
+
+def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 test_labels: torch.Tensor, *, fractions: Sequence[float] = (0.01, 0.1, 1.0),
+                 seeds: Sequence[int] = (0, 1, 2), multi_label: bool = False) -> Dict:
+    """Logistic regression on frozen features with a fraction of the training labels; mean AUROC (one-vs-rest
+    for single-label) on the test set, mean and std over ``seeds`` (the subsets are drawn per seed)."""
+    res = {}
+    n = train_feats.shape[0]
+    for frac in fractions:
+        vals = []
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            m = max(2, int(round(frac * n)))
+            idx = torch.randperm(n, generator=g)[:m]
+            predict = _fit_logistic(train_feats[idx].float(), train_labels[idx].float(), multi_label)
+            logits = predict(test_feats.float())
+            sc = torch.sigmoid(logits) if multi_label else torch.softmax(logits, 1)
+            vals.append(mean_auroc(sc.numpy(), test_labels.numpy())[0])
+        res[f"{frac:g}"] = {"auroc_mean": float(np.nanmean(vals)), "auroc_std": float(np.nanstd(vals)),
+                            "per_seed": vals, "n_train": max(2, int(round(frac * n)))}
+    return res
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def load_prompts(path: str) -> Dict:
+    if not os.path.isfile(path):
+        raise ManifestError(f"{path}: prompts file not found")
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d.get("classes"), dict) or not d["classes"]:
+        raise ManifestError(f"{path}: needs 'classes': {{class name: [prompts]}}")
+    for c, ps in d["classes"].items():
+        if not isinstance(ps, list) or not ps or not all(isinstance(p, str) for p in ps):
+            raise ManifestError(f"{path}: classes[{c!r}] must be a non-empty list of strings")
+    for i, q in enumerate(d.get("queries", [])):
+        if not isinstance(q, dict) or "text" not in q or "label" not in q:
+            raise ManifestError(f"{path}: queries[{i}] needs 'text' and 'label'")
+    return d
+
+
+def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, tasks=("zeroshot", "retrieval"),
+             split: Optional[str] = None, train_manifest: Optional[str] = None, train_split: Optional[str] = None,
+             scoring=("fine", "global"), reduce: str = "max", batch_size: int = 32, device=None,
+             progress: bool = True, fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2), model=None, tokenizer=None) -> Dict:
+    """Run the chosen tasks; returns a JSON-able dict."""
+    from .tokenizer import load_tokenizer
+
+    if model is None:
+        model = EGMAModel.from_pretrained(checkpoint)
+        tokenizer = load_tokenizer(os.path.join(checkpoint, "tokenizer"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    pr = load_prompts(prompts) if prompts else None
+    recs = load_manifest(manifest, split=split)
+    classes = sorted({c for r in recs for c in r.labels} | (set(pr["classes"]) if pr else set()))
+    ds = EGMADataset(recs, image_size=model.config.image_size, grid=model.grid, classes=classes, use_gaze=False)
+    images = encode_dataset(model, ds, batch_size=batch_size, device=device, progress=progress)
+    out: Dict = {"checkpoint": checkpoint, "manifest": manifest, "n_images": len(ds)}
+    multi = bool(pr.get("multi_label", False)) if pr else False
+    for task in tasks:
+        if task == "zeroshot":
+            if pr is None:
+                raise ManifestError("zero-shot needs --prompts")
+            out["zeroshot"] = {s: zero_shot(model, tokenizer, images, pr["classes"], classes, scoring=s,
+                                            reduce=reduce, multi_label=multi) for s in scoring}
+        elif task == "retrieval":
+            if pr is None:
+                raise ManifestError("retrieval needs --prompts")
+            queries = pr.get("queries") or [{"text": p, "label": c} for c, ps in pr["classes"].items() for p in ps]
+            lab = images["labels"].numpy()
+            keep = lab.sum(1) == 1
+            img_labels = [classes[int(np.argmax(r))] for r in lab[keep]]
+            sub = {k: v[torch.from_numpy(keep)] for k, v in images.items()}
+            out["retrieval"] = {s: retrieval(model, tokenizer, sub, img_labels, queries, scoring=s) for s in scoring}
+        elif task == "probe":
+            if not train_manifest:
+                raise ManifestError("linear probing needs --train-manifest")
+            trecs = load_manifest(train_manifest, split=train_split)
+            tds = EGMADataset(trecs, image_size=model.config.image_size, grid=model.grid, classes=classes,
+                              use_gaze=False)
+            timgs = encode_dataset(model, tds, batch_size=batch_size, device=device, progress=progress)
+            out["probe"] = linear_probe(timgs["pooled"], timgs["labels"], images["pooled"], images["labels"],
+                                        fractions=fractions, seeds=seeds, multi_label=multi)
+        else:
+            raise ValueError(f"unknown task {task!r}: use zeroshot, retrieval, probe")
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="egma-eval", description="Evaluate an EGMA checkpoint (zero-shot, retrieval, "
+                                "linear probe)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="folder written by egma-train (<out>/final)")
+    p.add_argument("--manifest", required=True, help="test manifest with labels")
+    p.add_argument("--split", default=None)
+    p.add_argument("--prompts", default=None, help="JSON with class prompts (and optional retrieval queries)")
+    p.add_argument("--tasks", default="zeroshot,retrieval", help="comma-separated: zeroshot, retrieval, probe")
+    p.add_argument("--train-manifest", default=None, help="labelled training manifest for the linear probe")
+    p.add_argument("--train-split", default=None)
+    p.add_argument("--scoring", default="fine,global", help="fine (FILIP) and/or global")
+    p.add_argument("--reduce", default="max", choices=["max", "mean"], help="over a class's prompts")
+    p.add_argument("--fractions", default="0.01,0.1,1", help="linear-probe label fractions")
+    p.add_argument("--seeds", default="0,1,2", help="linear-probe seeds")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="write the results JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    ns = p.parse_args(argv)
+    try:
+        res = evaluate(ns.checkpoint, ns.manifest, ns.prompts, tasks=ns.tasks.split(","), split=ns.split,
+                       train_manifest=ns.train_manifest, train_split=ns.train_split,
+                       scoring=tuple(ns.scoring.split(",")), reduce=ns.reduce, batch_size=ns.batch_size,
+                       device=ns.device, progress=not ns.no_progress,
+                       fractions=tuple(float(x) for x in ns.fractions.split(",")),
+                       seeds=tuple(int(x) for x in ns.seeds.split(",")))
+    except (ManifestError, FileNotFoundError) as e:
+        print(f"egma-eval: error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(res, indent=2)
+    if ns.out:
+        os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
+        with open(ns.out, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

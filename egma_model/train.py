@@ -1,0 +1,306 @@
+"""``egma-train``: pre-train an ``EGMAModel`` from a manifest with the EGMA loss.
+
+AdamW, cosine schedule with linear warm-up, gradient clipping, bfloat16 autocast on CUDA, checkpoint save
+and resume (``<out>/checkpoint``), a progress bar with the running loss terms, a JSON-lines log
+(``<out>/log.jsonl``), seeds. The final model is saved under ``<out>/final`` (``EGMAModel.from_pretrained``).
+
+Example (CPU, tiny encoders, random init)::
+
+    egma-train --manifest data/train.csv --out runs/tiny --preset tiny --epochs 2 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .data import Collator, EGMADataset, GazeOptions, load_manifest
+from .model import EGMAConfig, EGMAModel
+from .tokenizer import build_word_tokenizer, load_tokenizer
+
+__all__ = ["TrainArgs", "train", "main", "cosine_with_warmup", "set_seed"]
+
+STATE_NAME = "trainer_state.pt"
+
+
+@dataclass
+class TrainArgs:
+    manifest: str
+    out: str
+    split: Optional[str] = None
+    preset: str = "tiny"  # "tiny" (small random encoders) or "paper" (Swin-T + Bio_ClinicalBERT size)
+    image_model: Optional[str] = None
+    image_size: Optional[int] = None
+    image_weights: Optional[str] = None
+    text_model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    scales: Sequence[int] = (-1,)
+    embed_dim: Optional[int] = None
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    clip_grad: float = 1.0
+    seed: int = 0
+    no_gaze: bool = False
+    loss_weights: Sequence[float] = (1.0, 1.0, 1.0)
+    global_weight: float = 0.0
+    alpha: Optional[float] = None
+    egma_compat: bool = False
+    sigma: float = 150.0
+    min_heat: float = 0.1
+    max_sentences: int = 16
+    num_workers: int = 0
+    device: Optional[str] = None
+    save_every: int = 500
+    resume: bool = False
+    progress: bool = True
+    backend: Optional[str] = None
+    threads: Optional[int] = None
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int, floor: float = 0.0) -> float:
+    """Learning-rate multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine to ``floor``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_model_and_tokenizer(a: TrainArgs, texts: Sequence[str]):
+    """The model and tokenizer for a run: local weights when given, else random encoders and a corpus vocab."""
+    if a.tokenizer:
+        tok = load_tokenizer(a.tokenizer)
+    elif a.text_model:
+        tok = load_tokenizer(a.text_model)
+    else:
+        tok = build_word_tokenizer(texts, save_dir=None)
+    kw = dict(scales=tuple(a.scales), loss_weights=tuple(a.loss_weights), global_weight=a.global_weight,
+              alpha=a.alpha, egma_compat=a.egma_compat, use_gaze=not a.no_gaze, backend=a.backend,
+              text_model=a.text_model, image_weights=a.image_weights)
+    if a.image_size:
+        kw["image_size"] = a.image_size
+    if a.embed_dim:
+        kw["embed_dim"] = a.embed_dim
+    if not a.text_model:
+        kw["vocab_size"] = len(tok)
+    if a.preset == "tiny":
+        cfg = EGMAConfig.tiny(a.image_model or "swin_tiny_patch4_window7_224", **kw)
+    elif a.preset == "paper":
+        cfg = EGMAConfig(image_model=a.image_model or "swin_tiny_patch4_window7_224", **kw)
+    else:
+        raise ValueError(f"unknown preset {a.preset!r}: use 'tiny' or 'paper'")
+    return EGMAModel(cfg), tok
+
+
+def _rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+
+
+def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, tokenizer=None) -> Dict:
+    """Run training; returns a summary ``{"steps", "final_loss", "history", "out"}``.
+
+    ``records``/``model``/``tokenizer`` may be passed in (the demo does); otherwise they come from ``a``.
+    """
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    set_seed(a.seed)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(a.out, exist_ok=True)
+    ckpt_dir = os.path.join(a.out, "checkpoint")
+    resuming = a.resume and os.path.isfile(os.path.join(ckpt_dir, STATE_NAME))
+    if records is None:
+        records = load_manifest(a.manifest, split=a.split)
+    if resuming:
+        model = EGMAModel.from_pretrained(ckpt_dir)
+        tokenizer = load_tokenizer(os.path.join(ckpt_dir, "tokenizer"))
+    elif model is None or tokenizer is None:
+        model, tokenizer = build_model_and_tokenizer(a, [s for r in records for s in r.sentences])
+    model.to(device)
+    gg = model.gaze_grid
+    ds = EGMADataset(records, image_size=model.config.image_size, grid=gg, train=True,
+                     max_sentences=a.max_sentences, use_gaze=not a.no_gaze, seed=a.seed,
+                     gaze_options=GazeOptions(sigma=a.sigma, min_heat=a.min_heat))
+    collate = Collator(tokenizer, max_length=model.config.max_length, num_patches=gg[0] * gg[1])
+    steps_per_epoch = max(1, len(ds) // a.batch_size)  # drop_last: full batches only
+    total = a.max_steps or steps_per_epoch * a.epochs
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or n == "logit_scale" else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=a.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, a.warmup_steps))
+    step = 0
+    history: List[Dict] = []
+    if resuming:
+        st = torch.load(os.path.join(ckpt_dir, STATE_NAME), map_location="cpu", weights_only=False)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        step = st["step"]
+        history = st.get("history", [])
+        _set_rng_state(st["rng"])
+    log_path = os.path.join(a.out, "log.jsonl")
+    log = open(log_path, "a" if resuming else "w")
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = tqdm(total=total, initial=step, desc="egma-train", disable=not a.progress, dynamic_ncols=True) if tqdm else None
+    use_amp = device.type == "cuda"
+    running: Dict[str, float] = {}
+    model.train()
+    t0 = time.time()
+    while step < total:
+        epoch = step // steps_per_epoch
+        ds.epoch = epoch
+        g = torch.Generator().manual_seed(a.seed * 1000003 + epoch)
+        loader = DataLoader(ds, batch_size=a.batch_size, shuffle=True, generator=g, drop_last=len(ds) >= a.batch_size,
+                            collate_fn=collate, num_workers=a.num_workers)
+        skip = step - epoch * steps_per_epoch
+        for bi, batch in enumerate(loader):
+            if bi < skip:
+                continue
+            if step >= total or bi >= steps_per_epoch:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = model(batch)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad) if a.clip_grad > 0 else None
+            opt.step()
+            sched.step()
+            step += 1
+            rec = {"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"],
+                   **{k: float(v.detach()) for k, v in out.items() if v.dim() == 0}}
+            if gnorm is not None:
+                rec["grad_norm"] = float(gnorm)
+            rec["time_s"] = round(time.time() - t0, 3)
+            history.append(rec)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            for k in ("loss", "contrastive", "gaze_mlce", "mapping"):
+                running[k] = rec[k] if k not in running else 0.9 * running[k] + 0.1 * rec[k]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k[:4]: f"{v:.3f}" for k, v in running.items()}, refresh=False)
+            if a.save_every and step % a.save_every == 0 and step < total:
+                _save(model, tokenizer, opt, sched, step, history, ckpt_dir)
+    if bar is not None:
+        bar.close()
+    log.close()
+    _save(model, tokenizer, opt, sched, step, history, ckpt_dir)
+    model.save_pretrained(os.path.join(a.out, "final"), tokenizer=tokenizer)
+    with open(os.path.join(a.out, "train_args.json"), "w") as f:
+        json.dump(dataclasses.asdict(a), f, indent=2, default=list)
+    return {"steps": step, "final_loss": history[-1]["loss"] if history else None, "history": history,
+            "out": a.out, "model": model, "tokenizer": tokenizer}
+
+
+def _save(model, tokenizer, opt, sched, step, history, ckpt_dir):
+    model.save_pretrained(ckpt_dir, tokenizer=tokenizer)
+    tmp = os.path.join(ckpt_dir, STATE_NAME + ".tmp")
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "history": history,
+                "rng": _rng_state()}, tmp)
+    os.replace(tmp, os.path.join(ckpt_dir, STATE_NAME))
+
+
+def _floats(s: str) -> List[float]:
+    return [float(x) for x in s.split(",")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="egma-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = TrainArgs(manifest="", out="")
+    p.add_argument("--manifest", required=True, help="training manifest (.csv or .jsonl; see egma_model.data)")
+    p.add_argument("--out", required=True, help="output folder (log.jsonl, checkpoint/, final/)")
+    p.add_argument("--split", default=None, help="use only manifest rows with this 'split' value")
+    p.add_argument("--preset", default=d.preset, choices=["tiny", "paper"])
+    p.add_argument("--image-model", default=None, help="timm model name (default swin_tiny_patch4_window7_224)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-weights", default=None, help="local timm weights file for the image encoder")
+    p.add_argument("--text-model", default=None, help="local folder of a BERT-family model (and its tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="local tokenizer folder (default: built from the reports)")
+    p.add_argument("--scales", default="-1", help="comma-separated encoder stages for the loss (Swin: 1,2,-1)")
+    p.add_argument("--embed-dim", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--clip-grad", type=float, default=d.clip_grad)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-gaze", action="store_true", help="train without the gaze terms (FILIP + mapping only)")
+    p.add_argument("--loss-weights", default="1,1,1", help="w_con,w_mlce,w_map")
+    p.add_argument("--global-weight", type=float, default=d.global_weight, help="weight of a global CLIP term")
+    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--egma-compat", action="store_true", help="reproduce the original EGMA code's loss")
+    p.add_argument("--sigma", type=float, default=d.sigma, help="fixation Gaussian sigma, original-image pixels")
+    p.add_argument("--min-heat", type=float, default=d.min_heat)
+    p.add_argument("--max-sentences", type=int, default=d.max_sentences)
+    p.add_argument("--num-workers", type=int, default=d.num_workers)
+    p.add_argument("--device", default=None)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--backend", default=None, help="egma_kernels backend (default: best available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def args_from_namespace(ns) -> TrainArgs:
+    return TrainArgs(
+        manifest=ns.manifest, out=ns.out, split=ns.split, preset=ns.preset, image_model=ns.image_model,
+        image_size=ns.image_size, image_weights=ns.image_weights, text_model=ns.text_model, tokenizer=ns.tokenizer,
+        scales=tuple(int(x) for x in ns.scales.split(",")), embed_dim=ns.embed_dim, epochs=ns.epochs,
+        max_steps=ns.max_steps, batch_size=ns.batch_size, lr=ns.lr, weight_decay=ns.weight_decay,
+        warmup_steps=ns.warmup_steps, clip_grad=ns.clip_grad, seed=ns.seed, no_gaze=ns.no_gaze,
+        loss_weights=tuple(_floats(ns.loss_weights)), global_weight=ns.global_weight, alpha=ns.alpha,
+        egma_compat=ns.egma_compat, sigma=ns.sigma, min_heat=ns.min_heat, max_sentences=ns.max_sentences,
+        num_workers=ns.num_workers, device=ns.device, save_every=ns.save_every, resume=ns.resume,
+        progress=not ns.no_progress, backend=ns.backend, threads=ns.threads)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ns = build_parser().parse_args(argv)
+    from .data import ManifestError
+
+    try:
+        res = train(args_from_namespace(ns))
+    except (ManifestError, FileNotFoundError) as e:
+        print(f"egma-train: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"steps": res["steps"], "final_loss": res["final_loss"], "model": os.path.join(ns.out, "final")}))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

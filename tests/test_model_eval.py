@@ -1,0 +1,139 @@
+"""Metrics against hand-computed values, the tasks, and the egma-train / egma-eval CLIs end to end."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from egma_model import evaluate as ev
+from egma_model.train import cosine_with_warmup
+
+
+def test_accuracy_confusion_and_macro_f1_by_hand():
+    y = [0, 0, 1, 1, 2, 2]
+    p = [0, 1, 1, 1, 0, 2]
+    assert ev.accuracy(y, p) == pytest.approx(4 / 6)
+    assert ev.confusion_matrix(y, p, 3).tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    # class 0: TP1 FP1 FN1 -> 0.5; class 1: TP2 FP1 FN0 -> 0.8; class 2: TP1 FP0 FN1 -> 2/3
+    assert ev.macro_f1(y, p, 3) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    # a class never seen nor predicted does not count; one predicted but absent counts with F1 = 0
+    assert ev.macro_f1([0, 0], [0, 0], 4) == pytest.approx(1.0)
+    assert ev.macro_f1([0, 0], [0, 3], 4) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_precision_at_k_by_hand():
+    sim = np.array([[0.9, 0.8, 0.1, 0.5],
+                    [0.2, 0.3, 0.9, 0.1]])
+    q = ["a", "b"]
+    g = ["a", "b", "b", "a"]
+    # query 0 ranks 0(a), 1(b), 3(a), 2(b); query 1 ranks 2(b), 1(b), 0(a), 3(a)
+    assert ev.precision_at_k(sim, q, g, 1) == pytest.approx(1.0)
+    assert ev.precision_at_k(sim, q, g, 2) == pytest.approx((1 / 2 + 2 / 2) / 2)
+    assert ev.precision_at_k(sim, q, g, 3) == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert ev.precision_at_k(sim, q, g, 10) == pytest.approx(0.5)  # k capped at the gallery size
+
+
+def test_auroc_by_hand():
+    # positives 0.8, 0.4; negatives 0.5, 0.1, 0.4: pairs won 0.8>all (3), 0.4>0.1 (1), tie 0.4=0.4 (0.5) -> 4.5/6
+    assert ev.auroc([0.8, 0.5, 0.4, 0.1, 0.4], [1, 0, 1, 0, 0]) == pytest.approx(4.5 / 6)
+    assert ev.auroc([1, 2, 3], [1, 1, 1]) != ev.auroc([1, 2, 3], [1, 1, 1])  # NaN with one class
+    m, per = ev.mean_auroc(np.array([[0.9, 0.1], [0.1, 0.9], [0.8, 0.5]]), np.array([[1, 0], [0, 1], [1, 0]]))
+    assert per == [1.0, 1.0] and m == 1.0
+
+
+def test_cosine_schedule():
+    assert cosine_with_warmup(0, 100, 10) == pytest.approx(0.1)
+    assert cosine_with_warmup(9, 100, 10) == pytest.approx(1.0)
+    assert cosine_with_warmup(55, 100, 10) == pytest.approx(0.5)
+    assert cosine_with_warmup(100, 100, 10) == pytest.approx(0.0)
+
+
+def test_linear_probe_separable_features():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (300,), generator=g)
+    x = torch.randn(300, 8, generator=g) * 0.3
+    x[torch.arange(300), y] += 2.0
+    onehot = torch.nn.functional.one_hot(y, 3).float()
+    res = ev.linear_probe(x[:200], onehot[:200], x[200:], onehot[200:], fractions=(0.1, 1.0), seeds=(0, 1))
+    assert res["1"]["auroc_mean"] > 0.98 and res["0.1"]["n_train"] == 20
+    assert res["0.1"]["auroc_mean"] > 0.9
+
+
+def test_zero_shot_and_retrieval_with_given_embeddings():
+    """zero_shot/retrieval reduce prompt scores as documented (texts encoded by a stub model)."""
+
+    class Stub:
+        config = type("C", (), {"max_length": 8})()
+
+    # 2 classes; global scoring only needs "global" embeddings, so patch texts through a fake encode_texts
+    images = {"global": torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]),
+              "labels": torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])}
+    text_emb = {"a1": [1.0, 0.0], "a2": [0.8, 0.6], "b1": [0.0, 1.0]}
+    orig = ev.encode_texts
+    ev.encode_texts = lambda model, tok, texts, **kw: {"global": torch.tensor([text_emb[t] for t in texts])}
+    try:
+        res = ev.zero_shot(Stub(), None, images, {"A": ["a1", "a2"], "B": ["b1"]}, ["A", "B"], scoring="global")
+        # image 2: A max(0.6, 0.96) = 0.96 > B 0.8 -> predicted A (wrong)
+        assert res["accuracy"] == pytest.approx(2 / 3) and res["confusion_matrix"] == [[1, 0], [1, 1]]
+        res = ev.zero_shot(Stub(), None, images, {"A": ["a1", "a2"], "B": ["b1"]}, ["A", "B"], scoring="global",
+                           reduce="mean")
+        # mean: A (0.6 + 0.96) / 2 = 0.78 < 0.8 -> B (right)
+        assert res["accuracy"] == pytest.approx(1.0) and res["macro_f1"] == pytest.approx(1.0)
+        r = ev.retrieval(Stub(), None, images, ["A", "B", "B"], [{"text": "a1", "label": "A"},
+                                                                {"text": "b1", "label": "B"}], scoring="global")
+        assert r["image_to_text_p@1"] == pytest.approx(1.0)  # image 2: b1 0.8 > a1 0.6
+        assert r["text_to_image_p@1"] == pytest.approx(1.0) and r["text_to_image_p@5"] == pytest.approx(0.5)
+    finally:
+        ev.encode_texts = orig
+
+
+def _tiny_manifest(d, n=12):
+    rng = np.random.default_rng(0)
+    rows = ["image,report,labels,split"]
+    texts = {"Cardiomegaly": "The heart is enlarged. No effusion.", "Effusion": "Small left effusion. Heart normal."}
+    for i in range(n):
+        c = "Cardiomegaly" if i % 2 else "Effusion"
+        a = (rng.random((40, 48)) * 255).astype(np.uint8)
+        Image.fromarray(a).save(os.path.join(d, f"img{i}.png"))
+        rows.append(f"img{i}.png,{texts[c]},{c},{'test' if i >= 8 else 'train'}")
+    with open(os.path.join(d, "m.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    with open(os.path.join(d, "prompts.json"), "w") as f:
+        json.dump({"classes": {"Cardiomegaly": ["enlarged heart", "cardiomegaly"], "Effusion": ["pleural effusion"]}}, f)
+    return os.path.join(d, "m.csv"), os.path.join(d, "prompts.json")
+
+
+def test_train_resume_and_eval_clis(tmp_path, capsys):
+    from egma_model.evaluate import main as eval_main
+    from egma_model.train import main as train_main
+
+    d = str(tmp_path)
+    m, pr = _tiny_manifest(d)
+    out = os.path.join(d, "run")
+    common = ["--manifest", m, "--split", "train", "--out", out, "--image-model", "vit_base_patch16_224",
+              "--image-size", "112", "--batch-size", "4", "--warmup-steps", "1", "--no-progress", "--save-every", "2"]
+    assert train_main(common + ["--max-steps", "2"]) == 0
+    log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+    assert {"contrastive", "gaze_mlce", "mapping", "lr", "logit_scale"} <= set(log[0])
+    assert train_main(common + ["--max-steps", "3", "--resume"]) == 0
+    log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    capsys.readouterr()
+    res_path = os.path.join(d, "eval.json")
+    assert eval_main(["--checkpoint", os.path.join(out, "final"), "--manifest", m, "--split", "test", "--prompts", pr,
+                      "--tasks", "zeroshot,retrieval,probe", "--train-manifest", m, "--train-split", "train",
+                      "--fractions", "0.5,1", "--seeds", "0", "--no-progress", "--out", res_path]) == 0
+    res = json.load(open(res_path))
+    zs = res["zeroshot"]["fine"]
+    assert zs["n_images"] == 4 and 0 <= zs["accuracy"] <= 1 and np.array(zs["confusion_matrix"]).sum() == 4
+    assert 0 <= res["retrieval"]["global"]["text_to_image_p@1"] <= 1
+    assert set(res["probe"]) == {"0.5", "1"}
+    # a bad manifest gives a clear error and exit status 2
+    with open(os.path.join(d, "bad.csv"), "w") as f:
+        f.write("image,report\nnope.png,Heart normal.\n")
+    assert train_main(["--manifest", os.path.join(d, "bad.csv"), "--out", out]) == 2
+    assert "bad.csv: row 2: image file not found" in capsys.readouterr().err
