@@ -130,16 +130,117 @@ inline void dots(const double* A, int64_t lda, int64_t m, const double* B, int64
 }
 
 template <typename T>
-static EGMA_INLINE void axpy_impl(int64_t n, T a, const T* __restrict x, T* __restrict y) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+static EGMA_INLINE typename Vec<T>::type vsplat(T x) {
+  return typename Vec<T>::type{} + x;
 }
-EGMA_CLONES void axpy_f(int64_t n, float a, const float* __restrict x, float* __restrict y) { axpy_impl(n, a, x, y); }
-EGMA_CLONES void axpy_d(int64_t n, double a, const double* __restrict x, double* __restrict y) {
-  axpy_impl(n, a, x, y);
+template <typename T>
+static EGMA_INLINE void vstore(T* p, typename Vec<T>::type v) {
+  __builtin_memcpy(p, &v, sizeof(v));
 }
-// y += a * x (vectorised, element-wise: no reordering of sums).
-inline void axpy(int64_t n, float a, const float* x, float* y) { axpy_f(n, a, x, y); }
-inline void axpy(int64_t n, double a, const double* x, double* y) { axpy_d(n, a, x, y); }
+
+// y[0:D] += sum_k coef[k] * xs[k][0:D], the terms added in order k = 0, 1, ... to every element (a chunk of
+// y stays in registers while the K rows stream through).
+template <typename T>
+static EGMA_INLINE void gather_axpy_impl(int64_t D, int64_t K, const T* coef, const T* const* xs, T* y) {
+  using VT = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  constexpr int U = 8;
+  int64_t d = 0;
+  for (; d + U * W <= D; d += U * W) {
+    VT acc[U];
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) acc[u] = vload(y + d + u * W);
+    for (int64_t k = 0; k < K; ++k) {
+      const VT c = vsplat(coef[k]);
+      const T* x = xs[k] + d;
+#pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) acc[u] += c * vload(x + u * W);
+    }
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) vstore(y + d + u * W, acc[u]);
+  }
+  for (; d < D; ++d) {
+    T acc = y[d];
+    for (int64_t k = 0; k < K; ++k) acc += coef[k] * xs[k][d];
+    y[d] = acc;
+  }
+}
+EGMA_CLONES void gather_axpy_f(int64_t D, int64_t K, const float* coef, const float* const* xs, float* y) {
+  gather_axpy_impl(D, K, coef, xs, y);
+}
+EGMA_CLONES void gather_axpy_d(int64_t D, int64_t K, const double* coef, const double* const* xs, double* y) {
+  gather_axpy_impl(D, K, coef, xs, y);
+}
+inline void gather_axpy(int64_t D, int64_t K, const float* coef, const float* const* xs, float* y) {
+  gather_axpy_f(D, K, coef, xs, y);
+}
+inline void gather_axpy(int64_t D, int64_t K, const double* coef, const double* const* xs, double* y) {
+  gather_axpy_d(D, K, coef, xs, y);
+}
+
+// C (m x D) (+)= A (m x K) @ Bm (K x D), A read as A[r * ar + k * ak] (so A^T is a stride swap); every
+// element is C (or 0) + sum over k in order.
+template <typename T, int RI>
+static EGMA_INLINE void nn_micro(int64_t K, const T* A, int64_t ar, int64_t ak, const T* Bm, int64_t ldb, T* C,
+                                 int64_t ldc, bool accumulate) {
+  using VT = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  VT acc[RI][2];
+#pragma GCC unroll 4
+  for (int r = 0; r < RI; ++r) {
+    acc[r][0] = accumulate ? vload(C + r * ldc) : VT{};
+    acc[r][1] = accumulate ? vload(C + r * ldc + W) : VT{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const VT b0 = vload(Bm + k * ldb), b1 = vload(Bm + k * ldb + W);
+#pragma GCC unroll 4
+    for (int r = 0; r < RI; ++r) {
+      const VT a = vsplat(A[r * ar + k * ak]);
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < RI; ++r) {
+    vstore(C + r * ldc, acc[r][0]);
+    vstore(C + r * ldc + W, acc[r][1]);
+  }
+}
+
+template <typename T>
+static EGMA_INLINE void gemm_nn_impl(int64_t m, int64_t K, int64_t D, const T* A, int64_t ar, int64_t ak,
+                                     const T* Bm, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int W = Vec<T>::width;
+  const int64_t Dv = D - D % (2 * W);
+  for (int64_t d = 0; d < Dv; d += 2 * W) {
+    int64_t r = 0;
+    for (; r + 4 <= m; r += 4) nn_micro<T, 4>(K, A + r * ar, ar, ak, Bm + d, ldb, C + r * ldc + d, ldc, accumulate);
+    for (; r < m; ++r) nn_micro<T, 1>(K, A + r * ar, ar, ak, Bm + d, ldb, C + r * ldc + d, ldc, accumulate);
+  }
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t d = Dv; d < D; ++d) {
+      T acc = accumulate ? C[r * ldc + d] : T(0);
+      for (int64_t k = 0; k < K; ++k) acc += A[r * ar + k * ak] * Bm[k * ldb + d];
+      C[r * ldc + d] = acc;
+    }
+}
+EGMA_CLONES void gemm_nn_f(int64_t m, int64_t K, int64_t D, const float* A, int64_t ar, int64_t ak, const float* Bm,
+                           int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  gemm_nn_impl(m, K, D, A, ar, ak, Bm, ldb, C, ldc, accumulate);
+}
+EGMA_CLONES void gemm_nn_d(int64_t m, int64_t K, int64_t D, const double* A, int64_t ar, int64_t ak,
+                           const double* Bm, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+  gemm_nn_impl(m, K, D, A, ar, ak, Bm, ldb, C, ldc, accumulate);
+}
+// C (m x D, rows contiguous, row stride D) (+)= A @ Bm with A[r, k] = A[r * ar + k * ak], Bm K x D contiguous.
+inline void gemm_nn(int64_t m, int64_t K, int64_t D, const float* A, int64_t ar, int64_t ak, const float* Bm, float* C,
+                    bool accumulate) {
+  gemm_nn_f(m, K, D, A, ar, ak, Bm, D, C, D, accumulate);
+}
+inline void gemm_nn(int64_t m, int64_t K, int64_t D, const double* A, int64_t ar, int64_t ak, const double* Bm,
+                    double* C, bool accumulate) {
+  gemm_nn_d(m, K, D, A, ar, ak, Bm, D, C, D, accumulate);
+}
 
 template <typename T>
 inline T neg_inf() {
@@ -354,8 +455,8 @@ struct Scratch {
   void reserve(int64_t P, int64_t n, int64_t D) {
     W1.resize(P * n);
     W2.resize(n * P);
-    crossP.assign(P * D, T(0));
-    crossS.assign(n * D, T(0));
+    crossP.resize(P * D);
+    crossS.resize(n * D);
     LP.resize(P * P);
     LS.resize(n * n);
     lse_a.resize(std::max(P, n));
@@ -369,10 +470,8 @@ void mapping_forward(const T* pk, const T* sk, const T* X, const T* GS, int64_t 
                   Scratch<T>& sc) {
   sc.reserve(P, n, D);
   mapping_weights(X, GS, n, P, theta, sc.W1.data(), sc.W2.data());
-  for (int64_t i = 0; i < P; ++i)
-    for (int64_t j = 0; j < n; ++j) axpy(D, sc.W1[i * n + j], sk + j * D, sc.crossP.data() + i * D);
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < P; ++i) axpy(D, sc.W2[j * P + i], pk + i * D, sc.crossS.data() + j * D);
+  gemm_nn(P, n, D, sc.W1.data(), n, 1, sk, sc.crossP.data(), false);  // crossP = W1 @ s_k
+  gemm_nn(n, P, D, sc.W2.data(), P, 1, pk, sc.crossS.data(), false);  // crossS = W2 @ p_k
   dots(sc.crossP.data(), D, P, pk, D, P, D, sc.LP.data(), P);
   for (auto& v : sc.LP) v = t * v;
   dots(sc.crossS.data(), D, n, sk, D, n, D, sc.LS.data(), n);
@@ -446,44 +545,83 @@ void loss_forward(const T* p, int64_t B, int64_t P, int64_t D, const T* s, int64
   terms[3] = mapping;
 }
 
-// Gradient of everything that involves image a (into dp_a, zeroed by the caller) from the max terms.
+// Gradient of the max terms that reach image a (added into dp_a): for each patch i, the I2T terms (one per
+// report, through its argmax sentence) then the T2I terms (the sentences whose best patch of image a is i).
 template <typename T>
 void image_side_grad(int64_t a, const T* s, int64_t P, int64_t D, int64_t N, const Reports& rep, T t, const T* G1,
-                     const T* G2, const int32_t* i2t_arg, const int32_t* t2i_arg, T* dp_a) {
+                     const T* G2, const int32_t* i2t_arg, const int32_t* t2i_arg, T* dp_a, std::vector<T>& coef,
+                     std::vector<const T*>& xs, std::vector<int64_t>& start) {
   const int64_t R = rep.R;
+  // Counting sort of the terms by target patch: start[i] .. start[i+1].
+  start.assign(P + 1, 0);
+  for (int64_t b = 0; b < R; ++b) {
+    if (G1[a * R + b] == T(0)) continue;
+    const int32_t* arg = i2t_arg + (a * R + b) * P;
+    for (int64_t i = 0; i < P; ++i) start[i + 1] += arg[i] >= 0 ? 1 : 0;
+  }
+  for (int64_t u = 0; u < N; ++u) start[t2i_arg[a * N + u] + 1] += 1;
+  for (int64_t i = 0; i < P; ++i) start[i + 1] += start[i];
+  coef.resize(start[P]);
+  xs.resize(start[P]);
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t b = 0; b < R; ++b) {
     const T c = t * G1[a * R + b] / T(P);
-    if (c == T(0)) continue;
+    if (G1[a * R + b] == T(0)) continue;
     const int32_t* arg = i2t_arg + (a * R + b) * P;
     for (int64_t i = 0; i < P; ++i)
-      if (arg[i] >= 0) axpy(D, c, s + arg[i] * D, dp_a + i * D);
+      if (arg[i] >= 0) {
+        coef[fill[i]] = c;
+        xs[fill[i]++] = s + arg[i] * D;
+      }
   }
   for (int64_t u = 0; u < N; ++u) {
-    const int64_t b = rep.owner[u];
-    const T c = t * G2[a * R + b] / T(rep.len(b));
-    if (c == T(0)) continue;
-    axpy(D, c, s + u * D, dp_a + t2i_arg[a * N + u] * D);
+    const int64_t b = rep.owner[u], i = t2i_arg[a * N + u];
+    coef[fill[i]] = t * G2[a * R + b] / T(rep.len(b));
+    xs[fill[i]++] = s + u * D;
   }
+  for (int64_t i = 0; i < P; ++i)
+    gather_axpy(D, start[i + 1] - start[i], coef.data() + start[i], xs.data() + start[i], dp_a + i * D);
 }
 
-// Gradient of everything that involves report b's sentences (into ds rows of b, zeroed by the caller).
+// Gradient of the max terms that reach report b's sentences (added into their ds rows): for each sentence,
+// the I2T terms (patches whose best sentence of b it is, by image then patch) then the T2I terms (its best
+// patch in each image).
 template <typename T>
 void report_side_grad(int64_t b, const T* p, int64_t M, int64_t P, int64_t D, int64_t N, const Reports& rep, T t,
-                      const T* G1, const T* G2, const int32_t* i2t_arg, const int32_t* t2i_arg, T* ds) {
+                      const T* G1, const T* G2, const int32_t* i2t_arg, const int32_t* t2i_arg, T* ds,
+                      std::vector<T>& coef, std::vector<const T*>& xs, std::vector<int64_t>& start) {
   const int64_t R = rep.R;
+  const int64_t u0 = rep.cu[b], n = rep.len(b);
+  start.assign(n + 1, 0);
   for (int64_t a = 0; a < M; ++a) {
-    const T c = t * G1[a * R + b] / T(P);
-    if (c == T(0)) continue;
+    if (G1[a * R + b] == T(0)) continue;
     const int32_t* arg = i2t_arg + (a * R + b) * P;
     for (int64_t i = 0; i < P; ++i)
-      if (arg[i] >= 0) axpy(D, c, p + (a * P + i) * D, ds + arg[i] * D);
+      if (arg[i] >= 0) start[arg[i] - u0 + 1] += 1;
   }
-  for (int64_t u = rep.cu[b]; u < rep.cu[b + 1]; ++u)
+  for (int64_t e = 0; e < n; ++e) start[e + 1] += M;
+  for (int64_t e = 0; e < n; ++e) start[e + 1] += start[e];
+  coef.resize(start[n]);
+  xs.resize(start[n]);
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t a = 0; a < M; ++a) {
+    if (G1[a * R + b] == T(0)) continue;
+    const T c = t * G1[a * R + b] / T(P);
+    const int32_t* arg = i2t_arg + (a * R + b) * P;
+    for (int64_t i = 0; i < P; ++i)
+      if (arg[i] >= 0) {
+        const int64_t e = arg[i] - u0;
+        coef[fill[e]] = c;
+        xs[fill[e]++] = p + (a * P + i) * D;
+      }
+  }
+  for (int64_t e = 0; e < n; ++e)
     for (int64_t a = 0; a < M; ++a) {
-      const T c = t * G2[a * R + b] / T(rep.len(b));
-      if (c == T(0)) continue;
-      axpy(D, c, p + (a * P + t2i_arg[a * N + u]) * D, ds + u * D);
+      coef[fill[e]] = t * G2[a * R + b] / T(n);
+      xs[fill[e]++] = p + (a * P + t2i_arg[a * N + u0 + e]) * D;
     }
+  for (int64_t e = 0; e < n; ++e)
+    gather_axpy(D, start[e + 1] - start[e], coef.data() + start[e], xs.data() + start[e], ds + (u0 + e) * D);
 }
 
 template <typename T>
@@ -492,15 +630,21 @@ void filip_backward(const T* p, int64_t M, int64_t P, int64_t D, const T* s, int
                     const int32_t* t2i_arg, T* dp, T* ds, T* dt) {
   const int64_t R = rep.R;
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> coef;
+    std::vector<const T*> xs;
+    std::vector<int64_t> start;
     for (int64_t a = begin; a < end; ++a) {
       std::fill(dp + a * P * D, dp + (a + 1) * P * D, T(0));
-      image_side_grad(a, s, P, D, N, rep, t, G1, G2, i2t_arg, t2i_arg, dp + a * P * D);
+      image_side_grad(a, s, P, D, N, rep, t, G1, G2, i2t_arg, t2i_arg, dp + a * P * D, coef, xs, start);
     }
   });
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> coef;
+    std::vector<const T*> xs;
+    std::vector<int64_t> start;
     for (int64_t b = begin; b < end; ++b) {
       std::fill(ds + rep.cu[b] * D, ds + rep.cu[b + 1] * D, T(0));
-      report_side_grad(b, p, M, P, D, N, rep, t, G1, G2, i2t_arg, t2i_arg, ds);
+      report_side_grad(b, p, M, P, D, N, rep, t, G1, G2, i2t_arg, t2i_arg, ds, coef, xs, start);
     }
   });
   T g = 0;
@@ -527,6 +671,9 @@ void loss_backward(const T* gterms, const T* g_i2t, const T* g_t2i, const T* p, 
   std::vector<T> dt_k(B, T(0));
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc;
+    std::vector<T> coef;
+    std::vector<const T*> xs;
+    std::vector<int64_t> start;
     for (int64_t k = begin; k < end; ++k) {
       const int64_t u0 = rep.cu[k], n = rep.len(k);
       T* dpk = dp + k * P * D;
@@ -535,8 +682,8 @@ void loss_backward(const T* gterms, const T* g_i2t, const T* g_t2i, const T* p, 
       const T* sk = s + u0 * D;
       std::fill(dpk, dpk + P * D, T(0));
       std::fill(dsk, dsk + n * D, T(0));
-      image_side_grad(k, s, P, D, N, rep, t, G1.data(), G2.data(), i2t_arg, t2i_arg, dpk);
-      report_side_grad(k, p, B, P, D, N, rep, t, G1.data(), G2.data(), i2t_arg, t2i_arg, ds);
+      image_side_grad(k, s, P, D, N, rep, t, G1.data(), G2.data(), i2t_arg, t2i_arg, dpk, coef, xs, start);
+      report_side_grad(k, p, B, P, D, N, rep, t, G1.data(), G2.data(), i2t_arg, t2i_arg, ds, coef, xs, start);
       const T* X = own + u0 * P;
       const bool g = gaze != nullptr && (gmask == nullptr || gmask[k]);
       const T* GS = g ? gaze + u0 * P : nullptr;
@@ -557,14 +704,11 @@ void loss_backward(const T* gterms, const T* g_i2t, const T* g_t2i, const T* p, 
               d = -cr * std::exp(-x - sc.rp[j]) - cc * std::exp(-x - sc.cp[i]);
             else
               d = cr * std::exp(x - sc.rl[j]) + cc * std::exp(x - sc.cl[i]);
-            sc.dX[j * P + i] = d;
             dtk += d * x;
+            sc.dX[j * P + i] = t * d;  // A = t * S: d S = t * d A
           }
-        // A = t * S: d S = t * d A.
-        for (int64_t i = 0; i < P; ++i)
-          for (int64_t j = 0; j < n; ++j) axpy(D, t * sc.dX[j * P + i], sk + j * D, dpk + i * D);
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t i = 0; i < P; ++i) axpy(D, t * sc.dX[j * P + i], pk + i * D, dsk + j * D);
+        gemm_nn(P, n, D, sc.dX.data(), 1, P, sk, dpk, true);  // dp_k += dS^T @ s_k
+        gemm_nn(n, P, D, sc.dX.data(), P, 1, pk, dsk, true);  // ds_k += dS @ p_k
       }
       if (n >= 2 && c_map != T(0)) {
         mapping_forward(pk, sk, X, GS, n, P, D, t, lp.theta, sc);
@@ -581,15 +725,10 @@ void loss_backward(const T* gterms, const T* g_i2t, const T* g_t2i, const T* p, 
               dtk += gr * x;
               L[i * P + j] = t * gr;  // d (crossP pk^T)
             }
-          sc.dcrossP.assign(P * D, T(0));
-          for (int64_t i = 0; i < P; ++i)
-            for (int64_t j = 0; j < P; ++j) {
-              axpy(D, L[i * P + j], pk + j * D, sc.dcrossP.data() + i * D);
-            }
-          for (int64_t i = 0; i < P; ++i)
-            for (int64_t j = 0; j < P; ++j) axpy(D, L[i * P + j], sc.crossP.data() + i * D, dpk + j * D);
-          for (int64_t i = 0; i < P; ++i)
-            for (int64_t j = 0; j < n; ++j) axpy(D, sc.W1[i * n + j], sc.dcrossP.data() + i * D, dsk + j * D);
+          sc.dcrossP.resize(P * D);
+          gemm_nn(P, P, D, L, P, 1, pk, sc.dcrossP.data(), false);            // dcrossP = dQ @ p_k
+          gemm_nn(P, P, D, L, 1, P, sc.crossP.data(), dpk, true);             // dp_k += dQ^T @ crossP
+          gemm_nn(n, P, D, sc.W1.data(), 1, n, sc.dcrossP.data(), dsk, true);  // ds_k += W1^T @ dcrossP
         }
         // Sentence side: LS = t * crossS sk^T.
         clip_block(sc.LS.data(), n, sc.lse_a.data(), sc.lse_b.data());
@@ -603,13 +742,10 @@ void loss_backward(const T* gterms, const T* g_i2t, const T* g_t2i, const T* p, 
               dtk += gr * x;
               L[i * n + j] = t * gr;
             }
-          sc.dcrossS.assign(n * D, T(0));
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t j = 0; j < n; ++j) axpy(D, L[i * n + j], sk + j * D, sc.dcrossS.data() + i * D);
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t j = 0; j < n; ++j) axpy(D, L[i * n + j], sc.crossS.data() + i * D, dsk + j * D);
-          for (int64_t j = 0; j < n; ++j)
-            for (int64_t i = 0; i < P; ++i) axpy(D, sc.W2[j * P + i], sc.dcrossS.data() + j * D, dpk + i * D);
+          sc.dcrossS.resize(n * D);
+          gemm_nn(n, n, D, L, n, 1, sk, sc.dcrossS.data(), false);            // dcrossS = dQ @ s_k
+          gemm_nn(n, n, D, L, 1, n, sc.crossS.data(), dsk, true);             // ds_k += dQ^T @ crossS
+          gemm_nn(P, n, D, sc.W2.data(), 1, P, sc.dcrossS.data(), dpk, true);  // dp_k += W2^T @ dcrossS
         }
       }
       dt_k[k] = dtk / t;
