@@ -55,6 +55,7 @@ def _pow2(x: int, at_least: int = 16) -> int:
 
 
 def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int) -> dict:
+    """Tile sizes and precision of every kernel for one problem shape (the AOT check uses it too)."""
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     if interpreting() or dtype == torch.float64:
         precision = "ieee"
@@ -62,13 +63,22 @@ def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int) -> dict:
         # fp32 operands (the float32 forward, every backward product): 3xTF32 keeps float32 accuracy on
         # tensor cores. bf16/fp16 forward operands ignore it (exact products, float32 accumulation).
         precision = "tf32x3"
+    wide = 2 if dtype == torch.float64 else 1  # float64 tiles take twice the shared memory
+    block_s = _pow2(max_seqlen)
+    d_pad = _pow2(D)
+    # The [patch block, D] operand of the sentence-gradient kernel lives in shared memory: keep it
+    # near 64 KiB (H100/H200 allow 227 KiB per block).
+    sent_block_p = max(16, min(64, 16384 // (d_pad * wide)))
     return dict(
         ACC=acc,
         DOT_PRECISION=precision,
-        BLOCK_S=_pow2(max_seqlen),
-        BLOCK_P=min(64, _pow2(P)),
-        BLOCK_D=min(64, _pow2(D)),
-        D_PAD=_pow2(D),
+        BLOCK_S=block_s,
+        BLOCK_D=min(64 // wide, _pow2(D)) if wide > 1 else min(64, _pow2(D)),
+        D_PAD=d_pad,
+        fwd_block_p=min(64 // wide, _pow2(P)),
+        bwd_patch_rows=16,
+        bwd_sent_block_p=sent_block_p,
+        matched_block_p=min(64 // wide, _pow2(P)),
     )
 
 
@@ -104,7 +114,7 @@ def _launch_filip_fwd(patch, sent, cu, scale, smax, block_s, *, egma_compat, wri
         patch, sent, cu, scale, smax, i2t, t2i, best_patch, own,
         P, D, N, R, patch.stride(0), patch.stride(1), sent.stride(0),
         EGMA_COMPAT=egma_compat, WRITE_OWN=write_own,
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_P=cfg["fwd_block_p"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
         ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
     )
     return i2t, t2i, best_patch, own
@@ -121,7 +131,7 @@ def _launch_filip_bwd(g_i2t, g_t2i, d_own, patch, sent, cu, scale, smax, best_pa
     g_i2t = g_i2t.to(acc).contiguous()
     g_t2i = g_t2i.to(acc).contiguous()
     # dpatch: one program per (image, block of patch rows); a block of 16 rows keeps the [rows, D] accumulator small.
-    block_rows = 16
+    block_rows = cfg["bwd_patch_rows"]
     row_blocks = triton.cdiv(P, block_rows)
     d_patch = _utils.new_output((num_images, P, D), acc, patch.device)
     d_scale_parts = _utils.new_output((num_images * row_blocks,), acc, patch.device)
@@ -136,7 +146,7 @@ def _launch_filip_bwd(g_i2t, g_t2i, d_own, patch, sent, cu, scale, smax, best_pa
     d_sent = _utils.new_output((N, D), acc, patch.device)
     K._filip_bwd_sent_kernel[(R,)](
         patch, sent, cu, scale, smax, g_i2t, g_t2i, best_patch, d_own, d_sent,
-        num_images, P, D, N, R, patch.stride(0), patch.stride(1), sent.stride(0), BLOCK_P=cfg["BLOCK_P"], **common,
+        num_images, P, D, N, R, patch.stride(0), patch.stride(1), sent.stride(0), BLOCK_P=cfg["bwd_sent_block_p"], **common,
     )
     return d_patch, d_sent, d_scale_parts.sum()
 
@@ -155,7 +165,7 @@ def _launch_matched_fwd(own, gaze, gaze_mask, cu, threshold, block_s, P):
         own, gaze if has_gaze else own, gaze_mask if has_gaze else cu, cu,
         s2p, p2s, clip_p, clip_s, row_stats, z1_row_lse, z1_col_lse,
         P, float(threshold), HAS_GAZE=has_gaze,
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_S=cfg["BLOCK_S"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
+        BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
     )
     return s2p, p2s, clip_p, clip_s, row_stats, z1_row_lse, z1_col_lse
 
@@ -171,7 +181,7 @@ def _launch_matched_bwd(grads, own, gaze, gaze_mask, cu, row_stats, z1_row_lse, 
         own, gaze if has_gaze else own, gaze_mask if has_gaze else cu, cu,
         g_s2p, g_p2s, g_clip_p, g_clip_s, row_stats, z1_row_lse, z1_col_lse, d_own,
         P, float(threshold), HAS_GAZE=has_gaze,
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_S=cfg["BLOCK_S"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
+        BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
     )
     return d_own
 

@@ -6,6 +6,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The variable is read when
+# the kernels are decorated, so it must be set before egma_kernels is imported (test modules import it
+# after this file).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def normalised(shape, generator, dtype=torch.float64):
     x = torch.randn(*shape, generator=generator, dtype=torch.float64)
@@ -41,6 +47,13 @@ def make_inputs(lengths, P, D, *, seed=0, gaze="all", dtype=torch.float64, scale
                 mask[-1] = False
             inputs["gaze_mask"] = mask
     return inputs
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
 
 
 @pytest.fixture

@@ -1,0 +1,196 @@
+"""The "triton" backend against the float64 reference.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1):
+float32 and float64, small shapes, every output buffer poisoned. On a GPU the `gpu`-marked tests run
+the compiled kernels in bfloat16/float16/float32.
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import egma_kernels as ek
+from backend_cases import CASES, Case, check_backend, check_filip_backend
+from conftest import make_inputs
+
+pytest.importorskip("triton")
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+needs_triton = pytest.mark.skipif(
+    "triton" not in ek.available_backends(), reason="triton backend unavailable (no GPU and no interpreter)"
+)
+pytestmark = [needs_triton, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+
+EXTRA_CASES = [
+    Case((2, 1, 3), P=70, D=80, gaze="all", seed=10),  # two patch blocks, two D blocks, D not a power of 2
+    Case((4, 4, 1, 2), P=17, D=24, gaze="mixed", egma_compat=True, seed=11, options=dict(map_threshold=0.0)),
+    Case((3, 2), P=6, D=16, gaze="none", egma_compat=True, seed=12, options=dict(weights=(0.0, 0.0, 1.0))),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES + EXTRA_CASES, ids=str)
+def test_values_and_gradients_match_reference(case, dtype):
+    check_backend("triton", case, device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_randomised_cases(seed):
+    g = torch.Generator().manual_seed(500 + seed)
+    B = int(torch.randint(1, 6, (1,), generator=g))
+    lengths = tuple(torch.randint(1, 9, (B,), generator=g).tolist())
+    case = Case(
+        lengths,
+        P=int(torch.randint(1, 40, (1,), generator=g)),
+        D=int(torch.randint(1, 50, (1,), generator=g)),
+        gaze=["none", "all", "mixed"][seed % 3] if B > 1 else "all",
+        egma_compat=bool(seed % 2),
+        seed=seed,
+        options=dict(alpha=float(torch.rand((), generator=g)), map_threshold=float(torch.rand((), generator=g))),
+    )
+    check_backend("triton", case, device=DEVICE, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("num_images,lengths", [(5, (2, 3, 1)), (1, (4,)), (3, (1, 1, 1, 1, 2, 19))])
+def test_filip_similarity_rectangular(num_images, lengths):
+    check_filip_backend("triton", num_images, lengths, P=7, D=20, device=DEVICE, dtype=torch.float64)
+
+
+def test_deterministic():
+    inputs = make_inputs([3, 1, 4, 2], 9, 16, seed=3, gaze="mixed", dtype=torch.float32)
+    results = []
+    for _ in range(2):
+        patch = inputs["patch_emb"].to(DEVICE).requires_grad_(True)
+        sent = inputs["sent_emb"].to(DEVICE).requires_grad_(True)
+        args = {**{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()},
+                "patch_emb": patch, "sent_emb": sent}
+        loss = ek.fine_grained_loss(**args, backend="triton")
+        loss.backward()
+        results.append((loss.detach(), patch.grad, sent.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_max_seqlen_argument():
+    inputs = make_inputs([3, 1, 4], 5, 16, seed=4)
+    expected = ek.fine_grained_loss(**inputs, backend="reference")
+    # a larger bound is fine (bigger tiles), with and without value checks
+    assert torch.allclose(ek.fine_grained_loss(**inputs, backend="triton", max_seqlen=40), expected, rtol=1e-10)
+    assert torch.allclose(ek.fine_grained_loss(**inputs, backend="triton", validate=False), expected, rtol=1e-10)
+    with pytest.raises(ValueError, match="max_seqlen=3 is smaller than the longest report"):
+        ek.fine_grained_loss(**inputs, backend="triton", max_seqlen=3)
+    with pytest.raises(ValueError, match="max_seqlen must be a positive int"):
+        ek.fine_grained_loss(**inputs, backend="triton", max_seqlen=0)
+
+
+def test_not_chosen_automatically_for_cpu_tensors():
+    assert "triton" not in ek.available_backends("cpu", auto=True)
+    if not ON_GPU:
+        assert "triton" in ek.available_backends("cpu")  # explicitly, under the interpreter
+
+
+def test_torch_compile_fullgraph():
+    """Both custom ops are opaque to dynamo: a compiled training step has no graph break."""
+    inputs = make_inputs([2, 3, 1], 5, 16, seed=5, gaze="mixed", dtype=torch.float32)
+    inputs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+    def step(patch, sent):
+        return ek.fine_grained_loss(patch, sent, inputs["cu_seqlens"], inputs["logit_scale"], inputs["gaze"],
+                                    inputs["gaze_mask"], backend="triton", max_seqlen=3)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (step, compiled):
+        patch = inputs["patch_emb"].clone().requires_grad_(True)
+        sent = inputs["sent_emb"].clone().requires_grad_(True)
+        loss = fn(patch, sent)
+        loss.backward()
+        grads.append((loss.detach(), patch.grad, sent.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck():
+    from egma_kernels import triton_backend as tb
+
+    inputs = make_inputs([2, 3], 4, 16, seed=6, gaze="all", dtype=torch.float32)
+    patch = inputs["patch_emb"].to(DEVICE).requires_grad_(True)
+    sent = inputs["sent_emb"].to(DEVICE).requires_grad_(True)
+    cu = inputs["cu_seqlens"].to(DEVICE)
+    scale = inputs["logit_scale"].to(DEVICE).requires_grad_(True)
+    smax = torch.tensor(3, dtype=torch.int32, device=DEVICE)
+    gaze = inputs["gaze"].to(DEVICE)
+    mask = torch.ones(2, dtype=torch.bool, device=DEVICE)
+    torch.library.opcheck(
+        tb._loss_fwd_op, (patch, sent, cu, scale, smax, gaze, mask, 2 / 7, False, 3),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+    torch.library.opcheck(
+        tb._filip_fwd_op, (patch, sent, cu, scale, 3),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+@pytest.mark.skipif(ON_GPU, reason="compiles for sm_90 without a GPU; on a GPU the real tests run instead")
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "tools", "aot_compile_triton.py")
+    result = subprocess.run([sys.executable, script, "--arch", "90"], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "all kernels compiled" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: the compiled kernels in every dtype, larger shapes (skipped without a GPU)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _errors(backend, inputs, dtype, **options):
+    """Max abs error of values and gradients vs the float64 reference, for ``backend`` run in ``dtype``."""
+    def run(name, run_dtype):
+        patch = inputs["patch_emb"].to("cuda", run_dtype).requires_grad_(True)
+        sent = inputs["sent_emb"].to("cuda", run_dtype).requires_grad_(True)
+        scale = inputs["logit_scale"].to("cuda", torch.float64 if run_dtype == torch.float64 else torch.float32)
+        scale.requires_grad_(True)
+        gaze = inputs["gaze"].to("cuda", run_dtype) if inputs["gaze"] is not None else None
+        mask = inputs["gaze_mask"].to("cuda") if inputs["gaze_mask"] is not None else None
+        terms = ek.fine_grained_loss(patch, sent, inputs["cu_seqlens"].to("cuda"), scale, gaze, mask, backend=name,
+                                     return_details=True, **options)
+        terms.loss.backward()
+        return [terms.loss, terms.i2t, terms.t2i, patch.grad, sent.grad, scale.grad]
+
+    exact = run("reference", torch.float64)
+    same_dtype_ref = run("reference", dtype)
+    fused = run(backend, dtype)
+    err = lambda xs: [(x.double() - e).abs().max().item() for x, e in zip(xs, exact)]
+    return err(fused), err(same_dtype_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "f16", "f32"])
+@pytest.mark.parametrize("lengths_seed,B,P,D,compat", [(0, 40, 49, 512, False), (1, 64, 196, 512, True), (2, 8, 784, 256, False)])
+def test_gpu_matches_reference_flash_attention_style(dtype, lengths_seed, B, P, D, compat):
+    """Fused error at most twice the error of the reference run in the same dtype (plus a small floor)."""
+    g = torch.Generator().manual_seed(lengths_seed)
+    lengths = torch.randint(1, 11, (B,), generator=g).tolist()
+    inputs = make_inputs(lengths, P, D, seed=lengths_seed, gaze="mixed")
+    fused, ref = _errors("triton", inputs, dtype, egma_compat=compat)
+    names = ["loss", "i2t", "t2i", "d_patch", "d_sent", "d_scale"]
+    for name, f, r in zip(names, fused, ref):
+        assert f <= 2 * r + 1e-5, f"{name}: fused error {f:.3e} > 2 x reference error {r:.3e}"
+
+
+@pytest.mark.gpu
+def test_gpu_large_batch_runs_and_matches_in_float32():
+    g = torch.Generator().manual_seed(9)
+    lengths = torch.randint(1, 16, (512,), generator=g).tolist()
+    inputs = make_inputs(lengths, 196, 128, seed=9, gaze="all", dtype=torch.float32)
+    args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    ref = ek.fine_grained_loss(**args, backend="reference", return_details=True)
+    got = ek.fine_grained_loss(**args, backend="triton", return_details=True)
+    for name in ("loss", "contrastive", "gaze_mlce", "mapping"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=1e-4)
