@@ -1,0 +1,217 @@
+"""``egma-bench``: compare every implementation of the EGMA loss on this machine.
+
+    egma-bench                       # the default sweep for this machine (cpu or gpu), Markdown table on stdout
+    egma-bench --smoke               # a few seconds: the CI sweep
+    egma-bench --sizes egma,p196 --providers loop,reference --modes full --repeats 20
+    egma-bench --plot --out results/ # JSON lines, the table and PNG charts in results/
+    egma-bench --list                # sizes, sweeps and the providers available here
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from typing import List, Optional
+
+from .sweeps import MODES, SIZES, SWEEPS, default_sweep_name, parse_size
+
+
+def _csv(text: Optional[str]) -> Optional[List[str]]:
+    if text is None:
+        return None
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _split_sizes(text: Optional[str]) -> Optional[List[str]]:
+    """Comma-separated sizes, where an ad-hoc size's own ``key=value`` fields continue the previous item."""
+    items: List[str] = []
+    for tok in _csv(text) or []:
+        if items and "=" in tok and ":" not in tok and ":" in items[-1]:
+            items[-1] += "," + tok
+        else:
+            items.append(tok)
+    return items or None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="egma-bench",
+        description="Benchmark every implementation of the EGMA loss (fine_grained_loss) and the FILIP similarity "
+        "available here: time (forward, backward, forward+backward), peak and scratch memory, error against "
+        "the float64 reference, and the ratio to a bare matmul (the floor).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Sizes: " + ", ".join(f"{n} ({s.describe()})" for n, s in SIZES.items())
+        + ". Ad-hoc sizes: loss:B=64,P=49[,D=512,max_sent=10,gaze_fraction=0.5] or similarity:B=800,P=49,reports=20.",
+    )
+    p.add_argument("--sweep", choices=sorted(SWEEPS), help="named sweep (default: gpu with a CUDA device, else cpu)")
+    p.add_argument("--smoke", action="store_true", help="the tiny CI sweep (same as --sweep smoke)")
+    p.add_argument("--sizes", help="comma-separated sizes (names or ad-hoc specs), replacing the sweep's")
+    p.add_argument("--providers", help="comma-separated providers (default: loop, reference, reference-compiled and "
+                   "every fused backend available here)")
+    p.add_argument("--modes", help=f"comma-separated modes out of {','.join(MODES)} (full = forward+backward)")
+    p.add_argument("--dtypes", help="comma-separated dtypes: float32, bfloat16, float16, float64")
+    p.add_argument("--repeats", type=int, help="timed runs per measurement (upper bound)")
+    p.add_argument("--warmup", type=int, help="untimed runs before each measurement")
+    p.add_argument("--max-time", type=float, dest="max_time", help="seconds after which a measurement stops repeating")
+    p.add_argument("--min-repeats", type=int, dest="min_repeats", help="timed runs at least")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-compile", action="store_true", help="leave out reference-compiled (compiling is slow on a CPU)")
+    p.add_argument("--compile-sizes", dest="compile_sizes",
+                   help="sizes at which reference-compiled runs ('all' for every size); default: the sweep's")
+    p.add_argument("--no-compat", action="store_true",
+                   help="run the loss with egma_compat=False (the package default); the loop provider is then skipped. "
+                   "By default every provider computes egma_compat=True, the function of the original code.")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    p.add_argument("--no-errors", action="store_true", help="skip the error check against float64")
+    p.add_argument("--budget", type=float, help="seconds after which no new measurement starts (the rest is recorded as skipped)")
+    p.add_argument("--out", help="folder for results.jsonl, results.md and the charts (created)")
+    p.add_argument("--jsonl", help="also write the JSON lines to this file ('-' = stdout instead of the table)")
+    p.add_argument("--plot", action="store_true", help="write PNG charts (time and memory against size) into --out (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="no progress display on stderr")
+    p.add_argument("--list", action="store_true", help="list sizes, sweeps and available providers, then exit")
+    return p
+
+
+def _list(device) -> int:
+    from .providers import discover
+
+    print("sizes:")
+    for name, s in SIZES.items():
+        print(f"  {name:16s} {s.kind:10s} {s.describe()}")
+    print("sweeps:")
+    for name, sw in SWEEPS.items():
+        print(f"  {name:8s} sizes={','.join(sw.sizes)} dtypes={','.join(sw.dtypes)}  {sw.note}")
+    providers, notes = discover(device)
+    print(f"providers on {device.type}: " + ", ".join(p.name for p in providers))
+    for n in notes:
+        print("  " + n)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .timing import quiet_profiler_logs
+
+    quiet_profiler_logs()
+    import torch
+
+    from . import harness
+    from .providers import LossOptions, discover
+    from .report import markdown_table, to_json_line, write_plots
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("egma-bench: --device cuda but no CUDA device is available", file=sys.stderr)
+            return 2
+    if args.list:
+        return _list(device)
+
+    sweep = SWEEPS["smoke" if args.smoke else (args.sweep or default_sweep_name(device.type))]
+    try:
+        sizes = [parse_size(s) for s in (_split_sizes(args.sizes) or sweep.sizes)]
+        modes = _csv(args.modes) or list(sweep.modes)
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            raise ValueError(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+        dtypes = _csv(args.dtypes) or list(sweep.dtypes)
+        from .problems import DTYPES
+
+        bad = [d for d in dtypes if d not in DTYPES]
+        if bad:
+            raise ValueError(f"unknown dtype(s) {bad}; choose from {', '.join(DTYPES)}")
+        providers, notes = discover(device, _csv(args.providers), include_compiled=not args.no_compile)
+    except ValueError as exc:
+        print(f"egma-bench: {exc}", file=sys.stderr)
+        return 2
+    compile_sizes = sweep.compile_sizes
+    if args.compile_sizes is not None:
+        compile_sizes = None if args.compile_sizes == "all" else tuple(_csv(args.compile_sizes))
+    elif args.sizes is not None and args.providers is not None and "reference-compiled" in _csv(args.providers):
+        compile_sizes = None  # asked for explicitly: run it at every size asked for
+
+    cfg = harness.RunConfig(
+        sizes=sizes,
+        providers=providers,
+        modes=modes,
+        dtypes=dtypes,
+        device=device,
+        repeats=args.repeats or sweep.repeats,
+        warmup=sweep.warmup if args.warmup is None else args.warmup,
+        max_time_s=sweep.max_time_s if args.max_time is None else args.max_time,
+        min_repeats=sweep.min_repeats if args.min_repeats is None else args.min_repeats,
+        compile_sizes=compile_sizes,
+        options=LossOptions(egma_compat=not args.no_compat),
+        measure_memory=not args.no_memory,
+        check_errors=not args.no_errors,
+        budget_s=args.budget,
+        sweep=sweep.name if args.sizes is None else f"{sweep.name}+custom",
+    )
+    progress = harness.Progress(harness.count_measurements(cfg), enabled=not args.quiet)
+    progress.note(
+        f"egma-bench: sweep {cfg.sweep} on {device.type}; providers {', '.join(p.name for p in providers)}; "
+        f"sizes {', '.join(s.name for s in sizes)}; dtypes {', '.join(dtypes)}"
+    )
+    for n in notes:
+        progress.note(n)
+
+    out_files = []
+    jsonl_streams = []
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "results.jsonl")
+        jsonl_streams.append(open(path, "w"))
+        out_files.append(path)
+    if args.jsonl and args.jsonl != "-":
+        os.makedirs(os.path.dirname(os.path.abspath(args.jsonl)), exist_ok=True)
+        jsonl_streams.append(open(args.jsonl, "w"))
+        out_files.append(args.jsonl)
+
+    def on_record(rec):
+        line = to_json_line(rec)
+        for s in jsonl_streams:
+            s.write(line + "\n")
+            s.flush()
+        if args.jsonl == "-":
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    start = time.perf_counter()
+    try:
+        records = harness.run(cfg, progress=progress, on_record=on_record)
+    except KeyboardInterrupt:
+        print("egma-bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        for s in jsonl_streams:
+            s.close()
+
+    table = markdown_table(records)
+    if args.jsonl != "-":
+        sys.stdout.write(table)
+        sys.stdout.flush()
+    if args.out:
+        path = os.path.join(args.out, "results.md")
+        with open(path, "w") as f:
+            f.write(table)
+        out_files.append(path)
+    if args.plot:
+        try:
+            out_files += write_plots(records, args.out or "egma-bench-plots")
+        except RuntimeError as exc:
+            print(f"egma-bench: {exc}", file=sys.stderr)
+            return 1
+    progress.note(f"done in {time.perf_counter() - start:.1f} s" + (f"; wrote {', '.join(out_files)}" if out_files else ""))
+    failed = [r for r in records if r.get("status") == "error"]
+    if failed:
+        progress.note(f"{len(failed)} measurement(s) failed (status 'error' in the results)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
