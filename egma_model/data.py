@@ -310,7 +310,8 @@ class EGMADataset(Dataset):
 
     def __init__(self, records: Sequence[ManifestRecord], *, image_size: int = 224, grid: Tuple[int, int] = (7, 7),
                  train: bool = False, classes: Optional[Sequence[str]] = None, max_sentences: int = 16,
-                 gaze_options: Optional[GazeOptions] = None, use_gaze: bool = True, seed: int = 0):
+                 gaze_options: Optional[GazeOptions] = None, use_gaze: bool = True, seed: int = 0,
+                 cache: Optional[Dict] = None):
         self.records = list(records)
         self.image_size = image_size
         self.grid = tuple(grid)
@@ -323,7 +324,9 @@ class EGMADataset(Dataset):
         if classes is None:
             classes = sorted({c for r in self.records for c in r.labels})
         self.classes = list(classes)
-        self._cache: Dict[int, Tuple[List[str], Optional[torch.Tensor]]] = {}
+        # sentences and gaze per row; pass the same dict to datasets over the same records, grid and gaze
+        # options (e.g. several training runs) to compute the gaze once
+        self._cache: Dict[int, Tuple[List[str], Optional[torch.Tensor]]] = {} if cache is None else cache
 
     def __len__(self) -> int:
         return len(self.records)

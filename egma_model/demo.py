@@ -11,7 +11,7 @@
 
 Examples::
 
-    egma-demo                   # default: 2000/500 images, one seed (about 10 minutes on 2 cores)
+    egma-demo                   # default: 2000/500 images, one seed (about 5 minutes on 2 idle cores)
     egma-demo --quick           # smoke test (under 2 minutes)
     egma-demo --seeds 0,1,2     # the spread over seeds
 """
@@ -218,6 +218,7 @@ def run_demo(data_dir: str, out_dir: str, *, n_train: int = 2000, n_test: int = 
                                     batch_size=batch_size, lr=lr, image_model=image_model, image_size=image_size,
                                     sigma_px=sigma, data=meta), "runs": {k: [] for k in runs}}
     fig_payload = None
+    caches = {True: {}, False: {}}  # per no_gaze setting: sentences and gaze computed once for all seeds
     for seed in seeds:
         models = {}
         for name, no_gaze in runs.items():
@@ -227,7 +228,7 @@ def run_demo(data_dir: str, out_dir: str, *, n_train: int = 2000, n_test: int = 
                           image_size=image_size, max_steps=steps, batch_size=batch_size, lr=lr,
                           warmup_steps=max(1, steps // 10), seed=seed, no_gaze=no_gaze, sigma=sigma,
                           save_every=0, progress=progress)
-            res = train(a, records=train_recs)
+            res = train(a, records=train_recs, cache=caches[no_gaze])
             model, tok = res["model"], res["tokenizer"]
             model.eval()
             ev = evaluate("", os.path.join(data_dir, "test.csv"), prompts, tasks=("zeroshot", "retrieval"),
@@ -313,7 +314,9 @@ def _table(results) -> str:
         lines.append(f"{label:40s}" + "".join(f"{v:>20s}" for v in vals))
     ref = results.get("gaze_reference")
     if ref:
-        lines.append(f"{'  (chance / gaze heatmap itself)':40s}{ref['chance']:>20.3f}{ref['gaze_pointing_accuracy'] or float('nan'):>20.3f}")
+        g = ref["gaze_pointing_accuracy"]
+        lines.append(f"localisation references: chance {ref['chance']:.3f}; the gaze heatmap's own hottest patch "
+                     f"{'n/a' if g is None else format(g, '.3f')}")
     return "\n".join(lines)
 
 

@@ -123,10 +123,12 @@ def _set_rng_state(s):
     torch.set_rng_state(s["torch"])
 
 
-def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, tokenizer=None) -> Dict:
+def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, tokenizer=None,
+          cache: Optional[Dict] = None) -> Dict:
     """Run training; returns a summary ``{"steps", "final_loss", "history", "out"}``.
 
     ``records``/``model``/``tokenizer`` may be passed in (the demo does); otherwise they come from ``a``.
+    ``cache``: a dict shared by runs over the same records and gaze settings (sentences and gaze computed once).
     """
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -146,7 +148,7 @@ def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, toke
     gg = model.gaze_grid
     ds = EGMADataset(records, image_size=model.config.image_size, grid=gg, train=True,
                      max_sentences=a.max_sentences, use_gaze=not a.no_gaze, seed=a.seed,
-                     gaze_options=GazeOptions(sigma=a.sigma, min_heat=a.min_heat))
+                     gaze_options=GazeOptions(sigma=a.sigma, min_heat=a.min_heat), cache=cache)
     collate = Collator(tokenizer, max_length=model.config.max_length, num_patches=gg[0] * gg[1])
     steps_per_epoch = max(1, len(ds) // a.batch_size)  # drop_last: full batches only
     total = a.max_steps or steps_per_epoch * a.epochs

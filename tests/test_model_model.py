@@ -151,3 +151,18 @@ def test_local_text_model_path(tmp_path):
     assert m.text_encoder.config.hidden_size == 32
     with pytest.raises(FileNotFoundError, match="text encoder directory not found"):
         EGMAModel(EGMAConfig.tiny(text_model=str(tmp_path / "nope")))
+
+
+def test_local_image_weights(tmp_path):
+    import timm
+
+    from egma_model.model import TINY_VIT
+
+    src = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=112, **TINY_VIT)
+    torch.save(src.state_dict(), str(tmp_path / "vit.pth"))
+    m = EGMAModel(EGMAConfig.tiny("vit_base_patch16_224", image_size=112, image_weights=str(tmp_path / "vit.pth"),
+                                  vocab_size=50))
+    sd = m.image_encoder.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in src.state_dict().items() if not k.startswith("head"))
+    with pytest.raises(FileNotFoundError, match="image encoder weights not found"):
+        EGMAModel(EGMAConfig.tiny(image_weights=str(tmp_path / "nope.pth")))
