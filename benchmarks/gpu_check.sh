@@ -114,7 +114,7 @@ BENCH_BUDGET=$(( SWEEP_S - 25 ))
 read -r -a BENCH <<< "${BENCH_ARGS:---sweep gpu --budget $BENCH_BUDGET}"
 step sweep "$SWEEP_S" bench_stdout.log "$PYTHON" -m egma_kernels.bench.cli "${BENCH[@]}" --out "$OUT/bench" --plot
 if [[ -f "$OUT/bench/results.md" ]]; then
-  CARD=$("$PYTHON" -c "import json;r=[json.loads(l) for l in open('$OUT/bench/results.jsonl')];print(r[0]['device_name'].replace(' ','-').replace('/','-') if r else 'unknown')" 2>/dev/null || echo unknown)
+  CARD=$("$PYTHON" -c "import json;r=[json.loads(l) for l in open('$OUT/bench/results.jsonl')];import re;print(re.sub(r'[^A-Za-z0-9._-]+','-',r[0]['device_name']).strip('-') if r else 'unknown')" 2>/dev/null || echo unknown)
   echo "results for benchmarks/results/: $OUT/bench (device $CARD, $(date -u +%Y-%m-%d))"
   echo "${CARD}_$(date -u +%Y-%m-%d)" > "$OUT/bench/RESULTS_NAME"
 fi

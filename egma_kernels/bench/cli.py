@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-time", type=float, dest="max_time", help="seconds after which a measurement stops repeating")
     p.add_argument("--min-repeats", type=int, dest="min_repeats", help="timed runs at least")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads); default: torch's own")
     p.add_argument("--no-compile", action="store_true", help="leave out reference-compiled (compiling is slow on a CPU)")
     p.add_argument("--compile-sizes", dest="compile_sizes",
                    help="sizes at which reference-compiled runs ('all' for every size); default: the sweep's")
@@ -109,6 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             print("egma-bench: --device cuda but no CUDA device is available", file=sys.stderr)
             return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.list:
         return _list(device)
 
@@ -159,6 +162,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     for n in notes:
         progress.note(n)
+    if device.type == "cpu":
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = 0.0
+        cores = os.cpu_count() or 1
+        if load > 0.75 * cores:
+            progress.note(
+                f"warning: this machine is busy (load average {load:.1f} on {cores} cores): CPU timings will be "
+                f"noisy, small-op providers most of all; --threads 1 is steadier on a shared machine"
+            )
 
     out_files = []
     jsonl_streams = []

@@ -159,11 +159,14 @@ def write_plots(records: List[dict], out_dir: str) -> List[str]:
     combos = OrderedDict()
     for r in ok:
         combos.setdefault((r["kind"], r["dtype"], r["mode"]), []).append(r)
+    floors = [r for r in ok if r["provider"] == FLOOR]
     for (kind, dtype, mode), recs in combos.items():
+        if mode != "forward":  # the floor (one matmul) is recorded once, as a forward; draw it on every chart
+            recs = recs + [r for r in floors if r["kind"] == kind and r["dtype"] == dtype]
         sizes = list(OrderedDict.fromkeys(r["size"] for r in recs))
         providers = list(OrderedDict.fromkeys(r["provider"] for r in recs))
         metrics = [("time", "median_ms", "time (ms, median; bars 20th-80th pct)")]
-        if mode != "backward":
+        if mode != "backward":  # backward's memory is that of forward+backward
             metrics.append(("memory", "peak_bytes", "peak memory (MiB)"))
         for metric, field, ylabel in metrics:
             fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -172,7 +175,7 @@ def write_plots(records: List[dict], out_dir: str) -> List[str]:
                 xs, ys, lo, hi = [], [], [], []
                 for i, s in enumerate(sizes):
                     r = next((r for r in recs if r["provider"] == p and r["size"] == s), None)
-                    if r is None or r.get(field) is None:
+                    if r is None or r.get(field) is None or (metric == "memory" and r["provider"] == FLOOR):
                         continue
                     xs.append(i)
                     if metric == "time":
