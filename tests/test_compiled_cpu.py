@@ -29,6 +29,7 @@ def test_registered_and_default_on_cpu():
     names = ek.available_backends("cpu")
     assert "cpu" in names and names.index("cpu") < names.index("reference")
     assert ek.backends._REGISTRY["cpu"].priority == compiled.CPU_PRIORITY == 10
+    assert ek.backends.available_backends("cpu", auto=True)[0] == "cpu"  # the default for CPU tensors
     info = compiled.build_info()
     assert info["loaded"] and info["version"] == ek.__version__
 
