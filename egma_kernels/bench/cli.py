@@ -110,12 +110,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             print("egma-bench: --device cuda but no CUDA device is available", file=sys.stderr)
             return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.list:
         return _list(device)
 
     sweep = SWEEPS["smoke" if args.smoke else (args.sweep or default_sweep_name(device.type))]
+    threads_before = torch.get_num_threads()
+    threads = args.threads or sweep.threads
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(args, sweep, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, sweep, device) -> int:
+    import torch
+
+    from . import harness
+    from .providers import LossOptions, discover
+    from .report import markdown_table, to_json_line, write_plots
+
     try:
         sizes = [parse_size(s) for s in (_split_sizes(args.sizes) or sweep.sizes)]
         modes = _csv(args.modes) or list(sweep.modes)

@@ -20,7 +20,7 @@ from .. import reference
 from .problems import DTYPES, Problem, make_problem, similarity_elements
 from .providers import LossOptions, Provider
 from .sweeps import MODES, Size
-from .timing import measure_memory, measure_time
+from .timing import BudgetExceeded, measure_memory, measure_time
 
 SCHEMA = "egma-bench/1"
 TERMS = ("loss", "contrastive", "gaze_mlce", "mapping", "i2t", "t2i")
@@ -119,7 +119,8 @@ def estimated_bytes(provider: str, problem: Problem, with_grad: bool) -> int:
     acc_size = 8 if problem.dtype == torch.float64 else 4
     if provider == "loop":
         dense = similarity_elements(problem, padded=True) * acc_size
-        return dense * (3 if with_grad else 1)
+        # its per-image slices of the matrix each get a full-size gradient buffer in the backward
+        return dense * (5 if with_grad else 1)
     if provider in ("reference", "reference-compiled"):
         dense = similarity_elements(problem) * acc_size
         if problem.size.kind == "similarity":
@@ -187,8 +188,9 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in str(exc).lower()
 
 
-def _cleanup(device):
-    gc.collect()
+def _cleanup(device, full: bool = True):
+    if full or device.type == "cuda":
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -301,6 +303,9 @@ def run(cfg: RunConfig, progress: Optional[Progress] = None, on_record: Optional
     def over_budget():
         return cfg.budget_s is not None and time.perf_counter() - started > cfg.budget_s
 
+    def budget_left():
+        return None if cfg.budget_s is None else cfg.budget_s - (time.perf_counter() - started)
+
     timing_kw = dict(repeats=cfg.repeats, warmup=cfg.warmup, max_time_s=cfg.max_time_s, min_repeats=cfg.min_repeats)
 
     for size in cfg.sizes:
@@ -392,7 +397,7 @@ def run(cfg: RunConfig, progress: Optional[Progress] = None, on_record: Optional
                     rec = dict(prov_base, mode=mode, **errs, first_call_s=first_call_s)
                     try:
                         fn, pre = _mode_callables(provider, problem, cfg, mode)
-                        timing = measure_time(fn, device, pre=pre, **timing_kw)
+                        timing = measure_time(fn, device, pre=pre, budget_left_s=budget_left(), **timing_kw)
                         rec.update(status="ok", **timing.as_ms())
                         if floor_ms:
                             rec.update(floor_ms=floor_ms, floor_ratio=timing.median_s * 1e3 / floor_ms)
@@ -409,6 +414,8 @@ def run(cfg: RunConfig, progress: Optional[Progress] = None, on_record: Optional
                                 memory_method=method,
                                 memory_of=mem_mode,
                             )
+                    except BudgetExceeded as exc:
+                        rec.update(status="skipped", reason=f"time budget: {exc}")
                     except Exception as exc:  # noqa: BLE001
                         _cleanup(device)
                         rec.update(status="oom" if _is_oom(exc) else "error", reason=repr(exc)[:500])
@@ -416,7 +423,7 @@ def run(cfg: RunConfig, progress: Optional[Progress] = None, on_record: Optional
                     emit(rec)
                     progress.step(f"{size.name} {dtype_name} {provider.name} {mode}: {_fmt_ms(rec)}")
             del problem, refs
-            _cleanup(device)
+            _cleanup(device, full=False)
     return records
 
 

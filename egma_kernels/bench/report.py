@@ -116,6 +116,9 @@ def markdown_table(records: List[dict], with_header: bool = True) -> str:
             if statuses:
                 reasons = sorted({(m.get("status"), (m.get("reason") or "")[:90]) for m in statuses})
                 note = "; ".join(f"{s}: {r}" if r else s for s, r in reasons)
+            compiled = next((m for m in modes.values() if m.get("status") == "ok" and m.get("first_call_s")), None)
+            if name == "reference-compiled" and compiled is not None:
+                note = (note + "; " if note else "") + f"first call (compile) {compiled['first_call_s']:.0f} s"
             if name == FLOOR:
                 lines.append(
                     f"| {size_label} | {dtype} | {name} | {_time_cell(fwd)} | | | 1.0 | | | | | {note} |"

@@ -76,6 +76,7 @@ class Sweep:
     # reference-compiled compiles once per (size, dtype, mode); only on these sizes (None = every size)
     compile_sizes: Optional[Tuple[str, ...]] = None
     egma_compat: bool = True
+    threads: Optional[int] = None  # torch CPU threads for the run (None = torch's default)
     note: str = ""
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
@@ -112,6 +113,7 @@ SWEEPS: Dict[str, Sweep] = {
             min_repeats=1,
             max_time_s=0.2,
             compile_sizes=(),
+            threads=1,  # tiny ops: one thread is fastest and steadiest on a busy CI runner
             note="seconds: CI checks that the harness runs and its outputs are well formed",
         ),
     ]

@@ -42,6 +42,10 @@ def _quantiles(values: List[float]) -> Tuple[float, float, float]:
     return float(q[0]), float(q[1]), float(q[2])
 
 
+class BudgetExceeded(RuntimeError):
+    pass
+
+
 def _noop():
     pass
 
@@ -80,15 +84,28 @@ def measure_time(
     warmup: int = 2,
     max_time_s: float = 2.0,
     min_repeats: int = 3,
+    budget_left_s: Optional[float] = None,
 ) -> Timing:
-    """Time ``fn()`` (``pre()`` runs untimed before each call)."""
+    """Time ``fn()`` (``pre()`` runs untimed before each call).
+
+    A call slower than ``max_time_s`` gets one warm-up and one timed run; ``BudgetExceeded`` is raised
+    after the first warm-up call when ``min_repeats`` calls would not fit in ``budget_left_s``.
+    """
     pre = pre or _noop
     start = time.perf_counter()
-    for _ in range(max(1, warmup)):
+    for i in range(max(1, warmup)):
         pre()
+        t0 = time.perf_counter()
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        call_s = time.perf_counter() - t0
+        if i == 0:
+            if budget_left_s is not None and call_s * min_repeats > budget_left_s:
+                raise BudgetExceeded(f"one call takes {call_s:.1f} s; {budget_left_s:.0f} s of the time budget left")
+            if call_s > max_time_s:  # a slow call: one warm-up is enough, and one timed run
+                min_repeats = 1
+                break
     warmup_s = time.perf_counter() - start
     times: List[float] = []
     begin = time.perf_counter()
@@ -108,8 +125,7 @@ def measure_time(
         # What torch.utils.benchmark.Timer does for one call (perf_counter, garbage collector off, all of
         # torch's threads), without its two warm-up calls per sample: the untimed pre() must precede each call.
         gc_was_enabled = gc.isenabled()
-        gc.collect()
-        gc.disable()
+        gc.disable()  # (no gc.collect() first: with torch.compile loaded one takes ~0.3 s)
         try:
             while len(times) < repeats and (len(times) < min_repeats or time.perf_counter() - begin < max_time_s):
                 pre()
