@@ -4,15 +4,16 @@
 # Run from the repository root on a fresh GPU machine that has its own torch/triton (no internet needed):
 #     OUT=/path/to/results bash benchmarks/gpu_check.sh
 # Total wall time stays under 8 minutes: each step runs under `timeout` with its own limit, and no step
-# starts with less time than it needs left of the TOTAL_S budget (default 460 s).
+# starts with less than 15 s left of the TOTAL_S budget (default 460 s). The sweep gets whatever the build
+# and the GPU tests left (less OTHER_TESTS_S), and its own --budget stops it in time to write its results.
 #
 # Order: environment -> build (pip install --no-build-isolation --no-deps -e .) -> import check ->
 # pytest -m gpu -> egma-bench GPU sweep -> the other tests (they also run in CPU CI, so they come last).
 # Each step's exit code goes to $OUT/steps.tsv; the script itself exits 0 unless the build or the GPU
 # tests failed, so that partial results always come back.
 #
-# Knobs (environment): OUT, TOTAL_S, BUILD_S, GPU_TESTS_S, SWEEP_S, OTHER_TESTS_S, BENCH_ARGS (replaces the
-# sweep's arguments), SKIP_BUILD=1, PYTHON (default python3). A dry run on a machine without a GPU:
+# Knobs (environment): OUT, TOTAL_S, BUILD_S, GPU_TESTS_S, SWEEP_MAX_S, OTHER_TESTS_S, BENCH_ARGS (replaces
+# the sweep's arguments), OTHER_TESTS_ARGS, SKIP_BUILD=1, PYTHON (default python3). A dry run on a machine without a GPU:
 #     SKIP_BUILD=1 BENCH_ARGS="--smoke --no-compile" OTHER_TESTS_ARGS="tests/test_bench.py" OUT=/tmp/g bash benchmarks/gpu_check.sh
 set -uo pipefail
 
@@ -21,10 +22,10 @@ OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
 TOTAL_S="${TOTAL_S:-460}"
-BUILD_S="${BUILD_S:-170}"
+BUILD_S="${BUILD_S:-150}"
 GPU_TESTS_S="${GPU_TESTS_S:-90}"
-SWEEP_S="${SWEEP_S:-150}"
-OTHER_TESTS_S="${OTHER_TESTS_S:-60}"
+SWEEP_MAX_S="${SWEEP_MAX_S:-300}"   # the sweep gets what is left, less OTHER_TESTS_S, up to this
+OTHER_TESTS_S="${OTHER_TESTS_S:-50}"
 START=$(date +%s)
 STEPS="$OUT/steps.tsv"
 : > "$STEPS"
@@ -110,9 +111,14 @@ if (( GPU_RC == 5 )); then echo "(pytest -m gpu selected no test)"; fi
 # --- the GPU sweep -----------------------------------------------------------------------------------
 # The sweep's own budget stops new measurements in time to write the table (what is left is recorded
 # as skipped); the timeout is the backstop.
-BENCH_BUDGET=$(( SWEEP_S - 25 ))
+SWEEP_S=$(( TOTAL_S - $(elapsed) - OTHER_TESTS_S - 5 ))
+(( SWEEP_S > SWEEP_MAX_S )) && SWEEP_S=$SWEEP_MAX_S
+BENCH_BUDGET=$(( SWEEP_S - 35 ))   # start-up, the table and the charts fit in the rest
+(( BENCH_BUDGET < 10 )) && BENCH_BUDGET=10
 read -r -a BENCH <<< "${BENCH_ARGS:---sweep gpu --budget $BENCH_BUDGET}"
-step sweep "$SWEEP_S" bench_stdout.log "$PYTHON" -m egma_kernels.bench.cli "${BENCH[@]}" --out "$OUT/bench" --plot
+PLOT=()
+if "$PYTHON" -c "import matplotlib" 2>/dev/null; then PLOT=(--plot); else echo "(matplotlib missing: no charts)"; fi
+step sweep "$SWEEP_S" bench_stdout.log "$PYTHON" -m egma_kernels.bench.cli "${BENCH[@]}" --out "$OUT/bench" "${PLOT[@]}"
 if [[ -f "$OUT/bench/results.md" ]]; then
   CARD=$("$PYTHON" -c "import json;r=[json.loads(l) for l in open('$OUT/bench/results.jsonl')];import re;print(re.sub(r'[^A-Za-z0-9._-]+','-',r[0]['device_name']).strip('-') if r else 'unknown')" 2>/dev/null || echo unknown)
   echo "results for benchmarks/results/: $OUT/bench (device $CARD, $(date -u +%Y-%m-%d))"
