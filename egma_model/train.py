@@ -63,6 +63,7 @@ class TrainArgs:
     egma_compat: bool = False
     sigma: float = 150.0
     min_heat: float = 0.1
+    raw_gaze: bool = False
     max_sentences: int = 16
     num_workers: int = 0
     device: Optional[str] = None
@@ -148,7 +149,7 @@ def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, toke
     gg = model.gaze_grid
     ds = EGMADataset(records, image_size=model.config.image_size, grid=gg, train=True,
                      max_sentences=a.max_sentences, use_gaze=not a.no_gaze, seed=a.seed,
-                     gaze_options=GazeOptions(sigma=a.sigma, min_heat=a.min_heat), cache=cache)
+                     gaze_options=GazeOptions(sigma=a.sigma, min_heat=a.min_heat, use_raw_gaze=a.raw_gaze), cache=cache)
     collate = Collator(tokenizer, max_length=model.config.max_length, num_patches=gg[0] * gg[1])
     steps_per_epoch = max(1, len(ds) // a.batch_size)  # drop_last: full batches only
     total = a.max_steps or steps_per_epoch * a.epochs
@@ -267,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--egma-compat", action="store_true", help="reproduce the original EGMA code's loss")
     p.add_argument("--sigma", type=float, default=d.sigma, help="fixation Gaussian sigma, original-image pixels")
     p.add_argument("--min-heat", type=float, default=d.min_heat)
+    p.add_argument("--raw-gaze", action="store_true",
+                   help="REFLACX: detect fixations from gaze.csv (I-VT) instead of using fixations.csv")
     p.add_argument("--max-sentences", type=int, default=d.max_sentences)
     p.add_argument("--num-workers", type=int, default=d.num_workers)
     p.add_argument("--device", default=None)
@@ -286,7 +289,7 @@ def args_from_namespace(ns) -> TrainArgs:
         max_steps=ns.max_steps, batch_size=ns.batch_size, lr=ns.lr, weight_decay=ns.weight_decay,
         warmup_steps=ns.warmup_steps, clip_grad=ns.clip_grad, seed=ns.seed, no_gaze=ns.no_gaze,
         loss_weights=tuple(_floats(ns.loss_weights)), global_weight=ns.global_weight, alpha=ns.alpha,
-        egma_compat=ns.egma_compat, sigma=ns.sigma, min_heat=ns.min_heat, max_sentences=ns.max_sentences,
+        egma_compat=ns.egma_compat, sigma=ns.sigma, min_heat=ns.min_heat, raw_gaze=ns.raw_gaze, max_sentences=ns.max_sentences,
         num_workers=ns.num_workers, device=ns.device, save_every=ns.save_every, resume=ns.resume,
         progress=not ns.no_progress, backend=ns.backend, threads=ns.threads)
 
