@@ -197,3 +197,32 @@ def test_torch_compile_fullgraph():
     want.backward()
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(p1.grad, p2.grad)
+
+
+def test_package_falls_back_without_the_extension():
+    """With egma_kernels._C unimportable the package still imports, lists cpu/cuda as unavailable and runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "sys.modules['egma_kernels._C'] = None\n"  # makes 'from . import _C' raise ImportError
+        "import egma_kernels as ek\n"
+        "from egma_kernels import compiled\n"
+        "assert not compiled.extension_loaded() and 'error' in compiled.build_info()\n"
+        "names = ek.available_backends('cpu')\n"
+        "assert 'cpu' not in names and 'cpu' in ek.known_backends(), names\n"
+        "p = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)\n"
+        "s = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)\n"
+        "loss = ek.fine_grained_loss(p, s, torch.tensor([0, 1, 3], dtype=torch.int32), 5.0)\n"
+        "assert torch.isfinite(loss)\n"
+        "try:\n"
+        "    ek.fine_grained_loss(p, s, torch.tensor([0, 1, 3], dtype=torch.int32), 5.0, backend='cpu')\n"
+        "    raise SystemExit('backend=cpu should be refused')\n"
+        "except RuntimeError as exc:\n"
+        "    assert 'not available' in str(exc)\n"
+        "print('ok')\n"
+    )
+    env = dict(__import__("os").environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
