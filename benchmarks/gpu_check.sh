@@ -119,6 +119,10 @@ read -r -a BENCH <<< "${BENCH_ARGS:---sweep gpu --budget $BENCH_BUDGET}"
 PLOT=()
 if "$PYTHON" -c "import matplotlib" 2>/dev/null; then PLOT=(--plot); else echo "(matplotlib missing: no charts)"; fi
 step sweep "$SWEEP_S" bench_stdout.log "$PYTHON" -m egma_kernels.bench.cli "${BENCH[@]}" --out "$OUT/bench" "${PLOT[@]}"
+if [[ ! -s "$OUT/bench/results.md" && -s "$OUT/bench/results.jsonl" ]]; then
+  echo "(the sweep did not finish: rendering the table from the JSON lines it wrote)"
+  timeout 60 "$PYTHON" -m egma_kernels.bench.cli --render "$OUT/bench/results.jsonl" > "$OUT/bench/results.md" || true
+fi
 if [[ -f "$OUT/bench/results.md" ]]; then
   CARD=$("$PYTHON" -c "import json;r=[json.loads(l) for l in open('$OUT/bench/results.jsonl')];import re;print(re.sub(r'[^A-Za-z0-9._-]+','-',r[0]['device_name']).strip('-') if r else 'unknown')" 2>/dev/null || echo unknown)
   echo "results for benchmarks/results/: $OUT/bench (device $CARD, $(date -u +%Y-%m-%d))"

@@ -185,3 +185,10 @@ def test_sizes_and_sweeps():
     with pytest.raises(ValueError):
         parse_size("nonsense")
     assert markdown_table([]).strip()
+
+
+def test_render_saved_results(smoke, capsys):
+    _, records, out = smoke
+    assert cli.main(["--render", os.path.join(out, "results.jsonl")]) == 0
+    table = capsys.readouterr().out
+    assert table == open(os.path.join(out, "results.md")).read()

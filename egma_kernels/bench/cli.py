@@ -5,6 +5,7 @@
     egma-bench --sizes egma,p196 --providers loop,reference --modes full --repeats 20
     egma-bench --plot --out results/ # JSON lines, the table and PNG charts in results/
     egma-bench --list                # sizes, sweeps and the providers available here
+    egma-bench --render results/results.jsonl   # the table of saved results (no measuring)
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="write PNG charts (time and memory against size) into --out (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress display on stderr")
     p.add_argument("--list", action="store_true", help="list sizes, sweeps and available providers, then exit")
+    p.add_argument("--render", metavar="JSONL", help="measure nothing: print the table of saved JSON lines "
+                   "(with --plot, charts into --out)")
     return p
 
 
@@ -92,8 +95,25 @@ def _list(device) -> int:
     return 0
 
 
+def _render(args) -> int:
+    from .report import markdown_table, read_jsonl, write_plots
+
+    records = read_jsonl(args.render)
+    sys.stdout.write(markdown_table(records))
+    if args.plot:
+        try:
+            for path in write_plots(records, args.out or os.path.dirname(os.path.abspath(args.render))):
+                print(f"wrote {path}", file=sys.stderr)
+        except RuntimeError as exc:
+            print(f"egma-bench: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.render:
+        return _render(args)
     from .timing import quiet_profiler_logs
 
     quiet_profiler_logs()
