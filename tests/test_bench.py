@@ -192,3 +192,22 @@ def test_render_saved_results(smoke, capsys):
     assert cli.main(["--render", os.path.join(out, "results.jsonl")]) == 0
     table = capsys.readouterr().out
     assert table == open(os.path.join(out, "results.md")).read()
+
+
+@pytest.mark.gpu
+def test_smoke_on_cuda(tmp_path):
+    """The CUDA path of the harness: CUDA-event timing, allocator memory, every CUDA backend against float64."""
+    import egma_kernels as ek
+
+    rc = cli.main(["--smoke", "--device", "cuda", "--quiet", "--out", str(tmp_path)])
+    records = read_jsonl(os.path.join(tmp_path, "results.jsonl"))
+    assert rc == 0, [r for r in records if r["status"] == "error"]
+    ok = [r for r in records if r["status"] == "ok"]
+    assert ok and all(r["device"] == "cuda" for r in records)
+    for b in ek.available_backends("cuda"):
+        assert any(r["provider"] == b for r in ok), b
+    for r in ok:
+        if r["provider"] != "floor (matmul)":
+            assert "cuda" in r["memory_method"] and r["scratch_bytes"] >= 0
+        if r["dtype"] == "float64" and r["provider"] in ("loop", "reference"):
+            assert r["max_abs_err"] <= 1e-9
