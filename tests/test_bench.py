@@ -75,9 +75,9 @@ def test_smoke_measurements(smoke):
 def test_reference_error_is_tiny(smoke):
     _, records, _ = smoke
     for r in _ok(records, provider="reference"):
-        if r["dtype"] == "float64":
-            assert r["max_abs_err"] == 0.0
-            assert not r.get("max_rel_grad_err")
+        if r["dtype"] == "float64":  # the same computation (up to the order of parallel sums)
+            assert r["max_abs_err"] <= 1e-12
+            assert (r.get("max_rel_grad_err") or 0.0) <= 1e-12
         else:
             assert r["max_abs_err"] < 1e-4
             if r["kind"] == "loss":

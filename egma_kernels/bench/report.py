@@ -80,8 +80,8 @@ def header_lines(records: List[dict]) -> List[str]:
     ]
     method = next((x.get("memory_method") for x in records if x.get("memory_method")), None)
     lines.append(
-        "Times in ms: median (20th–80th percentile). ×floor: fwd+bwd time (fwd for retrieval) over the bare "
-        "`(B*P)xD @ DxN` matmul. Memory of fwd+bwd (fwd for retrieval), MiB: peak = inputs + scratch"
+        "Times in ms: median (20th–80th percentile). ×floor: fwd+bwd time (fwd for retrieval or when fwd+bwd "
+        "was not run) over the bare `(B*P)xD @ DxN` matmul. Memory of the same call, MiB: peak = inputs + scratch"
         + (f"; measured with {method}" if method else "")
         + ". Errors against the float64 reference on the same inputs: max |Δ| over the loss, its terms and "
         "I2T/T2I; grad: max |Δ| / max |ref| over the three gradients."
