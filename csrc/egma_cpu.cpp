@@ -451,12 +451,10 @@ void mapping_weights(const T* X, const G* GS, int64_t n, int64_t P, T theta, T* 
 // Per-thread scratch of the matched (per-report) phase.
 template <typename T>
 struct Scratch {
-  std::vector<T> W1, W2, crossP, crossS, LP, LS, lse_a, lse_b, dX, dcrossP, dcrossS, rl, rp, cl, cp;
-  void reserve(int64_t P, int64_t n, int64_t D) {
+  std::vector<T> W1, W2, LP, LS, lse_a, lse_b, dX, rl, rp, cl, cp;
+  void reserve(int64_t P, int64_t n) {
     W1.resize(P * n);
     W2.resize(n * P);
-    crossP.resize(P * D);
-    crossS.resize(n * D);
     LP.resize(P * P);
     LS.resize(n * n);
     lse_a.resize(std::max(P, n));
@@ -464,18 +462,16 @@ struct Scratch {
   }
 };
 
-// Mapping forward of report k: builds W1, W2, crossP, crossS and the logits LP (P x P), LS (n x n) in sc.
+// Mapping logits of report k without the mapped features: with X = A_k (n x P, t already in),
+//   LP = t crossP p_k^T = t W1 s_k p_k^T = W1 X        (P x P)
+//   LS = t crossS s_k^T = t W2 p_k s_k^T = W2 X^T      (n x n)
+// so neither the P x D mapped features nor any product over D is needed. Builds W1, W2, LP, LS in sc.
 template <typename T>
-void mapping_forward(const T* pk, const T* sk, const T* X, const T* GS, int64_t n, int64_t P, int64_t D, T t, T theta,
-                  Scratch<T>& sc) {
-  sc.reserve(P, n, D);
+void mapping_forward(const T* X, const T* GS, int64_t n, int64_t P, T theta, Scratch<T>& sc) {
+  sc.reserve(P, n);
   mapping_weights(X, GS, n, P, theta, sc.W1.data(), sc.W2.data());
-  gemm_nn(P, n, D, sc.W1.data(), n, 1, sk, sc.crossP.data(), false);  // crossP = W1 @ s_k
-  gemm_nn(n, P, D, sc.W2.data(), P, 1, pk, sc.crossS.data(), false);  // crossS = W2 @ p_k
-  dots(sc.crossP.data(), D, P, pk, D, P, D, sc.LP.data(), P);
-  for (auto& v : sc.LP) v = t * v;
-  dots(sc.crossS.data(), D, n, sk, D, n, D, sc.LS.data(), n);
-  for (auto& v : sc.LS) v = t * v;
+  gemm_nn(P, n, P, sc.W1.data(), n, 1, X, sc.LP.data(), false);  // LP = W1 @ X
+  dots(sc.W2.data(), P, n, X, P, n, P, sc.LS.data(), n);         // LS = W2 @ X^T
 }
 
 template <typename T>
@@ -517,7 +513,7 @@ void loss_forward(const T* p, int64_t B, int64_t P, int64_t D, const T* s, int64
         mlce_k[k] = lp.alpha * (s2p / T(n)) + (T(1) - lp.alpha) * (p2s / T(P));
       }
       if (n >= 2) {
-        mapping_forward(p + k * P * D, s + u0 * D, X, GS, n, P, D, t, lp.theta, sc);
+        mapping_forward(X, GS, n, P, lp.theta, sc);
         T clip_p = clip_block(sc.LP.data(), P, sc.lse_a.data(), sc.lse_b.data());
         T clip_s = clip_block(sc.LS.data(), n, sc.lse_a.data(), sc.lse_b.data());
         map_k[k] = T(0.5) * (clip_p + clip_s);
@@ -687,66 +683,62 @@ void loss_backward(const T* gterms, const T* g_i2t, const T* g_t2i, const T* p, 
       const T* X = own + u0 * P;
       const bool g = gaze != nullptr && (gmask == nullptr || gmask[k]);
       const T* GS = g ? gaze + u0 * P : nullptr;
+      // d A_k (n x P) of the MLCE and mapping terms, then one pair of products over D.
+      const bool do_mlce = g && c_mlce != T(0);
+      const bool do_map = n >= 2 && c_map != T(0);
       T dtk = 0;
-      if (g && c_mlce != T(0)) {
-        sc.rl.resize(n);
-        sc.rp.resize(n);
-        sc.cl.resize(P);
-        sc.cp.resize(P);
-        mlce_lses(X, GS, n, P, sc.rl.data(), sc.rp.data(), sc.cl.data(), sc.cp.data());
-        sc.dX.resize(n * P);
-        const T cr = c_mlce * lp.alpha / T(n), cc = c_mlce * (T(1) - lp.alpha) / T(P);
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t i = 0; i < P; ++i) {
-            const T x = X[j * P + i];
-            T d;
-            if (GS[j * P + i] > 0)
-              d = -cr * std::exp(-x - sc.rp[j]) - cc * std::exp(-x - sc.cp[i]);
-            else
-              d = cr * std::exp(x - sc.rl[j]) + cc * std::exp(x - sc.cl[i]);
-            dtk += d * x;
-            sc.dX[j * P + i] = t * d;  // A = t * S: d S = t * d A
+      if (do_mlce || do_map) {
+        sc.dX.assign(n * P, T(0));
+        if (do_mlce) {
+          sc.rl.resize(n);
+          sc.rp.resize(n);
+          sc.cl.resize(P);
+          sc.cp.resize(P);
+          mlce_lses(X, GS, n, P, sc.rl.data(), sc.rp.data(), sc.cl.data(), sc.cp.data());
+          const T cr = c_mlce * lp.alpha / T(n), cc = c_mlce * (T(1) - lp.alpha) / T(P);
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t i = 0; i < P; ++i) {
+              const T x = X[j * P + i];
+              if (GS[j * P + i] > 0)
+                sc.dX[j * P + i] = -cr * std::exp(-x - sc.rp[j]) - cc * std::exp(-x - sc.cp[i]);
+              else
+                sc.dX[j * P + i] = cr * std::exp(x - sc.rl[j]) + cc * std::exp(x - sc.cl[i]);
+            }
+        }
+        if (do_map) {
+          mapping_forward(X, GS, n, P, lp.theta, sc);
+          // dLP = c_map * 0.5 * d clipP / d LP, in place; then dX += W1^T @ dLP.
+          clip_block(sc.LP.data(), P, sc.lse_a.data(), sc.lse_b.data());
+          {
+            const T c = c_map * T(0.25) / T(P);
+            T* L = sc.LP.data();
+            for (int64_t i = 0; i < P; ++i)
+              for (int64_t j = 0; j < P; ++j) {
+                const T x = L[i * P + j];
+                L[i * P + j] = c * (std::exp(x - sc.lse_a[i]) + std::exp(x - sc.lse_b[j]) - (i == j ? T(2) : T(0)));
+              }
+            gemm_nn(n, P, P, sc.W1.data(), 1, n, L, sc.dX.data(), true);
           }
+          // dLS likewise; LS = W2 X^T gives dX += dLS^T @ W2.
+          clip_block(sc.LS.data(), n, sc.lse_a.data(), sc.lse_b.data());
+          {
+            const T c = c_map * T(0.25) / T(n);
+            T* L = sc.LS.data();
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t j = 0; j < n; ++j) {
+                const T x = L[i * n + j];
+                L[i * n + j] = c * (std::exp(x - sc.lse_a[i]) + std::exp(x - sc.lse_b[j]) - (i == j ? T(2) : T(0)));
+              }
+            gemm_nn(n, n, P, L, 1, n, sc.W2.data(), sc.dX.data(), true);
+          }
+        }
+        // A = t S: dt += sum dA * S = sum dA * A / t, and d S = t d A.
+        for (int64_t e = 0; e < n * P; ++e) {
+          dtk += sc.dX[e] * X[e];
+          sc.dX[e] *= t;
+        }
         gemm_nn(P, n, D, sc.dX.data(), 1, P, sk, dpk, true);  // dp_k += dS^T @ s_k
         gemm_nn(n, P, D, sc.dX.data(), P, 1, pk, dsk, true);  // ds_k += dS @ p_k
-      }
-      if (n >= 2 && c_map != T(0)) {
-        mapping_forward(pk, sk, X, GS, n, P, D, t, lp.theta, sc);
-        // Patch side: LP = t * crossP pk^T.
-        clip_block(sc.LP.data(), P, sc.lse_a.data(), sc.lse_b.data());
-        // dLP = c_map * 0.5 * d clipP / d LP (in place; its dt contribution on the way).
-        {
-          const T c = c_map * T(0.5) * T(0.5) / T(P);
-          T* L = sc.LP.data();
-          for (int64_t i = 0; i < P; ++i)
-            for (int64_t j = 0; j < P; ++j) {
-              const T x = L[i * P + j];
-              const T gr = c * (std::exp(x - sc.lse_a[i]) + std::exp(x - sc.lse_b[j]) - (i == j ? T(2) : T(0)));
-              dtk += gr * x;
-              L[i * P + j] = t * gr;  // d (crossP pk^T)
-            }
-          sc.dcrossP.resize(P * D);
-          gemm_nn(P, P, D, L, P, 1, pk, sc.dcrossP.data(), false);            // dcrossP = dQ @ p_k
-          gemm_nn(P, P, D, L, 1, P, sc.crossP.data(), dpk, true);             // dp_k += dQ^T @ crossP
-          gemm_nn(n, P, D, sc.W1.data(), 1, n, sc.dcrossP.data(), dsk, true);  // ds_k += W1^T @ dcrossP
-        }
-        // Sentence side: LS = t * crossS sk^T.
-        clip_block(sc.LS.data(), n, sc.lse_a.data(), sc.lse_b.data());
-        {
-          const T c = c_map * T(0.5) * T(0.5) / T(n);
-          T* L = sc.LS.data();
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t j = 0; j < n; ++j) {
-              const T x = L[i * n + j];
-              const T gr = c * (std::exp(x - sc.lse_a[i]) + std::exp(x - sc.lse_b[j]) - (i == j ? T(2) : T(0)));
-              dtk += gr * x;
-              L[i * n + j] = t * gr;
-            }
-          sc.dcrossS.resize(n * D);
-          gemm_nn(n, n, D, L, n, 1, sk, sc.dcrossS.data(), false);            // dcrossS = dQ @ s_k
-          gemm_nn(n, n, D, L, 1, n, sc.crossS.data(), dsk, true);             // ds_k += dQ^T @ crossS
-          gemm_nn(P, n, D, sc.W2.data(), 1, P, sc.dcrossS.data(), dpk, true);  // dp_k += W2^T @ dcrossS
-        }
       }
       dt_k[k] = dtk / t;
     }
