@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _utils
+from ._validation import accumulation_dtype as _acc_dtype
 from .backends import Backend, register_backend
 from .reference import LossTerms, report_of_sentence
 
@@ -80,10 +81,6 @@ def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int) -> dict:
         bwd_sent_block_p=sent_block_p,
         matched_block_p=min(64 // wide, _pow2(P)),
     )
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_device(*tensors: Tensor) -> None:
