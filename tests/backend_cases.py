@@ -54,6 +54,12 @@ def check_backend(backend: str, case: Case, device: str = "cpu", dtype=torch.flo
     """Values and gradients of ``backend`` against the float64 reference on ``case``; raises AssertionError."""
     rtol = _tolerance(dtype) if rtol is None else rtol
     exact = make_inputs(list(case.lengths), case.P, case.D, seed=case.seed, gaze=case.gaze)
+    if dtype in (torch.float16, torch.bfloat16):
+        # Hold the backend to the float64 reference on the same rounded inputs: rounding the inputs alone
+        # can flip a near-tie in a max, which no backend can be blamed for.
+        for key in ("patch_emb", "sent_emb", "gaze"):
+            if exact[key] is not None:
+                exact[key] = exact[key].to(dtype).to(torch.float64)
     options = dict(egma_compat=case.egma_compat, **case.options)
 
     def run(inputs, name, run_dtype, run_device):
@@ -110,8 +116,8 @@ def check_filip_backend(backend: str, num_images: int, lengths, P: int, D: int, 
     w2 = torch.randn(num_images, len(lengths), generator=g, dtype=torch.float64)
 
     def run(name, run_dtype, run_device):
-        p = patches.to(run_device, run_dtype).requires_grad_(True)
-        s = sents["sent_emb"].to(run_device, run_dtype).requires_grad_(True)
+        p = patches.detach().to(run_device, run_dtype).clone().requires_grad_(True)
+        s = sents["sent_emb"].detach().to(run_device, run_dtype).clone().requires_grad_(True)
         i2t, t2i = ek.filip_similarity(p, s, sents["cu_seqlens"].to(run_device), 3.0, backend=name)
         ((i2t.double().cpu() * w1).sum() + (t2i.double().cpu() * w2).sum()).backward()
         return i2t, t2i, p.grad, s.grad
