@@ -216,7 +216,8 @@ def run_demo(data_dir: str, out_dir: str, *, n_train: int = 2000, n_test: int = 
     runs = {"EGMA (gaze)": False, "no gaze": True}
     results: Dict = {"config": dict(n_train=len(train_recs), n_test=len(test_recs), seeds=list(seeds), steps=steps,
                                     batch_size=batch_size, lr=lr, image_model=image_model, image_size=image_size,
-                                    sigma_px=sigma, data=meta), "runs": {k: [] for k in runs}}
+                                    sigma_px=sigma, data=meta, device=_device_name(),
+                                    loss_backends=_backends()), "runs": {k: [] for k in runs}}
     fig_payload = None
     caches = {True: {}, False: {}}  # per no_gaze setting: sentences and gaze computed once for all seeds
     for seed in seeds:
@@ -285,6 +286,21 @@ def run_demo(data_dir: str, out_dir: str, *, n_train: int = 2000, n_test: int = 
     print(f"egma-demo: results in {os.path.join(out_dir, 'demo_results.json')}"
           + (f", figure {results['figure']}" if "figure" in results else "") + f" ({results['elapsed_s']:.0f} s)")
     return results
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def _backends() -> List[str]:
+    """The egma_kernels backends usable here, best first (the loss runs on the first)."""
+    import egma_kernels
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return list(egma_kernels.available_backends(dev, auto=True))
+    except TypeError:  # older signature
+        return list(egma_kernels.available_backends())
 
 
 def _table(results) -> str:
