@@ -117,35 +117,57 @@ def _launch_filip_fwd(patch, sent, cu, scale, smax, block_s, *, egma_compat, wri
     return i2t, t2i, best_patch, own
 
 
+def _num_slices(programs: int, items: int, bytes_per_slice: int, device: torch.device) -> int:
+    """How many slices to split a backward kernel's sequential loop into, for enough programs in flight.
+
+    Each slice writes its own partial buffer (summed afterwards in a fixed order), so slicing costs memory:
+    at most 256 MiB of partials. Under the interpreter a "device" of 2 units keeps the sliced path tested.
+    """
+    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    wanted = triton.cdiv(4 * units, max(1, programs))
+    return int(max(1, min(wanted, items, 16, (256 << 20) // max(1, bytes_per_slice))))
+
+
 def _launch_filip_bwd(g_i2t, g_t2i, d_own, patch, sent, cu, scale, smax, best_patch, block_s, *, egma_compat):
     num_images, P, D = patch.shape
     N = sent.shape[0]
     R = cu.shape[0] - 1
     cfg = _config(patch.dtype, P, D, block_s)
     acc = _acc_dtype(patch.dtype)
+    elem = torch.finfo(acc).bits // 8
     has_own = d_own is not None
     d_own = d_own if has_own else g_i2t  # placeholder pointer, never read
     g_i2t = g_i2t.to(acc).contiguous()
     g_t2i = g_t2i.to(acc).contiguous()
-    # dpatch: one program per (image, block of patch rows); a block of 16 rows keeps the [rows, D] accumulator small.
-    block_rows = cfg["bwd_patch_rows"]
-    row_blocks = triton.cdiv(P, block_rows)
-    d_patch = _utils.new_output((num_images, P, D), acc, patch.device)
-    d_scale_parts = _utils.new_output((num_images * row_blocks,), acc, patch.device)
     common = dict(
         EGMA_COMPAT=egma_compat, HAS_OWN_GRAD=has_own, BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
         D_PAD=cfg["D_PAD"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
     )
-    K._filip_bwd_patch_kernel[(num_images, row_blocks)](
+    # dpatch: one program per (image, block of patch rows, slice of the reports); 16 rows keep the
+    # [rows, D] accumulator small.
+    block_rows = cfg["bwd_patch_rows"]
+    row_blocks = triton.cdiv(P, block_rows)
+    slices = _num_slices(num_images * row_blocks, R, num_images * P * D * elem, patch.device)
+    reps_per_slice = triton.cdiv(R, slices)
+    slices = triton.cdiv(R, reps_per_slice)
+    d_patch = _utils.new_output((slices, num_images, P, D), acc, patch.device)
+    d_scale_parts = _utils.new_output((slices * num_images * row_blocks,), acc, patch.device)
+    K._filip_bwd_patch_kernel[(num_images, row_blocks, slices)](
         patch, sent, cu, scale, smax, g_i2t, g_t2i, best_patch, d_own, d_patch, d_scale_parts,
-        P, D, N, R, patch.stride(0), patch.stride(1), sent.stride(0), BLOCK_P=block_rows, **common,
+        P, D, N, R, reps_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
+        BLOCK_P=block_rows, **common,
     )
-    d_sent = _utils.new_output((N, D), acc, patch.device)
-    K._filip_bwd_sent_kernel[(R,)](
+    # dsent: one program per (report, slice of the images).
+    slices_s = _num_slices(R, num_images, N * D * elem, patch.device)
+    images_per_slice = triton.cdiv(num_images, slices_s)
+    slices_s = triton.cdiv(num_images, images_per_slice)
+    d_sent = _utils.new_output((slices_s, N, D), acc, patch.device)
+    K._filip_bwd_sent_kernel[(R, slices_s)](
         patch, sent, cu, scale, smax, g_i2t, g_t2i, best_patch, d_own, d_sent,
-        num_images, P, D, N, R, patch.stride(0), patch.stride(1), sent.stride(0), BLOCK_P=cfg["bwd_sent_block_p"], **common,
+        num_images, P, D, N, R, images_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
+        BLOCK_P=cfg["bwd_sent_block_p"], **common,
     )
-    return d_patch, d_sent, d_scale_parts.sum()
+    return d_patch.sum(dim=0), d_sent.sum(dim=0), d_scale_parts.sum()
 
 
 def _launch_matched_fwd(own, gaze, gaze_mask, cu, threshold, block_s, P):

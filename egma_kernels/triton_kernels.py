@@ -11,9 +11,11 @@ Kernels (one program per ...):
                           using Z1 = W_I2T^T X_k (P x P) and Z2 = W_T2I X_k^T (n_k x n_k): since
                           X_k = t * S_k P_k^T, the mapped features never need to be formed.
   _matched_bwd_kernel     report k: dL/dX_k from the MLCE and mapping terms.
-  _filip_bwd_patch_kernel (image a, patch block): dL/dpatch and the logit-scale partial sums.
-  _filip_bwd_sent_kernel  report b: dL/dsent.
-Every reduction happens inside one program in a fixed order: results are deterministic (no atomics).
+  _filip_bwd_patch_kernel (image a, patch block, slice of the reports): dL/dpatch and dL/dt partials.
+  _filip_bwd_sent_kernel  (report b, slice of the images): dL/dsent partials.
+Every reduction happens inside one program in a fixed order, and the partials of the slices are summed
+in a fixed order afterwards: results are deterministic (no atomics). The slices only add parallelism
+where there are few programs (small batches).
 
 A report is always held whole in one tile of BLOCK_S >= its length sentences (BLOCK_S comes from the
 longest report), so a segment max or log-sum-exp over a report's sentences never crosses tiles.
@@ -125,7 +127,7 @@ def _filip_bwd_patch_kernel(
     patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
     g_i2t_ptr, g_t2i_ptr, best_patch_ptr, d_own_ptr,
     d_patch_ptr, d_scale_part_ptr,
-    P, D, N, R,
+    P, D, N, R, reps_per_slice,
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_PAD: tl.constexpr,
@@ -133,6 +135,8 @@ def _filip_bwd_patch_kernel(
 ):
     img = tl.program_id(0)
     pblk = tl.program_id(1)
+    part = tl.program_id(2)
+    num_images = tl.num_programs(0)
     t = tl.load(scale_ptr).to(ACC)
     p_offs = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p_offs < P
@@ -140,7 +144,9 @@ def _filip_bwd_patch_kernel(
     dd = tl.arange(0, D_PAD)
     acc = tl.zeros([BLOCK_P, D_PAD], dtype=ACC)
     scale_acc = tl.zeros([BLOCK_P], dtype=ACC)
-    for rep in range(0, R):
+    rep_lo = part * reps_per_slice
+    rep_hi = tl.minimum(rep_lo + reps_per_slice, R)
+    for rep in range(rep_lo, rep_hi):
         start = tl.load(cu_ptr + rep)
         n_rep = tl.load(cu_ptr + rep + 1) - start
         u_offs = start + j
@@ -159,10 +165,12 @@ def _filip_bwd_patch_kernel(
             mask=u_mask[:, None] & (dd[None, :] < D), other=0.0,
         ).to(ACC)
         acc = tl.dot(d_sim, sents, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
-    out = d_patch_ptr + tl.cast(img, tl.int64) * P * D + p_offs.to(tl.int64)[:, None] * D + dd[None, :]
+    row0 = (tl.cast(part, tl.int64) * num_images + img) * P  # partial buffer (slices, B, P, D)
+    out = d_patch_ptr + (row0 + p_offs.to(tl.int64)[:, None]) * D + dd[None, :]
     tl.store(out, t * acc, mask=p_mask[:, None] & (dd[None, :] < D))
-    # dL/dt = sum dA * A / t, one partial per program, summed on the host side in a fixed order.
-    tl.store(d_scale_part_ptr + img * tl.num_programs(1) + pblk, tl.sum(scale_acc, axis=0) / t)
+    # dL/dt = sum dA * A / t, one partial per program, summed afterwards in a fixed order.
+    slot = (part * num_images + img) * tl.num_programs(1) + pblk
+    tl.store(d_scale_part_ptr + slot, tl.sum(scale_acc, axis=0) / t)
 
 
 @triton.jit
@@ -170,13 +178,14 @@ def _filip_bwd_sent_kernel(
     patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
     g_i2t_ptr, g_t2i_ptr, best_patch_ptr, d_own_ptr,
     d_sent_ptr,
-    num_images, P, D, N, R,
+    num_images, P, D, N, R, images_per_slice,
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_PAD: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     rep = tl.program_id(0)
+    part = tl.program_id(1)
     t = tl.load(scale_ptr).to(ACC)
     start = tl.load(cu_ptr + rep)
     n_rep = tl.load(cu_ptr + rep + 1) - start
@@ -185,7 +194,9 @@ def _filip_bwd_sent_kernel(
     u_mask = j < n_rep
     dd = tl.arange(0, D_PAD)
     acc = tl.zeros([BLOCK_S, D_PAD], dtype=ACC)
-    for img in range(0, num_images):
+    img_lo = part * images_per_slice
+    img_hi = tl.minimum(img_lo + images_per_slice, num_images)
+    for img in range(img_lo, img_hi):
         for p0 in range(0, P, BLOCK_P):
             p_offs = p0 + tl.arange(0, BLOCK_P)
             p_mask = p_offs < P
@@ -202,7 +213,7 @@ def _filip_bwd_sent_kernel(
                 mask=p_mask[:, None] & (dd[None, :] < D), other=0.0,
             ).to(ACC)
             acc = tl.dot(tl.trans(d_sim), patches, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
-    out = d_sent_ptr + u_offs.to(tl.int64)[:, None] * D + dd[None, :]
+    out = d_sent_ptr + (tl.cast(part, tl.int64) * N + u_offs.to(tl.int64))[:, None] * D + dd[None, :]
     tl.store(out, t * acc, mask=u_mask[:, None] & (dd[None, :] < D))
 
 
