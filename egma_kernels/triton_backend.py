@@ -74,7 +74,7 @@ def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int) -> dict:
         ACC=acc,
         DOT_PRECISION=precision,
         BLOCK_S=block_s,
-        BLOCK_D=min(64 // wide, _pow2(D)) if wide > 1 else min(64, _pow2(D)),
+        BLOCK_D=min(64 // wide, _pow2(D)),
         D_PAD=d_pad,
         fwd_block_p=min(64 // wide, _pow2(P)),
         bwd_patch_rows=16,
@@ -97,11 +97,11 @@ def _check_device(*tensors: Tensor) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _launch_filip_fwd(patch, sent, cu, scale, smax, block_s, *, egma_compat, write_own):
+def _launch_filip_fwd(patch, sent, cu, scale, smax, max_seqlen, *, egma_compat, write_own):
     num_images, P, D = patch.shape
     N = sent.shape[0]
     R = cu.shape[0] - 1
-    cfg = _config(patch.dtype, P, D, block_s)
+    cfg = _config(patch.dtype, P, D, max_seqlen)
     acc = _acc_dtype(patch.dtype)
     i2t = _utils.new_output((num_images, R), acc, patch.device)
     t2i = _utils.new_output((num_images, R), acc, patch.device)
@@ -128,11 +128,11 @@ def _num_slices(programs: int, items: int, bytes_per_slice: int, device: torch.d
     return int(max(1, min(wanted, items, 16, (256 << 20) // max(1, bytes_per_slice))))
 
 
-def _launch_filip_bwd(g_i2t, g_t2i, d_own, patch, sent, cu, scale, smax, best_patch, block_s, *, egma_compat):
+def _launch_filip_bwd(g_i2t, g_t2i, d_own, patch, sent, cu, scale, smax, best_patch, max_seqlen, *, egma_compat):
     num_images, P, D = patch.shape
     N = sent.shape[0]
     R = cu.shape[0] - 1
-    cfg = _config(patch.dtype, P, D, block_s)
+    cfg = _config(patch.dtype, P, D, max_seqlen)
     acc = _acc_dtype(patch.dtype)
     elem = torch.finfo(acc).bits // 8
     has_own = d_own is not None
@@ -170,10 +170,10 @@ def _launch_filip_bwd(g_i2t, g_t2i, d_own, patch, sent, cu, scale, smax, best_pa
     return d_patch.sum(dim=0), d_sent.sum(dim=0), d_scale_parts.sum()
 
 
-def _launch_matched_fwd(own, gaze, gaze_mask, cu, threshold, block_s, P):
+def _launch_matched_fwd(own, gaze, gaze_mask, cu, threshold, max_seqlen, P):
     B = cu.shape[0] - 1
     N = own.shape[0]
-    cfg = _config(own.dtype, P, 16, block_s)
+    cfg = _config(own.dtype, P, 16, max_seqlen)
     acc = own.dtype
     s2p, p2s, clip_p, clip_s = (_utils.new_output((B,), acc, own.device) for _ in range(4))
     row_stats = _utils.new_output((N, 7), acc, own.device)
@@ -189,10 +189,10 @@ def _launch_matched_fwd(own, gaze, gaze_mask, cu, threshold, block_s, P):
     return s2p, p2s, clip_p, clip_s, row_stats, z1_row_lse, z1_col_lse
 
 
-def _launch_matched_bwd(grads, own, gaze, gaze_mask, cu, row_stats, z1_row_lse, z1_col_lse, threshold, block_s):
+def _launch_matched_bwd(grads, own, gaze, gaze_mask, cu, row_stats, z1_row_lse, z1_col_lse, threshold, max_seqlen):
     B = cu.shape[0] - 1
     N, P = own.shape
-    cfg = _config(own.dtype, P, 16, block_s)
+    cfg = _config(own.dtype, P, 16, max_seqlen)
     d_own = _utils.new_output((N, P), own.dtype, own.device)
     has_gaze = gaze is not None
     g_s2p, g_p2s, g_clip_p, g_clip_s = (g.to(own.dtype).contiguous() for g in grads)
@@ -209,26 +209,23 @@ def _launch_matched_bwd(grads, own, gaze, gaze_mask, cu, row_stats, z1_row_lse, 
 # Custom ops: the loss (forward, backward) and the rectangular similarity (forward, backward)
 # ---------------------------------------------------------------------------------------------------
 
-_LOSS_OUTPUTS = ("i2t", "t2i", "s2p", "p2s", "clip_p", "clip_s", "best_patch", "own", "row_stats", "z1_row", "z1_col")
-
-
 @torch.library.custom_op("egma_kernels::triton_loss_fwd", mutates_args=())
 def _loss_fwd_op(
     patch: Tensor, sent: Tensor, cu: Tensor, scale: Tensor, smax: Tensor,
     gaze: Optional[Tensor], gaze_mask: Optional[Tensor],
-    threshold: float, egma_compat: bool, block_s: int,
+    threshold: float, egma_compat: bool, max_seqlen: int,
 ) -> List[Tensor]:
     i2t, t2i, best_patch, own = _launch_filip_fwd(
-        patch, sent, cu, scale, smax, block_s, egma_compat=egma_compat, write_own=True
+        patch, sent, cu, scale, smax, max_seqlen, egma_compat=egma_compat, write_own=True
     )
     s2p, p2s, clip_p, clip_s, row_stats, z1_row, z1_col = _launch_matched_fwd(
-        own, gaze, gaze_mask, cu, threshold, block_s, patch.shape[1]
+        own, gaze, gaze_mask, cu, threshold, max_seqlen, patch.shape[1]
     )
     return [i2t, t2i, s2p, p2s, clip_p, clip_s, best_patch, own, row_stats, z1_row, z1_col]
 
 
 @_loss_fwd_op.register_fake
-def _(patch, sent, cu, scale, smax, gaze, gaze_mask, threshold, egma_compat, block_s):
+def _(patch, sent, cu, scale, smax, gaze, gaze_mask, threshold, egma_compat, max_seqlen):
     B, P, _ = patch.shape
     N = sent.shape[0]
     acc = _acc_dtype(patch.dtype)
@@ -243,28 +240,28 @@ def _loss_bwd_op(
     patch: Tensor, sent: Tensor, cu: Tensor, scale: Tensor, smax: Tensor,
     gaze: Optional[Tensor], gaze_mask: Optional[Tensor],
     best_patch: Tensor, own: Tensor, row_stats: Tensor, z1_row: Tensor, z1_col: Tensor,
-    threshold: float, egma_compat: bool, block_s: int,
+    threshold: float, egma_compat: bool, max_seqlen: int,
 ) -> List[Tensor]:
     d_own = _launch_matched_bwd(
-        (g_s2p, g_p2s, g_clip_p, g_clip_s), own, gaze, gaze_mask, cu, row_stats, z1_row, z1_col, threshold, block_s
+        (g_s2p, g_p2s, g_clip_p, g_clip_s), own, gaze, gaze_mask, cu, row_stats, z1_row, z1_col, threshold, max_seqlen
     )
     d_patch, d_sent, d_scale = _launch_filip_bwd(
-        g_i2t, g_t2i, d_own, patch, sent, cu, scale, smax, best_patch, block_s, egma_compat=egma_compat
+        g_i2t, g_t2i, d_own, patch, sent, cu, scale, smax, best_patch, max_seqlen, egma_compat=egma_compat
     )
     return [d_patch.to(patch.dtype), d_sent.to(sent.dtype), d_scale.to(scale.dtype)]
 
 
 @_loss_bwd_op.register_fake
 def _(g_i2t, g_t2i, g_s2p, g_p2s, g_clip_p, g_clip_s, patch, sent, cu, scale, smax, gaze, gaze_mask,
-      best_patch, own, row_stats, z1_row, z1_col, threshold, egma_compat, block_s):
+      best_patch, own, row_stats, z1_row, z1_col, threshold, egma_compat, max_seqlen):
     return [torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)]
 
 
 def _loss_setup_context(ctx, inputs, output):
-    patch, sent, cu, scale, smax, gaze, gaze_mask, threshold, egma_compat, block_s = inputs
+    patch, sent, cu, scale, smax, gaze, gaze_mask, threshold, egma_compat, max_seqlen = inputs
     best_patch, own, row_stats, z1_row, z1_col = output[6:]
     ctx.save_for_backward(patch, sent, cu, scale, smax, gaze, gaze_mask, best_patch, own, row_stats, z1_row, z1_col)
-    ctx.options = (threshold, egma_compat, block_s)
+    ctx.options = (threshold, egma_compat, max_seqlen)
 
 
 def _loss_backward(ctx, grads):
@@ -283,13 +280,13 @@ torch.library.register_autograd("egma_kernels::triton_loss_fwd", _loss_backward,
 
 
 @torch.library.custom_op("egma_kernels::triton_filip_fwd", mutates_args=())
-def _filip_fwd_op(patch: Tensor, sent: Tensor, cu: Tensor, scale: Tensor, block_s: int) -> List[Tensor]:
-    i2t, t2i, best_patch, _ = _launch_filip_fwd(patch, sent, cu, scale, cu, block_s, egma_compat=False, write_own=False)
+def _filip_fwd_op(patch: Tensor, sent: Tensor, cu: Tensor, scale: Tensor, max_seqlen: int) -> List[Tensor]:
+    i2t, t2i, best_patch, _ = _launch_filip_fwd(patch, sent, cu, scale, cu, max_seqlen, egma_compat=False, write_own=False)
     return [i2t, t2i, best_patch]
 
 
 @_filip_fwd_op.register_fake
-def _(patch, sent, cu, scale, block_s):
+def _(patch, sent, cu, scale, max_seqlen):
     M = patch.shape[0]
     R = cu.shape[0] - 1
     acc = _acc_dtype(patch.dtype)
@@ -299,23 +296,23 @@ def _(patch, sent, cu, scale, block_s):
 
 @torch.library.custom_op("egma_kernels::triton_filip_bwd", mutates_args=())
 def _filip_bwd_op(
-    g_i2t: Tensor, g_t2i: Tensor, patch: Tensor, sent: Tensor, cu: Tensor, scale: Tensor, best_patch: Tensor, block_s: int
+    g_i2t: Tensor, g_t2i: Tensor, patch: Tensor, sent: Tensor, cu: Tensor, scale: Tensor, best_patch: Tensor, max_seqlen: int
 ) -> List[Tensor]:
     d_patch, d_sent, d_scale = _launch_filip_bwd(
-        g_i2t, g_t2i, None, patch, sent, cu, scale, cu, best_patch, block_s, egma_compat=False
+        g_i2t, g_t2i, None, patch, sent, cu, scale, cu, best_patch, max_seqlen, egma_compat=False
     )
     return [d_patch.to(patch.dtype), d_sent.to(sent.dtype), d_scale.to(scale.dtype)]
 
 
 @_filip_bwd_op.register_fake
-def _(g_i2t, g_t2i, patch, sent, cu, scale, best_patch, block_s):
+def _(g_i2t, g_t2i, patch, sent, cu, scale, best_patch, max_seqlen):
     return [torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)]
 
 
 def _filip_setup_context(ctx, inputs, output):
-    patch, sent, cu, scale, block_s = inputs
+    patch, sent, cu, scale, max_seqlen = inputs
     ctx.save_for_backward(patch, sent, cu, scale, output[2])
-    ctx.block_s = block_s
+    ctx.max_seqlen = max_seqlen
 
 
 def _filip_backward(ctx, grads):
@@ -323,7 +320,7 @@ def _filip_backward(ctx, grads):
     shape = (patch.shape[0], cu.shape[0] - 1)
     acc = _acc_dtype(patch.dtype)
     g_i2t, g_t2i = (g if g is not None else patch.new_zeros(shape, dtype=acc) for g in grads[:2])
-    d_patch, d_sent, d_scale = _filip_bwd_op(g_i2t, g_t2i, patch, sent, cu, scale, best_patch, ctx.block_s)
+    d_patch, d_sent, d_scale = _filip_bwd_op(g_i2t, g_t2i, patch, sent, cu, scale, best_patch, ctx.max_seqlen)
     return d_patch, d_sent, None, d_scale, None
 
 
