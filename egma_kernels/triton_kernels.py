@@ -272,6 +272,19 @@ def _online_lse(m, s, values, axis: tl.constexpr):
 
 
 @triton.jit
+def _report_rows(cu_ptr, gaze_mask_ptr, k, HAS_GAZE: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Report k's sentences as tile rows: (length, row index, sentence index, row mask, add its gaze?)."""
+    start = tl.load(cu_ptr + k)
+    n_rep = tl.load(cu_ptr + k + 1) - start
+    j = tl.arange(0, BLOCK_S)
+    if HAS_GAZE:
+        add_gaze = tl.load(gaze_mask_ptr + k) != 0
+    else:
+        add_gaze = k < 0  # never: without gaze the heat tiles are zeros anyway
+    return n_rep, j, start + j, j < n_rep, add_gaze
+
+
+@triton.jit
 def _matched_fwd_kernel(
     own_ptr, gaze_ptr, gaze_mask_ptr, cu_ptr,
     s2p_ptr, p2s_ptr, clip_p_ptr, clip_s_ptr,
@@ -281,15 +294,7 @@ def _matched_fwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     k = tl.program_id(0)
-    start = tl.load(cu_ptr + k)
-    n_rep = tl.load(cu_ptr + k + 1) - start
-    j = tl.arange(0, BLOCK_S)
-    u_offs = start + j
-    u_mask = j < n_rep
-    if HAS_GAZE:
-        add_gaze = tl.load(gaze_mask_ptr + k) != 0
-    else:
-        add_gaze = k < 0  # never: without gaze the heat tiles are zeros anyway
+    n_rep, j, u_offs, u_mask, add_gaze = _report_rows(cu_ptr, gaze_mask_ptr, k, HAS_GAZE, BLOCK_S)
     NEG_INF: tl.constexpr = float("-inf")
 
     # Pass 1 over patch blocks: MLCE rows (online), MLCE columns (complete per block), W_T2I row stats,
@@ -401,15 +406,7 @@ def _matched_bwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     k = tl.program_id(0)
-    start = tl.load(cu_ptr + k)
-    n_rep = tl.load(cu_ptr + k + 1) - start
-    j = tl.arange(0, BLOCK_S)
-    u_offs = start + j
-    u_mask = j < n_rep
-    if HAS_GAZE:
-        add_gaze = tl.load(gaze_mask_ptr + k) != 0
-    else:
-        add_gaze = k < 0  # never: without gaze the heat tiles are zeros anyway
+    n_rep, j, u_offs, u_mask, add_gaze = _report_rows(cu_ptr, gaze_mask_ptr, k, HAS_GAZE, BLOCK_S)
     NEG_INF: tl.constexpr = float("-inf")
     g_s2p = tl.load(g_s2p_ptr + k).to(ACC) / n_rep
     g_p2s = tl.load(g_p2s_ptr + k).to(ACC) / P
