@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _utils
+from ._validation import accumulation_dtype
 from .backends import Backend, register_backend
 from .reference import LossTerms
 
@@ -151,10 +152,6 @@ def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def fine_grained_loss_compiled(
     patch_emb: torch.Tensor,
     sent_emb: torch.Tensor,
@@ -172,7 +169,7 @@ def fine_grained_loss_compiled(
     if _C is None:
         raise RuntimeError(f"egma_kernels._C is not built: {_IMPORT_ERROR}")
     kd = _kernel_dtype(patch_emb)
-    acc = _acc_dtype(patch_emb)
+    acc = accumulation_dtype(patch_emb.dtype)
     patch = patch_emb.to(kd)
     sent = sent_emb.to(kd)
     scale = logit_scale.to(acc).reshape(())
@@ -201,7 +198,7 @@ def filip_similarity_compiled(
     if _C is None:
         raise RuntimeError(f"egma_kernels._C is not built: {_IMPORT_ERROR}")
     kd = _kernel_dtype(patch_emb)
-    acc = _acc_dtype(patch_emb)
+    acc = accumulation_dtype(patch_emb.dtype)
     patch = patch_emb.to(kd)
     sent = sent_emb.to(kd)
     scale = torch.as_tensor(logit_scale, device=patch.device).to(acc).reshape(())
