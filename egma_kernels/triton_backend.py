@@ -1,10 +1,14 @@
 """The ``"triton"`` backend: fused Triton kernels (``triton_kernels.py``) registered as PyTorch custom ops.
 
-One custom op computes everything that touches the ``(B*P) x N`` similarities (``I2T``, ``T2I`` and the
-per-report gaze-MLCE and mapping terms); its backward is a second op. Autograd and fake (meta)
-implementations are registered on the ops, so ``torch.compile(fullgraph=True)`` sees two opaque ops and
-no graph break. The remaining arithmetic is a handful of ``B``-sized torch ops (the cross-entropies and
-the masked means), differentiated by autograd.
+A loss call is one custom op, ``egma_kernels::triton_loss``: its kernels compute ``I2T``, ``T2I``, the
+per-report gaze-MLCE and mapping terms, the cross-entropies and the weighted total, with no torch op in
+between. Its backward is a second op (``triton_loss_backward``) that takes whichever upstream gradients
+exist (of the loss, of its terms, of the matrices) and launches only the kernels they need. Autograd and
+fake (meta) implementations are registered on the ops, so ``torch.compile(fullgraph=True)`` sees two
+opaque ops and no graph break. ``filip_similarity`` is a second pair of ops on the same kernels.
+
+Why so few ops: at the sizes EGMA trains with (B = 40, P = 49) the GPU work of the whole loss is well
+under a millisecond, and the host's cost per launched op sets the pace.
 
 On CUDA tensors the kernels run on the GPU. With ``TRITON_INTERPRET=1`` set before import, Triton's
 interpreter runs them on CPU tensors (float32/float64): that is how the tests exercise them without a GPU.
@@ -12,17 +16,17 @@ interpreter runs them on CPU tensors (float32/float64): that is how the tests ex
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _utils
 from ._validation import accumulation_dtype as _acc_dtype
 from .backends import Backend, register_backend
-from .reference import LossTerms, report_of_sentence
+from .reference import LossTerms
 
 try:
     import triton
@@ -52,11 +56,20 @@ def is_available() -> bool:
 
 
 def _pow2(x: int, at_least: int = 16) -> int:
-    return max(at_least, triton.next_power_of_2(int(x)))
+    """The next power of two >= x (plain int arithmetic: triton.next_power_of_2 and
+    triton.cdiv cost about 2 us a call)."""
+    return max(at_least, 1 << (int(x) - 1).bit_length())
 
 
-def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int) -> dict:
-    """Tile sizes and precision of every kernel for one problem shape (the AOT check uses it too)."""
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=256)
+def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int, num_reports: int = 1) -> dict:
+    """Tile sizes and precision of every kernel for one problem shape (the AOT check uses it too).
+
+    Cached (it runs on every call): treat the returned dict as read-only."""
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     if interpreting() or dtype == torch.float64:
         precision = "ieee"
@@ -80,6 +93,10 @@ def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int) -> dict:
         bwd_patch_rows=16,
         bwd_sent_block_p=sent_block_p,
         matched_block_p=min(64 // wide, _pow2(P)),
+        # The per-report loops of the loss-term kernels (reports, or a row of the B x B matrices).
+        BLOCK_B=min(1024, _pow2(num_reports)),
+        # The backward kernels hold a [rows, D] float32 accumulator: 8 warps halve its registers per thread.
+        bwd_warps=8 if d_pad >= 256 else 4,
     )
 
 
@@ -97,7 +114,8 @@ def _check_device(*tensors: Tensor) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _launch_filip_fwd(patch, sent, cu, scale, smax, max_seqlen, *, egma_compat, write_own):
+def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat, write_own):
+    """I2T, T2I (images x reports), each sentence's best patch, and (loss only) the own blocks X."""
     num_images, P, D = patch.shape
     N = sent.shape[0]
     R = cu.shape[0] - 1
@@ -108,7 +126,7 @@ def _launch_filip_fwd(patch, sent, cu, scale, smax, max_seqlen, *, egma_compat, 
     best_patch = _utils.new_output((num_images, N), torch.int32, patch.device)
     own = _utils.new_output((N, P), acc, patch.device) if write_own else i2t  # i2t: an unused placeholder
     K._filip_fwd_kernel[(num_images, R)](
-        patch, sent, cu, scale, smax, i2t, t2i, best_patch, own,
+        patch, sent, cu, scale, counts, i2t, t2i, best_patch, own,
         P, D, N, R, patch.stride(0), patch.stride(1), sent.stride(0),
         EGMA_COMPAT=egma_compat, WRITE_OWN=write_own,
         BLOCK_P=cfg["fwd_block_p"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
@@ -117,214 +135,274 @@ def _launch_filip_fwd(patch, sent, cu, scale, smax, max_seqlen, *, egma_compat, 
     return i2t, t2i, best_patch, own
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _num_slices(programs: int, items: int, bytes_per_slice: int, device: torch.device) -> int:
     """How many slices to split a backward kernel's sequential loop into, for enough programs in flight.
 
     Each slice writes its own partial buffer (summed afterwards in a fixed order), so slicing costs memory:
     at most 256 MiB of partials. Under the interpreter a "device" of 2 units keeps the sliced path tested.
     """
-    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    wanted = triton.cdiv(4 * units, max(1, programs))
+    units = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 2
+    wanted = _cdiv(4 * units, max(1, programs))
     return int(max(1, min(wanted, items, 16, (256 << 20) // max(1, bytes_per_slice))))
 
 
-def _launch_filip_bwd(g_i2t, g_t2i, d_own, patch, sent, cu, scale, smax, best_patch, max_seqlen, *, egma_compat):
+def _grad_mask(**grads) -> int:
+    """The kernels' GRADS bit mask: which upstream gradients are present (not None)."""
+    bits = dict(loss=K.G_LOSS, con=K.G_CON, mlce=K.G_MLCE, map=K.G_MAP, i2t=K.G_I2T, t2i=K.G_T2I)
+    return sum(bits[name].value for name, g in grads.items() if g is not None)
+
+
+def _launch_filip_bwd(
+    patch, sent, cu, scale, counts, best_patch, max_seqlen, *, egma_compat, grads, g_loss=None, g_con=None,
+    g_i2t=None, g_t2i=None, w_con=1.0, i2t=None, t2i=None, per_report=None, d_own=None,
+):
+    """dL/dpatch, dL/dsent, dL/dt through I2T, T2I (and the own blocks' gradient ``d_own``, if given)."""
     num_images, P, D = patch.shape
     N = sent.shape[0]
     R = cu.shape[0] - 1
     cfg = _config(patch.dtype, P, D, max_seqlen)
     acc = _acc_dtype(patch.dtype)
     elem = torch.finfo(acc).bits // 8
-    has_own = d_own is not None
-    d_own = d_own if has_own else g_i2t  # placeholder pointer, never read
-    g_i2t = g_i2t.to(acc).contiguous()
-    g_t2i = g_t2i.to(acc).contiguous()
+    unused = scale  # the pointer passed for an absent tensor; GRADS / HAS_OWN_GRAD keep it unread
+    upstream = (
+        i2t if i2t is not None else unused, t2i if t2i is not None else unused,
+        per_report if per_report is not None else unused,
+        g_loss if g_loss is not None else unused, g_con if g_con is not None else unused,
+        g_i2t.contiguous() if g_i2t is not None else unused, g_t2i.contiguous() if g_t2i is not None else unused,
+        float(w_con), best_patch, d_own if d_own is not None else unused,
+    )
     common = dict(
-        EGMA_COMPAT=egma_compat, HAS_OWN_GRAD=has_own, BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
-        D_PAD=cfg["D_PAD"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
+        EGMA_COMPAT=egma_compat, HAS_OWN_GRAD=d_own is not None, GRADS=grads, BLOCK_S=cfg["BLOCK_S"],
+        BLOCK_D=cfg["BLOCK_D"], D_PAD=cfg["D_PAD"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
+        num_warps=cfg["bwd_warps"],
     )
     # dpatch: one program per (image, block of patch rows, slice of the reports); 16 rows keep the
-    # [rows, D] accumulator small.
+    # [rows, D] accumulator small. One slice writes the gradient in the input dtype directly.
     block_rows = cfg["bwd_patch_rows"]
-    row_blocks = triton.cdiv(P, block_rows)
+    row_blocks = _cdiv(P, block_rows)
     slices = _num_slices(num_images * row_blocks, R, num_images * P * D * elem, patch.device)
-    reps_per_slice = triton.cdiv(R, slices)
-    slices = triton.cdiv(R, reps_per_slice)
-    d_patch = _utils.new_output((slices, num_images, P, D), acc, patch.device)
+    reps_per_slice = _cdiv(R, slices)
+    slices = _cdiv(R, reps_per_slice)
+    if slices == 1:
+        d_patch = _utils.new_output((num_images, P, D), patch.dtype, patch.device)
+    else:
+        d_patch = _utils.new_output((slices, num_images, P, D), acc, patch.device)
     d_scale_parts = _utils.new_output((slices * num_images * row_blocks,), acc, patch.device)
     K._filip_bwd_patch_kernel[(num_images, row_blocks, slices)](
-        patch, sent, cu, scale, smax, g_i2t, g_t2i, best_patch, d_own, d_patch, d_scale_parts,
+        patch, sent, cu, scale, counts, *upstream, d_patch, d_scale_parts,
         P, D, N, R, reps_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
         BLOCK_P=block_rows, **common,
     )
     # dsent: one program per (report, slice of the images).
     slices_s = _num_slices(R, num_images, N * D * elem, patch.device)
-    images_per_slice = triton.cdiv(num_images, slices_s)
-    slices_s = triton.cdiv(num_images, images_per_slice)
-    d_sent = _utils.new_output((slices_s, N, D), acc, patch.device)
+    images_per_slice = _cdiv(num_images, slices_s)
+    slices_s = _cdiv(num_images, images_per_slice)
+    if slices_s == 1:
+        d_sent = _utils.new_output((N, D), sent.dtype, sent.device)
+    else:
+        d_sent = _utils.new_output((slices_s, N, D), acc, patch.device)
     K._filip_bwd_sent_kernel[(R, slices_s)](
-        patch, sent, cu, scale, smax, g_i2t, g_t2i, best_patch, d_own, d_sent,
+        patch, sent, cu, scale, counts, *upstream, d_sent,
         num_images, P, D, N, R, images_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
         BLOCK_P=cfg["bwd_sent_block_p"], **common,
     )
-    return d_patch.sum(dim=0), d_sent.sum(dim=0), d_scale_parts.sum()
+    if slices > 1:
+        d_patch = d_patch.sum(dim=0).to(patch.dtype)
+    if slices_s > 1:
+        d_sent = d_sent.sum(dim=0).to(sent.dtype)
+    return d_patch, d_sent, d_scale_parts.sum().to(scale.dtype)
 
 
-def _launch_matched_fwd(own, gaze, gaze_mask, cu, threshold, max_seqlen, P):
-    B = cu.shape[0] - 1
-    N = own.shape[0]
-    cfg = _config(own.dtype, P, 16, max_seqlen)
-    acc = own.dtype
-    s2p, p2s, clip_p, clip_s = (_utils.new_output((B,), acc, own.device) for _ in range(4))
-    row_stats = _utils.new_output((N, 7), acc, own.device)
-    z1_row_lse = _utils.new_output((B, P), acc, own.device)
-    z1_col_lse = _utils.new_output((B, P), acc, own.device)
-    has_gaze = gaze is not None
-    K._matched_fwd_kernel[(B,)](
-        own, gaze if has_gaze else own, gaze_mask if has_gaze else cu, cu,
-        s2p, p2s, clip_p, clip_s, row_stats, z1_row_lse, z1_col_lse,
-        P, float(threshold), HAS_GAZE=has_gaze,
-        BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
+def _launch_loss_fwd(patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, weights, egma_compat, max_seqlen):
+    """Every forward kernel of the loss; returns the outputs and what the backward pass needs."""
+    B, P, D = patch.shape
+    N = sent.shape[0]
+    cfg = _config(patch.dtype, P, D, max_seqlen, B)
+    acc = _acc_dtype(patch.dtype)
+    device = patch.device
+    # counts: [longest report (egma_compat only), max(1, reports with gaze), max(1, reports mapped)]
+    counts = _utils.new_output((3,), torch.int32, device)
+    if egma_compat:
+        K._longest_report_kernel[(1,)](cu, counts, B, BLOCK_B=cfg["BLOCK_B"])
+    i2t, t2i, best_patch, own = _launch_filip_fwd(
+        patch, sent, cu, scale, counts, max_seqlen, egma_compat=egma_compat, write_own=True
     )
-    return s2p, p2s, clip_p, clip_s, row_stats, z1_row_lse, z1_col_lse
+    has_gaze = gaze is not None
+    per_report = _utils.new_output((K.PER_REPORT_ROWS.value, B), acc, device)
+    row_stats = _utils.new_output((N, 7), acc, device)
+    z1_lse = _utils.new_output((2, B, P), acc, device)
+    K._report_fwd_kernel[(B,)](
+        own, gaze if has_gaze else own, gaze_mask if has_gaze else cu, cu, i2t, t2i,
+        per_report, row_stats, z1_lse, B, P, float(threshold),
+        HAS_GAZE=has_gaze, EGMA_COMPAT=egma_compat, BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"],
+        BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
+    )
+    loss, con, mlce, mapping = (_utils.new_output((), acc, device) for _ in range(4))
+    w_con, w_mlce, w_map = weights
+    K._loss_terms_kernel[(1,)](
+        cu, gaze_mask if has_gaze else cu, per_report, loss, con, mlce, mapping, counts,
+        B, float(alpha), float(w_con), float(w_mlce), float(w_map),
+        HAS_GAZE=has_gaze, BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"],
+    )
+    return loss, con, mlce, mapping, i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts
 
 
-def _launch_matched_bwd(grads, own, gaze, gaze_mask, cu, row_stats, z1_row_lse, z1_col_lse, threshold, max_seqlen):
-    B = cu.shape[0] - 1
+def _launch_loss_bwd(
+    g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask,
+    i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts,
+    alpha, threshold, weights, egma_compat, max_seqlen,
+):
+    grads = _grad_mask(loss=g_loss, con=g_con, mlce=g_mlce, map=g_map, i2t=g_i2t, t2i=g_t2i)
+    w_con, w_mlce, w_map = weights
     N, P = own.shape
-    cfg = _config(own.dtype, P, 16, max_seqlen)
-    d_own = _utils.new_output((N, P), own.dtype, own.device)
+    B = patch.shape[0]
     has_gaze = gaze is not None
-    g_s2p, g_p2s, g_clip_p, g_clip_s = (g.to(own.dtype).contiguous() for g in grads)
-    K._matched_bwd_kernel[(B,)](
-        own, gaze if has_gaze else own, gaze_mask if has_gaze else cu, cu,
-        g_s2p, g_p2s, g_clip_p, g_clip_s, row_stats, z1_row_lse, z1_col_lse, d_own,
-        P, float(threshold), HAS_GAZE=has_gaze,
-        BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
+    unused = scale
+    d_own = None
+    mlce_grad = has_gaze and bool(grads & (K.G_LOSS.value | K.G_MLCE.value))
+    map_grad = bool(grads & (K.G_LOSS.value | K.G_MAP.value))
+    if mlce_grad or map_grad:
+        cfg = _config(patch.dtype, P, 16, max_seqlen)
+        d_own = _utils.new_output((N, P), own.dtype, own.device)
+        K._report_bwd_kernel[(B,)](
+            own, gaze if has_gaze else own, gaze_mask if has_gaze else cu, cu, counts,
+            g_loss if g_loss is not None else unused, g_mlce if g_mlce is not None else unused,
+            g_map if g_map is not None else unused, float(w_mlce), float(w_map), float(alpha),
+            row_stats, z1_lse, d_own, P, float(threshold),
+            HAS_GAZE=has_gaze, GRADS=grads,
+            BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
+        )
+    return _launch_filip_bwd(
+        patch, sent, cu, scale, counts, best_patch, max_seqlen, egma_compat=egma_compat, grads=grads,
+        g_loss=g_loss, g_con=g_con, g_i2t=g_i2t, g_t2i=g_t2i, w_con=w_con, i2t=i2t, t2i=t2i,
+        per_report=per_report, d_own=d_own,
     )
-    return d_own
 
 
 # ---------------------------------------------------------------------------------------------------
 # Custom ops: the loss (forward, backward) and the rectangular similarity (forward, backward)
 # ---------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("egma_kernels::triton_loss_fwd", mutates_args=())
-def _loss_fwd_op(
-    patch: Tensor, sent: Tensor, cu: Tensor, scale: Tensor, smax: Tensor,
-    gaze: Optional[Tensor], gaze_mask: Optional[Tensor],
-    threshold: float, egma_compat: bool, max_seqlen: int,
-) -> List[Tensor]:
-    i2t, t2i, best_patch, own = _launch_filip_fwd(
-        patch, sent, cu, scale, smax, max_seqlen, egma_compat=egma_compat, write_own=True
-    )
-    s2p, p2s, clip_p, clip_s, row_stats, z1_row, z1_col = _launch_matched_fwd(
-        own, gaze, gaze_mask, cu, threshold, max_seqlen, patch.shape[1]
-    )
-    return [i2t, t2i, s2p, p2s, clip_p, clip_s, best_patch, own, row_stats, z1_row, z1_col]
+_T = Tensor
+_OptT = Optional[Tensor]
 
 
-@_loss_fwd_op.register_fake
-def _(patch, sent, cu, scale, smax, gaze, gaze_mask, threshold, egma_compat, max_seqlen):
+@torch.library.custom_op("egma_kernels::triton_loss", mutates_args=())
+def _loss_op(
+    patch: _T, sent: _T, cu: _T, scale: _T, gaze: _OptT, gaze_mask: _OptT,
+    options: List[float], egma_compat: bool, max_seqlen: int,
+) -> Tuple[_T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T]:
+    """(loss, contrastive, gaze_mlce, mapping, i2t, t2i, then six tensors saved for the backward pass).
+
+    ``options`` = [alpha, map_threshold, w_con, w_mlce, w_map]: one list argument, because torch's
+    autograd wrapper of a custom op costs time per schema argument on every call."""
+    alpha, threshold, *weights = options
+    return _launch_loss_fwd(patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, weights, egma_compat, max_seqlen)
+
+
+@_loss_op.register_fake
+def _(patch, sent, cu, scale, gaze, gaze_mask, options, egma_compat, max_seqlen):
     B, P, _ = patch.shape
     N = sent.shape[0]
     acc = _acc_dtype(patch.dtype)
     new = lambda *shape, dtype=acc: patch.new_empty(shape, dtype=dtype)
-    return [new(B, B), new(B, B), new(B), new(B), new(B), new(B), new(B, N, dtype=torch.int32),
-            new(N, P), new(N, 7), new(B, P), new(B, P)]
+    return (new(), new(), new(), new(), new(B, B), new(B, B), new(B, N, dtype=torch.int32), new(N, P),
+            new(8, B), new(N, 7), new(2, B, P), new(3, dtype=torch.int32))
 
 
-@torch.library.custom_op("egma_kernels::triton_loss_bwd", mutates_args=())
+@torch.library.custom_op("egma_kernels::triton_loss_backward", mutates_args=())
 def _loss_bwd_op(
-    g_i2t: Tensor, g_t2i: Tensor, g_s2p: Tensor, g_p2s: Tensor, g_clip_p: Tensor, g_clip_s: Tensor,
-    patch: Tensor, sent: Tensor, cu: Tensor, scale: Tensor, smax: Tensor,
-    gaze: Optional[Tensor], gaze_mask: Optional[Tensor],
-    best_patch: Tensor, own: Tensor, row_stats: Tensor, z1_row: Tensor, z1_col: Tensor,
-    threshold: float, egma_compat: bool, max_seqlen: int,
-) -> List[Tensor]:
-    d_own = _launch_matched_bwd(
-        (g_s2p, g_p2s, g_clip_p, g_clip_s), own, gaze, gaze_mask, cu, row_stats, z1_row, z1_col, threshold, max_seqlen
+    g_loss: _OptT, g_con: _OptT, g_mlce: _OptT, g_map: _OptT, g_i2t: _OptT, g_t2i: _OptT,
+    patch: _T, sent: _T, cu: _T, scale: _T, gaze: _OptT, gaze_mask: _OptT,
+    i2t: _T, t2i: _T, best_patch: _T, own: _T, per_report: _T, row_stats: _T, z1_lse: _T, counts: _T,
+    options: List[float], egma_compat: bool, max_seqlen: int,
+) -> Tuple[_T, _T, _T]:
+    alpha, threshold, *weights = options
+    return _launch_loss_bwd(
+        g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask,
+        i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts,
+        alpha, threshold, weights, egma_compat, max_seqlen,
     )
-    d_patch, d_sent, d_scale = _launch_filip_bwd(
-        g_i2t, g_t2i, d_own, patch, sent, cu, scale, smax, best_patch, max_seqlen, egma_compat=egma_compat
-    )
-    return [d_patch.to(patch.dtype), d_sent.to(sent.dtype), d_scale.to(scale.dtype)]
 
 
 @_loss_bwd_op.register_fake
-def _(g_i2t, g_t2i, g_s2p, g_p2s, g_clip_p, g_clip_s, patch, sent, cu, scale, smax, gaze, gaze_mask,
-      best_patch, own, row_stats, z1_row, z1_col, threshold, egma_compat, max_seqlen):
-    return [torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)]
+def _(g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, patch, sent, cu, scale, *rest):
+    return torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)
 
 
 def _loss_setup_context(ctx, inputs, output):
-    patch, sent, cu, scale, smax, gaze, gaze_mask, threshold, egma_compat, max_seqlen = inputs
-    best_patch, own, row_stats, z1_row, z1_col = output[6:]
-    ctx.save_for_backward(patch, sent, cu, scale, smax, gaze, gaze_mask, best_patch, own, row_stats, z1_row, z1_col)
-    ctx.options = (threshold, egma_compat, max_seqlen)
+    patch, sent, cu, scale, gaze, gaze_mask, *options = inputs
+    saved = output[4:]  # i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts
+    ctx.mark_non_differentiable(*output[6:])
+    ctx.set_materialize_grads(False)  # absent upstream gradients stay None: the kernels skip their terms
+    ctx.save_for_backward(patch, sent, cu, scale, gaze, gaze_mask, *saved)
+    ctx.options = options
 
 
-def _loss_backward(ctx, grads):
-    patch, sent, cu, scale, smax, gaze, gaze_mask, best_patch, own, row_stats, z1_row, z1_col = ctx.saved_tensors
-    B = patch.shape[0]
-    acc = _acc_dtype(patch.dtype)
-    shapes = [(B, B), (B, B), (B,), (B,), (B,), (B,)]
-    grads = [g if g is not None else patch.new_zeros(shape, dtype=acc) for g, shape in zip(grads[:6], shapes)]
-    d_patch, d_sent, d_scale = _loss_bwd_op(
-        *grads, patch, sent, cu, scale, smax, gaze, gaze_mask, best_patch, own, row_stats, z1_row, z1_col, *ctx.options
-    )
-    return d_patch, d_sent, None, d_scale, None, None, None, None, None, None
+def _loss_backward(ctx, g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *_):
+    if all(g is None for g in (g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i)):
+        return (None,) * 9
+    d_patch, d_sent, d_scale = _loss_bwd_op(g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *ctx.saved_tensors, *ctx.options)
+    return (d_patch, d_sent, None, d_scale) + (None,) * 5
 
 
-torch.library.register_autograd("egma_kernels::triton_loss_fwd", _loss_backward, setup_context=_loss_setup_context)
+torch.library.register_autograd("egma_kernels::triton_loss", _loss_backward, setup_context=_loss_setup_context)
 
 
-@torch.library.custom_op("egma_kernels::triton_filip_fwd", mutates_args=())
-def _filip_fwd_op(patch: Tensor, sent: Tensor, cu: Tensor, scale: Tensor, max_seqlen: int) -> List[Tensor]:
+@torch.library.custom_op("egma_kernels::triton_filip", mutates_args=())
+def _filip_op(patch: _T, sent: _T, cu: _T, scale: _T, max_seqlen: int) -> Tuple[_T, _T, _T]:
+    """(i2t, t2i, best patch of each sentence in each image: saved for the backward pass)."""
     i2t, t2i, best_patch, _ = _launch_filip_fwd(patch, sent, cu, scale, cu, max_seqlen, egma_compat=False, write_own=False)
-    return [i2t, t2i, best_patch]
+    return i2t, t2i, best_patch
 
 
-@_filip_fwd_op.register_fake
+@_filip_op.register_fake
 def _(patch, sent, cu, scale, max_seqlen):
     M = patch.shape[0]
     R = cu.shape[0] - 1
     acc = _acc_dtype(patch.dtype)
-    return [patch.new_empty(M, R, dtype=acc), patch.new_empty(M, R, dtype=acc),
-            patch.new_empty(M, sent.shape[0], dtype=torch.int32)]
+    return (patch.new_empty(M, R, dtype=acc), patch.new_empty(M, R, dtype=acc),
+            patch.new_empty(M, sent.shape[0], dtype=torch.int32))
 
 
-@torch.library.custom_op("egma_kernels::triton_filip_bwd", mutates_args=())
+@torch.library.custom_op("egma_kernels::triton_filip_backward", mutates_args=())
 def _filip_bwd_op(
-    g_i2t: Tensor, g_t2i: Tensor, patch: Tensor, sent: Tensor, cu: Tensor, scale: Tensor, best_patch: Tensor, max_seqlen: int
-) -> List[Tensor]:
-    d_patch, d_sent, d_scale = _launch_filip_bwd(
-        g_i2t, g_t2i, None, patch, sent, cu, scale, cu, best_patch, max_seqlen, egma_compat=False
+    g_i2t: _OptT, g_t2i: _OptT, patch: _T, sent: _T, cu: _T, scale: _T, best_patch: _T, max_seqlen: int
+) -> Tuple[_T, _T, _T]:
+    return _launch_filip_bwd(
+        patch, sent, cu, scale, cu, best_patch, max_seqlen, egma_compat=False,
+        grads=_grad_mask(i2t=g_i2t, t2i=g_t2i), g_i2t=g_i2t, g_t2i=g_t2i,
     )
-    return [d_patch.to(patch.dtype), d_sent.to(sent.dtype), d_scale.to(scale.dtype)]
 
 
 @_filip_bwd_op.register_fake
 def _(g_i2t, g_t2i, patch, sent, cu, scale, best_patch, max_seqlen):
-    return [torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)]
+    return torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)
 
 
 def _filip_setup_context(ctx, inputs, output):
     patch, sent, cu, scale, max_seqlen = inputs
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(patch, sent, cu, scale, output[2])
     ctx.max_seqlen = max_seqlen
 
 
-def _filip_backward(ctx, grads):
+def _filip_backward(ctx, g_i2t, g_t2i, _):
+    if g_i2t is None and g_t2i is None:
+        return None, None, None, None, None
     patch, sent, cu, scale, best_patch = ctx.saved_tensors
-    shape = (patch.shape[0], cu.shape[0] - 1)
-    acc = _acc_dtype(patch.dtype)
-    g_i2t, g_t2i = (g if g is not None else patch.new_zeros(shape, dtype=acc) for g in grads[:2])
     d_patch, d_sent, d_scale = _filip_bwd_op(g_i2t, g_t2i, patch, sent, cu, scale, best_patch, ctx.max_seqlen)
     return d_patch, d_sent, None, d_scale, None
 
 
-torch.library.register_autograd("egma_kernels::triton_filip_fwd", _filip_backward, setup_context=_filip_setup_context)
+torch.library.register_autograd("egma_kernels::triton_filip", _filip_backward, setup_context=_filip_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -336,11 +414,14 @@ def _prepare(patch_emb, sent_emb, cu_seqlens, logit_scale, max_seqlen):
     _check_device(patch_emb, sent_emb)
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host read; pass max_seqlen to avoid it
+    scale_dtype = _acc_dtype(patch_emb.dtype)
+    if logit_scale.dim() != 0 or logit_scale.dtype != scale_dtype:  # validation already makes it so
+        logit_scale = logit_scale.reshape(()).to(scale_dtype)
     return (
         patch_emb.contiguous(),
         sent_emb.contiguous(),
-        cu_seqlens.to(torch.int32).contiguous(),
-        logit_scale.reshape(()).to(_acc_dtype(patch_emb.dtype)),
+        cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32),
+        logit_scale,
         max_seqlen,
     )
 
@@ -360,30 +441,13 @@ def fine_grained_loss_triton(
     max_seqlen: Optional[int] = None,
 ) -> LossTerms:
     patch, sent, cu, scale, max_seqlen = _prepare(patch_emb, sent_emb, cu_seqlens, logit_scale, max_seqlen)
-    B = patch.shape[0]
-    _, lengths = report_of_sentence(cu, sent.shape[0])
-    smax = lengths.max().to(torch.int32)
     if gaze is not None:
         gaze = gaze.contiguous()
         gaze_mask = gaze_mask.contiguous()
-    i2t, t2i, s2p, p2s, clip_p, clip_s, *_ = _loss_fwd_op(
-        patch, sent, cu, scale, smax, gaze, gaze_mask, float(map_threshold), bool(egma_compat), int(max_seqlen)
+    options = [float(alpha), float(map_threshold), *(float(w) for w in weights)]
+    loss, contrastive, gaze_mlce, mapping, i2t, t2i, *_ = _loss_op(
+        patch, sent, cu.contiguous(), scale, gaze, gaze_mask, options, bool(egma_compat), int(max_seqlen)
     )
-    targets = torch.arange(B, device=patch.device)
-    if egma_compat:
-        contrastive = 0.5 * (F.cross_entropy(i2t, targets) + F.cross_entropy(t2i, targets))
-    else:
-        contrastive = 0.5 * (F.cross_entropy(i2t, targets) + F.cross_entropy(t2i.t(), targets))
-    if gaze is None:
-        gaze_mlce = i2t.new_zeros(())
-    else:
-        per_report = alpha * s2p + (1.0 - alpha) * p2s
-        gaze_mlce = torch.where(gaze_mask, per_report, torch.zeros_like(per_report)).sum() / gaze_mask.sum().clamp_min(1)
-    mapped = lengths >= 2
-    per_report_map = 0.5 * (clip_p + clip_s)
-    mapping = torch.where(mapped, per_report_map, torch.zeros_like(per_report_map)).sum() / mapped.sum().clamp_min(1)
-    w_con, w_mlce, w_map = weights
-    loss = w_con * contrastive + w_mlce * gaze_mlce + w_map * mapping
     return LossTerms(loss, contrastive, gaze_mlce, mapping, i2t, t2i)
 
 
@@ -391,7 +455,7 @@ def filip_similarity_triton(
     patch_emb: Tensor, sent_emb: Tensor, cu_seqlens: Tensor, logit_scale: Tensor, max_seqlen: Optional[int] = None
 ) -> Tuple[Tensor, Tensor]:
     patch, sent, cu, scale, max_seqlen = _prepare(patch_emb, sent_emb, cu_seqlens, logit_scale, max_seqlen)
-    i2t, t2i, _ = _filip_fwd_op(patch, sent, cu, scale, int(max_seqlen))
+    i2t, t2i, _ = _filip_op(patch, sent, cu.contiguous(), scale, int(max_seqlen))
     return i2t, t2i
 
 

@@ -3,16 +3,23 @@
 Notation as in SPEC: ``A[a, i ; u] = t * <patch[a, i], sent[u]>``. No kernel writes the ``(B*P) x N``
 matrix: every tile of it is recomputed from the embeddings where it is needed.
 
-Kernels (one program per ...):
+Kernels (one program per ...), in launch order:
+  _longest_report_kernel  (once, egma_compat only): the longest report, for the zero-padding rule.
   _filip_fwd_kernel       (image a, report b): I2T[a,b], T2I[a,b], the argmax patch of each sentence,
                           and on the matched tiles (a == b) the own block X[u, i] = A[o(u), i ; u].
-  _matched_fwd_kernel     report k: on X_k (n_k x P) the gaze MLCE rows/columns, the mapping weights
-                          (recomputed from X and the gaze, never stored) and both mapping CLIP losses,
-                          using Z1 = W_I2T^T X_k (P x P) and Z2 = W_T2I X_k^T (n_k x n_k): since
-                          X_k = t * S_k P_k^T, the mapped features never need to be formed.
-  _matched_bwd_kernel     report k: dL/dX_k from the MLCE and mapping terms.
+  _report_fwd_kernel      report k: the contrastive cross-entropies' row k (log-sum-exps of row k of
+                          I2T and of column k of T2I); on X_k (n_k x P) the gaze MLCE rows/columns, the
+                          mapping weights (recomputed from X and the gaze, never stored) and both mapping
+                          CLIP losses, using Z1 = W_I2T^T X_k (P x P) and Z2 = W_T2I X_k^T (n_k x n_k):
+                          since X_k = t * S_k P_k^T, the mapped features never need to be formed.
+  _loss_terms_kernel      (once): the three terms and the loss, summed over the reports in a fixed order.
+  _report_bwd_kernel      report k: dL/dX_k from the MLCE and mapping terms.
   _filip_bwd_patch_kernel (image a, patch block, slice of the reports): dL/dpatch and dL/dt partials.
   _filip_bwd_sent_kernel  (report b, slice of the images): dL/dsent partials.
+The whole loss is these kernels and nothing else: no torch op between them, so that a call costs a few
+launches of host time (at small batches the host, not the GPU, sets the pace). The backward kernels
+turn the upstream gradients of the loss and of its terms into the cross-entropies' softmax gradients
+themselves, from the log-sum-exps saved by the forward pass.
 Every reduction happens inside one program in a fixed order, and the partials of the slices are summed
 in a fixed order afterwards: results are deterministic (no atomics). The slices only add parallelism
 where there are few programs (small batches).
@@ -97,10 +104,80 @@ def _filip_fwd_kernel(
     tl.store(best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs, col_arg, mask=u_mask)
 
 
+# Which upstream gradients the backward kernels receive (a bit mask, constexpr): any subset of the
+# loss and its three terms (the usual case: the loss alone), and of the two matrices. Test a bit as
+# `(BIT & GRADS)`, the bit first: the interpreter passes GRADS as a plain int, which has no `& constexpr`.
+G_LOSS = tl.constexpr(1)
+G_CON = tl.constexpr(2)
+G_MLCE = tl.constexpr(4)
+G_MAP = tl.constexpr(8)
+G_I2T = tl.constexpr(16)
+G_T2I = tl.constexpr(32)
+
+# Rows of the per-report buffer (8, B) that the report kernel fills and the later kernels read.
+PR_S2P = tl.constexpr(0)
+PR_P2S = tl.constexpr(1)
+PR_CLIP_P = tl.constexpr(2)
+PR_CLIP_S = tl.constexpr(3)
+PR_LSE_I2T = tl.constexpr(4)  # log-sum-exp of row k of I2T (over the reports)
+PR_LSE_T2I = tl.constexpr(5)  # log-sum-exp of column k of T2I (over the images); of row k with egma_compat
+PR_CE_I2T = tl.constexpr(6)
+PR_CE_T2I = tl.constexpr(7)
+PER_REPORT_ROWS = tl.constexpr(8)
+
+
+@triton.jit
+def _term_coefficient(g_loss_ptr, g_term_ptr, weight, GRADS: tl.constexpr, TERM_BIT: tl.constexpr):
+    """dL_out/d(term) = weight * g_loss + g_term, for the gradients present (at least one must be)."""
+    if (G_LOSS & GRADS) != 0:
+        c = weight * tl.load(g_loss_ptr)
+        if (TERM_BIT & GRADS) != 0:
+            c += tl.load(g_term_ptr)
+    else:
+        c = tl.load(g_term_ptr)
+    return c
+
+
+@triton.jit
+def _matrix_grads(
+    img, rep, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr,
+    EGMA_COMPAT: tl.constexpr, GRADS: tl.constexpr,
+):
+    """dL/dI2T[img, rep] and dL/dT2I[img, rep]: the contrastive cross-entropies' softmax minus target
+    (``c_con`` = dL/dL_con * 1/2 * 1/B), plus any gradient given to the matrices themselves."""
+    at = tl.cast(img, tl.int64) * R + rep
+    if ((G_LOSS | G_CON) & GRADS) != 0:
+        target = tl.where(img == rep, 1.0, 0.0)
+        lse_row = tl.load(per_report_ptr + PR_LSE_I2T * R + img)
+        g_row = c_con * (tl.exp(tl.load(i2t_ptr + at) - lse_row) - target)
+        if EGMA_COMPAT:
+            lse_col = tl.load(per_report_ptr + PR_LSE_T2I * R + img)
+        else:
+            lse_col = tl.load(per_report_ptr + PR_LSE_T2I * R + rep)
+        g_col = c_con * (tl.exp(tl.load(t2i_ptr + at) - lse_col) - target)
+        if (G_I2T & GRADS) != 0:
+            g_row += tl.load(g_i2t_ptr + at)
+        if (G_T2I & GRADS) != 0:
+            g_col += tl.load(g_t2i_ptr + at)
+    else:
+        g_row = tl.load(g_i2t_ptr + at) if (G_I2T & GRADS) != 0 else 0.0
+        g_col = tl.load(g_t2i_ptr + at) if (G_T2I & GRADS) != 0 else 0.0
+    return g_row, g_col
+
+
+@triton.jit
+def _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, num_reports, GRADS: tl.constexpr):
+    """dL_out/dL_con * 1/2 * 1/B: the factor of both cross-entropies' gradients (0 without one)."""
+    c = 0.0
+    if ((G_LOSS | G_CON) & GRADS) != 0:
+        c = _term_coefficient(g_loss_ptr, g_con_ptr, w_con, GRADS, G_CON) * 0.5 / num_reports
+    return c
+
+
 @triton.jit
 def _grad_tile(
-    sim, img, rep, p_offs, p_mask, j, u_offs, u_mask, n_rep, P, N, R,
-    g_i2t_ptr, g_t2i_ptr, best_patch_ptr, d_own_ptr, smax_ptr,
+    sim, img, rep, p_offs, p_mask, j, u_offs, u_mask, n_rep, P, N, g_row, g_col,
+    best_patch_ptr, d_own_ptr, smax_ptr,
     EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr,
 ):
     """dL/dA on one (image, report) tile: routed through each max, plus the own block's gradient."""
@@ -111,11 +188,9 @@ def _grad_tile(
         row_max = tl.max(masked, axis=1)
         padded = n_rep < tl.load(smax_ptr)
         hit = hit & ~(padded & (row_max < 0.0))[:, None]  # the zero padding won: no gradient
-    g_row = tl.load(g_i2t_ptr + img * R + rep) / P
-    d_sim = tl.where(hit & p_mask[:, None], g_row, 0.0)
+    d_sim = tl.where(hit & p_mask[:, None], g_row / P, 0.0)
     best = tl.load(best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs, mask=u_mask, other=-1)
-    g_col = tl.load(g_t2i_ptr + img * R + rep) / n_rep
-    d_sim += tl.where((p_offs[:, None] == best[None, :]) & u_mask[None, :], g_col, 0.0)
+    d_sim += tl.where((p_offs[:, None] == best[None, :]) & u_mask[None, :], g_col / n_rep, 0.0)
     if HAS_OWN_GRAD:
         own_offs = u_offs.to(tl.int64)[None, :] * P + p_offs[:, None]
         d_sim += tl.load(d_own_ptr + own_offs, mask=p_mask[:, None] & u_mask[None, :] & (img == rep), other=0.0)
@@ -125,11 +200,12 @@ def _grad_tile(
 @triton.jit
 def _filip_bwd_patch_kernel(
     patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
-    g_i2t_ptr, g_t2i_ptr, best_patch_ptr, d_own_ptr,
+    i2t_ptr, t2i_ptr, per_report_ptr, g_loss_ptr, g_con_ptr, g_i2t_ptr, g_t2i_ptr, w_con,
+    best_patch_ptr, d_own_ptr,
     d_patch_ptr, d_scale_part_ptr,
     P, D, N, R, reps_per_slice,
     stride_pb, stride_pp, stride_sn,
-    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr,
+    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_PAD: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -144,6 +220,7 @@ def _filip_bwd_patch_kernel(
     dd = tl.arange(0, D_PAD)
     acc = tl.zeros([BLOCK_P, D_PAD], dtype=ACC)
     scale_acc = tl.zeros([BLOCK_P], dtype=ACC)
+    c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
     rep_lo = part * reps_per_slice
     rep_hi = tl.minimum(rep_lo + reps_per_slice, R)
     for rep in range(rep_lo, rep_hi):
@@ -155,9 +232,12 @@ def _filip_bwd_patch_kernel(
             patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
             BLOCK_P, BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
         )
+        g_row, g_col = _matrix_grads(
+            img, rep, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr, EGMA_COMPAT, GRADS
+        )
         d_sim = _grad_tile(
-            sim, img, rep, p_offs, p_mask, j, u_offs, u_mask, n_rep, P, N, R,
-            g_i2t_ptr, g_t2i_ptr, best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD,
+            sim, img, rep, p_offs, p_mask, j, u_offs, u_mask, n_rep, P, N, g_row, g_col,
+            best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD,
         ).to(ACC)
         scale_acc += tl.sum(d_sim * sim, axis=1)
         sents = tl.load(
@@ -176,11 +256,12 @@ def _filip_bwd_patch_kernel(
 @triton.jit
 def _filip_bwd_sent_kernel(
     patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
-    g_i2t_ptr, g_t2i_ptr, best_patch_ptr, d_own_ptr,
+    i2t_ptr, t2i_ptr, per_report_ptr, g_loss_ptr, g_con_ptr, g_i2t_ptr, g_t2i_ptr, w_con,
+    best_patch_ptr, d_own_ptr,
     d_sent_ptr,
     num_images, P, D, N, R, images_per_slice,
     stride_pb, stride_pp, stride_sn,
-    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr,
+    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_PAD: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -194,9 +275,13 @@ def _filip_bwd_sent_kernel(
     u_mask = j < n_rep
     dd = tl.arange(0, D_PAD)
     acc = tl.zeros([BLOCK_S, D_PAD], dtype=ACC)
+    c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
     img_lo = part * images_per_slice
     img_hi = tl.minimum(img_lo + images_per_slice, num_images)
     for img in range(img_lo, img_hi):
+        g_row, g_col = _matrix_grads(
+            img, rep, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr, EGMA_COMPAT, GRADS
+        )
         for p0 in range(0, P, BLOCK_P):
             p_offs = p0 + tl.arange(0, BLOCK_P)
             p_mask = p_offs < P
@@ -205,8 +290,8 @@ def _filip_bwd_sent_kernel(
                 BLOCK_P, BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
             )
             d_sim = _grad_tile(
-                sim, img, rep, p_offs, p_mask, j, u_offs, u_mask, n_rep, P, N, R,
-                g_i2t_ptr, g_t2i_ptr, best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD,
+                sim, img, rep, p_offs, p_mask, j, u_offs, u_mask, n_rep, P, N, g_row, g_col,
+                best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD,
             ).to(ACC)
             patches = tl.load(
                 patch_ptr + tl.cast(img, tl.int64) * stride_pb + p_offs.to(tl.int64)[:, None] * stride_pp + dd[None, :],
@@ -285,17 +370,104 @@ def _report_rows(cu_ptr, gaze_mask_ptr, k, HAS_GAZE: tl.constexpr, BLOCK_S: tl.c
 
 
 @triton.jit
-def _matched_fwd_kernel(
-    own_ptr, gaze_ptr, gaze_mask_ptr, cu_ptr,
-    s2p_ptr, p2s_ptr, clip_p_ptr, clip_s_ptr,
-    row_stats_ptr, z1_row_lse_ptr, z1_col_lse_ptr,
-    P, threshold,
-    HAS_GAZE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _row_lse(m_ptr, k, stride_row, stride_col, length, BLOCK: tl.constexpr):
+    """(log-sum-exp, diagonal element) of line k of a square matrix, online over blocks of BLOCK."""
+    line = m_ptr + tl.cast(k, tl.int64) * stride_row
+    diag = tl.load(line + tl.cast(k, tl.int64) * stride_col)
+    run_max = diag  # a finite start: the running sum's first rescale never sees -inf - -inf
+    run_sum = diag * 0.0
+    for c0 in range(0, length, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        v = tl.load(line + c.to(tl.int64) * stride_col, mask=c < length, other=float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(v, axis=0))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(v - new_max), axis=0)
+        run_max = new_max
+    return run_max + tl.log(run_sum), diag
+
+
+@triton.jit
+def _longest_report_kernel(cu_ptr, counts_ptr, B, BLOCK_B: tl.constexpr):
+    """counts[0] = the longest report's sentence count (the zero-padding rule of egma_compat)."""
+    longest = tl.zeros([BLOCK_B], dtype=tl.int32)
+    for k0 in range(0, B, BLOCK_B):
+        k = k0 + tl.arange(0, BLOCK_B)
+        mask = k < B
+        n = tl.load(cu_ptr + k + 1, mask=mask, other=0) - tl.load(cu_ptr + k, mask=mask, other=0)
+        longest = tl.maximum(longest, n)
+    tl.store(counts_ptr, tl.max(longest, axis=0))
+
+
+@triton.jit
+def _loss_terms_kernel(
+    cu_ptr, gaze_mask_ptr, per_report_ptr, loss_ptr, con_ptr, mlce_ptr, map_ptr, counts_ptr,
+    B, alpha, w_con, w_mlce, w_map,
+    HAS_GAZE: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr,
+):
+    """The three terms and the loss from the per-report values, in one program (a fixed order).
+
+    Also saves for the backward pass counts[1] = max(1, reports with gaze) and counts[2] = max(1,
+    reports with two sentences or more), the two denominators."""
+    con = tl.zeros([BLOCK_B], dtype=ACC)
+    mlce = tl.zeros([BLOCK_B], dtype=ACC)
+    mapping = tl.zeros([BLOCK_B], dtype=ACC)
+    n_gaze = tl.zeros([BLOCK_B], dtype=tl.int32)
+    n_mapped = tl.zeros([BLOCK_B], dtype=tl.int32)
+    for k0 in range(0, B, BLOCK_B):
+        k = k0 + tl.arange(0, BLOCK_B)
+        mask = k < B
+        con += tl.load(per_report_ptr + PR_CE_I2T * B + k, mask=mask, other=0.0)
+        con += tl.load(per_report_ptr + PR_CE_T2I * B + k, mask=mask, other=0.0)
+        if HAS_GAZE:
+            gazed = mask & (tl.load(gaze_mask_ptr + k, mask=mask, other=0) != 0)
+            s2p = tl.load(per_report_ptr + PR_S2P * B + k, mask=gazed, other=0.0)
+            p2s = tl.load(per_report_ptr + PR_P2S * B + k, mask=gazed, other=0.0)
+            mlce += tl.where(gazed, alpha * s2p + (1.0 - alpha) * p2s, 0.0)
+            n_gaze += gazed.to(tl.int32)
+        n = tl.load(cu_ptr + k + 1, mask=mask, other=0) - tl.load(cu_ptr + k, mask=mask, other=0)
+        mapped = mask & (n >= 2)
+        clip_p = tl.load(per_report_ptr + PR_CLIP_P * B + k, mask=mapped, other=0.0)
+        clip_s = tl.load(per_report_ptr + PR_CLIP_S * B + k, mask=mapped, other=0.0)
+        mapping += tl.where(mapped, 0.5 * (clip_p + clip_s), 0.0)
+        n_mapped += mapped.to(tl.int32)
+    gaze_count = tl.maximum(tl.sum(n_gaze, axis=0), 1)
+    mapped_count = tl.maximum(tl.sum(n_mapped, axis=0), 1)
+    con_value = 0.5 * tl.sum(con, axis=0) / B
+    mlce_value = tl.sum(mlce, axis=0) / gaze_count
+    map_value = tl.sum(mapping, axis=0) / mapped_count
+    tl.store(con_ptr, con_value)
+    tl.store(mlce_ptr, mlce_value)
+    tl.store(map_ptr, map_value)
+    tl.store(loss_ptr, w_con * con_value + w_mlce * mlce_value + w_map * map_value)
+    tl.store(counts_ptr + 1, gaze_count)
+    tl.store(counts_ptr + 2, mapped_count)
+
+
+@triton.jit
+def _report_fwd_kernel(
+    own_ptr, gaze_ptr, gaze_mask_ptr, cu_ptr, i2t_ptr, t2i_ptr,
+    per_report_ptr, row_stats_ptr, z1_lse_ptr,
+    B, P, threshold,
+    HAS_GAZE: tl.constexpr, EGMA_COMPAT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     k = tl.program_id(0)
     n_rep, j, u_offs, u_mask, add_gaze = _report_rows(cu_ptr, gaze_mask_ptr, k, HAS_GAZE, BLOCK_S)
     NEG_INF: tl.constexpr = float("-inf")
+    out = per_report_ptr + k
+    z1_row_lse_ptr = z1_lse_ptr  # (2, B, P): Z1's row log-sum-exps, then its column log-sum-exps
+    z1_col_lse_ptr = z1_lse_ptr + tl.cast(B, tl.int64) * P
+
+    # Contrastive cross-entropies: row k of I2T, and column k of T2I (row k with egma_compat).
+    if EGMA_COMPAT:
+        lse_t2i, diag_t2i = _row_lse(t2i_ptr, k, B, 1, B, BLOCK_B)
+    else:
+        lse_t2i, diag_t2i = _row_lse(t2i_ptr, k, 1, B, B, BLOCK_B)
+    lse_i2t, diag_i2t = _row_lse(i2t_ptr, k, B, 1, B, BLOCK_B)
+    tl.store(out + PR_LSE_I2T * B, lse_i2t)
+    tl.store(out + PR_LSE_T2I * B, lse_t2i)
+    tl.store(out + PR_CE_I2T * B, lse_i2t - diag_i2t)
+    tl.store(out + PR_CE_T2I * B, lse_t2i - diag_t2i)
 
     # Pass 1 over patch blocks: MLCE rows (online), MLCE columns (complete per block), W_T2I row stats,
     # and the diagonal of Z1 (sum_j W_I2T[j, i] X[j, i]).
@@ -326,8 +498,8 @@ def _matched_fwd_kernel(
         w1 = _w_i2t_block(x, heat, mask, add_gaze, threshold)
         z1_diag += tl.sum(w1 * x, axis=0)
     row_mlce = neg_m + tl.log(neg_s) + pos_m + tl.log(pos_s)
-    tl.store(s2p_ptr + k, tl.sum(tl.where(u_mask, row_mlce, 0.0), axis=0) / n_rep)
-    tl.store(p2s_ptr + k, tl.sum(p2s_total, axis=0) / P)
+    tl.store(out + PR_S2P * B, tl.sum(tl.where(u_mask, row_mlce, 0.0), axis=0) / n_rep)
+    tl.store(out + PR_P2S * B, tl.sum(p2s_total, axis=0) / P)
 
     # Pass 2: W_T2I totals, then Z2 = W_T2I X^T (n_k x n_k) accumulated over patch blocks.
     row_total = tl.zeros([BLOCK_S], dtype=ACC)
@@ -353,7 +525,7 @@ def _matched_fwd_kernel(
     z2_col = z2_col + tl.log(tl.sum(tl.exp(z2m - z2_col[None, :]), axis=0))
     z2_diag = tl.sum(tl.where(j[:, None] == j[None, :], z2, 0.0), axis=1)
     clip_s = 0.5 * tl.sum(tl.where(u_mask, z2_row + z2_col - 2.0 * z2_diag, 0.0), axis=0) / n_rep
-    tl.store(clip_s_ptr + k, clip_s)
+    tl.store(out + PR_CLIP_S * B, clip_s)
     # Saved for the backward pass: the MLCE row log-sum-exps, W_T2I row stats, Z2 log-sum-exps.
     stats = row_stats_ptr + u_offs.to(tl.int64) * 7
     tl.store(stats + 0, neg_m + tl.log(neg_s), mask=u_mask)
@@ -392,26 +564,38 @@ def _matched_fwd_kernel(
         tl.store(z1_col_lse_ptr + k.to(tl.int64) * P + o_offs, c_lse, mask=o_mask)
         z1_total += tl.where(o_mask, r_lse + c_lse, 0.0)
     clip_p = 0.5 * (tl.sum(z1_total, axis=0) - 2.0 * tl.sum(z1_diag, axis=0)) / P
-    tl.store(clip_p_ptr + k, clip_p)
+    tl.store(out + PR_CLIP_P * B, clip_p)
 
 
 @triton.jit
-def _matched_bwd_kernel(
-    own_ptr, gaze_ptr, gaze_mask_ptr, cu_ptr,
-    g_s2p_ptr, g_p2s_ptr, g_clip_p_ptr, g_clip_s_ptr,
-    row_stats_ptr, z1_row_lse_ptr, z1_col_lse_ptr,
+def _report_bwd_kernel(
+    own_ptr, gaze_ptr, gaze_mask_ptr, cu_ptr, counts_ptr,
+    g_loss_ptr, g_mlce_ptr, g_map_ptr, w_mlce, w_map, alpha,
+    row_stats_ptr, z1_lse_ptr,
     d_own_ptr,
     P, threshold,
-    HAS_GAZE: tl.constexpr,
+    HAS_GAZE: tl.constexpr, GRADS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """dL/dX_k from the MLCE and mapping terms (launched only when one of them has a gradient)."""
     k = tl.program_id(0)
     n_rep, j, u_offs, u_mask, add_gaze = _report_rows(cu_ptr, gaze_mask_ptr, k, HAS_GAZE, BLOCK_S)
+    z1_row_lse_ptr = z1_lse_ptr
+    z1_col_lse_ptr = z1_lse_ptr + tl.cast(tl.num_programs(0), tl.int64) * P
     NEG_INF: tl.constexpr = float("-inf")
-    g_s2p = tl.load(g_s2p_ptr + k).to(ACC) / n_rep
-    g_p2s = tl.load(g_p2s_ptr + k).to(ACC) / P
-    g_clip_p = 0.5 * tl.load(g_clip_p_ptr + k).to(ACC) / P
-    g_clip_s = 0.5 * tl.load(g_clip_s_ptr + k).to(ACC) / n_rep
+    MLCE_GRAD: tl.constexpr = HAS_GAZE and ((G_LOSS | G_MLCE) & GRADS) != 0
+    MAP_GRAD: tl.constexpr = ((G_LOSS | G_MAP) & GRADS) != 0
+    # dL/d s2p[k], dL/d p2s[k], dL/d clip_p[k], dL/d clip_s[k], each with its row-mean factor.
+    if MLCE_GRAD:
+        c_mlce = _term_coefficient(g_loss_ptr, g_mlce_ptr, w_mlce, GRADS, G_MLCE) / tl.load(counts_ptr + 1)
+        c_mlce = tl.where(add_gaze, c_mlce, 0.0)
+        g_s2p = c_mlce * alpha / n_rep
+        g_p2s = c_mlce * (1.0 - alpha) / P
+    if MAP_GRAD:
+        c_map = _term_coefficient(g_loss_ptr, g_map_ptr, w_map, GRADS, G_MAP) / tl.load(counts_ptr + 2)
+        c_map = tl.where(n_rep >= 2, c_map, 0.0)
+        g_clip_p = 0.25 * c_map / P
+        g_clip_s = 0.25 * c_map / n_rep
 
     stats = row_stats_ptr + u_offs.to(tl.int64) * 7
     neg_lse = tl.load(stats + 0, mask=u_mask, other=0.0)
@@ -422,50 +606,54 @@ def _matched_bwd_kernel(
     z2_row = tl.load(stats + 5, mask=u_mask, other=0.0)
     z2_col = tl.load(stats + 6, mask=u_mask, other=0.0)
 
-    # dZ2 from the saved log-sum-exps (Z2 recomputed: it is n_k x n_k).
-    z2 = tl.zeros([BLOCK_S, BLOCK_S], dtype=ACC)
-    for p0 in range(0, P, BLOCK_P):
-        p_offs = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p_offs < P
-        x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
-        w2 = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total)
-        z2 = tl.dot(w2, tl.trans(x), z2, input_precision=DOT_PRECISION, out_dtype=ACC)
-    pair_mask = u_mask[:, None] & u_mask[None, :]
-    eye = j[:, None] == j[None, :]
-    d_z2 = tl.exp(z2 - z2_row[:, None]) + tl.exp(z2 - z2_col[None, :]) - tl.where(eye, 2.0, 0.0)
-    d_z2 = tl.where(pair_mask, g_clip_s * d_z2, 0.0)
+    if MAP_GRAD:
+        # dZ2 from the saved log-sum-exps (Z2 recomputed: it is n_k x n_k).
+        z2 = tl.zeros([BLOCK_S, BLOCK_S], dtype=ACC)
+        for p0 in range(0, P, BLOCK_P):
+            p_offs = p0 + tl.arange(0, BLOCK_P)
+            p_mask = p_offs < P
+            x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
+            w2 = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total)
+            z2 = tl.dot(w2, tl.trans(x), z2, input_precision=DOT_PRECISION, out_dtype=ACC)
+        pair_mask = u_mask[:, None] & u_mask[None, :]
+        eye = j[:, None] == j[None, :]
+        d_z2 = tl.exp(z2 - z2_row[:, None]) + tl.exp(z2 - z2_col[None, :]) - tl.where(eye, 2.0, 0.0)
+        d_z2 = tl.where(pair_mask, g_clip_s * d_z2, 0.0)
 
     for c0 in range(0, P, BLOCK_P):
         c_offs = c0 + tl.arange(0, BLOCK_P)
         c_mask = c_offs < P
         x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, c_offs, c_mask, P, HAS_GAZE, ACC)
-        positive = heat > 0.0
-        # MLCE: rows (sentence over patches) from saved log-sum-exps, columns computed here.
-        neg = tl.where(mask & ~positive, x, NEG_INF)
-        pos = tl.where(mask & positive, -x, NEG_INF)
-        zero = tl.zeros([BLOCK_P], dtype=ACC)
-        one = tl.full([BLOCK_P], 1.0, dtype=ACC)
-        cn_m, cn_s = _online_lse(zero, one, neg, 0)
-        cp_m, cp_s = _online_lse(zero, one, pos, 0)
-        col_neg_lse = cn_m + tl.log(cn_s)
-        col_pos_lse = cp_m + tl.log(cp_s)
-        d_x = g_s2p * (tl.exp(neg - neg_lse[:, None]) - tl.exp(pos - pos_lse[:, None]))
-        d_x += g_p2s * (tl.exp(neg - col_neg_lse[None, :]) - tl.exp(pos - col_pos_lse[None, :]))
-        # Mapping, sentence side: Z2 = W2 X^T  ->  dX += dZ2^T W2.
-        w2 = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total)
-        d_x += tl.dot(tl.trans(d_z2), w2, input_precision=DOT_PRECISION, out_dtype=ACC)
-        # Mapping, patch side: Z1 = W1^T X  ->  dX[:, c] += sum_o W1[:, o] dZ1[o, c].
-        c_lse = tl.load(z1_col_lse_ptr + k.to(tl.int64) * P + c_offs, mask=c_mask, other=0.0)
-        for o0 in range(0, P, BLOCK_P):
-            o_offs = o0 + tl.arange(0, BLOCK_P)
-            o_mask = o_offs < P
-            xo, ho, mo = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, o_offs, o_mask, P, HAS_GAZE, ACC)
-            w1o = _w_i2t_block(xo, ho, mo, add_gaze, threshold)
-            r_lse = tl.load(z1_row_lse_ptr + k.to(tl.int64) * P + o_offs, mask=o_mask, other=0.0)
-            z1 = tl.dot(tl.trans(w1o), x, input_precision=DOT_PRECISION, out_dtype=ACC)
-            eye1 = o_offs[:, None] == c_offs[None, :]
-            d_z1 = tl.exp(z1 - r_lse[:, None]) + tl.exp(z1 - c_lse[None, :]) - tl.where(eye1, 2.0, 0.0)
-            d_z1 = tl.where(o_mask[:, None] & c_mask[None, :], g_clip_p * d_z1, 0.0)
-            d_x += tl.dot(w1o, d_z1, input_precision=DOT_PRECISION, out_dtype=ACC)
+        d_x = tl.zeros([BLOCK_S, BLOCK_P], dtype=ACC)
+        if MLCE_GRAD:
+            # MLCE: rows (sentence over patches) from saved log-sum-exps, columns computed here.
+            positive = heat > 0.0
+            neg = tl.where(mask & ~positive, x, NEG_INF)
+            pos = tl.where(mask & positive, -x, NEG_INF)
+            zero = tl.zeros([BLOCK_P], dtype=ACC)
+            one = tl.full([BLOCK_P], 1.0, dtype=ACC)
+            cn_m, cn_s = _online_lse(zero, one, neg, 0)
+            cp_m, cp_s = _online_lse(zero, one, pos, 0)
+            col_neg_lse = cn_m + tl.log(cn_s)
+            col_pos_lse = cp_m + tl.log(cp_s)
+            d_x += g_s2p * (tl.exp(neg - neg_lse[:, None]) - tl.exp(pos - pos_lse[:, None]))
+            d_x += g_p2s * (tl.exp(neg - col_neg_lse[None, :]) - tl.exp(pos - col_pos_lse[None, :]))
+        if MAP_GRAD:
+            # Mapping, sentence side: Z2 = W2 X^T  ->  dX += dZ2^T W2.
+            w2 = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total)
+            d_x += tl.dot(tl.trans(d_z2), w2, input_precision=DOT_PRECISION, out_dtype=ACC)
+            # Mapping, patch side: Z1 = W1^T X  ->  dX[:, c] += sum_o W1[:, o] dZ1[o, c].
+            c_lse = tl.load(z1_col_lse_ptr + k.to(tl.int64) * P + c_offs, mask=c_mask, other=0.0)
+            for o0 in range(0, P, BLOCK_P):
+                o_offs = o0 + tl.arange(0, BLOCK_P)
+                o_mask = o_offs < P
+                xo, ho, mo = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, o_offs, o_mask, P, HAS_GAZE, ACC)
+                w1o = _w_i2t_block(xo, ho, mo, add_gaze, threshold)
+                r_lse = tl.load(z1_row_lse_ptr + k.to(tl.int64) * P + o_offs, mask=o_mask, other=0.0)
+                z1 = tl.dot(tl.trans(w1o), x, input_precision=DOT_PRECISION, out_dtype=ACC)
+                eye1 = o_offs[:, None] == c_offs[None, :]
+                d_z1 = tl.exp(z1 - r_lse[:, None]) + tl.exp(z1 - c_lse[None, :]) - tl.where(eye1, 2.0, 0.0)
+                d_z1 = tl.where(o_mask[:, None] & c_mask[None, :], g_clip_p * d_z1, 0.0)
+                d_x += tl.dot(w1o, d_z1, input_precision=DOT_PRECISION, out_dtype=ACC)
         offs = u_offs.to(tl.int64)[:, None] * P + c_offs[None, :]
         tl.store(d_own_ptr + offs, d_x, mask=mask)

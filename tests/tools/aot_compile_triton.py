@@ -1,14 +1,18 @@
 """Compile every Triton kernel ahead of time for a GPU target, without a GPU (shared BUILD_NOTES).
 
-    python tests/tools/aot_compile_triton.py [--arch 90]
+    python tests/tools/aot_compile_triton.py [--arch 90] [--resources]
 
 Run without TRITON_INTERPRET (the interpreter replaces the kernels). Prints one line per kernel variant
-and exits non-zero if any fails to compile.
+and exits non-zero if any fails to compile. ``--resources`` also runs ptxas on each kernel and prints
+its registers per thread and spilled bytes: the one performance signal to be had without a GPU.
 """
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -39,20 +43,41 @@ TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp3
 MAX_SHARED = 227 * 1024
 
 INPUT_POINTERS = {"patch_ptr", "sent_ptr", "gaze_ptr"}
-INT_POINTERS = {"cu_ptr", "smax_ptr", "best_patch_ptr", "gaze_mask_ptr"}
-FLOAT_SCALARS = {"threshold"}
+INT_POINTERS = {"cu_ptr", "smax_ptr", "counts_ptr", "best_patch_ptr"}
+BOOL_POINTERS = {"gaze_mask_ptr"}
+OUTPUT_IN_INPUT_DTYPE = {"d_patch_ptr", "d_sent_ptr"}  # written in the input dtype when not sliced
+FLOAT_SCALARS = {"threshold", "alpha", "w_con", "w_mlce", "w_map"}
 
 
 def kernels(cfg):
+    """(kernel, constexprs, num_warps) as the backend launches them (the gradients of the loss alone)."""
     common = dict(ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], BLOCK_S=cfg["BLOCK_S"])
     filip = dict(common, EGMA_COMPAT=True, BLOCK_D=cfg["BLOCK_D"])
+    bwd = dict(filip, HAS_OWN_GRAD=True, GRADS=K.G_LOSS.value, D_PAD=cfg["D_PAD"])
+    report = dict(common, HAS_GAZE=True, BLOCK_P=cfg["matched_block_p"])
     return [
-        (K._filip_fwd_kernel, dict(filip, WRITE_OWN=True, BLOCK_P=cfg["fwd_block_p"])),
-        (K._filip_bwd_patch_kernel, dict(filip, HAS_OWN_GRAD=True, BLOCK_P=cfg["bwd_patch_rows"], D_PAD=cfg["D_PAD"])),
-        (K._filip_bwd_sent_kernel, dict(filip, HAS_OWN_GRAD=True, BLOCK_P=cfg["bwd_sent_block_p"], D_PAD=cfg["D_PAD"])),
-        (K._matched_fwd_kernel, dict(common, HAS_GAZE=True, BLOCK_P=cfg["matched_block_p"])),
-        (K._matched_bwd_kernel, dict(common, HAS_GAZE=True, BLOCK_P=cfg["matched_block_p"])),
+        (K._longest_report_kernel, dict(BLOCK_B=cfg["BLOCK_B"]), 4),
+        (K._filip_fwd_kernel, dict(filip, WRITE_OWN=True, BLOCK_P=cfg["fwd_block_p"]), 4),
+        (K._report_fwd_kernel, dict(report, EGMA_COMPAT=True, BLOCK_B=cfg["BLOCK_B"]), 4),
+        (K._loss_terms_kernel, dict(HAS_GAZE=True, BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"]), 4),
+        (K._report_bwd_kernel, dict(report, GRADS=K.G_LOSS.value), 4),
+        (K._filip_bwd_patch_kernel, dict(bwd, BLOCK_P=cfg["bwd_patch_rows"]), cfg["bwd_warps"]),
+        (K._filip_bwd_sent_kernel, dict(bwd, BLOCK_P=cfg["bwd_sent_block_p"]), cfg["bwd_warps"]),
     ]
+
+
+def resources(compiled, arch):
+    """(registers per thread, spilled bytes) from ptxas on the kernel's PTX."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        suffix = "a" if arch == 90 else ""
+        out = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    regs = re.findall(r"Used (\d+) registers", out)
+    spills = re.findall(r"(\d+) bytes spill stores", out)
+    return (int(regs[0]) if regs else -1), (int(spills[0]) if spills else -1)
 
 
 def signature(fn, variant):
@@ -64,6 +89,10 @@ def signature(fn, variant):
             sig[p.name] = "*" + variant[0]
         elif p.name in INT_POINTERS:
             sig[p.name] = "*i32"
+        elif p.name in BOOL_POINTERS:
+            sig[p.name] = "*i1"
+        elif p.name in OUTPUT_IN_INPUT_DTYPE:
+            sig[p.name] = "*" + variant[0]
         elif p.name.endswith("_ptr"):
             sig[p.name] = "*" + variant[1]
         elif p.name in FLOAT_SCALARS:
@@ -76,13 +105,14 @@ def signature(fn, variant):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--resources", action="store_true", help="print registers and spills (runs ptxas)")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     for name, dtype, P, D, max_seqlen in SHAPES:
-        cfg = _config(dtype, P, D, max_seqlen)
+        cfg = _config(dtype, P, D, max_seqlen, num_reports=64)
         variant = (TYPE_NAMES[dtype], "fp64" if dtype == torch.float64 else "fp32")
-        for fn, consts in kernels(cfg):
+        for fn, consts, num_warps in kernels(cfg):
             src = ASTSource(
                 fn=fn,
                 signature=signature(fn, variant),
@@ -90,12 +120,16 @@ def main():
             )
             start = time.time()
             try:
-                compiled = triton.compile(src, target=target)
+                compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
                 shared = compiled.metadata.shared
                 status = "ok  " if shared <= MAX_SHARED else "FAIL"
                 failures += shared > MAX_SHARED
+                extra = ""
+                if args.resources:
+                    regs, spills = resources(compiled, args.arch)
+                    extra = f"  warps={num_warps} regs={regs} spill={spills}B"
                 print(f"{status} sm_{args.arch} {fn.__name__:26s} {name:22s} {time.time() - start:5.1f}s  "
-                      f"shared={shared}B")
+                      f"shared={shared}B{extra}")
             except Exception as exc:  # report every failure, then fail
                 failures += 1
                 print(f"FAIL sm_{args.arch} {fn.__name__:26s} {name}: {type(exc).__name__}: {str(exc)[:2000]}")
