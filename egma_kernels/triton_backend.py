@@ -80,15 +80,22 @@ def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int, num_reports: in
     wide = 2 if dtype == torch.float64 else 1  # float64 tiles take twice the shared memory
     block_s = _pow2(max_seqlen)
     d_pad = _pow2(D)
+    # Output columns per backward program (see the kernels' docstring): a [16 rows, D_OUT] accumulator in
+    # the patch kernel, [BLOCK_S, D_OUT] in the sentence kernel (long reports take narrower chunks).
+    d_out = min(d_pad, 512 // wide)
+    sent_d_out = min(d_pad, max(64, 8192 // block_s) // wide)
     # The [patch block, D] operand of the sentence-gradient kernel lives in shared memory: keep it
     # near 64 KiB (H100/H200 allow 227 KiB per block).
-    sent_block_p = max(16, min(64, 16384 // (d_pad * wide)))
+    sent_block_p = max(16, min(64, 16384 // (sent_d_out * wide)))
     return dict(
         ACC=acc,
         DOT_PRECISION=precision,
         BLOCK_S=block_s,
         BLOCK_D=min(64 // wide, _pow2(D)),
-        D_PAD=d_pad,
+        D_OUT=d_out,
+        D_CHUNKS=d_pad // d_out,
+        sent_D_OUT=sent_d_out,
+        sent_D_CHUNKS=d_pad // sent_d_out,
         fwd_block_p=min(64 // wide, _pow2(P)),
         bwd_patch_rows=16,
         bwd_sent_block_p=sent_block_p,
@@ -96,7 +103,7 @@ def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int, num_reports: in
         # The per-report loops of the loss-term kernels (reports, or a row of the B x B matrices).
         BLOCK_B=min(1024, _pow2(num_reports)),
         # The backward kernels hold a [rows, D] float32 accumulator: 8 warps halve its registers per thread.
-        bwd_warps=8 if d_pad >= 256 else 4,
+        bwd_warps=8 if d_out >= 256 else 4,
     )
 
 
@@ -179,8 +186,7 @@ def _launch_filip_bwd(
     )
     common = dict(
         EGMA_COMPAT=egma_compat, HAS_OWN_GRAD=d_own is not None, GRADS=grads, BLOCK_S=cfg["BLOCK_S"],
-        BLOCK_D=cfg["BLOCK_D"], D_PAD=cfg["D_PAD"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
-        num_warps=cfg["bwd_warps"],
+        BLOCK_D=cfg["BLOCK_D"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["bwd_warps"],
     )
     # dpatch: one program per (image, block of patch rows, slice of the reports); 16 rows keep the
     # [rows, D] accumulator small. One slice writes the gradient in the input dtype directly.
@@ -193,11 +199,12 @@ def _launch_filip_bwd(
         d_patch = _utils.new_output((num_images, P, D), patch.dtype, patch.device)
     else:
         d_patch = _utils.new_output((slices, num_images, P, D), acc, patch.device)
-    d_scale_parts = _utils.new_output((slices * num_images * row_blocks,), acc, patch.device)
-    K._filip_bwd_patch_kernel[(num_images, row_blocks, slices)](
+    chunks = cfg["D_CHUNKS"]
+    d_scale_parts = _utils.new_output((slices * num_images * row_blocks * chunks,), acc, patch.device)
+    K._filip_bwd_patch_kernel[(num_images, row_blocks * chunks, slices)](
         patch, sent, cu, scale, counts, *upstream, d_patch, d_scale_parts,
         P, D, N, R, reps_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
-        BLOCK_P=block_rows, **common,
+        BLOCK_P=block_rows, D_OUT=cfg["D_OUT"], D_CHUNKS=chunks, **common,
     )
     # dsent: one program per (report, slice of the images).
     slices_s = _num_slices(R, num_images, N * D * elem, patch.device)
@@ -207,10 +214,10 @@ def _launch_filip_bwd(
         d_sent = _utils.new_output((N, D), sent.dtype, sent.device)
     else:
         d_sent = _utils.new_output((slices_s, N, D), acc, patch.device)
-    K._filip_bwd_sent_kernel[(R, slices_s)](
+    K._filip_bwd_sent_kernel[(R, slices_s * cfg["sent_D_CHUNKS"])](
         patch, sent, cu, scale, counts, *upstream, d_sent,
         num_images, P, D, N, R, images_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
-        BLOCK_P=cfg["bwd_sent_block_p"], **common,
+        BLOCK_P=cfg["bwd_sent_block_p"], D_OUT=cfg["sent_D_OUT"], D_CHUNKS=cfg["sent_D_CHUNKS"], **common,
     )
     if slices > 1:
         d_patch = d_patch.sum(dim=0).to(patch.dtype)

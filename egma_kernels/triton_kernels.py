@@ -16,6 +16,9 @@ Kernels (one program per ...), in launch order:
   _report_bwd_kernel      report k: dL/dX_k from the MLCE and mapping terms.
   _filip_bwd_patch_kernel (image a, patch block, slice of the reports): dL/dpatch and dL/dt partials.
   _filip_bwd_sent_kernel  (report b, slice of the images): dL/dsent partials.
+                          Both hold a [rows, D] float32 accumulator; for D > 512 (256 in float64) the
+                          output columns are split into chunks across programs, each recomputing the
+                          similarity tiles, so that the accumulator stays in registers.
 The whole loss is these kernels and nothing else: no torch op between them, so that a call costs a few
 launches of host time (at small batches the host, not the GPU, sets the pace). The backward kernels
 turn the upstream gradients of the loss and of its terms into the cross-entropies' softmax gradients
@@ -206,19 +209,20 @@ def _filip_bwd_patch_kernel(
     P, D, N, R, reps_per_slice,
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_PAD: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_OUT: tl.constexpr,
+    D_CHUNKS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     img = tl.program_id(0)
-    pblk = tl.program_id(1)
+    pblk = tl.program_id(1) // D_CHUNKS  # axis 1: (block of patch rows, chunk of D_OUT output columns)
+    chunk = tl.program_id(1) % D_CHUNKS
     part = tl.program_id(2)
     num_images = tl.num_programs(0)
     t = tl.load(scale_ptr).to(ACC)
     p_offs = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p_offs < P
     j = tl.arange(0, BLOCK_S)
-    dd = tl.arange(0, D_PAD)
-    acc = tl.zeros([BLOCK_P, D_PAD], dtype=ACC)
+    dd = chunk * D_OUT + tl.arange(0, D_OUT)
+    acc = tl.zeros([BLOCK_P, D_OUT], dtype=ACC)
     scale_acc = tl.zeros([BLOCK_P], dtype=ACC)
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
     rep_lo = part * reps_per_slice
@@ -248,9 +252,10 @@ def _filip_bwd_patch_kernel(
     row0 = (tl.cast(part, tl.int64) * num_images + img) * P  # partial buffer (slices, B, P, D)
     out = d_patch_ptr + (row0 + p_offs.to(tl.int64)[:, None]) * D + dd[None, :]
     tl.store(out, t * acc, mask=p_mask[:, None] & (dd[None, :] < D))
-    # dL/dt = sum dA * A / t, one partial per program, summed afterwards in a fixed order.
-    slot = (part * num_images + img) * tl.num_programs(1) + pblk
-    tl.store(d_scale_part_ptr + slot, tl.sum(scale_acc, axis=0) / t)
+    # dL/dt = sum dA * A / t, one partial per program (the first chunk's; the others write 0), summed
+    # afterwards in a fixed order.
+    slot = (part * num_images + img) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(d_scale_part_ptr + slot, tl.where(chunk == 0, tl.sum(scale_acc, axis=0) / t, 0.0))
 
 
 @triton.jit
@@ -262,19 +267,20 @@ def _filip_bwd_sent_kernel(
     num_images, P, D, N, R, images_per_slice,
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_PAD: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_OUT: tl.constexpr,
+    D_CHUNKS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     rep = tl.program_id(0)
-    part = tl.program_id(1)
+    part = tl.program_id(1) // D_CHUNKS  # axis 1: (slice of the images, chunk of D_OUT output columns)
+    chunk = tl.program_id(1) % D_CHUNKS
     t = tl.load(scale_ptr).to(ACC)
     start = tl.load(cu_ptr + rep)
     n_rep = tl.load(cu_ptr + rep + 1) - start
     j = tl.arange(0, BLOCK_S)
     u_offs = start + j
     u_mask = j < n_rep
-    dd = tl.arange(0, D_PAD)
-    acc = tl.zeros([BLOCK_S, D_PAD], dtype=ACC)
+    dd = chunk * D_OUT + tl.arange(0, D_OUT)
+    acc = tl.zeros([BLOCK_S, D_OUT], dtype=ACC)
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
     img_lo = part * images_per_slice
     img_hi = tl.minimum(img_lo + images_per_slice, num_images)

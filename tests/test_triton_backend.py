@@ -29,6 +29,8 @@ EXTRA_CASES = [
     Case((2, 1, 3), P=70, D=80, gaze="all", seed=10),  # two patch blocks, two D blocks, D not a power of 2
     Case((4, 4, 1, 2), P=17, D=24, gaze="mixed", egma_compat=True, seed=11, options=dict(map_threshold=0.0)),
     Case((3, 2), P=6, D=16, gaze="none", egma_compat=True, seed=12, options=dict(weights=(0.0, 0.0, 1.0))),
+    # D > 256: the backward kernels split their output columns into chunks (float64: chunks of 256)
+    Case((2, 3), P=5, D=300, gaze="mixed", seed=15),
 ]
 
 

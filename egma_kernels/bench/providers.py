@@ -83,7 +83,8 @@ class LoopProvider(Provider):
 
 
 class BackendProvider(Provider):
-    """A registered backend, called through the public functions (value checks off, as in a training loop)."""
+    """A registered backend, called through the public functions as in a training loop: value checks off,
+    and ``max_seqlen`` given (a collator knows its reports' lengths), so no call reads the device."""
 
     def __init__(self, name: str):
         self.name = name
@@ -99,11 +100,13 @@ class BackendProvider(Provider):
             backend=self.name,
             return_details=True,
             validate=False,
+            max_seqlen=problem.S_max,
         )
 
     def similarity(self, problem):
         return ek.filip_similarity(
-            problem.patch_emb, problem.sent_emb, problem.cu_seqlens, problem.logit_scale, backend=self.name, validate=False
+            problem.patch_emb, problem.sent_emb, problem.cu_seqlens, problem.logit_scale, backend=self.name,
+            validate=False, max_seqlen=problem.S_max,
         )
 
 

@@ -53,7 +53,7 @@ def kernels(cfg):
     """(kernel, constexprs, num_warps) as the backend launches them (the gradients of the loss alone)."""
     common = dict(ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], BLOCK_S=cfg["BLOCK_S"])
     filip = dict(common, EGMA_COMPAT=True, BLOCK_D=cfg["BLOCK_D"])
-    bwd = dict(filip, HAS_OWN_GRAD=True, GRADS=K.G_LOSS.value, D_PAD=cfg["D_PAD"])
+    bwd = dict(filip, HAS_OWN_GRAD=True, GRADS=K.G_LOSS.value)
     report = dict(common, HAS_GAZE=True, BLOCK_P=cfg["matched_block_p"])
     return [
         (K._longest_report_kernel, dict(BLOCK_B=cfg["BLOCK_B"]), 4),
@@ -61,8 +61,10 @@ def kernels(cfg):
         (K._report_fwd_kernel, dict(report, EGMA_COMPAT=True, BLOCK_B=cfg["BLOCK_B"]), 4),
         (K._loss_terms_kernel, dict(HAS_GAZE=True, BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"]), 4),
         (K._report_bwd_kernel, dict(report, GRADS=K.G_LOSS.value), 4),
-        (K._filip_bwd_patch_kernel, dict(bwd, BLOCK_P=cfg["bwd_patch_rows"]), cfg["bwd_warps"]),
-        (K._filip_bwd_sent_kernel, dict(bwd, BLOCK_P=cfg["bwd_sent_block_p"]), cfg["bwd_warps"]),
+        (K._filip_bwd_patch_kernel, dict(bwd, BLOCK_P=cfg["bwd_patch_rows"], D_OUT=cfg["D_OUT"],
+                                         D_CHUNKS=cfg["D_CHUNKS"]), cfg["bwd_warps"]),
+        (K._filip_bwd_sent_kernel, dict(bwd, BLOCK_P=cfg["bwd_sent_block_p"], D_OUT=cfg["sent_D_OUT"],
+                                        D_CHUNKS=cfg["sent_D_CHUNKS"]), cfg["bwd_warps"]),
     ]
 
 
