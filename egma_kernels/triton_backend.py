@@ -65,18 +65,26 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@functools.lru_cache(maxsize=256)
 def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int, num_reports: int = 1) -> dict:
     """Tile sizes and precision of every kernel for one problem shape (the AOT check uses it too).
 
     Cached (it runs on every call): treat the returned dict as read-only."""
+    return _cached_config(dtype, P, D, max_seqlen, num_reports, torch.get_float32_matmul_precision())
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precision) -> dict:
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     if interpreting() or dtype == torch.float64:
         precision = "ieee"
-    else:
+    elif float32_matmul_precision == "highest":
         # fp32 operands (the float32 forward, every backward product): 3xTF32 keeps float32 accuracy on
         # tensor cores. bf16/fp16 forward operands ignore it (exact products, float32 accumulation).
         precision = "tf32x3"
+    else:
+        # The user allowed TF32 for float32 matmuls (torch.set_float32_matmul_precision("high"/"medium")),
+        # which the reference's matmuls then use too: one TF32 pass, a third of the tensor-core work.
+        precision = "tf32"
     wide = 2 if dtype == torch.float64 else 1  # float64 tiles take twice the shared memory
     block_s = _pow2(max_seqlen)
     d_pad = _pow2(D)

@@ -90,6 +90,23 @@ def test_max_seqlen_argument():
         ek.fine_grained_loss(**inputs, backend="triton", max_seqlen=0)
 
 
+def test_float32_products_follow_torch_matmul_precision(monkeypatch):
+    """3xTF32 (float32-accurate) by default; one TF32 pass once the user allows TF32 for float32 matmuls."""
+    from egma_kernels import triton_backend as tb
+
+    monkeypatch.setattr(tb, "interpreting", lambda: False)  # the GPU choice (the interpreter takes ieee)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert tb._config(torch.float32, 49, 512, 10)["DOT_PRECISION"] == "tf32x3"
+        torch.set_float32_matmul_precision("high")
+        assert tb._config(torch.float32, 49, 512, 10)["DOT_PRECISION"] == "tf32"
+        assert tb._config(torch.float64, 49, 512, 10)["DOT_PRECISION"] == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(before)
+        tb._cached_config.cache_clear()
+
+
 def test_not_chosen_automatically_for_cpu_tensors():
     assert "triton" not in ek.available_backends("cpu", auto=True)
     if not ON_GPU:
@@ -217,6 +234,22 @@ def test_gpu_matches_reference_flash_attention_style(dtype, lengths_seed, B, P, 
     names = ["loss", "i2t", "t2i", "d_patch", "d_sent", "d_scale"]
     for name, f, r in zip(names, fused, ref):
         assert f <= 2 * r + 1e-5, f"{name}: fused error {f:.3e} > 2 x reference error {r:.3e}"
+
+
+@pytest.mark.gpu
+def test_gpu_float32_with_tf32_allowed_matches_reference_under_the_same_setting():
+    """set_float32_matmul_precision("high"): one TF32 pass, held to the reference run under TF32 too."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(1, 11, (40,), generator=g).tolist()
+    inputs = make_inputs(lengths, 49, 512, seed=3, gaze="mixed")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        fused, ref = _errors("triton", inputs, torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for name, f, r in zip(["loss", "i2t", "t2i", "d_patch", "d_sent", "d_scale"], fused, ref):
+        assert f <= 2 * r + 1e-4, f"{name}: fused error {f:.3e} > 2 x reference error {r:.3e}"
 
 
 @pytest.mark.gpu

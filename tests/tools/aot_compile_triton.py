@@ -36,6 +36,7 @@ SHAPES = [
     ("bf16 P784 D1024 S40", torch.bfloat16, 784, 1024, 40),
     ("fp16 P49 D512 S10", torch.float16, 49, 512, 10),
     ("fp32 P196 D512 S10", torch.float32, 196, 512, 10),
+    ("fp32-tf32 P49 D512 S10", torch.float32, 49, 512, 10),  # under set_float32_matmul_precision("high")
     ("fp64 P49 D512 S10", torch.float64, 49, 512, 10),
 ]
 TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -112,6 +113,7 @@ def main():
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     for name, dtype, P, D, max_seqlen in SHAPES:
+        torch.set_float32_matmul_precision("high" if "tf32 " in name else "highest")
         cfg = _config(dtype, P, D, max_seqlen, num_reports=64)
         variant = (TYPE_NAMES[dtype], "fp64" if dtype == torch.float64 else "fp32")
         for fn, consts, num_warps in kernels(cfg):
