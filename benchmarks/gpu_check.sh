@@ -8,11 +8,12 @@
 # and the GPU tests left (less OTHER_TESTS_S), and its own --budget stops it in time to write its results.
 #
 # Order: environment -> build (pip install --no-build-isolation --no-deps -e .) -> import check ->
-# pytest -m gpu -> egma-bench GPU sweep -> the other tests (they also run in CPU CI, so they come last).
+# pytest -m gpu -> Triton tile tuning (benchmarks/tune_triton.py, TUNE_S) -> egma-bench GPU sweep -> the
+# other tests (they also run in CPU CI, so they come last).
 # Each step's exit code goes to $OUT/steps.tsv; the script itself exits 0 unless the build or the GPU
 # tests failed, so that partial results always come back.
 #
-# Knobs (environment): OUT, TOTAL_S, BUILD_S, GPU_TESTS_S, SWEEP_MAX_S, OTHER_TESTS_S, BENCH_ARGS (replaces
+# Knobs (environment): OUT, TOTAL_S, BUILD_S, GPU_TESTS_S, TUNE_S (0 skips it), SWEEP_MAX_S, OTHER_TESTS_S, BENCH_ARGS (replaces
 # the sweep's arguments), OTHER_TESTS_ARGS, SKIP_BUILD=1, PYTHON (default python3). A dry run on a machine without a GPU:
 #     SKIP_BUILD=1 BENCH_ARGS="--smoke --no-compile" OTHER_TESTS_ARGS="tests/test_bench.py" OUT=/tmp/g bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -26,6 +27,7 @@ BUILD_S="${BUILD_S:-150}"
 GPU_TESTS_S="${GPU_TESTS_S:-90}"
 SWEEP_MAX_S="${SWEEP_MAX_S:-300}"   # the sweep gets what is left, less OTHER_TESTS_S, up to this
 OTHER_TESTS_S="${OTHER_TESTS_S:-50}"
+TUNE_S="${TUNE_S:-80}"
 START=$(date +%s)
 STEPS="$OUT/steps.tsv"
 : > "$STEPS"
@@ -107,6 +109,11 @@ print('available on cuda', ek.available_backends('cuda'), 'on cpu', ek.available
 GPU_RC=0
 step gpu-tests "$GPU_TESTS_S" pytest_gpu.log "$PYTHON" -m pytest -q -m gpu -rs --junitxml="$OUT/pytest_gpu.xml" tests || GPU_RC=$?
 if (( GPU_RC == 5 )); then echo "(pytest -m gpu selected no test)"; fi
+
+# --- Triton tile tuning (one setting at a time; results in tune/) -------------------------------------
+if (( TUNE_S > 0 )); then
+  step tune "$TUNE_S" tune.log "$PYTHON" benchmarks/tune_triton.py --out "$OUT/tune" --budget $(( TUNE_S - 25 ))
+fi
 
 # --- the GPU sweep -----------------------------------------------------------------------------------
 # The sweep's own budget stops new measurements in time to write the table (what is left is recorded

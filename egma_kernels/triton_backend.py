@@ -68,8 +68,13 @@ def _cdiv(a: int, b: int) -> int:
 def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int, num_reports: int = 1) -> dict:
     """Tile sizes and precision of every kernel for one problem shape (the AOT check uses it too).
 
-    Cached (it runs on every call): treat the returned dict as read-only."""
-    return _cached_config(dtype, P, D, max_seqlen, num_reports, torch.get_float32_matmul_precision())
+    Cached (it runs on every call): treat the returned dict as read-only. ``CONFIG_OVERRIDES`` (empty
+    unless ``benchmarks/tune_triton.py`` is trying tile sizes) replaces entries of it."""
+    cfg = _cached_config(dtype, P, D, max_seqlen, num_reports, torch.get_float32_matmul_precision())
+    return {**cfg, **CONFIG_OVERRIDES} if CONFIG_OVERRIDES else cfg
+
+
+CONFIG_OVERRIDES: dict = {}
 
 
 @functools.lru_cache(maxsize=256)
@@ -112,6 +117,8 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
         BLOCK_B=min(1024, _pow2(num_reports)),
         # The backward kernels hold a [rows, D] float32 accumulator: 8 warps halve its registers per thread.
         bwd_warps=8 if d_out >= 256 else 4,
+        fwd_warps=4,
+        report_warps=4,
     )
 
 
@@ -145,7 +152,7 @@ def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat
         P, D, N, R, patch.stride(0), patch.stride(1), sent.stride(0),
         EGMA_COMPAT=egma_compat, WRITE_OWN=write_own,
         BLOCK_P=cfg["fwd_block_p"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
-        ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
+        ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["fwd_warps"],
     )
     return i2t, t2i, best_patch, own
 
@@ -256,7 +263,7 @@ def _launch_loss_fwd(patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, 
         own, gaze if has_gaze else own, gaze_mask if has_gaze else cu, cu, i2t, t2i,
         per_report, row_stats, z1_lse, B, P, float(threshold),
         HAS_GAZE=has_gaze, EGMA_COMPAT=egma_compat, BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"],
-        BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
+        BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["report_warps"],
     )
     loss, con, mlce, mapping = (_utils.new_output((), acc, device) for _ in range(4))
     w_con, w_mlce, w_map = weights
@@ -290,8 +297,8 @@ def _launch_loss_bwd(
             g_loss if g_loss is not None else unused, g_mlce if g_mlce is not None else unused,
             g_map if g_map is not None else unused, float(w_mlce), float(w_map), float(alpha),
             row_stats, z1_lse, d_own, P, float(threshold),
-            HAS_GAZE=has_gaze, GRADS=grads,
-            BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"],
+            HAS_GAZE=has_gaze, GRADS=grads, BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"],
+            ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["report_warps"],
         )
     return _launch_filip_bwd(
         patch, sent, cu, scale, counts, best_patch, max_seqlen, egma_compat=egma_compat, grads=grads,
