@@ -14,6 +14,6 @@ POISON_OUTPUTS = os.environ.get("EGMA_KERNELS_POISON", "0") == "1"
 def new_output(shape, dtype, device) -> torch.Tensor:
     """An output buffer the kernel fully overwrites: ``torch.empty`` normally, NaN-filled when poisoning."""
     if POISON_OUTPUTS:
-        poison = float("nan") if dtype.is_floating_point else -(2**31 - 1)  # integer buffers: an impossible index
+        poison = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min  # integers: an impossible index
         return torch.full(shape, poison, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)

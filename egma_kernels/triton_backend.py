@@ -122,6 +122,14 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
     )
 
 
+def _index_dtype(P: int, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the saved best-patch indices (B x N of them): int16 halves them whenever P allows.
+
+    Not for float64: with int16 indices, Triton 3.8 fails to lower the float64 backward kernels' dots
+    for sm_90 ("fp64 don't support largeK MMA"; the AOT check catches it)."""
+    return torch.int16 if P < 2**15 and dtype != torch.float64 else torch.int32
+
+
 def _check_device(*tensors: Tensor) -> None:
     for t in tensors:
         if t.device.type != "cuda" and not interpreting():
@@ -145,7 +153,7 @@ def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat
     acc = _acc_dtype(patch.dtype)
     i2t = _utils.new_output((num_images, R), acc, patch.device)
     t2i = _utils.new_output((num_images, R), acc, patch.device)
-    best_patch = _utils.new_output((num_images, N), torch.int32, patch.device)
+    best_patch = _utils.new_output((num_images, N), _index_dtype(P, patch.dtype), patch.device)
     own = _utils.new_output((N, P), acc, patch.device) if write_own else i2t  # i2t: an unused placeholder
     K._filip_fwd_kernel[(num_images, R)](
         patch, sent, cu, scale, counts, i2t, t2i, best_patch, own,
@@ -334,7 +342,7 @@ def _(patch, sent, cu, scale, gaze, gaze_mask, options, egma_compat, max_seqlen)
     N = sent.shape[0]
     acc = _acc_dtype(patch.dtype)
     new = lambda *shape, dtype=acc: patch.new_empty(shape, dtype=dtype)
-    return (new(), new(), new(), new(), new(B, B), new(B, B), new(B, N, dtype=torch.int32), new(N, P),
+    return (new(), new(), new(), new(), new(B, B), new(B, B), new(B, N, dtype=_index_dtype(P, patch.dtype)), new(N, P),
             new(8, B), new(N, 7), new(2, B, P), new(3, dtype=torch.int32))
 
 
@@ -390,7 +398,7 @@ def _(patch, sent, cu, scale, max_seqlen):
     R = cu.shape[0] - 1
     acc = _acc_dtype(patch.dtype)
     return (patch.new_empty(M, R, dtype=acc), patch.new_empty(M, R, dtype=acc),
-            patch.new_empty(M, sent.shape[0], dtype=torch.int32))
+            patch.new_empty(M, sent.shape[0], dtype=_index_dtype(patch.shape[1], patch.dtype)))
 
 
 @torch.library.custom_op("egma_kernels::triton_filip_backward", mutates_args=())

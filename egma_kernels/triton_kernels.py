@@ -104,7 +104,8 @@ def _filip_fwd_kernel(
 
     tl.store(i2t_ptr + img * R + rep, tl.sum(row_total, axis=0) / P)
     tl.store(t2i_ptr + img * R + rep, tl.sum(tl.where(u_mask, col_max, 0.0), axis=0) / n_rep)
-    tl.store(best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs, col_arg, mask=u_mask)
+    best_ptrs = best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs
+    tl.store(best_ptrs, col_arg.to(best_patch_ptr.dtype.element_ty), mask=u_mask)  # int16 when P < 2**15
 
 
 # Which upstream gradients the backward kernels receive (a bit mask, constexpr): any subset of the
@@ -192,7 +193,7 @@ def _grad_tile(
         padded = n_rep < tl.load(smax_ptr)
         hit = hit & ~(padded & (row_max < 0.0))[:, None]  # the zero padding won: no gradient
     d_sim = tl.where(hit & p_mask[:, None], g_row / P, 0.0)
-    best = tl.load(best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs, mask=u_mask, other=-1)
+    best = tl.load(best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs, mask=u_mask, other=-1).to(tl.int32)
     d_sim += tl.where((p_offs[:, None] == best[None, :]) & u_mask[None, :], g_col / n_rep, 0.0)
     if HAS_OWN_GRAD:
         own_offs = u_offs.to(tl.int64)[None, :] * P + p_offs[:, None]

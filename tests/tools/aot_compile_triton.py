@@ -44,7 +44,8 @@ TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp3
 MAX_SHARED = 227 * 1024
 
 INPUT_POINTERS = {"patch_ptr", "sent_ptr", "gaze_ptr"}
-INT_POINTERS = {"cu_ptr", "smax_ptr", "counts_ptr", "best_patch_ptr"}
+INT_POINTERS = {"cu_ptr", "smax_ptr", "counts_ptr"}
+INT16_POINTERS = {"best_patch_ptr"}  # int16 whenever P < 2**15 (int32 for float64)
 BOOL_POINTERS = {"gaze_mask_ptr"}
 OUTPUT_IN_INPUT_DTYPE = {"d_patch_ptr", "d_sent_ptr"}  # written in the input dtype when not sliced
 FLOAT_SCALARS = {"threshold", "alpha", "w_con", "w_mlce", "w_map"}
@@ -92,6 +93,8 @@ def signature(fn, variant):
             sig[p.name] = "*" + variant[0]
         elif p.name in INT_POINTERS:
             sig[p.name] = "*i32"
+        elif p.name in INT16_POINTERS:
+            sig[p.name] = "*i32" if variant[0] == "fp64" else "*i16"  # as triton_backend._index_dtype
         elif p.name in BOOL_POINTERS:
             sig[p.name] = "*i1"
         elif p.name in OUTPUT_IN_INPUT_DTYPE:
