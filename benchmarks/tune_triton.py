@@ -32,6 +32,7 @@ from egma_kernels import triton_backend as tb
 
 # One entry changed at a time; values equal to the default are skipped.
 CANDIDATES = {
+    "fwd_group": [1, 2, 4, 8],
     "fwd_block_p": [32, 64, 128],
     "BLOCK_D": [32, 64, 128],
     "fwd_warps": [2, 4, 8],

@@ -100,6 +100,10 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
     # The [patch block, D] operand of the sentence-gradient kernel lives in shared memory: keep it
     # near 64 KiB (H100/H200 allow 227 KiB per block).
     sent_block_p = max(16, min(64, 16384 // (sent_d_out * wide)))
+    # Reports per forward program: up to 32 similarity columns (2 reports of up to 16 sentences); by
+    # ptxas, 4 reports spill at 4 warps and 8 warps hold 2 without spilling (sm_90, D=512). Untimed:
+    # benchmarks/tune_triton.py tries 1, 2, 4 and 8 on a GPU.
+    fwd_group = max(1, (32 // wide) // block_s)
     return dict(
         ACC=acc,
         DOT_PRECISION=precision,
@@ -110,6 +114,7 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
         sent_D_OUT=sent_d_out,
         sent_D_CHUNKS=d_pad // sent_d_out,
         fwd_block_p=min(64 // wide, _pow2(P)),
+        fwd_group=fwd_group,
         bwd_patch_rows=16,
         bwd_sent_block_p=sent_block_p,
         matched_block_p=min(64 // wide, _pow2(P)),
@@ -117,7 +122,7 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
         BLOCK_B=min(1024, _pow2(num_reports)),
         # The backward kernels hold a [rows, D] float32 accumulator: 8 warps halve its registers per thread.
         bwd_warps=8 if d_out >= 256 else 4,
-        fwd_warps=4,
+        fwd_warps=8 if fwd_group * block_s >= 32 else 4,
         report_warps=4,
     )
 
@@ -155,11 +160,12 @@ def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat
     t2i = _utils.new_output((num_images, R), acc, patch.device)
     best_patch = _utils.new_output((num_images, N), _index_dtype(P, patch.dtype), patch.device)
     own = _utils.new_output((N, P), acc, patch.device) if write_own else i2t  # i2t: an unused placeholder
-    K._filip_fwd_kernel[(num_images, R)](
+    group = cfg["fwd_group"]
+    K._filip_fwd_kernel[(num_images, _cdiv(R, group))](
         patch, sent, cu, scale, counts, i2t, t2i, best_patch, own,
         P, D, N, R, patch.stride(0), patch.stride(1), sent.stride(0),
         EGMA_COMPAT=egma_compat, WRITE_OWN=write_own,
-        BLOCK_P=cfg["fwd_block_p"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_P=cfg["fwd_block_p"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"], GROUP=group,
         ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["fwd_warps"],
     )
     return i2t, t2i, best_patch, own

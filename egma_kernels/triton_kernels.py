@@ -5,8 +5,9 @@ matrix: every tile of it is recomputed from the embeddings where it is needed.
 
 Kernels (one program per ...), in launch order:
   _longest_report_kernel  (once, egma_compat only): the longest report, for the zero-padding rule.
-  _filip_fwd_kernel       (image a, report b): I2T[a,b], T2I[a,b], the argmax patch of each sentence,
-                          and on the matched tiles (a == b) the own block X[u, i] = A[o(u), i ; u].
+  _filip_fwd_kernel       (image a, group of GROUP reports): I2T[a,b], T2I[a,b], the argmax patch of each
+                          sentence, and on the matched tiles (a == b) the own block X[u, i] = A[o(u), i ; u].
+                          A group shares every patch tile it loads (B*R/GROUP patch-block reads, not B*R).
   _report_fwd_kernel      report k: the contrastive cross-entropies' row k (log-sum-exps of row k of
                           I2T and of column k of T2I); on X_k (n_k x P) the gaze MLCE rows/columns, the
                           mapping weights (recomputed from X and the gaze, never stored) and both mapping
@@ -56,41 +57,54 @@ def _similarity_tile(
 
 
 @triton.jit
+def _report_group(cu_ptr, grp, R, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
+    """GROUP consecutive reports as GROUP slots of BLOCK_S columns: per report (index, mask, start,
+    length) and per column (sentence index, mask, report index), flattened slot by slot."""
+    reps = grp * GROUP + tl.arange(0, GROUP)
+    rep_mask = reps < R
+    start = tl.load(cu_ptr + reps, mask=rep_mask, other=0)
+    n_rep = tl.load(cu_ptr + reps + 1, mask=rep_mask, other=0) - start  # 0 for a slot past the last report
+    j = tl.arange(0, BLOCK_S)
+    u_offs = tl.reshape(start[:, None] + j[None, :], [GROUP * BLOCK_S])
+    u_mask = tl.reshape(j[None, :] < n_rep[:, None], [GROUP * BLOCK_S])
+    u_rep = tl.reshape(tl.broadcast_to(reps[:, None], [GROUP, BLOCK_S]), [GROUP * BLOCK_S])
+    return reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep
+
+
+@triton.jit
 def _filip_fwd_kernel(
     patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
     i2t_ptr, t2i_ptr, best_patch_ptr, own_ptr,
     P, D, N, R,
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, WRITE_OWN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """One image against GROUP consecutive reports: each patch tile loaded serves all of them, and the
+    similarity tile is [BLOCK_P, GROUP * BLOCK_S] (report g in columns g*BLOCK_S ...)."""
     img = tl.program_id(0)
-    rep = tl.program_id(1)
-    start = tl.load(cu_ptr + rep)
-    n_rep = tl.load(cu_ptr + rep + 1) - start
+    reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, tl.program_id(1), R, GROUP, BLOCK_S)
     t = tl.load(scale_ptr).to(ACC)
-    j = tl.arange(0, BLOCK_S)
-    u_offs = start + j
-    u_mask = j < n_rep
     if EGMA_COMPAT:
         padded = n_rep < tl.load(smax_ptr)  # zero-padding takes part in this report's max
 
-    col_max = tl.full([BLOCK_S], float("-inf"), dtype=ACC)
-    col_arg = tl.zeros([BLOCK_S], dtype=tl.int32)
-    row_total = tl.zeros([BLOCK_P], dtype=ACC)
+    col_max = tl.full([GROUP * BLOCK_S], float("-inf"), dtype=ACC)
+    col_arg = tl.zeros([GROUP * BLOCK_S], dtype=tl.int32)
+    row_total = tl.zeros([BLOCK_P, GROUP], dtype=ACC)
     for p0 in range(0, P, BLOCK_P):
         p_offs = p0 + tl.arange(0, BLOCK_P)
         p_mask = p_offs < P
         sim = t * _similarity_tile(
             patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
-            BLOCK_P, BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+            BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
         )
-        # I2T: each patch's best sentence of this report.
-        row_max = tl.max(tl.where(u_mask[None, :], sim, float("-inf")), axis=1)
+        # I2T: each patch's best sentence of each report.
+        per_slot = tl.reshape(tl.where(u_mask[None, :], sim, float("-inf")), [BLOCK_P, GROUP, BLOCK_S])
+        row_max = tl.max(per_slot, axis=2)
         if EGMA_COMPAT:
-            row_max = tl.where(padded, tl.maximum(row_max, 0.0), row_max)
-        row_total += tl.where(p_mask, row_max, 0.0)
+            row_max = tl.where(padded[None, :], tl.maximum(row_max, 0.0), row_max)
+        row_total += tl.where(p_mask[:, None] & rep_mask[None, :], row_max, 0.0)
         # T2I: each sentence's best patch of this image, carried across patch blocks (first index on ties).
         masked = tl.where(p_mask[:, None], sim, float("-inf"))
         blk_max = tl.max(masked, axis=0)
@@ -100,10 +114,12 @@ def _filip_fwd_kernel(
         col_max = tl.where(better, blk_max, col_max)
         if WRITE_OWN:
             own_offs = u_offs.to(tl.int64)[None, :] * P + p_offs[:, None]
-            tl.store(own_ptr + own_offs, sim, mask=p_mask[:, None] & u_mask[None, :] & (img == rep))
+            tl.store(own_ptr + own_offs, sim, mask=p_mask[:, None] & (u_mask & (u_rep == img))[None, :])
 
-    tl.store(i2t_ptr + img * R + rep, tl.sum(row_total, axis=0) / P)
-    tl.store(t2i_ptr + img * R + rep, tl.sum(tl.where(u_mask, col_max, 0.0), axis=0) / n_rep)
+    at = tl.cast(img, tl.int64) * R + reps
+    tl.store(i2t_ptr + at, tl.sum(row_total, axis=0) / P, mask=rep_mask)
+    col_sum = tl.sum(tl.reshape(tl.where(u_mask, col_max, 0.0), [GROUP, BLOCK_S]), axis=1)
+    tl.store(t2i_ptr + at, col_sum / tl.maximum(n_rep, 1), mask=rep_mask)
     best_ptrs = best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs
     tl.store(best_ptrs, col_arg.to(best_patch_ptr.dtype.element_ty), mask=u_mask)  # int16 when P < 2**15
 
