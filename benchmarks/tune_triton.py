@@ -36,6 +36,7 @@ CANDIDATES = {
     "fwd_block_p": [32, 64, 128],
     "BLOCK_D": [32, 64, 128],
     "fwd_warps": [2, 4, 8],
+    "bwd_group": [1, 2, 4],
     "bwd_patch_rows": [16, 32, 64],
     "bwd_warps": [4, 8],
     "bwd_sent_block_p": [16, 32, 64],

@@ -115,6 +115,7 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
         sent_D_CHUNKS=d_pad // sent_d_out,
         fwd_block_p=min(64 // wide, _pow2(P)),
         fwd_group=fwd_group,
+        bwd_group=fwd_group,  # reports per step of the dpatch kernel's loop
         bwd_patch_rows=16,
         bwd_sent_block_p=sent_block_p,
         matched_block_p=min(64 // wide, _pow2(P)),
@@ -221,9 +222,10 @@ def _launch_filip_bwd(
     # [rows, D] accumulator small. One slice writes the gradient in the input dtype directly.
     block_rows = cfg["bwd_patch_rows"]
     row_blocks = _cdiv(P, block_rows)
-    slices = _num_slices(num_images * row_blocks, R, num_images * P * D * elem, patch.device)
-    reps_per_slice = _cdiv(R, slices)
-    slices = _cdiv(R, reps_per_slice)
+    groups = _cdiv(R, cfg["bwd_group"])
+    slices = _num_slices(num_images * row_blocks, groups, num_images * P * D * elem, patch.device)
+    groups_per_slice = _cdiv(groups, slices)
+    slices = _cdiv(groups, groups_per_slice)
     if slices == 1:
         d_patch = _utils.new_output((num_images, P, D), patch.dtype, patch.device)
     else:
@@ -232,8 +234,8 @@ def _launch_filip_bwd(
     d_scale_parts = _utils.new_output((slices * num_images * row_blocks * chunks,), acc, patch.device)
     K._filip_bwd_patch_kernel[(num_images, row_blocks * chunks, slices)](
         patch, sent, cu, scale, counts, *upstream, d_patch, d_scale_parts,
-        P, D, N, R, reps_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
-        BLOCK_P=block_rows, D_OUT=cfg["D_OUT"], D_CHUNKS=chunks, **common,
+        P, D, N, R, groups_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
+        BLOCK_P=block_rows, GROUP=cfg["bwd_group"], D_OUT=cfg["D_OUT"], D_CHUNKS=chunks, **common,
     )
     # dsent: one program per (report, slice of the images).
     slices_s = _num_slices(R, num_images, N * D * elem, patch.device)

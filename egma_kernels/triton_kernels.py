@@ -15,7 +15,8 @@ Kernels (one program per ...), in launch order:
                           since X_k = t * S_k P_k^T, the mapped features never need to be formed.
   _loss_terms_kernel      (once): the three terms and the loss, summed over the reports in a fixed order.
   _report_bwd_kernel      report k: dL/dX_k from the MLCE and mapping terms.
-  _filip_bwd_patch_kernel (image a, patch block, slice of the reports): dL/dpatch and dL/dt partials.
+  _filip_bwd_patch_kernel (image a, patch block, slice of the reports, in groups as the forward kernel's):
+                          dL/dpatch and dL/dt partials.
   _filip_bwd_sent_kernel  (report b, slice of the images): dL/dsent partials.
                           Both hold a [rows, D] float32 accumulator; for D > 512 (256 in float64) the
                           output columns are split into chunks across programs, each recomputing the
@@ -160,29 +161,28 @@ def _term_coefficient(g_loss_ptr, g_term_ptr, weight, GRADS: tl.constexpr, TERM_
 
 @triton.jit
 def _matrix_grads(
-    img, rep, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr,
+    img, reps, rep_mask, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr,
     EGMA_COMPAT: tl.constexpr, GRADS: tl.constexpr,
 ):
-    """dL/dI2T[img, rep] and dL/dT2I[img, rep]: the contrastive cross-entropies' softmax minus target
-    (``c_con`` = dL/dL_con * 1/2 * 1/B), plus any gradient given to the matrices themselves."""
-    at = tl.cast(img, tl.int64) * R + rep
+    """dL/dI2T[img, reps] and dL/dT2I[img, reps] for a group of reports: the contrastive cross-entropies'
+    softmax minus target (``c_con`` = dL/dL_con * 1/2 * 1/B), plus any gradient given to the matrices."""
+    at = tl.cast(img, tl.int64) * R + reps
+    g_row = tl.where(rep_mask, 0.0, 0.0)
+    g_col = tl.where(rep_mask, 0.0, 0.0)
     if ((G_LOSS | G_CON) & GRADS) != 0:
-        target = tl.where(img == rep, 1.0, 0.0)
+        target = tl.where(reps == img, 1.0, 0.0)
         lse_row = tl.load(per_report_ptr + PR_LSE_I2T * R + img)
-        g_row = c_con * (tl.exp(tl.load(i2t_ptr + at) - lse_row) - target)
+        g_row = c_con * (tl.exp(tl.load(i2t_ptr + at, mask=rep_mask, other=0.0) - lse_row) - target)
         if EGMA_COMPAT:
             lse_col = tl.load(per_report_ptr + PR_LSE_T2I * R + img)
         else:
-            lse_col = tl.load(per_report_ptr + PR_LSE_T2I * R + rep)
-        g_col = c_con * (tl.exp(tl.load(t2i_ptr + at) - lse_col) - target)
-        if (G_I2T & GRADS) != 0:
-            g_row += tl.load(g_i2t_ptr + at)
-        if (G_T2I & GRADS) != 0:
-            g_col += tl.load(g_t2i_ptr + at)
-    else:
-        g_row = tl.load(g_i2t_ptr + at) if (G_I2T & GRADS) != 0 else 0.0
-        g_col = tl.load(g_t2i_ptr + at) if (G_T2I & GRADS) != 0 else 0.0
-    return g_row, g_col
+            lse_col = tl.load(per_report_ptr + PR_LSE_T2I * R + reps, mask=rep_mask, other=0.0)
+        g_col = c_con * (tl.exp(tl.load(t2i_ptr + at, mask=rep_mask, other=0.0) - lse_col) - target)
+    if (G_I2T & GRADS) != 0:
+        g_row += tl.load(g_i2t_ptr + at, mask=rep_mask, other=0.0)
+    if (G_T2I & GRADS) != 0:
+        g_col += tl.load(g_t2i_ptr + at, mask=rep_mask, other=0.0)
+    return tl.where(rep_mask, g_row, 0.0), tl.where(rep_mask, g_col, 0.0)
 
 
 @triton.jit
@@ -196,24 +196,29 @@ def _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, num_reports, GRADS: t
 
 @triton.jit
 def _grad_tile(
-    sim, img, rep, p_offs, p_mask, j, u_offs, u_mask, n_rep, P, N, g_row, g_col,
+    sim, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
     best_patch_ptr, d_own_ptr, smax_ptr,
     EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """dL/dA on one (image, report) tile: routed through each max, plus the own block's gradient."""
-    masked = tl.where(u_mask[None, :], sim, float("-inf"))
-    row_arg = tl.argmax(masked, axis=1, tie_break_left=True)
-    hit = j[None, :] == row_arg[:, None]
+    """dL/dA on one image's tile against a group of reports ([BLOCK_P, GROUP * BLOCK_S], as _report_group
+    lays them out): routed through each max, plus the own block's gradient."""
+    per_slot = tl.reshape(tl.where(u_mask[None, :], sim, float("-inf")), [BLOCK_P, GROUP, BLOCK_S])
+    row_arg = tl.argmax(per_slot, axis=2, tie_break_left=True)  # [rows, GROUP]
+    j = tl.arange(0, BLOCK_S)
+    hit = j[None, None, :] == row_arg[:, :, None]
     if EGMA_COMPAT:
-        row_max = tl.max(masked, axis=1)
+        row_max = tl.max(per_slot, axis=2)
         padded = n_rep < tl.load(smax_ptr)
-        hit = hit & ~(padded & (row_max < 0.0))[:, None]  # the zero padding won: no gradient
-    d_sim = tl.where(hit & p_mask[:, None], g_row / P, 0.0)
+        hit = hit & ~(padded[None, :] & (row_max < 0.0))[:, :, None]  # the zero padding won: no gradient
+    d_sim = tl.where(hit & p_mask[:, None, None], (g_row / P)[None, :, None], 0.0)
+    d_sim = tl.reshape(d_sim, [BLOCK_P, GROUP * BLOCK_S])
     best = tl.load(best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs, mask=u_mask, other=-1).to(tl.int32)
-    d_sim += tl.where((p_offs[:, None] == best[None, :]) & u_mask[None, :], g_col / n_rep, 0.0)
+    col = tl.reshape(tl.broadcast_to((g_col / tl.maximum(n_rep, 1))[:, None], [GROUP, BLOCK_S]), [GROUP * BLOCK_S])
+    d_sim += tl.where((p_offs[:, None] == best[None, :]) & u_mask[None, :], col[None, :], 0.0)
     if HAS_OWN_GRAD:
         own_offs = u_offs.to(tl.int64)[None, :] * P + p_offs[:, None]
-        d_sim += tl.load(d_own_ptr + own_offs, mask=p_mask[:, None] & u_mask[None, :] & (img == rep), other=0.0)
+        d_sim += tl.load(d_own_ptr + own_offs, mask=p_mask[:, None] & (u_mask & (u_rep == img))[None, :], other=0.0)
     return d_sim
 
 
@@ -223,11 +228,11 @@ def _filip_bwd_patch_kernel(
     i2t_ptr, t2i_ptr, per_report_ptr, g_loss_ptr, g_con_ptr, g_i2t_ptr, g_t2i_ptr, w_con,
     best_patch_ptr, d_own_ptr,
     d_patch_ptr, d_scale_part_ptr,
-    P, D, N, R, reps_per_slice,
+    P, D, N, R, groups_per_slice,
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_OUT: tl.constexpr,
-    D_CHUNKS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     img = tl.program_id(0)
     pblk = tl.program_id(1) // D_CHUNKS  # axis 1: (block of patch rows, chunk of D_OUT output columns)
@@ -237,28 +242,24 @@ def _filip_bwd_patch_kernel(
     t = tl.load(scale_ptr).to(ACC)
     p_offs = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p_offs < P
-    j = tl.arange(0, BLOCK_S)
     dd = chunk * D_OUT + tl.arange(0, D_OUT)
     acc = tl.zeros([BLOCK_P, D_OUT], dtype=ACC)
     scale_acc = tl.zeros([BLOCK_P], dtype=ACC)
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
-    rep_lo = part * reps_per_slice
-    rep_hi = tl.minimum(rep_lo + reps_per_slice, R)
-    for rep in range(rep_lo, rep_hi):
-        start = tl.load(cu_ptr + rep)
-        n_rep = tl.load(cu_ptr + rep + 1) - start
-        u_offs = start + j
-        u_mask = j < n_rep
+    grp_lo = part * groups_per_slice
+    grp_hi = tl.minimum(grp_lo + groups_per_slice, tl.cdiv(R, GROUP))
+    for grp in range(grp_lo, grp_hi):  # GROUP reports at a time (see _filip_fwd_kernel)
+        reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, grp, R, GROUP, BLOCK_S)
         sim = t * _similarity_tile(
             patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
-            BLOCK_P, BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+            BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
         )
         g_row, g_col = _matrix_grads(
-            img, rep, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr, EGMA_COMPAT, GRADS
+            img, reps, rep_mask, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr, EGMA_COMPAT, GRADS
         )
         d_sim = _grad_tile(
-            sim, img, rep, p_offs, p_mask, j, u_offs, u_mask, n_rep, P, N, g_row, g_col,
-            best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD,
+            sim, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
+            best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD, BLOCK_P, GROUP, BLOCK_S,
         ).to(ACC)
         scale_acc += tl.sum(d_sim * sim, axis=1)
         sents = tl.load(
@@ -284,18 +285,14 @@ def _filip_bwd_sent_kernel(
     num_images, P, D, N, R, images_per_slice,
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D_OUT: tl.constexpr,
-    D_CHUNKS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    rep = tl.program_id(0)
     part = tl.program_id(1) // D_CHUNKS  # axis 1: (slice of the images, chunk of D_OUT output columns)
     chunk = tl.program_id(1) % D_CHUNKS
     t = tl.load(scale_ptr).to(ACC)
-    start = tl.load(cu_ptr + rep)
-    n_rep = tl.load(cu_ptr + rep + 1) - start
-    j = tl.arange(0, BLOCK_S)
-    u_offs = start + j
-    u_mask = j < n_rep
+    # One report per program (a group of one): its [BLOCK_S, D_OUT] accumulator already fills the registers.
+    reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, tl.program_id(0), R, 1, BLOCK_S)
     dd = chunk * D_OUT + tl.arange(0, D_OUT)
     acc = tl.zeros([BLOCK_S, D_OUT], dtype=ACC)
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
@@ -303,7 +300,7 @@ def _filip_bwd_sent_kernel(
     img_hi = tl.minimum(img_lo + images_per_slice, num_images)
     for img in range(img_lo, img_hi):
         g_row, g_col = _matrix_grads(
-            img, rep, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr, EGMA_COMPAT, GRADS
+            img, reps, rep_mask, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr, EGMA_COMPAT, GRADS
         )
         for p0 in range(0, P, BLOCK_P):
             p_offs = p0 + tl.arange(0, BLOCK_P)
@@ -313,8 +310,8 @@ def _filip_bwd_sent_kernel(
                 BLOCK_P, BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
             )
             d_sim = _grad_tile(
-                sim, img, rep, p_offs, p_mask, j, u_offs, u_mask, n_rep, P, N, g_row, g_col,
-                best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD,
+                sim, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
+                best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD, BLOCK_P, 1, BLOCK_S,
             ).to(ACC)
             patches = tl.load(
                 patch_ptr + tl.cast(img, tl.int64) * stride_pb + p_offs.to(tl.int64)[:, None] * stride_pp + dd[None, :],

@@ -40,6 +40,17 @@ def test_values_and_gradients_match_reference(case, dtype):
     check_backend("triton", case, device=DEVICE, dtype=dtype)
 
 
+@pytest.mark.parametrize("groups", [(4, 2), (2, 4)], ids=["fwd4-bwd2", "fwd2-bwd4"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[5], EXTRA_CASES[1]], ids=str)
+def test_report_groups_in_float64(case, groups, monkeypatch):
+    """Several reports per program (the GPU default for float32/bf16) held to float64 precision too."""
+    from egma_kernels import triton_backend as tb
+
+    monkeypatch.setattr(tb, "CONFIG_OVERRIDES", {"fwd_group": groups[0], "bwd_group": groups[1]})
+    check_backend("triton", case, device=DEVICE, dtype=torch.float64)
+    check_filip_backend("triton", 3, (2, 1, 4, 3, 1), P=6, D=16, device=DEVICE, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_randomised_cases(seed):
     g = torch.Generator().manual_seed(500 + seed)
