@@ -369,6 +369,21 @@ def _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total):
 
 
 @triton.jit
+def _z2(own_ptr, gaze_ptr, u_offs, u_mask, P, add_gaze, threshold, row_lo, row_hi, row_total,
+        HAS_GAZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Z2 = W_T2I X_k^T (n_k x n_k), accumulated over patch blocks (the weights recomputed on the way)."""
+    z2 = tl.zeros([BLOCK_S, BLOCK_S], dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        p_offs = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p_offs < P
+        x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
+        w2 = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total)
+        z2 = tl.dot(w2, tl.trans(x), z2, input_precision=DOT_PRECISION, out_dtype=ACC)
+    return z2
+
+
+@triton.jit
 def _online_lse(m, s, values, axis: tl.constexpr):
     """Merge a block's values (-inf = absent) into a running (max, sum of exp) along ``axis``."""
     new_m = tl.maximum(m, tl.max(values, axis=axis))
@@ -530,13 +545,8 @@ def _report_fwd_kernel(
         one = tl.full([BLOCK_S], 1.0, dtype=ACC)
         w_raw = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, one)
         row_total += tl.sum(w_raw, axis=1)
-    z2 = tl.zeros([BLOCK_S, BLOCK_S], dtype=ACC)
-    for p0 in range(0, P, BLOCK_P):
-        p_offs = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p_offs < P
-        x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
-        w2 = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total)
-        z2 = tl.dot(w2, tl.trans(x), z2, input_precision=DOT_PRECISION, out_dtype=ACC)
+    z2 = _z2(own_ptr, gaze_ptr, u_offs, u_mask, P, add_gaze, threshold, row_lo, row_hi, row_total,
+             HAS_GAZE, BLOCK_P, BLOCK_S, ACC, DOT_PRECISION)
     pair_mask = u_mask[:, None] & u_mask[None, :]
     z2m = tl.where(pair_mask, z2, NEG_INF)
     z2_row = tl.max(z2m, axis=1)
@@ -628,13 +638,8 @@ def _report_bwd_kernel(
 
     if MAP_GRAD:
         # dZ2 from the saved log-sum-exps (Z2 recomputed: it is n_k x n_k).
-        z2 = tl.zeros([BLOCK_S, BLOCK_S], dtype=ACC)
-        for p0 in range(0, P, BLOCK_P):
-            p_offs = p0 + tl.arange(0, BLOCK_P)
-            p_mask = p_offs < P
-            x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
-            w2 = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total)
-            z2 = tl.dot(w2, tl.trans(x), z2, input_precision=DOT_PRECISION, out_dtype=ACC)
+        z2 = _z2(own_ptr, gaze_ptr, u_offs, u_mask, P, add_gaze, threshold, row_lo, row_hi, row_total,
+                 HAS_GAZE, BLOCK_P, BLOCK_S, ACC, DOT_PRECISION)
         pair_mask = u_mask[:, None] & u_mask[None, :]
         eye = j[:, None] == j[None, :]
         d_z2 = tl.exp(z2 - z2_row[:, None]) + tl.exp(z2 - z2_col[None, :]) - tl.where(eye, 2.0, 0.0)
