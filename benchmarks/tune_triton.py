@@ -34,6 +34,8 @@ from egma_kernels import triton_backend as tb
 CANDIDATES = {
     "fwd_group": [1, 2, 4, 8],
     "bwd_group": [1, 2, 4],
+    "SIM_ONE_DOT": [False, True],
+    "sent_SIM_ONE_DOT": [False, True],
     "fwd_warps": [4, 8],
     "bwd_warps": [4, 8],
     "BLOCK_D": [32, 64, 128],

@@ -104,6 +104,9 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
     # ptxas, 4 reports spill at 4 warps and 8 warps hold 2 without spilling (sm_90, D=512). Untimed:
     # benchmarks/tune_triton.py tries 1, 2, 4 and 8 on a GPU.
     fwd_group = max(1, (32 // wide) // block_s)
+    # The backward kernels' similarity as one dot over the whole D (see the kernels' docstring): only when
+    # D is not chunked, and not for 3xTF32 float32 operands (ptxas: 3 and 15 KB spilled per thread).
+    split_fp32 = precision == "tf32x3" and dtype == torch.float32
     return dict(
         ACC=acc,
         DOT_PRECISION=precision,
@@ -113,6 +116,8 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
         D_CHUNKS=d_pad // d_out,
         sent_D_OUT=sent_d_out,
         sent_D_CHUNKS=d_pad // sent_d_out,
+        SIM_ONE_DOT=d_out == d_pad and not split_fp32,
+        sent_SIM_ONE_DOT=sent_d_out == d_pad and not split_fp32,
         fwd_block_p=min(64 // wide, _pow2(P)),
         fwd_group=fwd_group,
         bwd_group=fwd_group,  # reports per step of the dpatch kernel's loop
@@ -235,7 +240,8 @@ def _launch_filip_bwd(
     K._filip_bwd_patch_kernel[(num_images, row_blocks * chunks, slices)](
         patch, sent, cu, scale, counts, *upstream, d_patch, d_scale_parts,
         P, D, N, R, groups_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
-        BLOCK_P=block_rows, GROUP=cfg["bwd_group"], D_OUT=cfg["D_OUT"], D_CHUNKS=chunks, **common,
+        BLOCK_P=block_rows, GROUP=cfg["bwd_group"], D_OUT=cfg["D_OUT"], D_CHUNKS=chunks,
+        SIM_ONE_DOT=cfg["SIM_ONE_DOT"], **common,
     )
     # dsent: one program per (report, slice of the images).
     slices_s = _num_slices(R, num_images, N * D * elem, patch.device)
@@ -248,7 +254,8 @@ def _launch_filip_bwd(
     K._filip_bwd_sent_kernel[(R, slices_s * cfg["sent_D_CHUNKS"])](
         patch, sent, cu, scale, counts, *upstream, d_sent,
         num_images, P, D, N, R, images_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
-        BLOCK_P=cfg["bwd_sent_block_p"], D_OUT=cfg["sent_D_OUT"], D_CHUNKS=cfg["sent_D_CHUNKS"], **common,
+        BLOCK_P=cfg["bwd_sent_block_p"], D_OUT=cfg["sent_D_OUT"], D_CHUNKS=cfg["sent_D_CHUNKS"],
+        SIM_ONE_DOT=cfg["sent_SIM_ONE_DOT"], **common,
     )
     if slices > 1:
         d_patch = d_patch.sum(dim=0).to(patch.dtype)

@@ -20,7 +20,10 @@ Kernels (one program per ...), in launch order:
   _filip_bwd_sent_kernel  (report b, slice of the images): dL/dsent partials.
                           Both hold a [rows, D] float32 accumulator; for D > 512 (256 in float64) the
                           output columns are split into chunks across programs, each recomputing the
-                          similarity tiles, so that the accumulator stays in registers.
+                          similarity tiles, so that the accumulator stays in registers. Without chunks
+                          (SIM_ONE_DOT) the similarity is one dot over D from the very tiles the gradient
+                          product loads, and a program's fixed operand is loaded once; not with 3xTF32
+                          float32 operands, whose split copies of a whole-D tile spill (ptxas).
 The whole loss is these kernels and nothing else: no torch op between them, so that a call costs a few
 launches of host time (at small batches the host, not the GPU, sets the pace). The backward kernels
 turn the upstream gradients of the loss and of its terms into the cross-entropies' softmax gradients
@@ -232,7 +235,8 @@ def _filip_bwd_patch_kernel(
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-    D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, SIM_ONE_DOT: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     img = tl.program_id(0)
     pblk = tl.program_id(1) // D_CHUNKS  # axis 1: (block of patch rows, chunk of D_OUT output columns)
@@ -246,14 +250,26 @@ def _filip_bwd_patch_kernel(
     acc = tl.zeros([BLOCK_P, D_OUT], dtype=ACC)
     scale_acc = tl.zeros([BLOCK_P], dtype=ACC)
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
+    if SIM_ONE_DOT:  # the whole D fits one program: load this program's patch rows once, not per group
+        rows = tl.load(
+            patch_ptr + tl.cast(img, tl.int64) * stride_pb + p_offs.to(tl.int64)[:, None] * stride_pp + dd[None, :],
+            mask=p_mask[:, None] & (dd[None, :] < D), other=0.0,
+        )
     grp_lo = part * groups_per_slice
     grp_hi = tl.minimum(grp_lo + groups_per_slice, tl.cdiv(R, GROUP))
     for grp in range(grp_lo, grp_hi):  # GROUP reports at a time (see _filip_fwd_kernel)
         reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, grp, R, GROUP, BLOCK_S)
-        sim = t * _similarity_tile(
-            patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
-            BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+        sents = tl.load(
+            sent_ptr + u_offs.to(tl.int64)[:, None] * stride_sn + dd[None, :],
+            mask=u_mask[:, None] & (dd[None, :] < D), other=0.0,
         )
+        if SIM_ONE_DOT:  # one dot over the whole D, from the tiles the gradient product uses too
+            sim = t * tl.dot(rows, tl.trans(sents), input_precision=DOT_PRECISION, out_dtype=ACC)
+        else:
+            sim = t * _similarity_tile(
+                patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
+                BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+            )
         g_row, g_col = _matrix_grads(
             img, reps, rep_mask, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr, EGMA_COMPAT, GRADS
         )
@@ -262,11 +278,7 @@ def _filip_bwd_patch_kernel(
             best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD, BLOCK_P, GROUP, BLOCK_S,
         ).to(ACC)
         scale_acc += tl.sum(d_sim * sim, axis=1)
-        sents = tl.load(
-            sent_ptr + u_offs.to(tl.int64)[:, None] * stride_sn + dd[None, :],
-            mask=u_mask[:, None] & (dd[None, :] < D), other=0.0,
-        ).to(ACC)
-        acc = tl.dot(d_sim, sents, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+        acc = tl.dot(d_sim, sents.to(ACC), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     row0 = (tl.cast(part, tl.int64) * num_images + img) * P  # partial buffer (slices, B, P, D)
     out = d_patch_ptr + (row0 + p_offs.to(tl.int64)[:, None]) * D + dd[None, :]
     tl.store(out, t * acc, mask=p_mask[:, None] & (dd[None, :] < D))
@@ -286,7 +298,8 @@ def _filip_bwd_sent_kernel(
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, SIM_ONE_DOT: tl.constexpr, ACC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     part = tl.program_id(1) // D_CHUNKS  # axis 1: (slice of the images, chunk of D_OUT output columns)
     chunk = tl.program_id(1) % D_CHUNKS
@@ -296,6 +309,11 @@ def _filip_bwd_sent_kernel(
     dd = chunk * D_OUT + tl.arange(0, D_OUT)
     acc = tl.zeros([BLOCK_S, D_OUT], dtype=ACC)
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
+    if SIM_ONE_DOT:  # the whole D fits one program: load the report's sentences once, not per tile
+        sents = tl.load(
+            sent_ptr + u_offs.to(tl.int64)[:, None] * stride_sn + dd[None, :],
+            mask=u_mask[:, None] & (dd[None, :] < D), other=0.0,
+        )
     img_lo = part * images_per_slice
     img_hi = tl.minimum(img_lo + images_per_slice, num_images)
     for img in range(img_lo, img_hi):
@@ -305,19 +323,22 @@ def _filip_bwd_sent_kernel(
         for p0 in range(0, P, BLOCK_P):
             p_offs = p0 + tl.arange(0, BLOCK_P)
             p_mask = p_offs < P
-            sim = t * _similarity_tile(
-                patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
-                BLOCK_P, BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+            patches = tl.load(
+                patch_ptr + tl.cast(img, tl.int64) * stride_pb + p_offs.to(tl.int64)[:, None] * stride_pp + dd[None, :],
+                mask=p_mask[:, None] & (dd[None, :] < D), other=0.0,
             )
+            if SIM_ONE_DOT:  # one dot over the whole D, from the tiles the gradient product uses too
+                sim = t * tl.dot(patches, tl.trans(sents), input_precision=DOT_PRECISION, out_dtype=ACC)
+            else:
+                sim = t * _similarity_tile(
+                    patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
+                    BLOCK_P, BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+                )
             d_sim = _grad_tile(
                 sim, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
                 best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD, BLOCK_P, 1, BLOCK_S,
             ).to(ACC)
-            patches = tl.load(
-                patch_ptr + tl.cast(img, tl.int64) * stride_pb + p_offs.to(tl.int64)[:, None] * stride_pp + dd[None, :],
-                mask=p_mask[:, None] & (dd[None, :] < D), other=0.0,
-            ).to(ACC)
-            acc = tl.dot(tl.trans(d_sim), patches, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+            acc = tl.dot(tl.trans(d_sim), patches.to(ACC), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     out = d_sent_ptr + (tl.cast(part, tl.int64) * N + u_offs.to(tl.int64))[:, None] * D + dd[None, :]
     tl.store(out, t * acc, mask=u_mask[:, None] & (dd[None, :] < D))
 

@@ -40,13 +40,16 @@ def test_values_and_gradients_match_reference(case, dtype):
     check_backend("triton", case, device=DEVICE, dtype=dtype)
 
 
-@pytest.mark.parametrize("groups", [(4, 2), (2, 4)], ids=["fwd4-bwd2", "fwd2-bwd4"])
+@pytest.mark.parametrize("groups", [(4, 2, True), (2, 4, False)], ids=["fwd4-bwd2-one-dot", "fwd2-bwd4-looped"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[5], EXTRA_CASES[1]], ids=str)
 def test_report_groups_in_float64(case, groups, monkeypatch):
-    """Several reports per program (the GPU default for float32/bf16) held to float64 precision too."""
+    """Several reports per program (the GPU default for float32/bf16) held to float64 precision too, with
+    the backward similarity as one dot over D or as the forward's loop over D blocks (3xTF32 float32)."""
     from egma_kernels import triton_backend as tb
 
-    monkeypatch.setattr(tb, "CONFIG_OVERRIDES", {"fwd_group": groups[0], "bwd_group": groups[1]})
+    fwd_group, bwd_group, one_dot = groups
+    monkeypatch.setattr(tb, "CONFIG_OVERRIDES", {"fwd_group": fwd_group, "bwd_group": bwd_group,
+                                                 "SIM_ONE_DOT": one_dot, "sent_SIM_ONE_DOT": one_dot})
     check_backend("triton", case, device=DEVICE, dtype=torch.float64)
     check_filip_backend("triton", 3, (2, 1, 4, 3, 1), P=6, D=16, device=DEVICE, dtype=torch.float64)
 

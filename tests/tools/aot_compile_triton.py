@@ -65,9 +65,11 @@ def kernels(cfg):
         (K._loss_terms_kernel, dict(HAS_GAZE=True, BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"]), 4),
         (K._report_bwd_kernel, dict(report, GRADS=K.G_LOSS.value), cfg["report_warps"]),
         (K._filip_bwd_patch_kernel, dict(bwd, BLOCK_P=cfg["bwd_patch_rows"], GROUP=cfg["bwd_group"],
-                                         D_OUT=cfg["D_OUT"], D_CHUNKS=cfg["D_CHUNKS"]), cfg["bwd_warps"]),
+                                         D_OUT=cfg["D_OUT"], D_CHUNKS=cfg["D_CHUNKS"],
+                                         SIM_ONE_DOT=cfg["SIM_ONE_DOT"]), cfg["bwd_warps"]),
         (K._filip_bwd_sent_kernel, dict(bwd, BLOCK_P=cfg["bwd_sent_block_p"], D_OUT=cfg["sent_D_OUT"],
-                                        D_CHUNKS=cfg["sent_D_CHUNKS"]), cfg["bwd_warps"]),
+                                        D_CHUNKS=cfg["sent_D_CHUNKS"], SIM_ONE_DOT=cfg["sent_SIM_ONE_DOT"]),
+         cfg["bwd_warps"]),
     ]
 
 
