@@ -8,12 +8,14 @@
 # and the GPU tests left (less OTHER_TESTS_S), and its own --budget stops it in time to write its results.
 #
 # Order: environment -> build (pip install --no-build-isolation --no-deps -e .) -> import check ->
-# pytest -m gpu -> Triton tile tuning (benchmarks/tune_triton.py, TUNE_S) -> egma-bench GPU sweep -> the
-# other tests (they also run in CPU CI, so they come last).
+# the fused backends' test files on the GPU (test_compiled_cuda.py, test_triton_backend.py: their
+# device-generic tests run on CUDA tensors there) -> the other files' GPU-marked tests -> Triton tile
+# tuning (only with TUNE_S > 0; otherwise run benchmarks/tune_triton.py as a second call) -> egma-bench
+# GPU sweep -> the other tests (they also run in CPU CI, so they come last).
 # Each step's exit code goes to $OUT/steps.tsv; the script itself exits 0 unless the build or the GPU
 # tests failed, so that partial results always come back.
 #
-# Knobs (environment): OUT, TOTAL_S, BUILD_S, GPU_TESTS_S, TUNE_S (0 skips it), SWEEP_MAX_S, OTHER_TESTS_S, BENCH_ARGS (replaces
+# Knobs (environment): OUT, TOTAL_S, BUILD_S, GPU_TESTS_S, GPU_OTHER_S, TUNE_S (0 skips it), SWEEP_MAX_S, OTHER_TESTS_S, BENCH_ARGS (replaces
 # the sweep's arguments), OTHER_TESTS_ARGS, SKIP_BUILD=1, PYTHON (default python3). A dry run on a machine without a GPU:
 #     SKIP_BUILD=1 BENCH_ARGS="--smoke --no-compile" OTHER_TESTS_ARGS="tests/test_bench.py" OUT=/tmp/g bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -24,9 +26,10 @@ mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
 TOTAL_S="${TOTAL_S:-460}"
 BUILD_S="${BUILD_S:-150}"
-GPU_TESTS_S="${GPU_TESTS_S:-180}"  # Triton compiles each kernel variant the tests use (cold cache)
+GPU_TESTS_S="${GPU_TESTS_S:-200}"  # Triton compiles each kernel variant the tests use (cold cache)
 SWEEP_MAX_S="${SWEEP_MAX_S:-300}"   # the sweep gets what is left, less OTHER_TESTS_S, up to this
 OTHER_TESTS_S="${OTHER_TESTS_S:-50}"
+GPU_OTHER_S="${GPU_OTHER_S:-40}"
 TUNE_S="${TUNE_S:-0}"   # 0: run benchmarks/tune_triton.py as a second call (see benchmarks/README.md)
 START=$(date +%s)
 STEPS="$OUT/steps.tsv"
@@ -107,8 +110,13 @@ print('available on cuda', ek.available_backends('cuda'), 'on cpu', ek.available
 
 # --- GPU tests ---------------------------------------------------------------------------------------
 GPU_RC=0
-step gpu-tests "$GPU_TESTS_S" pytest_gpu.log "$PYTHON" -m pytest -q -m gpu -rs --junitxml="$OUT/pytest_gpu.xml" tests || GPU_RC=$?
-if (( GPU_RC == 5 )); then echo "(pytest -m gpu selected no test)"; fi
+# The fused backends' whole test files (their device-generic tests run on the GPU here: float64 and
+# float32 against the reference with poisoned outputs), then the GPU-marked tests of the other files.
+step gpu-tests "$GPU_TESTS_S" pytest_gpu.log "$PYTHON" -m pytest -q -rs --junitxml="$OUT/pytest_gpu.xml" \
+  tests/test_compiled_cuda.py tests/test_triton_backend.py || GPU_RC=$?
+step gpu-tests-other "$GPU_OTHER_S" pytest_gpu_other.log "$PYTHON" -m pytest -q -m gpu -rs \
+  --junitxml="$OUT/pytest_gpu_other.xml" tests --ignore=tests/test_triton_backend.py \
+  --ignore=tests/test_compiled_cuda.py || { rc=$?; (( rc == 5 )) || GPU_RC=$rc; }
 
 # --- Triton tile tuning (one setting at a time; results in tune/) -------------------------------------
 if (( TUNE_S > 0 )); then
@@ -137,7 +145,7 @@ if [[ -f "$OUT/bench/results.md" ]]; then
 fi
 
 # --- the other tests ---------------------------------------------------------------------------------
-read -r -a OTHER <<< "${OTHER_TESTS_ARGS:-tests}"
+read -r -a OTHER <<< "${OTHER_TESTS_ARGS:-tests --ignore=tests/test_triton_backend.py --ignore=tests/test_compiled_cuda.py}"
 step other-tests "$OTHER_TESTS_S" pytest_other.log "$PYTHON" -m pytest -q -x -m "not gpu and not slow" \
   --junitxml="$OUT/pytest_other.xml" "${OTHER[@]}"
 
