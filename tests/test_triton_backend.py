@@ -267,6 +267,24 @@ def test_gpu_float32_with_tf32_allowed_matches_reference_under_the_same_setting(
 
 
 @pytest.mark.gpu
+def test_gpu_no_host_synchronisation_with_max_seqlen():
+    """validate=False and max_seqlen given: forward and backward never wait for the device."""
+    inputs = make_inputs([3, 1, 4, 2], 49, 64, seed=8, gaze="mixed", dtype=torch.float32)
+    args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    args["patch_emb"].requires_grad_(True)
+    for compat in (False, True):  # compile first
+        ek.fine_grained_loss(**args, backend="triton", validate=False, max_seqlen=4, egma_compat=compat).backward()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for compat in (False, True):
+            ek.fine_grained_loss(**args, backend="triton", validate=False, max_seqlen=4, egma_compat=compat).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.mark.gpu
 def test_gpu_large_batch_runs_and_matches_in_float32():
     g = torch.Generator().manual_seed(9)
     lengths = torch.randint(1, 16, (512,), generator=g).tolist()
