@@ -34,6 +34,7 @@ from egma_kernels import triton_backend as tb
 CANDIDATES = {
     "fwd_group": [1, 2, 4, 8],
     "bwd_group": [1, 2, 4],
+    "fwd_SIM_ONE_DOT": [False, True],
     "SIM_ONE_DOT": [False, True],
     "sent_SIM_ONE_DOT": [False, True],
     "fwd_warps": [4, 8],

@@ -116,6 +116,10 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
         D_CHUNKS=d_pad // d_out,
         sent_D_OUT=sent_d_out,
         sent_D_CHUNKS=d_pad // sent_d_out,
+        D_PAD=d_pad,
+        # The forward's patch block [fwd_block_p, D] and the group's sentences [columns, D] in shared memory:
+        # 16-bit operands only (float32 ones, pipelined, would need up to 456 KiB by the AOT check).
+        fwd_SIM_ONE_DOT=dtype in (torch.float16, torch.bfloat16) and d_pad <= 512,
         SIM_ONE_DOT=d_out == d_pad and not split_fp32,
         sent_SIM_ONE_DOT=sent_d_out == d_pad and not split_fp32,
         fwd_block_p=min(64 // wide, _pow2(P)),
@@ -172,6 +176,7 @@ def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat
         P, D, N, R, patch.stride(0), patch.stride(1), sent.stride(0),
         EGMA_COMPAT=egma_compat, WRITE_OWN=write_own,
         BLOCK_P=cfg["fwd_block_p"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"], GROUP=group,
+        SIM_ONE_DOT=cfg["fwd_SIM_ONE_DOT"], D_PAD=cfg["D_PAD"],
         ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["fwd_warps"],
     )
     return i2t, t2i, best_patch, own

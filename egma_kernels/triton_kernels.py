@@ -83,15 +83,20 @@ def _filip_fwd_kernel(
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, WRITE_OWN: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SIM_ONE_DOT: tl.constexpr, D_PAD: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One image against GROUP consecutive reports: each patch tile loaded serves all of them, and the
-    similarity tile is [BLOCK_P, GROUP * BLOCK_S] (report g in columns g*BLOCK_S ...)."""
+    similarity tile is [BLOCK_P, GROUP * BLOCK_S] (report g in columns g*BLOCK_S ...). With SIM_ONE_DOT
+    the group's sentences are loaded once ([columns, D_PAD]) and each patch block is one dot over D."""
     img = tl.program_id(0)
     reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, tl.program_id(1), R, GROUP, BLOCK_S)
     t = tl.load(scale_ptr).to(ACC)
     if EGMA_COMPAT:
         padded = n_rep < tl.load(smax_ptr)  # zero-padding takes part in this report's max
+    if SIM_ONE_DOT:
+        dd = tl.arange(0, D_PAD)
+        sents = tl.load(sent_ptr + u_offs.to(tl.int64)[:, None] * stride_sn + dd[None, :],
+                        mask=u_mask[:, None] & (dd[None, :] < D), other=0.0)
 
     col_max = tl.full([GROUP * BLOCK_S], float("-inf"), dtype=ACC)
     col_arg = tl.zeros([GROUP * BLOCK_S], dtype=tl.int32)
@@ -99,10 +104,17 @@ def _filip_fwd_kernel(
     for p0 in range(0, P, BLOCK_P):
         p_offs = p0 + tl.arange(0, BLOCK_P)
         p_mask = p_offs < P
-        sim = t * _similarity_tile(
-            patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
-            BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
-        )
+        if SIM_ONE_DOT:
+            patches = tl.load(
+                patch_ptr + tl.cast(img, tl.int64) * stride_pb + p_offs.to(tl.int64)[:, None] * stride_pp + dd[None, :],
+                mask=p_mask[:, None] & (dd[None, :] < D), other=0.0,
+            )
+            sim = t * tl.dot(patches, tl.trans(sents), input_precision=DOT_PRECISION, out_dtype=ACC)
+        else:
+            sim = t * _similarity_tile(
+                patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
+                BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+            )
         # I2T: each patch's best sentence of each report.
         per_slot = tl.reshape(tl.where(u_mask[None, :], sim, float("-inf")), [BLOCK_P, GROUP, BLOCK_S])
         row_max = tl.max(per_slot, axis=2)

@@ -59,8 +59,8 @@ def kernels(cfg):
     report = dict(common, HAS_GAZE=True, BLOCK_P=cfg["matched_block_p"])
     return [
         (K._longest_report_kernel, dict(BLOCK_B=cfg["BLOCK_B"]), 4),
-        (K._filip_fwd_kernel, dict(filip, WRITE_OWN=True, BLOCK_P=cfg["fwd_block_p"], GROUP=cfg["fwd_group"]),
-         cfg["fwd_warps"]),
+        (K._filip_fwd_kernel, dict(filip, WRITE_OWN=True, BLOCK_P=cfg["fwd_block_p"], GROUP=cfg["fwd_group"],
+                                   SIM_ONE_DOT=cfg["fwd_SIM_ONE_DOT"], D_PAD=cfg["D_PAD"]), cfg["fwd_warps"]),
         (K._report_fwd_kernel, dict(report, EGMA_COMPAT=True, BLOCK_B=cfg["BLOCK_B"]), cfg["report_warps"]),
         (K._loss_terms_kernel, dict(HAS_GAZE=True, BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"]), 4),
         (K._report_bwd_kernel, dict(report, GRADS=K.G_LOSS.value), cfg["report_warps"]),
