@@ -24,8 +24,9 @@ Kernels (one program per ...), in launch order:
                           (SIM_ONE_DOT) the similarity is one dot over D from the very tiles the gradient
                           product loads, and a program's fixed operand is loaded once; not with 3xTF32
                           float32 operands, whose split copies of a whole-D tile spill (ptxas).
-The whole loss is these kernels and nothing else: no torch op between them, so that a call costs a few
-launches of host time (at small batches the host, not the GPU, sets the pace). The backward kernels
+The whole loss is these kernels and no torch op between them (the backward pass ends with fixed-order
+sums of its partial buffers), so that a call costs a few launches of host time (at small batches the
+host, not the GPU, sets the pace). The backward kernels
 turn the upstream gradients of the loss and of its terms into the cross-entropies' softmax gradients
 themselves, from the log-sum-exps saved by the forward pass.
 Every reduction happens inside one program in a fixed order, and the partials of the slices are summed
