@@ -95,15 +95,16 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
     d_pad = _pow2(D)
     # Output columns per backward program (see the kernels' docstring): a [16 rows, D_OUT] accumulator in
     # the patch kernel, [BLOCK_S, D_OUT] in the sentence kernel (long reports take narrower chunks).
-    d_out = min(d_pad, 512 // wide)
+    # Reports per forward program (and per step of the dpatch kernel's loop): up to 32 similarity columns
+    # (2 reports of up to 16 sentences); by ptxas, 4 reports spill at 4 warps and 8 warps hold 2 without
+    # spilling (sm_90, D=512). Untimed: benchmarks/tune_triton.py tries 1, 2, 4 and 8 on a GPU.
+    fwd_group = max(1, (32 // wide) // block_s)
+    # The dpatch kernel's [group columns, D_OUT] sentence operand stays within 64 KiB of shared memory.
+    d_out = min(d_pad, 512 // wide, max(64, 16384 // (fwd_group * block_s)) // wide)
     sent_d_out = min(d_pad, max(64, 8192 // block_s) // wide)
     # The [patch block, D] operand of the sentence-gradient kernel lives in shared memory: keep it
     # near 64 KiB (H100/H200 allow 227 KiB per block).
     sent_block_p = max(16, min(64, 16384 // (sent_d_out * wide)))
-    # Reports per forward program: up to 32 similarity columns (2 reports of up to 16 sentences); by
-    # ptxas, 4 reports spill at 4 warps and 8 warps hold 2 without spilling (sm_90, D=512). Untimed:
-    # benchmarks/tune_triton.py tries 1, 2, 4 and 8 on a GPU.
-    fwd_group = max(1, (32 // wide) // block_s)
     # The backward kernels' similarity as one dot over the whole D (see the kernels' docstring): only when
     # D is not chunked, and not for 3xTF32 float32 operands (ptxas: 3 and 15 KB spilled per thread).
     split_fp32 = precision == "tf32x3" and dtype == torch.float32
@@ -127,7 +128,9 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
         bwd_group=fwd_group,  # reports per step of the dpatch kernel's loop
         bwd_patch_rows=16,
         bwd_sent_block_p=sent_block_p,
-        matched_block_p=min(64 // wide, _pow2(P)),
+        # The report kernels hold [BLOCK_S, block] tiles and [BLOCK_S, BLOCK_S] products: long reports
+        # take narrower patch blocks (shared memory stays under the 227 KiB of an H100/H200 block).
+        matched_block_p=min(64 // wide, _pow2(P), max(16, 2048 // block_s)),
         # The per-report loops of the loss-term kernels (reports, or a row of the B x B matrices).
         BLOCK_B=min(1024, _pow2(num_reports)),
         # The backward kernels hold a [rows, D] float32 accumulator: 8 warps halve its registers per thread.

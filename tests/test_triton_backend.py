@@ -31,6 +31,8 @@ EXTRA_CASES = [
     Case((3, 2), P=6, D=16, gaze="none", egma_compat=True, seed=12, options=dict(weights=(0.0, 0.0, 1.0))),
     # D > 256: the backward kernels split their output columns into chunks (float64: chunks of 256)
     Case((2, 3), P=5, D=300, gaze="mixed", seed=15),
+    # a 70-sentence report: BLOCK_S=128, narrower report-kernel blocks, output chunks of 64 in float64
+    Case((70, 2, 1), P=5, D=100, gaze="mixed", egma_compat=True, seed=16),
 ]
 
 

@@ -38,6 +38,7 @@ SHAPES = [
     ("fp32 P196 D512 S10", torch.float32, 196, 512, 10),
     ("fp32-tf32 P49 D512 S10", torch.float32, 49, 512, 10),  # under set_float32_matmul_precision("high")
     ("fp64 P49 D512 S10", torch.float64, 49, 512, 10),
+    ("fp32 P1024 D1024 S128", torch.float32, 1024, 1024, 128),  # a 128-sentence report: narrower blocks
 ]
 TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 # H100/H200: 227 KiB of shared memory per block at most.
