@@ -42,6 +42,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _patch_rows(patch_ptr, img, p_offs, p_mask, dd, D, stride_pb, stride_pp):
+    """patch[img, p_offs, dd] as a [rows, len(dd)] tile in the input dtype (zeros outside P and D)."""
+    ptrs = patch_ptr + tl.cast(img, tl.int64) * stride_pb + p_offs.to(tl.int64)[:, None] * stride_pp + dd[None, :]
+    return tl.load(ptrs, mask=p_mask[:, None] & (dd[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _sentence_rows(sent_ptr, u_offs, u_mask, dd, D, stride_sn):
+    """sent[u_offs, dd] as a [rows, len(dd)] tile in the input dtype (zeros outside the reports and D)."""
+    ptrs = sent_ptr + u_offs.to(tl.int64)[:, None] * stride_sn + dd[None, :]
+    return tl.load(ptrs, mask=u_mask[:, None] & (dd[None, :] < D), other=0.0)
+
+
+@triton.jit
 def _similarity_tile(
     patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D,
     stride_pb, stride_pp, stride_sn,
@@ -96,8 +110,7 @@ def _filip_fwd_kernel(
         padded = n_rep < tl.load(smax_ptr)  # zero-padding takes part in this report's max
     if SIM_ONE_DOT:
         dd = tl.arange(0, D_PAD)
-        sents = tl.load(sent_ptr + u_offs.to(tl.int64)[:, None] * stride_sn + dd[None, :],
-                        mask=u_mask[:, None] & (dd[None, :] < D), other=0.0)
+        sents = _sentence_rows(sent_ptr, u_offs, u_mask, dd, D, stride_sn)
 
     col_max = tl.full([GROUP * BLOCK_S], float("-inf"), dtype=ACC)
     col_arg = tl.zeros([GROUP * BLOCK_S], dtype=tl.int32)
@@ -106,10 +119,7 @@ def _filip_fwd_kernel(
         p_offs = p0 + tl.arange(0, BLOCK_P)
         p_mask = p_offs < P
         if SIM_ONE_DOT:
-            patches = tl.load(
-                patch_ptr + tl.cast(img, tl.int64) * stride_pb + p_offs.to(tl.int64)[:, None] * stride_pp + dd[None, :],
-                mask=p_mask[:, None] & (dd[None, :] < D), other=0.0,
-            )
+            patches = _patch_rows(patch_ptr, img, p_offs, p_mask, dd, D, stride_pb, stride_pp)
             sim = t * tl.dot(patches, tl.trans(sents), input_precision=DOT_PRECISION, out_dtype=ACC)
         else:
             sim = t * _similarity_tile(
@@ -264,18 +274,12 @@ def _filip_bwd_patch_kernel(
     scale_acc = tl.zeros([BLOCK_P], dtype=ACC)
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
     if SIM_ONE_DOT:  # the whole D fits one program: load this program's patch rows once, not per group
-        rows = tl.load(
-            patch_ptr + tl.cast(img, tl.int64) * stride_pb + p_offs.to(tl.int64)[:, None] * stride_pp + dd[None, :],
-            mask=p_mask[:, None] & (dd[None, :] < D), other=0.0,
-        )
+        rows = _patch_rows(patch_ptr, img, p_offs, p_mask, dd, D, stride_pb, stride_pp)
     grp_lo = part * groups_per_slice
     grp_hi = tl.minimum(grp_lo + groups_per_slice, tl.cdiv(R, GROUP))
     for grp in range(grp_lo, grp_hi):  # GROUP reports at a time (see _filip_fwd_kernel)
         reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, grp, R, GROUP, BLOCK_S)
-        sents = tl.load(
-            sent_ptr + u_offs.to(tl.int64)[:, None] * stride_sn + dd[None, :],
-            mask=u_mask[:, None] & (dd[None, :] < D), other=0.0,
-        )
+        sents = _sentence_rows(sent_ptr, u_offs, u_mask, dd, D, stride_sn)
         if SIM_ONE_DOT:  # one dot over the whole D, from the tiles the gradient product uses too
             sim = t * tl.dot(rows, tl.trans(sents), input_precision=DOT_PRECISION, out_dtype=ACC)
         else:
@@ -323,10 +327,7 @@ def _filip_bwd_sent_kernel(
     acc = tl.zeros([BLOCK_S, D_OUT], dtype=ACC)
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
     if SIM_ONE_DOT:  # the whole D fits one program: load the report's sentences once, not per tile
-        sents = tl.load(
-            sent_ptr + u_offs.to(tl.int64)[:, None] * stride_sn + dd[None, :],
-            mask=u_mask[:, None] & (dd[None, :] < D), other=0.0,
-        )
+        sents = _sentence_rows(sent_ptr, u_offs, u_mask, dd, D, stride_sn)
     img_lo = part * images_per_slice
     img_hi = tl.minimum(img_lo + images_per_slice, num_images)
     for img in range(img_lo, img_hi):
@@ -336,10 +337,7 @@ def _filip_bwd_sent_kernel(
         for p0 in range(0, P, BLOCK_P):
             p_offs = p0 + tl.arange(0, BLOCK_P)
             p_mask = p_offs < P
-            patches = tl.load(
-                patch_ptr + tl.cast(img, tl.int64) * stride_pb + p_offs.to(tl.int64)[:, None] * stride_pp + dd[None, :],
-                mask=p_mask[:, None] & (dd[None, :] < D), other=0.0,
-            )
+            patches = _patch_rows(patch_ptr, img, p_offs, p_mask, dd, D, stride_pb, stride_pp)
             if SIM_ONE_DOT:  # one dot over the whole D, from the tiles the gradient product uses too
                 sim = t * tl.dot(patches, tl.trans(sents), input_precision=DOT_PRECISION, out_dtype=ACC)
             else:
