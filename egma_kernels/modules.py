@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import nn
 
 from .functional import DEFAULT_MAP_THRESHOLD, fine_grained_loss

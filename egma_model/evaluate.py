@@ -27,11 +27,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 import egma_kernels
 
-from .data import Collator, EGMADataset, ManifestError, load_manifest, split_sentences
+from .data import EGMADataset, ManifestError, load_manifest, split_sentences
 from .model import EGMAModel
 
 __all__ = [

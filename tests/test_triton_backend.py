@@ -8,7 +8,6 @@ the compiled kernels in bfloat16/float16/float32.
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch

@@ -6,7 +6,7 @@ import json
 import math
 import os
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 from .harness import FLOOR
 from .sweeps import MODE_LABEL
