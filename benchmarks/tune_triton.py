@@ -29,6 +29,7 @@ import torch
 
 import egma_kernels as ek
 from egma_kernels import triton_backend as tb
+from egma_kernels.bench.timing import measure_memory
 
 # One entry changed at a time; values equal to the default are skipped.
 CANDIDATES = {
@@ -45,6 +46,7 @@ CANDIDATES = {
     "bwd_sent_block_p": [16, 32, 64],
     "matched_block_p": [32, 64],
     "report_warps": [4, 8],
+    "max_slices": [1, 4],  # 1: no partial gradient buffers (least memory), fewer programs at small B
 }
 PROBLEMS = [("EGMA B=40 P=49", 40, 49, 512, 10), ("B=256 P=196", 256, 196, 512, 15)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -109,7 +111,8 @@ def measure(problem, reps):
         problem["patch_emb"].grad = problem["sent_emb"].grad = None
         ek.fine_grained_loss(**problem, backend="triton", validate=False).backward()
 
-    return time_ms(forward, reps), time_ms(forward_backward, reps)
+    scratch, _ = measure_memory(forward_backward, problem["patch_emb"].device)  # gradients included
+    return time_ms(forward, reps), time_ms(forward_backward, reps), scratch
 
 
 def agrees(got, want):
@@ -153,8 +156,9 @@ def main():
                            default=defaults.get(key) if key else None)
                 try:
                     ok = agrees(run(problem), want)
-                    fwd, fwd_bwd = measure(problem, args.reps)
-                    rec.update(fwd_ms=round(fwd, 4), fwd_bwd_ms=round(fwd_bwd, 4), agrees_with_default=ok)
+                    fwd, fwd_bwd, scratch = measure(problem, args.reps)
+                    rec.update(fwd_ms=round(fwd, 4), fwd_bwd_ms=round(fwd_bwd, 4), scratch_mib=round(scratch / 2**20, 2),
+                               agrees_with_default=ok)
                 except Exception as exc:  # a tile shape that does not fit (shared memory, registers)
                     rec.update(error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 records.append(rec)
@@ -167,7 +171,8 @@ def main():
 
 def write_table(records, path, device):
     lines = [f"# Triton tile settings, {device}", "",
-             "| problem | dtype | setting | fwd ms | fwd+bwd ms | vs default (fwd+bwd) | agrees |", "|---|---|---|---|---|---|---|"]
+             "| problem | dtype | setting | fwd ms | fwd+bwd ms | vs default (fwd+bwd) | fwd+bwd scratch MiB | agrees |",
+             "|---|---|---|---|---|---|---|---|"]
     base = {}
     for r in records:
         if r["key"] is None and "fwd_bwd_ms" in r:
@@ -175,12 +180,12 @@ def write_table(records, path, device):
     for r in records:
         setting = "defaults" if r["key"] is None else f"{r['key']}={r['value']} (default {r['default']})"
         if "error" in r:
-            lines.append(f"| {r['problem']} | {r['dtype']} | {setting} | | | {r['error'][:60]} | |")
+            lines.append(f"| {r['problem']} | {r['dtype']} | {setting} | | | {r['error'][:60]} | | |")
             continue
         ref = base.get((r["problem"], r["dtype"]))
         ratio = f"{ref / r['fwd_bwd_ms']:.2f}x" if ref else ""
         lines.append(f"| {r['problem']} | {r['dtype']} | {setting} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {ratio} "
-                     f"| {'yes' if r['agrees_with_default'] else 'NO'} |")
+                     f"| {r['scratch_mib']:.1f} | {'yes' if r['agrees_with_default'] else 'NO'} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -135,6 +135,11 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
         BLOCK_B=min(1024, _pow2(num_reports)),
         # The backward kernels hold a [rows, D] float32 accumulator: 8 warps halve its registers per thread.
         bwd_warps=8 if d_out >= 256 else 4,
+        # Slices of a backward loop (see _num_slices): more programs in flight when few images or reports
+        # run, each slice writing a partial gradient buffer. At most max_slices, and the partial buffers of
+        # a kernel take at most partial_budget times the bytes of the gradients the backward returns.
+        max_slices=16,
+        partial_budget=1.0,
         fwd_warps=8 if fwd_group * block_s >= 32 else 4,
         report_warps=4,
     )
@@ -190,16 +195,23 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _num_slices(programs: int, items: int, bytes_per_slice: int, device: torch.device) -> int:
+def _parallel_units(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; under the interpreter a "device" of 2 units keeps the
+    sliced backward path tested (benchmarks/scratch_memory.py sets a GPU's count to size its buffers)."""
+    if device.type != "cuda":
+        return 2
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _num_slices(programs: int, items: int, bytes_per_slice: int, budget: int, device: torch.device,
+                max_slices: int) -> int:
     """How many slices to split a backward kernel's sequential loop into, for enough programs in flight.
 
-    Each slice writes its own partial buffer (summed afterwards in a fixed order), so slicing costs memory:
-    at most 256 MiB of partials. Under the interpreter a "device" of 2 units keeps the sliced path tested.
-    """
-    units = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 2
+    Each slice writes its own partial buffer (summed afterwards in a fixed order): at most ``budget`` bytes
+    of them (one slice writes the gradient directly and needs none)."""
+    units = _parallel_units(device)
     wanted = _cdiv(4 * units, max(1, programs))
-    return int(max(1, min(wanted, items, 16, (256 << 20) // max(1, bytes_per_slice))))
+    return int(max(1, min(wanted, items, max_slices, budget // max(1, bytes_per_slice))))
 
 
 def _grad_mask(**grads) -> int:
@@ -231,12 +243,15 @@ def _launch_filip_bwd(
         EGMA_COMPAT=egma_compat, HAS_OWN_GRAD=d_own is not None, GRADS=grads, BLOCK_S=cfg["BLOCK_S"],
         BLOCK_D=cfg["BLOCK_D"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["bwd_warps"],
     )
+    # Partial buffers of a sliced loop: at most partial_budget x the gradients' bytes, and 256 MiB.
+    budget = min(256 << 20, int(cfg["partial_budget"] * (patch.numel() + sent.numel()) * patch.element_size()))
     # dpatch: one program per (image, block of patch rows, slice of the reports); 16 rows keep the
     # [rows, D] accumulator small. One slice writes the gradient in the input dtype directly.
     block_rows = cfg["bwd_patch_rows"]
     row_blocks = _cdiv(P, block_rows)
     groups = _cdiv(R, cfg["bwd_group"])
-    slices = _num_slices(num_images * row_blocks, groups, num_images * P * D * elem, patch.device)
+    slices = _num_slices(num_images * row_blocks, groups, num_images * P * D * elem, budget, patch.device,
+                         cfg["max_slices"])
     groups_per_slice = _cdiv(groups, slices)
     slices = _cdiv(groups, groups_per_slice)
     if slices == 1:
@@ -251,8 +266,10 @@ def _launch_filip_bwd(
         BLOCK_P=block_rows, GROUP=cfg["bwd_group"], D_OUT=cfg["D_OUT"], D_CHUNKS=chunks,
         SIM_ONE_DOT=cfg["SIM_ONE_DOT"], **common,
     )
+    if slices > 1:  # summed before the dsent kernel allocates its partials: the two never coexist
+        d_patch = d_patch.sum(dim=0).to(patch.dtype)
     # dsent: one program per (report, slice of the images).
-    slices_s = _num_slices(R, num_images, N * D * elem, patch.device)
+    slices_s = _num_slices(R, num_images, N * D * elem, budget, patch.device, cfg["max_slices"])
     images_per_slice = _cdiv(num_images, slices_s)
     slices_s = _cdiv(num_images, images_per_slice)
     if slices_s == 1:
@@ -265,8 +282,6 @@ def _launch_filip_bwd(
         BLOCK_P=cfg["bwd_sent_block_p"], D_OUT=cfg["sent_D_OUT"], D_CHUNKS=cfg["sent_D_CHUNKS"],
         SIM_ONE_DOT=cfg["sent_SIM_ONE_DOT"], **common,
     )
-    if slices > 1:
-        d_patch = d_patch.sum(dim=0).to(patch.dtype)
     if slices_s > 1:
         d_sent = d_sent.sum(dim=0).to(sent.dtype)
     return d_patch, d_sent, d_scale_parts.sum().to(scale.dtype)

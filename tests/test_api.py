@@ -92,6 +92,22 @@ def test_auto_backend_on_cpu():
                                rtol=1e-12, atol=1e-12)
 
 
+def test_auto_backend_order_on_cuda(monkeypatch):
+    """On CUDA tensors backend=None takes triton, then cuda, then the reference (issue 3: Triton when it is
+    importable), whichever of them this installation has; checked without a GPU by declaring all available."""
+    import dataclasses
+
+    from egma_kernels import backends
+
+    registry = dict(backends._REGISTRY)
+    for name in ("triton", "cuda"):
+        entry = registry.get(name) or backends.Backend(name, None, None, devices=("cuda",))
+        registry[name] = dataclasses.replace(entry, is_available=lambda: True)
+    monkeypatch.setattr(backends, "_REGISTRY", registry)
+    assert backends.available_backends("cuda", auto=True)[:3] == ["triton", "cuda", "reference"]
+    assert backends.resolve_backend(None, torch.device("cuda")).name == "triton"
+
+
 def test_logit_scale_parameter_gets_gradient_through_exp():
     inputs = make_inputs([2, 3], 4, 8, seed=6, dtype=torch.float32)
     log_scale = torch.nn.Parameter(torch.tensor(2.0))

@@ -56,6 +56,25 @@ def test_report_groups_in_float64(case, groups, monkeypatch):
     check_filip_backend("triton", 3, (2, 1, 4, 3, 1), P=6, D=16, device=DEVICE, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("budget", [0.0, 100.0], ids=["unsliced", "sliced"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=str)
+def test_backward_slices(case, budget, monkeypatch):
+    """The backward kernels with and without their loops split into slices (partial gradient buffers summed
+    afterwards): a budget of 0 bytes forbids slicing, a large one lets both kernels slice."""
+    from egma_kernels import triton_backend as tb
+
+    monkeypatch.setattr(tb, "CONFIG_OVERRIDES", {"partial_budget": budget})
+    chosen = []
+    num_slices = tb._num_slices
+    monkeypatch.setattr(tb, "_num_slices", lambda *a, **k: chosen.append(num_slices(*a, **k)) or chosen[-1])
+    check_backend("triton", case, device=DEVICE, dtype=torch.float64)
+    assert len(chosen) >= 2
+    if budget == 0:
+        assert set(chosen) == {1}
+    elif not ON_GPU:  # the interpreter's "device" of 2 units asks for slices whenever few programs run
+        assert all(n > 1 for n in chosen), chosen
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_randomised_cases(seed):
     g = torch.Generator().manual_seed(500 + seed)
