@@ -75,6 +75,12 @@ def test_backward_slices(case, budget, monkeypatch):
         assert all(n > 1 for n in chosen), chosen
 
 
+def test_patch_grid_of_1024():
+    """Issue 3's largest patch grid (P=1024: 32 patch blocks, P x P mapping logits) in float64."""
+    check_backend("triton", Case((2, 3), P=1024, D=16, gaze="mixed", egma_compat=True, seed=17),
+                  device=DEVICE, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_randomised_cases(seed):
     g = torch.Generator().manual_seed(500 + seed)
@@ -315,3 +321,16 @@ def test_gpu_large_batch_runs_and_matches_in_float32():
     got = ek.fine_grained_loss(**args, backend="triton", return_details=True)
     for name in ("loss", "contrastive", "gaze_mlce", "mapping"):
         torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,P,D,max_len", [(4096, 4, 32, 3), (6, 1024, 64, 9)], ids=["B4096", "P1024"])
+def test_gpu_issue_size_limits_match_reference(B, P, D, max_len):
+    """The largest sizes issue 3 asks for (B=4096 images; P=1024 patches), values and gradients in float32
+    against the float64 reference."""
+    g = torch.Generator().manual_seed(B + P)
+    lengths = torch.randint(1, max_len + 1, (B,), generator=g).tolist()
+    inputs = make_inputs(lengths, P, D, seed=11, gaze="mixed", dtype=torch.float64)
+    fused, ref = _errors("triton", inputs, torch.float32)
+    for name, f, r in zip(["loss", "i2t", "t2i", "d_patch", "d_sent", "d_scale"], fused, ref):
+        assert f <= 2 * r + 1e-5, f"{name}: fused error {f:.3e} > 2 x reference error {r:.3e}"
