@@ -35,6 +35,7 @@ from egma_kernels.bench.timing import measure_memory
 CANDIDATES = {
     "fwd_group": [1, 2, 4, 8],
     "bwd_group": [1, 2, 4],
+    "sent_group": [1, 2, 4],
     "fwd_SIM_ONE_DOT": [False, True],
     "SIM_ONE_DOT": [False, True],
     "sent_SIM_ONE_DOT": [False, True],

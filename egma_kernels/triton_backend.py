@@ -101,7 +101,11 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
     fwd_group = max(1, (32 // wide) // block_s)
     # The dpatch kernel's [group columns, D_OUT] sentence operand stays within 64 KiB of shared memory.
     d_out = min(d_pad, 512 // wide, max(64, 16384 // (fwd_group * block_s)) // wide)
-    sent_d_out = min(d_pad, max(64, 8192 // block_s) // wide)
+    # Reports per program of the dsent kernel (each patch tile it loads serves all their sentences): one,
+    # since two already spill 0.7-1.3 KB per thread at D=512 (ptxas, sm_90, [32, 512] accumulator);
+    # benchmarks/tune_triton.py tries 2 and 4 on a GPU, where reuse may outweigh the spills at large B.
+    sent_group = 1
+    sent_d_out = min(d_pad, max(64, 8192 // (sent_group * block_s)) // wide)
     # The [patch block, D] operand of the sentence-gradient kernel lives in shared memory: keep it
     # near 64 KiB (H100/H200 allow 227 KiB per block).
     sent_block_p = max(16, min(64, 16384 // (sent_d_out * wide)))
@@ -126,6 +130,7 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
         fwd_block_p=min(64 // wide, _pow2(P)),
         fwd_group=fwd_group,
         bwd_group=fwd_group,  # reports per step of the dpatch kernel's loop
+        sent_group=sent_group,
         bwd_patch_rows=16,
         bwd_sent_block_p=sent_block_p,
         # The report kernels hold [BLOCK_S, block] tiles and [BLOCK_S, BLOCK_S] products: long reports
@@ -179,7 +184,7 @@ def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat
     best_patch = _utils.new_output((num_images, N), _index_dtype(P, patch.dtype), patch.device)
     own = _utils.new_output((N, P), acc, patch.device) if write_own else i2t  # i2t: an unused placeholder
     group = cfg["fwd_group"]
-    K._filip_fwd_kernel[(num_images, _cdiv(R, group))](
+    K._filip_fwd_kernel[(num_images * _cdiv(R, group),)](
         patch, sent, cu, scale, counts, i2t, t2i, best_patch, own,
         P, D, N, R, patch.stride(0), patch.stride(1), sent.stride(0),
         EGMA_COMPAT=egma_compat, WRITE_OWN=write_own,
@@ -268,18 +273,20 @@ def _launch_filip_bwd(
     )
     if slices > 1:  # summed before the dsent kernel allocates its partials: the two never coexist
         d_patch = d_patch.sum(dim=0).to(patch.dtype)
-    # dsent: one program per (report, slice of the images).
-    slices_s = _num_slices(R, num_images, N * D * elem, budget, patch.device, cfg["max_slices"])
+    # dsent: one program per (group of reports, slice of the images).
+    sent_groups = _cdiv(R, cfg["sent_group"])
+    slices_s = _num_slices(sent_groups, num_images, N * D * elem, budget, patch.device, cfg["max_slices"])
     images_per_slice = _cdiv(num_images, slices_s)
     slices_s = _cdiv(num_images, images_per_slice)
     if slices_s == 1:
         d_sent = _utils.new_output((N, D), sent.dtype, sent.device)
     else:
         d_sent = _utils.new_output((slices_s, N, D), acc, patch.device)
-    K._filip_bwd_sent_kernel[(R, slices_s * cfg["sent_D_CHUNKS"])](
+    K._filip_bwd_sent_kernel[(sent_groups, slices_s * cfg["sent_D_CHUNKS"])](
         patch, sent, cu, scale, counts, *upstream, d_sent,
         num_images, P, D, N, R, images_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
-        BLOCK_P=cfg["bwd_sent_block_p"], D_OUT=cfg["sent_D_OUT"], D_CHUNKS=cfg["sent_D_CHUNKS"],
+        BLOCK_P=cfg["bwd_sent_block_p"], GROUP=cfg["sent_group"], D_OUT=cfg["sent_D_OUT"],
+        D_CHUNKS=cfg["sent_D_CHUNKS"],
         SIM_ONE_DOT=cfg["sent_SIM_ONE_DOT"], **common,
     )
     if slices_s > 1:

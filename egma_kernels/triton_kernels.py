@@ -5,9 +5,10 @@ matrix: every tile of it is recomputed from the embeddings where it is needed.
 
 Kernels (one program per ...), in launch order:
   _longest_report_kernel  (once, egma_compat only): the longest report, for the zero-padding rule.
-  _filip_fwd_kernel       (image a, group of GROUP reports): I2T[a,b], T2I[a,b], the argmax patch of each
-                          sentence, and on the matched tiles (a == b) the own block X[u, i] = A[o(u), i ; u].
-                          A group shares every patch tile it loads (B*R/GROUP patch-block reads, not B*R).
+  _filip_fwd_kernel       (image a, group of GROUP reports; groups fastest): I2T[a,b], T2I[a,b], the
+                          argmax patch of each sentence, and on the matched tiles (a == b) the own block
+                          X[u, i] = A[o(u), i ; u]. A group shares every patch tile it loads (B*R/GROUP
+                          patch-block reads, not B*R).
   _report_fwd_kernel      report k: the contrastive cross-entropies' row k (log-sum-exps of row k of
                           I2T and of column k of T2I); on X_k (n_k x P) the gaze MLCE rows/columns, the
                           mapping weights (recomputed from X and the gaze, never stored) and both mapping
@@ -17,7 +18,8 @@ Kernels (one program per ...), in launch order:
   _report_bwd_kernel      report k: dL/dX_k from the MLCE and mapping terms.
   _filip_bwd_patch_kernel (image a, patch block, slice of the reports, in groups as the forward kernel's):
                           dL/dpatch and dL/dt partials.
-  _filip_bwd_sent_kernel  (report b, slice of the images): dL/dsent partials.
+  _filip_bwd_sent_kernel  (group of GROUP reports, slice of the images): dL/dsent partials; a group
+                          shares every patch tile it loads.
                           Both hold a [rows, D] float32 accumulator; for D > 512 (256 in float64) the
                           output columns are split into chunks across programs, each recomputing the
                           similarity tiles, so that the accumulator stays in registers. Without chunks
@@ -102,9 +104,16 @@ def _filip_fwd_kernel(
 ):
     """One image against GROUP consecutive reports: each patch tile loaded serves all of them, and the
     similarity tile is [BLOCK_P, GROUP * BLOCK_S] (report g in columns g*BLOCK_S ...). With SIM_ONE_DOT
-    the group's sentences are loaded once ([columns, D_PAD]) and each patch block is one dot over D."""
-    img = tl.program_id(0)
-    reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, tl.program_id(1), R, GROUP, BLOCK_S)
+    the group's sentences are loaded once ([columns, D_PAD]) and each patch block is one dot over D.
+
+    A 1-D grid, report groups fastest: the programs in flight together share one image, whose patches
+    then come from memory once and from L2 for the other groups (image-fastest order would fetch every
+    image once per group as soon as the batch's patches outgrow L2, e.g. B=256, P=196, D=512 float32).
+    The sentences, a small fraction of the input, stay in L2 throughout."""
+    num_groups = tl.cdiv(R, GROUP)
+    img = tl.program_id(0) // num_groups
+    grp = tl.program_id(0) % num_groups
+    reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, grp, R, GROUP, BLOCK_S)
     t = tl.load(scale_ptr).to(ACC)
     if EGMA_COMPAT:
         padded = n_rep < tl.load(smax_ptr)  # zero-padding takes part in this report's max
@@ -314,17 +323,18 @@ def _filip_bwd_sent_kernel(
     num_images, P, D, N, R, images_per_slice,
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, SIM_ONE_DOT: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     part = tl.program_id(1) // D_CHUNKS  # axis 1: (slice of the images, chunk of D_OUT output columns)
     chunk = tl.program_id(1) % D_CHUNKS
     t = tl.load(scale_ptr).to(ACC)
-    # One report per program (a group of one): its [BLOCK_S, D_OUT] accumulator already fills the registers.
-    reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, tl.program_id(0), R, 1, BLOCK_S)
+    # GROUP reports per program (see _report_group): every patch tile loaded serves all their sentences;
+    # the [GROUP * BLOCK_S, D_OUT] accumulator bounds GROUP.
+    reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, tl.program_id(0), R, GROUP, BLOCK_S)
     dd = chunk * D_OUT + tl.arange(0, D_OUT)
-    acc = tl.zeros([BLOCK_S, D_OUT], dtype=ACC)
+    acc = tl.zeros([GROUP * BLOCK_S, D_OUT], dtype=ACC)
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
     if SIM_ONE_DOT:  # the whole D fits one program: load the report's sentences once, not per tile
         sents = _sentence_rows(sent_ptr, u_offs, u_mask, dd, D, stride_sn)
@@ -343,11 +353,11 @@ def _filip_bwd_sent_kernel(
             else:
                 sim = t * _similarity_tile(
                     patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
-                    BLOCK_P, BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+                    BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
                 )
             d_sim = _grad_tile(
                 sim, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
-                best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD, BLOCK_P, 1, BLOCK_S,
+                best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD, BLOCK_P, GROUP, BLOCK_S,
             ).to(ACC)
             acc = tl.dot(tl.trans(d_sim), patches.to(ACC), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     out = d_sent_ptr + (tl.cast(part, tl.int64) * N + u_offs.to(tl.int64))[:, None] * D + dd[None, :]

@@ -26,7 +26,7 @@ from egma_kernels import triton_kernels as K
 
 import torch
 
-from egma_kernels.triton_backend import _config
+from egma_kernels.triton_backend import CONFIG_OVERRIDES, _config
 
 # (name, input dtype, P, D, longest report): the launch configurations to compile, from the same
 # _config() the backend uses at run time.
@@ -67,7 +67,8 @@ def kernels(cfg):
         (K._filip_bwd_patch_kernel, dict(bwd, BLOCK_P=cfg["bwd_patch_rows"], GROUP=cfg["bwd_group"],
                                          D_OUT=cfg["D_OUT"], D_CHUNKS=cfg["D_CHUNKS"],
                                          SIM_ONE_DOT=cfg["SIM_ONE_DOT"]), cfg["bwd_warps"]),
-        (K._filip_bwd_sent_kernel, dict(bwd, BLOCK_P=cfg["bwd_sent_block_p"], D_OUT=cfg["sent_D_OUT"],
+        (K._filip_bwd_sent_kernel, dict(bwd, BLOCK_P=cfg["bwd_sent_block_p"], GROUP=cfg["sent_group"],
+                                        D_OUT=cfg["sent_D_OUT"],
                                         D_CHUNKS=cfg["sent_D_CHUNKS"], SIM_ONE_DOT=cfg["sent_SIM_ONE_DOT"]),
          cfg["bwd_warps"]),
     ]
@@ -115,7 +116,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--resources", action="store_true", help="print registers and spills (runs ptxas)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a launch-configuration entry (triton_backend.CONFIG_OVERRIDES), e.g. "
+                             "--set sent_group=1; repeatable")
+    parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
     args = parser.parse_args()
+    for item in args.set:
+        key, value = item.split("=", 1)
+        CONFIG_OVERRIDES[key] = {"True": True, "False": False}.get(value) if value in ("True", "False") else int(value)
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     for name, dtype, P, D, max_seqlen in SHAPES:
@@ -123,6 +131,8 @@ def main():
         cfg = _config(dtype, P, D, max_seqlen, num_reports=64)
         variant = (TYPE_NAMES[dtype], "fp64" if dtype == torch.float64 else "fp32")
         for fn, consts, num_warps in kernels(cfg):
+            if args.only not in fn.__name__:
+                continue
             src = ASTSource(
                 fn=fn,
                 signature=signature(fn, variant),
