@@ -48,6 +48,8 @@ CANDIDATES = {
     "matched_block_p": [32, 64],
     "report_warps": [4, 8],
     "max_slices": [1, 4],  # 1: no partial gradient buffers (least memory), fewer programs at small B
+    "save_route": [False],  # recompute the similarity in the backward instead of reading saved routes
+    "route_bwd_stages": [1, 2, 3],
 }
 PROBLEMS = [("EGMA B=40 P=49", 40, 49, 512, 10), ("B=256 P=196", 256, 196, 512, 15)]
 DTYPES = [torch.float32, torch.bfloat16]

@@ -35,7 +35,7 @@ except ImportError as exc:  # not built, or built against another torch
 CPU_PRIORITY = 10
 # backend=None/"auto" on CUDA tensors takes the Triton backend (priority 5) first: it does no host
 # synchronisation when given max_seqlen (these ops copy cu_seqlens to the host on every call), and it needs
-# about a third of their memory (B=256, P=196, D=512, float32 forward+backward: 119 MiB with the gradients,
+# about a third of their memory (B=256, P=196, D=512, float32 forward+backward: 131 MiB with the gradients,
 # benchmarks/results/cpu-2core_2026-11-28-scratch, against about 400 MiB of buffers these ops allocate).
 # The CUDA ops were faster on an H200 in session 1's first look (csrc/README.md), before the Triton
 # backend's rework; benchmarks/gpu_check.sh times both again. "cuda" stays selectable by name.

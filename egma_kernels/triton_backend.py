@@ -145,6 +145,16 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
         # a kernel take at most partial_budget times the bytes of the gradients the backward returns.
         max_slices=16,
         partial_budget=1.0,
+        # The loss's forward saves each patch's best sentence of each report (B x B x P small ints) when
+        # they take at most route_budget times the gradients' bytes, and the backward then routes its
+        # gradients without recomputing a similarity; otherwise (B much larger than the embedding size)
+        # the backward recomputes the similarity tiles. save_route=True/False overrides the rule.
+        route_budget=1.0,
+        save_route=None,
+        # Software-pipelining stages of the backward kernels with saved routes (None: Triton's default).
+        # float32: 1, the only setting without spills by ptxas (sm_90, D=512: 3 stages spill 0.2-0.5 KB per
+        # thread and take 137-205 KB of shared memory); untimed, benchmarks/tune_triton.py tries 2 and 3.
+        route_bwd_stages=1 if dtype == torch.float32 else None,
         fwd_warps=8 if fwd_group * block_s >= 32 else 4,
         report_warps=4,
     )
@@ -156,6 +166,27 @@ def _index_dtype(P: int, dtype: torch.dtype) -> torch.dtype:
     Not for float64: with int16 indices, Triton 3.8 fails to lower the float64 backward kernels' dots
     for sm_90 ("fp64 don't support largeK MMA"; the AOT check catches it)."""
     return torch.int16 if P < 2**15 and dtype != torch.float64 else torch.int32
+
+
+def _route_dtype(max_seqlen: int) -> torch.dtype:
+    """Saved routes are indices into a report, plus BLOCK_S (the power of two >= the longest report) for
+    'no sentence': one byte while BLOCK_S <= 128."""
+    return torch.uint8 if _pow2(max_seqlen) <= 128 else torch.int16
+
+
+def _route_shape(patch: Tensor, num_sentences: int, max_seqlen: int) -> Tuple[int, ...]:
+    """(B, B, P) when the loss's forward saves its routes for the backward pass, else (0,) (see _config)."""
+    B, P, D = patch.shape
+    cfg = _config(patch.dtype, P, D, max_seqlen, B)
+    save = cfg["save_route"]
+    if save is None and patch.dtype == torch.float64 and not interpreting():
+        # Triton 3.8 cannot lower these float64 kernels for sm_90 ("fp64 don't support largeK MMA", caught
+        # by the AOT check); float64 on a GPU is for checking, not speed.
+        save = False
+    if save is None:
+        route_bytes = B * B * P * (1 if _route_dtype(max_seqlen) == torch.uint8 else 2)
+        save = route_bytes <= cfg["route_budget"] * (B * P + num_sentences) * D * patch.element_size()
+    return (B, B, P) if save else (0,)
 
 
 def _check_device(*tensors: Tensor) -> None:
@@ -172,8 +203,9 @@ def _check_device(*tensors: Tensor) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat, write_own):
-    """I2T, T2I (images x reports), each sentence's best patch, and (loss only) the own blocks X."""
+def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat, write_own, route=None):
+    """I2T, T2I (images x reports), each sentence's best patch, and (loss only) the own blocks X and,
+    if ``route`` is given (a (B, B, P) buffer), each patch's best sentence of each report."""
     num_images, P, D = patch.shape
     N = sent.shape[0]
     R = cu.shape[0] - 1
@@ -184,10 +216,11 @@ def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat
     best_patch = _utils.new_output((num_images, N), _index_dtype(P, patch.dtype), patch.device)
     own = _utils.new_output((N, P), acc, patch.device) if write_own else i2t  # i2t: an unused placeholder
     group = cfg["fwd_group"]
+    save_route = route is not None and route.numel() > 0
     K._filip_fwd_kernel[(num_images * _cdiv(R, group),)](
-        patch, sent, cu, scale, counts, i2t, t2i, best_patch, own,
+        patch, sent, cu, scale, counts, i2t, t2i, best_patch, own, route if save_route else i2t,
         P, D, N, R, patch.stride(0), patch.stride(1), sent.stride(0),
-        EGMA_COMPAT=egma_compat, WRITE_OWN=write_own,
+        EGMA_COMPAT=egma_compat, WRITE_OWN=write_own, SAVE_ROUTE=save_route,
         BLOCK_P=cfg["fwd_block_p"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"], GROUP=group,
         SIM_ONE_DOT=cfg["fwd_SIM_ONE_DOT"], D_PAD=cfg["D_PAD"],
         ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["fwd_warps"],
@@ -227,9 +260,10 @@ def _grad_mask(**grads) -> int:
 
 def _launch_filip_bwd(
     patch, sent, cu, scale, counts, best_patch, max_seqlen, *, egma_compat, grads, g_loss=None, g_con=None,
-    g_i2t=None, g_t2i=None, w_con=1.0, i2t=None, t2i=None, per_report=None, d_own=None,
+    g_i2t=None, g_t2i=None, w_con=1.0, i2t=None, t2i=None, per_report=None, d_own=None, own=None, route=None,
 ):
-    """dL/dpatch, dL/dsent, dL/dt through I2T, T2I (and the own blocks' gradient ``d_own``, if given)."""
+    """dL/dpatch, dL/dsent, dL/dt through I2T, T2I (and the own blocks' gradient ``d_own``, if given),
+    routed by the forward's saved ``route`` when it has one (which needs ``i2t``, ``t2i`` and ``own``)."""
     num_images, P, D = patch.shape
     N = sent.shape[0]
     R = cu.shape[0] - 1
@@ -244,10 +278,14 @@ def _launch_filip_bwd(
         g_i2t.contiguous() if g_i2t is not None else unused, g_t2i.contiguous() if g_t2i is not None else unused,
         float(w_con), best_patch, d_own if d_own is not None else unused,
     )
+    saved_route = route is not None and route.numel() > 0
     common = dict(
-        EGMA_COMPAT=egma_compat, HAS_OWN_GRAD=d_own is not None, GRADS=grads, BLOCK_S=cfg["BLOCK_S"],
+        EGMA_COMPAT=egma_compat, HAS_OWN_GRAD=d_own is not None, GRADS=grads, SAVED_ROUTE=saved_route,
+        BLOCK_S=cfg["BLOCK_S"],
         BLOCK_D=cfg["BLOCK_D"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["bwd_warps"],
     )
+    if saved_route and cfg["route_bwd_stages"] is not None:
+        common["num_stages"] = cfg["route_bwd_stages"]
     # Partial buffers of a sliced loop: at most partial_budget x the gradients' bytes, and 256 MiB.
     budget = min(256 << 20, int(cfg["partial_budget"] * (patch.numel() + sent.numel()) * patch.element_size()))
     # dpatch: one program per (image, block of patch rows, slice of the reports); 16 rows keep the
@@ -266,7 +304,8 @@ def _launch_filip_bwd(
     chunks = cfg["D_CHUNKS"]
     d_scale_parts = _utils.new_output((slices * num_images * row_blocks * chunks,), acc, patch.device)
     K._filip_bwd_patch_kernel[(num_images, row_blocks * chunks, slices)](
-        patch, sent, cu, scale, counts, *upstream, d_patch, d_scale_parts,
+        patch, sent, cu, scale, counts, *upstream, own if own is not None else unused,
+        route if saved_route else unused, d_patch, d_scale_parts,
         P, D, N, R, groups_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
         BLOCK_P=block_rows, GROUP=cfg["bwd_group"], D_OUT=cfg["D_OUT"], D_CHUNKS=chunks,
         SIM_ONE_DOT=cfg["SIM_ONE_DOT"], **common,
@@ -283,7 +322,7 @@ def _launch_filip_bwd(
     else:
         d_sent = _utils.new_output((slices_s, N, D), acc, patch.device)
     K._filip_bwd_sent_kernel[(sent_groups, slices_s * cfg["sent_D_CHUNKS"])](
-        patch, sent, cu, scale, counts, *upstream, d_sent,
+        patch, sent, cu, scale, counts, *upstream, route if saved_route else unused, d_sent,
         num_images, P, D, N, R, images_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
         BLOCK_P=cfg["bwd_sent_block_p"], GROUP=cfg["sent_group"], D_OUT=cfg["sent_D_OUT"],
         D_CHUNKS=cfg["sent_D_CHUNKS"],
@@ -305,8 +344,9 @@ def _launch_loss_fwd(patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, 
     counts = _utils.new_output((3,), torch.int32, device)
     if egma_compat:
         K._longest_report_kernel[(1,)](cu, counts, B, BLOCK_B=cfg["BLOCK_B"])
+    route = _utils.new_output(_route_shape(patch, N, max_seqlen), _route_dtype(max_seqlen), device)
     i2t, t2i, best_patch, own = _launch_filip_fwd(
-        patch, sent, cu, scale, counts, max_seqlen, egma_compat=egma_compat, write_own=True
+        patch, sent, cu, scale, counts, max_seqlen, egma_compat=egma_compat, write_own=True, route=route
     )
     has_gaze = gaze is not None
     per_report = _utils.new_output((K.PER_REPORT_ROWS.value, B), acc, device)
@@ -325,12 +365,12 @@ def _launch_loss_fwd(patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, 
         B, float(alpha), float(w_con), float(w_mlce), float(w_map),
         HAS_GAZE=has_gaze, BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"],
     )
-    return loss, con, mlce, mapping, i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts
+    return loss, con, mlce, mapping, i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts, route
 
 
 def _launch_loss_bwd(
     g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask,
-    i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts,
+    i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts, route,
     alpha, threshold, weights, egma_compat, max_seqlen,
 ):
     grads = _grad_mask(loss=g_loss, con=g_con, mlce=g_mlce, map=g_map, i2t=g_i2t, t2i=g_t2i)
@@ -356,7 +396,7 @@ def _launch_loss_bwd(
     return _launch_filip_bwd(
         patch, sent, cu, scale, counts, best_patch, max_seqlen, egma_compat=egma_compat, grads=grads,
         g_loss=g_loss, g_con=g_con, g_i2t=g_i2t, g_t2i=g_t2i, w_con=w_con, i2t=i2t, t2i=t2i,
-        per_report=per_report, d_own=d_own,
+        per_report=per_report, d_own=d_own, own=own, route=route,
     )
 
 
@@ -372,8 +412,8 @@ _OptT = Optional[Tensor]
 def _loss_op(
     patch: _T, sent: _T, cu: _T, scale: _T, gaze: _OptT, gaze_mask: _OptT,
     options: List[float], egma_compat: bool, max_seqlen: int,
-) -> Tuple[_T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T]:
-    """(loss, contrastive, gaze_mlce, mapping, i2t, t2i, then six tensors saved for the backward pass).
+) -> Tuple[_T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T]:
+    """(loss, contrastive, gaze_mlce, mapping, i2t, t2i, then seven tensors saved for the backward pass).
 
     ``options`` = [alpha, map_threshold, w_con, w_mlce, w_map]: one list argument, because torch's
     autograd wrapper of a custom op costs time per schema argument on every call."""
@@ -388,20 +428,21 @@ def _(patch, sent, cu, scale, gaze, gaze_mask, options, egma_compat, max_seqlen)
     acc = _acc_dtype(patch.dtype)
     new = lambda *shape, dtype=acc: patch.new_empty(shape, dtype=dtype)
     return (new(), new(), new(), new(), new(B, B), new(B, B), new(B, N, dtype=_index_dtype(P, patch.dtype)), new(N, P),
-            new(8, B), new(N, 7), new(2, B, P), new(3, dtype=torch.int32))
+            new(8, B), new(N, 7), new(2, B, P), new(3, dtype=torch.int32),
+            new(*_route_shape(patch, N, max_seqlen), dtype=_route_dtype(max_seqlen)))
 
 
 @torch.library.custom_op("egma_kernels::triton_loss_backward", mutates_args=())
 def _loss_bwd_op(
     g_loss: _OptT, g_con: _OptT, g_mlce: _OptT, g_map: _OptT, g_i2t: _OptT, g_t2i: _OptT,
     patch: _T, sent: _T, cu: _T, scale: _T, gaze: _OptT, gaze_mask: _OptT,
-    i2t: _T, t2i: _T, best_patch: _T, own: _T, per_report: _T, row_stats: _T, z1_lse: _T, counts: _T,
+    i2t: _T, t2i: _T, best_patch: _T, own: _T, per_report: _T, row_stats: _T, z1_lse: _T, counts: _T, route: _T,
     options: List[float], egma_compat: bool, max_seqlen: int,
 ) -> Tuple[_T, _T, _T]:
     alpha, threshold, *weights = options
     return _launch_loss_bwd(
         g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask,
-        i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts,
+        i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts, route,
         alpha, threshold, weights, egma_compat, max_seqlen,
     )
 
@@ -413,7 +454,7 @@ def _(g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, patch, sent, cu, scale, *rest)
 
 def _loss_setup_context(ctx, inputs, output):
     patch, sent, cu, scale, gaze, gaze_mask, *options = inputs
-    saved = output[4:]  # i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts
+    saved = output[4:]  # i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts, route
     ctx.mark_non_differentiable(*output[6:])
     ctx.set_materialize_grads(False)  # absent upstream gradients stay None: the kernels skip their terms
     ctx.save_for_backward(patch, sent, cu, scale, gaze, gaze_mask, *saved)

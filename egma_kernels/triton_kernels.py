@@ -1,14 +1,19 @@
 """Triton kernels of the EGMA loss (SPEC.md). Launched by ``egma_kernels.triton_backend``.
 
 Notation as in SPEC: ``A[a, i ; u] = t * <patch[a, i], sent[u]>``. No kernel writes the ``(B*P) x N``
-matrix: every tile of it is recomputed from the embeddings where it is needed.
+matrix. The forward pass computes each tile once and keeps what the backward pass needs to route the
+gradients of the maxima: each sentence's best patch of each image (B x N) and, for the loss, each patch's
+best sentence of each report (the "routes", B x B x P small ints) unless those would outweigh the
+gradients (B far above the embedding size, or float64 on a GPU), in which case the backward kernels
+recompute the similarity tiles to find them. With saved routes the backward pass is two products (dL/dA
+times the sentences, its transpose times the patches) where recomputing costs two more.
 
 Kernels (one program per ...), in launch order:
   _longest_report_kernel  (once, egma_compat only): the longest report, for the zero-padding rule.
   _filip_fwd_kernel       (image a, group of GROUP reports; groups fastest): I2T[a,b], T2I[a,b], the
-                          argmax patch of each sentence, and on the matched tiles (a == b) the own block
-                          X[u, i] = A[o(u), i ; u]. A group shares every patch tile it loads (B*R/GROUP
-                          patch-block reads, not B*R).
+                          argmax patch of each sentence, the routes, and on the matched tiles (a == b)
+                          the own block X[u, i] = A[o(u), i ; u]. A group shares every patch tile it
+                          loads (B*R/GROUP patch-block reads, not B*R).
   _report_fwd_kernel      report k: the contrastive cross-entropies' row k (log-sum-exps of row k of
                           I2T and of column k of T2I); on X_k (n_k x P) the gaze MLCE rows/columns, the
                           mapping weights (recomputed from X and the gaze, never stored) and both mapping
@@ -21,11 +26,12 @@ Kernels (one program per ...), in launch order:
   _filip_bwd_sent_kernel  (group of GROUP reports, slice of the images): dL/dsent partials; a group
                           shares every patch tile it loads.
                           Both hold a [rows, D] float32 accumulator; for D > 512 (256 in float64) the
-                          output columns are split into chunks across programs, each recomputing the
-                          similarity tiles, so that the accumulator stays in registers. Without chunks
-                          (SIM_ONE_DOT) the similarity is one dot over D from the very tiles the gradient
-                          product loads, and a program's fixed operand is loaded once; not with 3xTF32
-                          float32 operands, whose split copies of a whole-D tile spill (ptxas).
+                          output columns are split into chunks across programs, so that the accumulator
+                          stays in registers (without saved routes each chunk recomputes the similarity
+                          tiles over the whole D). When recomputing without chunks (SIM_ONE_DOT) the
+                          similarity is one dot over D from the very tiles the gradient product loads,
+                          and a program's fixed operand is loaded once; not with 3xTF32 float32
+                          operands, whose split copies of a whole-D tile spill (ptxas).
 The whole loss is these kernels and no torch op between them (the backward pass ends with fixed-order
 sums of its partial buffers), so that a call costs a few launches of host time (at small batches the
 host, not the GPU, sets the pace). The backward kernels
@@ -95,10 +101,10 @@ def _report_group(cu_ptr, grp, R, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
 @triton.jit
 def _filip_fwd_kernel(
     patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
-    i2t_ptr, t2i_ptr, best_patch_ptr, own_ptr,
+    i2t_ptr, t2i_ptr, best_patch_ptr, own_ptr, route_ptr,
     P, D, N, R,
     stride_pb, stride_pp, stride_sn,
-    EGMA_COMPAT: tl.constexpr, WRITE_OWN: tl.constexpr,
+    EGMA_COMPAT: tl.constexpr, WRITE_OWN: tl.constexpr, SAVE_ROUTE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     SIM_ONE_DOT: tl.constexpr, D_PAD: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -109,7 +115,11 @@ def _filip_fwd_kernel(
     A 1-D grid, report groups fastest: the programs in flight together share one image, whose patches
     then come from memory once and from L2 for the other groups (image-fastest order would fetch every
     image once per group as soon as the batch's patches outgrow L2, e.g. B=256, P=196, D=512 float32).
-    The sentences, a small fraction of the input, stay in L2 throughout."""
+    The sentences, a small fraction of the input, stay in L2 throughout.
+
+    SAVE_ROUTE: also write each patch's best sentence of each report (the I2T max's argmax, an index into
+    the report; BLOCK_S where egma_compat's zero padding won), so that the backward pass routes its
+    gradients without recomputing the similarities."""
     num_groups = tl.cdiv(R, GROUP)
     img = tl.program_id(0) // num_groups
     grp = tl.program_id(0) % num_groups
@@ -138,6 +148,11 @@ def _filip_fwd_kernel(
         # I2T: each patch's best sentence of each report.
         per_slot = tl.reshape(tl.where(u_mask[None, :], sim, float("-inf")), [BLOCK_P, GROUP, BLOCK_S])
         row_max = tl.max(per_slot, axis=2)
+        if SAVE_ROUTE:
+            route = _route_from_sim(per_slot, row_max, n_rep, smax_ptr, EGMA_COMPAT, BLOCK_S)
+            route_offs = (tl.cast(img, tl.int64) * R + reps)[None, :] * P + p_offs[:, None]
+            tl.store(route_ptr + route_offs, route.to(route_ptr.dtype.element_ty),
+                     mask=p_mask[:, None] & rep_mask[None, :])
         if EGMA_COMPAT:
             row_max = tl.where(padded[None, :], tl.maximum(row_max, 0.0), row_max)
         row_total += tl.where(p_mask[:, None] & rep_mask[None, :], row_max, 0.0)
@@ -230,22 +245,35 @@ def _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, num_reports, GRADS: t
 
 
 @triton.jit
+def _route_from_sim(per_slot, row_max, n_rep, smax_ptr, EGMA_COMPAT: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Each patch's best sentence of each report of a group ([rows, GROUP], an index into the report),
+    from the [rows, GROUP, BLOCK_S] similarities (-inf outside the reports) and their row maxima; BLOCK_S
+    (no sentence) where egma_compat's zero padding won the max: that entry passes no gradient."""
+    route = tl.argmax(per_slot, axis=2, tie_break_left=True).to(tl.int32)
+    if EGMA_COMPAT:
+        padded = n_rep < tl.load(smax_ptr)
+        route = tl.where(padded[None, :] & (row_max < 0.0), BLOCK_S, route)
+    return route
+
+
+@triton.jit
+def _load_route(route_ptr, img, reps, rep_mask, p_offs, p_mask, R, P, BLOCK_S: tl.constexpr):
+    """The saved routes of one image's patch rows to a group of reports, [rows, GROUP] (BLOCK_S: none)."""
+    offs = (tl.cast(img, tl.int64) * R + reps)[None, :] * P + p_offs[:, None]
+    return tl.load(route_ptr + offs, mask=p_mask[:, None] & rep_mask[None, :], other=BLOCK_S).to(tl.int32)
+
+
+@triton.jit
 def _grad_tile(
-    sim, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
-    best_patch_ptr, d_own_ptr, smax_ptr,
-    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr,
-    BLOCK_P: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
+    route, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
+    best_patch_ptr, d_own_ptr,
+    HAS_OWN_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """dL/dA on one image's tile against a group of reports ([BLOCK_P, GROUP * BLOCK_S], as _report_group
-    lays them out): routed through each max, plus the own block's gradient."""
-    per_slot = tl.reshape(tl.where(u_mask[None, :], sim, float("-inf")), [BLOCK_P, GROUP, BLOCK_S])
-    row_arg = tl.argmax(per_slot, axis=2, tie_break_left=True)  # [rows, GROUP]
+    lays them out): routed through each max (``route``: each row's best sentence per report, saved by the
+    forward pass or recomputed; best_patch: each sentence's best row), plus the own block's gradient."""
     j = tl.arange(0, BLOCK_S)
-    hit = j[None, None, :] == row_arg[:, :, None]
-    if EGMA_COMPAT:
-        row_max = tl.max(per_slot, axis=2)
-        padded = n_rep < tl.load(smax_ptr)
-        hit = hit & ~(padded[None, :] & (row_max < 0.0))[:, :, None]  # the zero padding won: no gradient
+    hit = j[None, None, :] == route[:, :, None]
     d_sim = tl.where(hit & p_mask[:, None, None], (g_row / P)[None, :, None], 0.0)
     d_sim = tl.reshape(d_sim, [BLOCK_P, GROUP * BLOCK_S])
     best = tl.load(best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs, mask=u_mask, other=-1).to(tl.int32)
@@ -261,15 +289,20 @@ def _grad_tile(
 def _filip_bwd_patch_kernel(
     patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
     i2t_ptr, t2i_ptr, per_report_ptr, g_loss_ptr, g_con_ptr, g_i2t_ptr, g_t2i_ptr, w_con,
-    best_patch_ptr, d_own_ptr,
+    best_patch_ptr, d_own_ptr, own_ptr, route_ptr,
     d_patch_ptr, d_scale_part_ptr,
     P, D, N, R, groups_per_slice,
     stride_pb, stride_pp, stride_sn,
-    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr,
+    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr, SAVED_ROUTE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, SIM_ONE_DOT: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """dL/dpatch rows of one image (and a partial of dL/dt): for every group of reports, the gradient
+    tile dL/dA [rows, group columns] times the group's sentences. With SAVED_ROUTE the tile comes from the
+    forward's routes alone (no similarity, so a D chunk loads only its own columns) and dL/dt from I2T,
+    T2I and the own block (sum dA * A / t = sum g_I2T I2T + g_T2I T2I + dX X, all over t); otherwise the
+    similarity tile is recomputed to find the routes."""
     img = tl.program_id(0)
     pblk = tl.program_id(1) // D_CHUNKS  # axis 1: (block of patch rows, chunk of D_OUT output columns)
     chunk = tl.program_id(1) % D_CHUNKS
@@ -281,52 +314,76 @@ def _filip_bwd_patch_kernel(
     dd = chunk * D_OUT + tl.arange(0, D_OUT)
     acc = tl.zeros([BLOCK_P, D_OUT], dtype=ACC)
     scale_acc = tl.zeros([BLOCK_P], dtype=ACC)
+    matrix_scale = tl.zeros([GROUP], dtype=ACC)  # SAVED_ROUTE: sum g_I2T I2T + g_T2I T2I of this image
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
-    if SIM_ONE_DOT:  # the whole D fits one program: load this program's patch rows once, not per group
+    if SIM_ONE_DOT and not SAVED_ROUTE:  # the whole D fits one program: load the patch rows once
         rows = _patch_rows(patch_ptr, img, p_offs, p_mask, dd, D, stride_pb, stride_pp)
     grp_lo = part * groups_per_slice
     grp_hi = tl.minimum(grp_lo + groups_per_slice, tl.cdiv(R, GROUP))
     for grp in range(grp_lo, grp_hi):  # GROUP reports at a time (see _filip_fwd_kernel)
         reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, grp, R, GROUP, BLOCK_S)
         sents = _sentence_rows(sent_ptr, u_offs, u_mask, dd, D, stride_sn)
-        if SIM_ONE_DOT:  # one dot over the whole D, from the tiles the gradient product uses too
-            sim = t * tl.dot(rows, tl.trans(sents), input_precision=DOT_PRECISION, out_dtype=ACC)
-        else:
-            sim = t * _similarity_tile(
-                patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
-                BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
-            )
         g_row, g_col = _matrix_grads(
             img, reps, rep_mask, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr, EGMA_COMPAT, GRADS
         )
+        if SAVED_ROUTE:
+            route = _load_route(route_ptr, img, reps, rep_mask, p_offs, p_mask, R, P, BLOCK_S)
+            at = tl.cast(img, tl.int64) * R + reps
+            matrix_scale += g_row * tl.load(i2t_ptr + at, mask=rep_mask, other=0.0) \
+                + g_col * tl.load(t2i_ptr + at, mask=rep_mask, other=0.0)
+        else:
+            if SIM_ONE_DOT:  # one dot over the whole D, from the tiles the gradient product uses too
+                sim = t * tl.dot(rows, tl.trans(sents), input_precision=DOT_PRECISION, out_dtype=ACC)
+            else:
+                sim = t * _similarity_tile(
+                    patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
+                    BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+                )
+            per_slot = tl.reshape(tl.where(u_mask[None, :], sim, float("-inf")), [BLOCK_P, GROUP, BLOCK_S])
+            route = _route_from_sim(per_slot, tl.max(per_slot, axis=2), n_rep, smax_ptr, EGMA_COMPAT, BLOCK_S)
         d_sim = _grad_tile(
-            sim, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
-            best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD, BLOCK_P, GROUP, BLOCK_S,
+            route, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
+            best_patch_ptr, d_own_ptr, HAS_OWN_GRAD, BLOCK_P, GROUP, BLOCK_S,
         ).to(ACC)
-        scale_acc += tl.sum(d_sim * sim, axis=1)
+        if not SAVED_ROUTE:
+            scale_acc += tl.sum(d_sim * sim, axis=1)
         acc = tl.dot(d_sim, sents.to(ACC), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     row0 = (tl.cast(part, tl.int64) * num_images + img) * P  # partial buffer (slices, B, P, D)
     out = d_patch_ptr + (row0 + p_offs.to(tl.int64)[:, None]) * D + dd[None, :]
     tl.store(out, t * acc, mask=p_mask[:, None] & (dd[None, :] < D))
-    # dL/dt = sum dA * A / t, one partial per program (the first chunk's; the others write 0), summed
-    # afterwards in a fixed order.
+    # dL/dt = sum dA * A / t, one partial per program, summed afterwards in a fixed order. Only the first
+    # chunk's counts (the others write 0); with SAVED_ROUTE the matrices' part only in the first row block
+    # and the own block's part only in the first slice.
+    scale_part = tl.sum(scale_acc, axis=0)
+    if SAVED_ROUTE:
+        scale_part = tl.where(pblk == 0, tl.sum(matrix_scale, axis=0), 0.0)
+        if HAS_OWN_GRAD:
+            own_start = tl.load(cu_ptr + img)
+            j = tl.arange(0, BLOCK_S)
+            u_own = own_start + j
+            own_mask = (j < tl.load(cu_ptr + img + 1) - own_start)[:, None] & p_mask[None, :] & (part == 0)
+            own_offs = u_own.to(tl.int64)[:, None] * P + p_offs[None, :]
+            x = tl.load(own_ptr + own_offs, mask=own_mask, other=0.0).to(ACC)
+            scale_part += tl.sum(tl.sum(x * tl.load(d_own_ptr + own_offs, mask=own_mask, other=0.0), axis=1), axis=0)
     slot = (part * num_images + img) * tl.num_programs(1) + tl.program_id(1)
-    tl.store(d_scale_part_ptr + slot, tl.where(chunk == 0, tl.sum(scale_acc, axis=0) / t, 0.0))
+    tl.store(d_scale_part_ptr + slot, tl.where(chunk == 0, scale_part / t, 0.0))
 
 
 @triton.jit
 def _filip_bwd_sent_kernel(
     patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
     i2t_ptr, t2i_ptr, per_report_ptr, g_loss_ptr, g_con_ptr, g_i2t_ptr, g_t2i_ptr, w_con,
-    best_patch_ptr, d_own_ptr,
+    best_patch_ptr, d_own_ptr, route_ptr,
     d_sent_ptr,
     num_images, P, D, N, R, images_per_slice,
     stride_pb, stride_pp, stride_sn,
-    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr,
+    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr, SAVED_ROUTE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, SIM_ONE_DOT: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """dL/dsent rows of a group of reports: for every image, the transposed gradient tile times the
+    image's patch rows (the routes saved by the forward pass, or recomputed from the similarity tile)."""
     part = tl.program_id(1) // D_CHUNKS  # axis 1: (slice of the images, chunk of D_OUT output columns)
     chunk = tl.program_id(1) % D_CHUNKS
     t = tl.load(scale_ptr).to(ACC)
@@ -336,7 +393,7 @@ def _filip_bwd_sent_kernel(
     dd = chunk * D_OUT + tl.arange(0, D_OUT)
     acc = tl.zeros([GROUP * BLOCK_S, D_OUT], dtype=ACC)
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
-    if SIM_ONE_DOT:  # the whole D fits one program: load the report's sentences once, not per tile
+    if SIM_ONE_DOT and not SAVED_ROUTE:  # the whole D fits one program: load the sentences once
         sents = _sentence_rows(sent_ptr, u_offs, u_mask, dd, D, stride_sn)
     img_lo = part * images_per_slice
     img_hi = tl.minimum(img_lo + images_per_slice, num_images)
@@ -348,16 +405,21 @@ def _filip_bwd_sent_kernel(
             p_offs = p0 + tl.arange(0, BLOCK_P)
             p_mask = p_offs < P
             patches = _patch_rows(patch_ptr, img, p_offs, p_mask, dd, D, stride_pb, stride_pp)
-            if SIM_ONE_DOT:  # one dot over the whole D, from the tiles the gradient product uses too
-                sim = t * tl.dot(patches, tl.trans(sents), input_precision=DOT_PRECISION, out_dtype=ACC)
+            if SAVED_ROUTE:
+                route = _load_route(route_ptr, img, reps, rep_mask, p_offs, p_mask, R, P, BLOCK_S)
             else:
-                sim = t * _similarity_tile(
-                    patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
-                    BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
-                )
+                if SIM_ONE_DOT:  # one dot over the whole D, from the tiles the gradient product uses too
+                    sim = t * tl.dot(patches, tl.trans(sents), input_precision=DOT_PRECISION, out_dtype=ACC)
+                else:
+                    sim = t * _similarity_tile(
+                        patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp,
+                        stride_sn, BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+                    )
+                per_slot = tl.reshape(tl.where(u_mask[None, :], sim, float("-inf")), [BLOCK_P, GROUP, BLOCK_S])
+                route = _route_from_sim(per_slot, tl.max(per_slot, axis=2), n_rep, smax_ptr, EGMA_COMPAT, BLOCK_S)
             d_sim = _grad_tile(
-                sim, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
-                best_patch_ptr, d_own_ptr, smax_ptr, EGMA_COMPAT, HAS_OWN_GRAD, BLOCK_P, GROUP, BLOCK_S,
+                route, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
+                best_patch_ptr, d_own_ptr, HAS_OWN_GRAD, BLOCK_P, GROUP, BLOCK_S,
             ).to(ACC)
             acc = tl.dot(tl.trans(d_sim), patches.to(ACC), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     out = d_sent_ptr + (tl.cast(part, tl.int64) * N + u_offs.to(tl.int64))[:, None] * D + dd[None, :]

@@ -76,6 +76,37 @@ def test_backward_slices(case, budget, monkeypatch):
         assert all(n > 1 for n in chosen), chosen
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[5], CASES[6], EXTRA_CASES[0], EXTRA_CASES[3]], ids=str)
+def test_routes_recomputed_in_the_backward(case, dtype, monkeypatch):
+    """The backward pass with the similarity tiles recomputed (its path when B x B x P route indices would
+    outweigh the gradients, and for float64 on a GPU) against the reference; the other tests take the
+    saved routes at their sizes (checked here too)."""
+    from egma_kernels import triton_backend as tb
+
+    shapes = []
+    route_shape = tb._route_shape
+    monkeypatch.setattr(tb, "_route_shape", lambda *a: shapes.append(route_shape(*a)) or shapes[-1])
+    check_backend("triton", case, device=DEVICE, dtype=dtype)
+    B, P = len(case.lengths), case.P
+    assert shapes and all(shape == (B, B, P) for shape in shapes), shapes
+    shapes.clear()
+    monkeypatch.setattr(tb, "CONFIG_OVERRIDES", {"save_route": False})
+    check_backend("triton", case, device=DEVICE, dtype=dtype)
+    assert shapes and all(shape == (0,) for shape in shapes), shapes
+
+
+def test_route_budget_rule():
+    """Routes are saved while B*B*P bytes fit in the gradients' bytes; not for float64 on a GPU."""
+    from egma_kernels import triton_backend as tb
+
+    patch = torch.empty(40, 49, 512, device="meta")
+    assert tb._route_shape(patch, 233, 10) == (40, 40, 49)  # 77 KB of routes against 4.5 MB of gradients
+    big = torch.empty(4096, 49, 64, device="meta")
+    assert tb._route_shape(big, 20000, 10) == (0,)  # 822 MB of routes against 56 MB of gradients
+    assert tb._route_dtype(128) == torch.uint8 and tb._route_dtype(129) == torch.int16
+
+
 def test_patch_grid_of_1024():
     """Issue 3's largest patch grid (P=1024: 32 patch blocks, P x P mapping logits) in float64."""
     check_backend("triton", Case((2, 3), P=1024, D=16, gaze="mixed", egma_compat=True, seed=17),

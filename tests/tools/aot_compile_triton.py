@@ -19,6 +19,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels that this script compiles")
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -47,30 +48,42 @@ INPUT_POINTERS = {"patch_ptr", "sent_ptr", "gaze_ptr"}
 INT_POINTERS = {"cu_ptr", "smax_ptr", "counts_ptr"}
 INT16_POINTERS = {"best_patch_ptr"}  # int16 whenever P < 2**15 (int32 for float64)
 BOOL_POINTERS = {"gaze_mask_ptr"}
+UINT8_POINTERS = {"route_ptr"}  # uint8 while the longest report is <= 128 sentences (int16 beyond)
 OUTPUT_IN_INPUT_DTYPE = {"d_patch_ptr", "d_sent_ptr"}  # written in the input dtype when not sliced
 FLOAT_SCALARS = {"threshold", "alpha", "w_con", "w_mlce", "w_map"}
 
 
 def kernels(cfg):
-    """(kernel, constexprs, num_warps) as the backend launches them (the gradients of the loss alone)."""
+    """(kernel, constexprs, num_warps) as the backend launches them (the gradients of the loss alone), the
+    filip and backward kernels with saved routes and with recomputed ones."""
     common = dict(ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], BLOCK_S=cfg["BLOCK_S"])
     filip = dict(common, EGMA_COMPAT=True, BLOCK_D=cfg["BLOCK_D"])
-    bwd = dict(filip, HAS_OWN_GRAD=True, GRADS=K.G_LOSS.value)
     report = dict(common, HAS_GAZE=True, BLOCK_P=cfg["matched_block_p"])
     return [
         (K._longest_report_kernel, dict(BLOCK_B=cfg["BLOCK_B"]), 4),
-        (K._filip_fwd_kernel, dict(filip, WRITE_OWN=True, BLOCK_P=cfg["fwd_block_p"], GROUP=cfg["fwd_group"],
-                                   SIM_ONE_DOT=cfg["fwd_SIM_ONE_DOT"], D_PAD=cfg["D_PAD"]), cfg["fwd_warps"]),
+        *[(K._filip_fwd_kernel, dict(filip, WRITE_OWN=True, SAVE_ROUTE=saved, BLOCK_P=cfg["fwd_block_p"],
+                                     GROUP=cfg["fwd_group"], SIM_ONE_DOT=cfg["fwd_SIM_ONE_DOT"], D_PAD=cfg["D_PAD"]),
+           cfg["fwd_warps"]) for saved in (True, False)],
         (K._report_fwd_kernel, dict(report, EGMA_COMPAT=True, BLOCK_B=cfg["BLOCK_B"]), cfg["report_warps"]),
         (K._loss_terms_kernel, dict(HAS_GAZE=True, BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"]), 4),
         (K._report_bwd_kernel, dict(report, GRADS=K.G_LOSS.value), cfg["report_warps"]),
+        # saved routes: not for float64 (see triton_backend._route_shape)
+        *[kernel for saved in (True, False) if not (saved and cfg["ACC"] == tl.float64)
+          for kernel in backward_kernels(cfg, filip, saved)],
+    ]
+
+
+def backward_kernels(cfg, filip, saved_route):
+    bwd = dict(filip, HAS_OWN_GRAD=True, GRADS=K.G_LOSS.value, SAVED_ROUTE=saved_route)
+    stages = cfg["route_bwd_stages"] if saved_route else None
+    return [
         (K._filip_bwd_patch_kernel, dict(bwd, BLOCK_P=cfg["bwd_patch_rows"], GROUP=cfg["bwd_group"],
                                          D_OUT=cfg["D_OUT"], D_CHUNKS=cfg["D_CHUNKS"],
-                                         SIM_ONE_DOT=cfg["SIM_ONE_DOT"]), cfg["bwd_warps"]),
+                                         SIM_ONE_DOT=cfg["SIM_ONE_DOT"]), cfg["bwd_warps"], stages),
         (K._filip_bwd_sent_kernel, dict(bwd, BLOCK_P=cfg["bwd_sent_block_p"], GROUP=cfg["sent_group"],
                                         D_OUT=cfg["sent_D_OUT"],
                                         D_CHUNKS=cfg["sent_D_CHUNKS"], SIM_ONE_DOT=cfg["sent_SIM_ONE_DOT"]),
-         cfg["bwd_warps"]),
+         cfg["bwd_warps"], stages),
     ]
 
 
@@ -101,6 +114,8 @@ def signature(fn, variant):
             sig[p.name] = "*i32" if variant[0] == "fp64" else "*i16"  # as triton_backend._index_dtype
         elif p.name in BOOL_POINTERS:
             sig[p.name] = "*i1"
+        elif p.name in UINT8_POINTERS:
+            sig[p.name] = "*u8"
         elif p.name in OUTPUT_IN_INPUT_DTYPE:
             sig[p.name] = "*" + variant[0]
         elif p.name.endswith("_ptr"):
@@ -120,6 +135,7 @@ def main():
                         help="override a launch-configuration entry (triton_backend.CONFIG_OVERRIDES), e.g. "
                              "--set sent_group=1; repeatable")
     parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
+    parser.add_argument("--stages", type=int, default=0, help="num_stages for every kernel (default: Triton's)")
     args = parser.parse_args()
     for item in args.set:
         key, value = item.split("=", 1)
@@ -130,7 +146,7 @@ def main():
         torch.set_float32_matmul_precision("high" if "tf32 " in name else "highest")
         cfg = _config(dtype, P, D, max_seqlen, num_reports=64)
         variant = (TYPE_NAMES[dtype], "fp64" if dtype == torch.float64 else "fp32")
-        for fn, consts, num_warps in kernels(cfg):
+        for fn, consts, num_warps, *stages in kernels(cfg):
             if args.only not in fn.__name__:
                 continue
             src = ASTSource(
@@ -140,7 +156,10 @@ def main():
             )
             start = time.time()
             try:
-                compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
+                options = {"num_warps": num_warps}
+                if args.stages or (stages and stages[0]):
+                    options["num_stages"] = args.stages or stages[0]
+                compiled = triton.compile(src, target=target, options=options)
                 shared = compiled.metadata.shared
                 status = "ok  " if shared <= MAX_SHARED else "FAIL"
                 failures += shared > MAX_SHARED
@@ -148,7 +167,8 @@ def main():
                 if args.resources:
                     regs, spills = resources(compiled, args.arch)
                     extra = f"  warps={num_warps} regs={regs} spill={spills}B"
-                print(f"{status} sm_{args.arch} {fn.__name__:26s} {name:22s} {time.time() - start:5.1f}s  "
+                route = {True: " route", False: " recompute"}.get(consts.get("SAVED_ROUTE", consts.get("SAVE_ROUTE")), "")
+                print(f"{status} sm_{args.arch} {fn.__name__ + route:36s} {name:22s} {time.time() - start:5.1f}s  "
                       f"shared={shared}B{extra}")
             except Exception as exc:  # report every failure, then fail
                 failures += 1
