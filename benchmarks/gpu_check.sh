@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
 TOTAL_S="${TOTAL_S:-460}"
 BUILD_S="${BUILD_S:-150}"
-GPU_TESTS_S="${GPU_TESTS_S:-200}"  # Triton compiles each kernel variant the tests use (cold cache)
+GPU_TESTS_S="${GPU_TESTS_S:-240}"  # Triton compiles each kernel variant the tests use (cold cache; saved-route and recompute variants)
 SWEEP_MAX_S="${SWEEP_MAX_S:-300}"   # the sweep gets what is left, less OTHER_TESTS_S, up to this
 OTHER_TESTS_S="${OTHER_TESTS_S:-50}"
 GPU_OTHER_S="${GPU_OTHER_S:-40}"
