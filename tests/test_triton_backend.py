@@ -89,7 +89,8 @@ def test_routes_recomputed_in_the_backward(case, dtype, monkeypatch):
     monkeypatch.setattr(tb, "_route_shape", lambda *a: shapes.append(route_shape(*a)) or shapes[-1])
     check_backend("triton", case, device=DEVICE, dtype=dtype)
     B, P = len(case.lengths), case.P
-    assert shapes and all(shape == (B, B, P) for shape in shapes), shapes
+    saved = (0,) if ON_GPU and dtype == torch.float64 else (B, B, P)  # float64 on a GPU always recomputes
+    assert shapes and all(shape == saved for shape in shapes), shapes
     shapes.clear()
     monkeypatch.setattr(tb, "CONFIG_OVERRIDES", {"save_route": False})
     check_backend("triton", case, device=DEVICE, dtype=dtype)
