@@ -136,7 +136,11 @@ def main():
                              "--set sent_group=1; repeatable")
     parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
     parser.add_argument("--stages", type=int, default=0, help="num_stages for every kernel (default: Triton's)")
+    parser.add_argument("--expect-triton", default="",
+                        help="fail unless the imported triton's version starts with this (CI's 3.6 check)")
     args = parser.parse_args()
+    if not triton.__version__.startswith(args.expect_triton):
+        sys.exit(f"expected triton {args.expect_triton}, imported {triton.__version__} from {triton.__file__}")
     for item in args.set:
         key, value = item.split("=", 1)
         CONFIG_OVERRIDES[key] = {"True": True, "False": False}.get(value) if value in ("True", "False") else int(value)
@@ -173,7 +177,7 @@ def main():
             except Exception as exc:  # report every failure, then fail
                 failures += 1
                 print(f"FAIL sm_{args.arch} {fn.__name__:26s} {name}: {type(exc).__name__}: {str(exc)[:2000]}")
-    print(f"{failures} failed" if failures else "all kernels compiled")
+    print(f"{failures} failed" if failures else f"all kernels compiled (triton {triton.__version__})")
     sys.exit(1 if failures else 0)
 
 
