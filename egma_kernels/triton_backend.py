@@ -90,6 +90,12 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
         # The user allowed TF32 for float32 matmuls (torch.set_float32_matmul_precision("high"/"medium")),
         # which the reference's matmuls then use too: one TF32 pass, a third of the tensor-core work.
         precision = "tf32"
+    # The backward's two gradient products (dL/dA times the sentences, its transpose times the patches)
+    # have float32 operands: dL/dA, and the inputs widened. For 16-bit inputs one TF32 pass is enough:
+    # their patches and sentences are exact in TF32 (10-bit mantissa), dL/dA's rounding (2^-11 relative)
+    # stays below that of the 16-bit gradients returned (2^-9 bfloat16, 2^-11 float16), and it is a third
+    # of 3xTF32's tensor-core work and registers. float32 inputs keep the precision asked for.
+    grad_precision = "tf32" if precision == "tf32x3" and dtype in (torch.float16, torch.bfloat16) else precision
     wide = 2 if dtype == torch.float64 else 1  # float64 tiles take twice the shared memory
     block_s = _pow2(max_seqlen)
     d_pad = _pow2(D)
@@ -115,6 +121,7 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
     return dict(
         ACC=acc,
         DOT_PRECISION=precision,
+        grad_precision=grad_precision,
         BLOCK_S=block_s,
         BLOCK_D=min(64 // wide, _pow2(D)),
         D_OUT=d_out,
@@ -282,7 +289,8 @@ def _launch_filip_bwd(
     common = dict(
         EGMA_COMPAT=egma_compat, HAS_OWN_GRAD=d_own is not None, GRADS=grads, SAVED_ROUTE=saved_route,
         BLOCK_S=cfg["BLOCK_S"],
-        BLOCK_D=cfg["BLOCK_D"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["bwd_warps"],
+        BLOCK_D=cfg["BLOCK_D"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], GRAD_PRECISION=cfg["grad_precision"],
+        num_warps=cfg["bwd_warps"],
     )
     if saved_route and cfg["route_bwd_stages"] is not None:
         common["num_stages"] = cfg["route_bwd_stages"]

@@ -296,7 +296,7 @@ def _filip_bwd_patch_kernel(
     EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr, SAVED_ROUTE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, SIM_ONE_DOT: tl.constexpr, ACC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
 ):
     """dL/dpatch rows of one image (and a partial of dL/dt): for every group of reports, the gradient
     tile dL/dA [rows, group columns] times the group's sentences. With SAVED_ROUTE the tile comes from the
@@ -347,7 +347,7 @@ def _filip_bwd_patch_kernel(
         ).to(ACC)
         if not SAVED_ROUTE:
             scale_acc += tl.sum(d_sim * sim, axis=1)
-        acc = tl.dot(d_sim, sents.to(ACC), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+        acc = tl.dot(d_sim, sents.to(ACC), acc, input_precision=GRAD_PRECISION, out_dtype=ACC)
     row0 = (tl.cast(part, tl.int64) * num_images + img) * P  # partial buffer (slices, B, P, D)
     out = d_patch_ptr + (row0 + p_offs.to(tl.int64)[:, None]) * D + dd[None, :]
     tl.store(out, t * acc, mask=p_mask[:, None] & (dd[None, :] < D))
@@ -380,7 +380,7 @@ def _filip_bwd_sent_kernel(
     EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr, SAVED_ROUTE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, SIM_ONE_DOT: tl.constexpr, ACC: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
 ):
     """dL/dsent rows of a group of reports: for every image, the transposed gradient tile times the
     image's patch rows (the routes saved by the forward pass, or recomputed from the similarity tile)."""
@@ -421,7 +421,7 @@ def _filip_bwd_sent_kernel(
                 route, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
                 best_patch_ptr, d_own_ptr, HAS_OWN_GRAD, BLOCK_P, GROUP, BLOCK_S,
             ).to(ACC)
-            acc = tl.dot(tl.trans(d_sim), patches.to(ACC), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+            acc = tl.dot(tl.trans(d_sim), patches.to(ACC), acc, input_precision=GRAD_PRECISION, out_dtype=ACC)
     out = d_sent_ptr + (tl.cast(part, tl.int64) * N + u_offs.to(tl.int64))[:, None] * D + dd[None, :]
     tl.store(out, t * acc, mask=u_mask[:, None] & (dd[None, :] < D))
 

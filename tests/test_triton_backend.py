@@ -108,6 +108,21 @@ def test_route_budget_rule():
     assert tb._route_dtype(128) == torch.uint8 and tb._route_dtype(129) == torch.int16
 
 
+def test_dot_precisions_on_a_gpu(monkeypatch):
+    """On a GPU (not the interpreter): float32 products in 3xTF32 unless TF32 is allowed; 16-bit inputs'
+    backward gradient products in one TF32 pass; float64 in IEEE. The AOT check compiles these."""
+    from egma_kernels import triton_backend as tb
+
+    monkeypatch.setattr(tb, "interpreting", lambda: False)
+    rule = lambda dtype, matmul: (lambda c: (c["DOT_PRECISION"], c["grad_precision"]))(
+        tb._cached_config.__wrapped__(dtype, 49, 512, 10, 40, matmul))
+    assert rule(torch.float32, "highest") == ("tf32x3", "tf32x3")
+    assert rule(torch.float32, "high") == ("tf32", "tf32")
+    assert rule(torch.bfloat16, "highest") == ("tf32x3", "tf32")
+    assert rule(torch.float16, "high") == ("tf32", "tf32")
+    assert rule(torch.float64, "highest") == ("ieee", "ieee")
+
+
 def test_patch_grid_of_1024():
     """Issue 3's largest patch grid (P=1024: 32 patch blocks, P x P mapping logits) in float64."""
     check_backend("triton", Case((2, 3), P=1024, D=16, gaze="mixed", egma_compat=True, seed=17),

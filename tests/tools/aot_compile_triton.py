@@ -74,7 +74,8 @@ def kernels(cfg):
 
 
 def backward_kernels(cfg, filip, saved_route):
-    bwd = dict(filip, HAS_OWN_GRAD=True, GRADS=K.G_LOSS.value, SAVED_ROUTE=saved_route)
+    bwd = dict(filip, HAS_OWN_GRAD=True, GRADS=K.G_LOSS.value, SAVED_ROUTE=saved_route,
+               GRAD_PRECISION=cfg["grad_precision"])
     stages = cfg["route_bwd_stages"] if saved_route else None
     return [
         (K._filip_bwd_patch_kernel, dict(bwd, BLOCK_P=cfg["bwd_patch_rows"], GROUP=cfg["bwd_group"],
