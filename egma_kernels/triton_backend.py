@@ -181,8 +181,11 @@ def _route_dtype(max_seqlen: int) -> torch.dtype:
     return torch.uint8 if _pow2(max_seqlen) <= 128 else torch.int16
 
 
-def _route_shape(patch: Tensor, num_sentences: int, max_seqlen: int) -> Tuple[int, ...]:
-    """(B, B, P) when the loss's forward saves its routes for the backward pass, else (0,) (see _config)."""
+def _route_shape(patch: Tensor, num_sentences: int, max_seqlen: int, for_backward: bool = True) -> Tuple[int, ...]:
+    """(B, B, P) when the loss's forward saves its routes for the backward pass, else (0,) (see _config);
+    (0,) when no backward pass will run (``for_backward=False``: no grad mode, or no input needs one)."""
+    if not for_backward:
+        return (0,)
     B, P, D = patch.shape
     cfg = _config(patch.dtype, P, D, max_seqlen, B)
     save = cfg["save_route"]
@@ -341,8 +344,11 @@ def _launch_filip_bwd(
     return d_patch, d_sent, d_scale_parts.sum().to(scale.dtype)
 
 
-def _launch_loss_fwd(patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, weights, egma_compat, max_seqlen):
-    """Every forward kernel of the loss; returns the outputs and what the backward pass needs."""
+def _launch_loss_fwd(
+    patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, weights, egma_compat, max_seqlen, for_backward=True
+):
+    """Every forward kernel of the loss; returns the outputs and what the backward pass needs (the routes
+    only ``for_backward``)."""
     B, P, D = patch.shape
     N = sent.shape[0]
     cfg = _config(patch.dtype, P, D, max_seqlen, B)
@@ -352,7 +358,7 @@ def _launch_loss_fwd(patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, 
     counts = _utils.new_output((3,), torch.int32, device)
     if egma_compat:
         K._longest_report_kernel[(1,)](cu, counts, B, BLOCK_B=cfg["BLOCK_B"])
-    route = _utils.new_output(_route_shape(patch, N, max_seqlen), _route_dtype(max_seqlen), device)
+    route = _utils.new_output(_route_shape(patch, N, max_seqlen, for_backward), _route_dtype(max_seqlen), device)
     i2t, t2i, best_patch, own = _launch_filip_fwd(
         patch, sent, cu, scale, counts, max_seqlen, egma_compat=egma_compat, write_own=True, route=route
     )
@@ -423,10 +429,13 @@ def _loss_op(
 ) -> Tuple[_T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T]:
     """(loss, contrastive, gaze_mlce, mapping, i2t, t2i, then seven tensors saved for the backward pass).
 
-    ``options`` = [alpha, map_threshold, w_con, w_mlce, w_map]: one list argument, because torch's
-    autograd wrapper of a custom op costs time per schema argument on every call."""
-    alpha, threshold, *weights = options
-    return _launch_loss_fwd(patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, weights, egma_compat, max_seqlen)
+    ``options`` = [alpha, map_threshold, w_con, w_mlce, w_map, for_backward]: one list argument, because
+    torch's autograd wrapper of a custom op costs time per schema argument on every call. for_backward
+    (1.0 or 0.0): whether a backward pass may follow, i.e. whether to save the routes."""
+    alpha, threshold, *weights, for_backward = options
+    return _launch_loss_fwd(
+        patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, weights, egma_compat, max_seqlen, bool(for_backward)
+    )
 
 
 @_loss_op.register_fake
@@ -437,7 +446,7 @@ def _(patch, sent, cu, scale, gaze, gaze_mask, options, egma_compat, max_seqlen)
     new = lambda *shape, dtype=acc: patch.new_empty(shape, dtype=dtype)
     return (new(), new(), new(), new(), new(B, B), new(B, B), new(B, N, dtype=_index_dtype(P, patch.dtype)), new(N, P),
             new(8, B), new(N, 7), new(2, B, P), new(3, dtype=torch.int32),
-            new(*_route_shape(patch, N, max_seqlen), dtype=_route_dtype(max_seqlen)))
+            new(*_route_shape(patch, N, max_seqlen, bool(options[-1])), dtype=_route_dtype(max_seqlen)))
 
 
 @torch.library.custom_op("egma_kernels::triton_loss_backward", mutates_args=())
@@ -447,7 +456,7 @@ def _loss_bwd_op(
     i2t: _T, t2i: _T, best_patch: _T, own: _T, per_report: _T, row_stats: _T, z1_lse: _T, counts: _T, route: _T,
     options: List[float], egma_compat: bool, max_seqlen: int,
 ) -> Tuple[_T, _T, _T]:
-    alpha, threshold, *weights = options
+    alpha, threshold, *weights, _ = options  # the forward's options: the last is for_backward
     return _launch_loss_bwd(
         g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask,
         i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts, route,
@@ -568,7 +577,9 @@ def fine_grained_loss_triton(
     if gaze is not None:
         gaze = gaze.contiguous()
         gaze_mask = gaze_mask.contiguous()
-    options = [float(alpha), float(map_threshold), *(float(w) for w in weights)]
+    # Routes only where a backward pass may follow (none under no_grad, e.g. evaluation: B x B x P bytes).
+    for_backward = torch.is_grad_enabled() and (patch.requires_grad or sent.requires_grad or scale.requires_grad)
+    options = [float(alpha), float(map_threshold), *(float(w) for w in weights), float(for_backward)]
     loss, contrastive, gaze_mlce, mapping, i2t, t2i, *_ = _loss_op(
         patch, sent, cu.contiguous(), scale, gaze, gaze_mask, options, bool(egma_compat), int(max_seqlen)
     )

@@ -97,6 +97,28 @@ def test_routes_recomputed_in_the_backward(case, dtype, monkeypatch):
     assert shapes and all(shape == (0,) for shape in shapes), shapes
 
 
+def test_no_routes_without_a_backward_pass(monkeypatch):
+    """The forward saves routes only when a backward pass may follow: not under no_grad, nor when no input
+    requires a gradient; the values are the same either way."""
+    from egma_kernels import triton_backend as tb
+
+    shapes = []
+    route_shape = tb._route_shape
+    monkeypatch.setattr(tb, "_route_shape", lambda *a: shapes.append(route_shape(*a)) or shapes[-1])
+    inputs = make_inputs([3, 1, 2], 5, 16, seed=21, gaze="mixed", dtype=torch.float32)
+    args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    loss = lambda: ek.fine_grained_loss(**args, backend="triton")
+    plain = loss()  # nothing requires a gradient
+    args["patch_emb"].requires_grad_(True)
+    with torch.no_grad():
+        no_grad = loss()
+    assert shapes == [(0,), (0,)], shapes
+    shapes.clear()
+    with_grad = loss()
+    assert shapes == [(3, 3, 5)], shapes
+    assert plain.item() == no_grad.item() == with_grad.item()
+
+
 def test_route_budget_rule():
     """Routes are saved while B*B*P bytes fit in the gradients' bytes; not for float64 on a GPU."""
     from egma_kernels import triton_backend as tb
@@ -235,9 +257,9 @@ def test_opcheck():
     mask = torch.ones(2, dtype=torch.bool, device=DEVICE)
     for compat in (False, True):
         torch.library.opcheck(
-            tb._loss_op, (patch, sent, cu, scale, gaze, mask, [0.5, 2 / 7, 1.0, 1.0, 1.0], compat, 3),
+            tb._loss_op, (patch, sent, cu, scale, gaze, mask, [0.5, 2 / 7, 1.0, 1.0, 1.0, float(compat)], compat, 3),
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
-        )
+        )  # the last option, for_backward: routes saved (1.0) or not (0.0)
     torch.library.opcheck(
         tb._filip_op, (patch, sent, cu, scale, 3),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
