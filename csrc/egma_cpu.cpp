@@ -284,6 +284,18 @@ T clip_block(const T* L, int64_t m, T* row_lse, T* col_lse) {
   return T(0.5) * (rows / T(m) + cols / T(m));
 }
 
+// In place: L (m x m logits) becomes scale * d clip_block / d L, from the row and column log-sum-exps
+// that clip_block(L, ...) wrote (the softmaxes of both directions minus the identity).
+template <typename T>
+void clip_block_grad(T* L, int64_t m, const T* row_lse, const T* col_lse, T scale) {
+  const T c = scale * T(0.5) / T(m);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < m; ++j) {
+      const T x = L[i * m + j];
+      L[i * m + j] = c * (std::exp(x - row_lse[i]) + std::exp(x - col_lse[j]) - (i == j ? T(2) : T(0)));
+    }
+}
+
 // Cross-entropy with targets on the diagonal over rows (by_rows) or columns of a square B x B matrix,
 // and optionally its gradient (scaled by coef) added into grad.
 template <typename T>
@@ -707,30 +719,14 @@ void loss_backward(const T* gterms, const T* g_i2t, const T* g_t2i, const T* p, 
         }
         if (do_map) {
           mapping_forward(X, GS, n, P, lp.theta, sc);
-          // dLP = c_map * 0.5 * d clipP / d LP, in place; then dX += W1^T @ dLP.
+          // The mapping term is c_map * 0.5 * (clipP + clipS). dLP in place; LP = W1 X gives dX += W1^T @ dLP.
           clip_block(sc.LP.data(), P, sc.lse_a.data(), sc.lse_b.data());
-          {
-            const T c = c_map * T(0.25) / T(P);
-            T* L = sc.LP.data();
-            for (int64_t i = 0; i < P; ++i)
-              for (int64_t j = 0; j < P; ++j) {
-                const T x = L[i * P + j];
-                L[i * P + j] = c * (std::exp(x - sc.lse_a[i]) + std::exp(x - sc.lse_b[j]) - (i == j ? T(2) : T(0)));
-              }
-            gemm_nn(n, P, P, sc.W1.data(), 1, n, L, sc.dX.data(), true);
-          }
+          clip_block_grad(sc.LP.data(), P, sc.lse_a.data(), sc.lse_b.data(), c_map * T(0.5));
+          gemm_nn(n, P, P, sc.W1.data(), 1, n, sc.LP.data(), sc.dX.data(), true);
           // dLS likewise; LS = W2 X^T gives dX += dLS^T @ W2.
           clip_block(sc.LS.data(), n, sc.lse_a.data(), sc.lse_b.data());
-          {
-            const T c = c_map * T(0.25) / T(n);
-            T* L = sc.LS.data();
-            for (int64_t i = 0; i < n; ++i)
-              for (int64_t j = 0; j < n; ++j) {
-                const T x = L[i * n + j];
-                L[i * n + j] = c * (std::exp(x - sc.lse_a[i]) + std::exp(x - sc.lse_b[j]) - (i == j ? T(2) : T(0)));
-              }
-            gemm_nn(n, n, P, L, 1, n, sc.W2.data(), sc.dX.data(), true);
-          }
+          clip_block_grad(sc.LS.data(), n, sc.lse_a.data(), sc.lse_b.data(), c_map * T(0.5));
+          gemm_nn(n, n, P, sc.LS.data(), 1, n, sc.W2.data(), sc.dX.data(), true);
         }
         // A = t S: dt += sum dA * S = sum dA * A / t, and d S = t d A.
         for (int64_t e = 0; e < n * P; ++e) {

@@ -296,11 +296,7 @@ def _backends() -> List[str]:
     """The egma_kernels backends usable here, best first (the loss runs on the first)."""
     import egma_kernels
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return list(egma_kernels.available_backends(dev, auto=True))
-    except TypeError:  # older signature
-        return list(egma_kernels.available_backends())
+    return list(egma_kernels.available_backends("cuda" if torch.cuda.is_available() else "cpu", auto=True))
 
 
 def _table(results) -> str:

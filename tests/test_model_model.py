@@ -1,6 +1,5 @@
 """EGMAModel: grids, shapes, the loss, an optimisation step, checkpoints."""
 
-
 import pytest
 import torch
 
