@@ -1,4 +1,4 @@
-// Fused CPU kernels of the EGMA loss (../shared/SPEC.md) and of the FILIP similarity.
+// Fused CPU kernels of the EGMA loss (docs/loss.md) and of the FILIP similarity.
 //
 // Forward, phase 1: at::parallel_for over (image, block of whole reports) tiles. Each tile computes its
 // similarities A = t * <patch, sentence> in blocks of PATCH_BLOCK patches x (<= SENT_BLOCK sentences) in a
@@ -21,7 +21,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "egma_common.h"
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -749,10 +752,31 @@ void loss_backward(const T* gterms, const T* g_i2t, const T* g_t2i, const T* p, 
 // ------------------------------------------------------------------------------------------------------
 // Op wrappers.
 
-at::Tensor new_out(at::IntArrayRef shape, const at::TensorOptions& opts, bool poison) {
-  if (poison && at::isFloatingType(opts.dtype().toScalarType())) return at::full(shape, NAN, opts);
-  if (poison) return at::full(shape, -7, opts);
-  return at::empty(shape, opts);
+using egma_common::check_int32;
+using egma_common::check_report_offsets;
+using egma_common::check_shape;
+using egma_common::new_out;
+
+// The saved argmax indices the backward routes through: i2t_arg[a, r, i] is -1 (egma_compat's clamp to 0)
+// or a sentence of report r, t2i_arg[a, u] a patch. Checked before any kernel uses them as offsets.
+void check_argmax_indices(const int32_t* i2t_arg, const int32_t* t2i_arg, const int32_t* cu, int64_t M, int64_t R,
+                          int64_t P, int64_t N, const char* op) {
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t a = begin; a < end && !bad.load(std::memory_order_relaxed); ++a) {
+      for (int64_t r = 0; r < R; ++r) {
+        const int32_t lo = cu[r], hi = cu[r + 1];
+        const int32_t* arg = i2t_arg + (a * R + r) * P;
+        for (int64_t i = 0; i < P; ++i)
+          if (arg[i] != -1 && (arg[i] < lo || arg[i] >= hi)) bad = true;
+      }
+      const int32_t* arg = t2i_arg + a * N;
+      for (int64_t u = 0; u < N; ++u)
+        if (arg[u] < 0 || arg[u] >= P) bad = true;
+    }
+  });
+  TORCH_CHECK(!bad.load(), "egma_kernels ", op, ": the saved argmax indices are out of range (pass the tensors ",
+              "the forward op returned)");
 }
 
 void check_common(const at::Tensor& patch, const at::Tensor& sent, const at::Tensor& cu, const at::Tensor& scale) {
@@ -766,34 +790,36 @@ void check_common(const at::Tensor& patch, const at::Tensor& sent, const at::Ten
   TORCH_CHECK(cu.scalar_type() == at::kInt, "egma_kernels: cu_seqlens must be int32");
   TORCH_CHECK(scale.numel() == 1, "egma_kernels: logit_scale must have one element");
   TORCH_CHECK(cu.size(0) >= 1, "egma_kernels: cu_seqlens must have at least one element");
+  TORCH_CHECK(patch.size(1) >= 1 && patch.size(2) >= 1, "egma_kernels: patch_emb must have P >= 1 and D >= 1");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_fwd_cpu(
     const at::Tensor& patch_, const at::Tensor& sent_, const at::Tensor& cu_, const at::Tensor& scale_,
     const std::optional<at::Tensor>& gaze_, const std::optional<at::Tensor>& gmask_, double alpha, double theta,
-    double w_con, double w_mlce, double w_map, bool compat, bool poison) {
+    double w_con, double w_mlce, double w_map, bool compat) {
   check_common(patch_, sent_, cu_, scale_);
   const auto patch = patch_.contiguous();
   const auto sent = sent_.contiguous();
   const auto cu = cu_.contiguous();
   const int64_t B = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0);
   TORCH_CHECK(cu.size(0) == B + 1, "egma_kernels: the loss needs one report per image");
+  check_report_offsets(cu.data_ptr<int32_t>(), B, N, "loss_fwd");
   at::Tensor gaze, gmask;
   if (gaze_.has_value()) {
+    check_shape(*gaze_, {N, P}, "gaze", "loss_fwd");
     gaze = gaze_->to(patch.scalar_type()).contiguous();
-    TORCH_CHECK(gaze.dim() == 2 && gaze.size(0) == N && gaze.size(1) == P, "egma_kernels: gaze must be (N, P)");
     if (gmask_.has_value()) {
+      check_shape(*gmask_, {B}, "gaze_mask", "loss_fwd");
       gmask = gmask_->to(at::kBool).contiguous();
-      TORCH_CHECK(gmask.numel() == B, "egma_kernels: gaze_mask must be (B,)");
     }
   }
   const auto opts = patch.options();
-  auto terms = new_out({4}, opts, poison);
-  auto i2t = new_out({B, B}, opts, poison);
-  auto t2i = new_out({B, B}, opts, poison);
-  auto i2t_arg = new_out({B, B, P}, opts.dtype(at::kInt), poison);
-  auto t2i_arg = new_out({B, N}, opts.dtype(at::kInt), poison);
-  auto own = new_out({N, P}, opts, poison);
+  auto terms = new_out({4}, opts);
+  auto i2t = new_out({B, B}, opts);
+  auto t2i = new_out({B, B}, opts);
+  auto i2t_arg = new_out({B, B, P}, opts.dtype(at::kInt));
+  auto t2i_arg = new_out({B, N}, opts.dtype(at::kInt));
+  auto own = new_out({N, P}, opts);
   AT_DISPATCH_FLOATING_TYPES(patch.scalar_type(), "egma_loss_fwd_cpu", [&] {
     using T = scalar_t;
     const T t = scale_.to(patch.scalar_type()).item<T>();
@@ -812,12 +838,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_bwd_cpu(
     const at::Tensor& sent_, const at::Tensor& cu_, const at::Tensor& scale_, const std::optional<at::Tensor>& gaze_,
     const std::optional<at::Tensor>& gmask_, const at::Tensor& i2t_, const at::Tensor& t2i_,
     const at::Tensor& i2t_arg_, const at::Tensor& t2i_arg_, const at::Tensor& own_, double alpha, double theta,
-    double w_con, double w_mlce, double w_map, bool compat, bool poison) {
+    double w_con, double w_mlce, double w_map, bool compat) {
   check_common(patch_, sent_, cu_, scale_);
   const auto patch = patch_.contiguous();
   const auto sent = sent_.contiguous();
   const auto cu = cu_.contiguous();
   const int64_t B = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0);
+  const char* op = "loss_bwd";
+  TORCH_CHECK(cu.size(0) == B + 1, "egma_kernels: the loss needs one report per image");
+  check_report_offsets(cu.data_ptr<int32_t>(), B, N, op);
+  check_shape(gterms_, {4}, "grad_terms", op);
+  check_shape(g_i2t_, {B, B}, "grad_i2t", op);
+  check_shape(g_t2i_, {B, B}, "grad_t2i", op);
+  check_shape(i2t_, {B, B}, "i2t", op);
+  check_shape(t2i_, {B, B}, "t2i", op);
+  check_shape(i2t_arg_, {B, B, P}, "i2t_arg", op);
+  check_shape(t2i_arg_, {B, N}, "t2i_arg", op);
+  check_shape(own_, {N, P}, "own", op);
+  check_int32(i2t_arg_, "i2t_arg", op);
+  check_int32(t2i_arg_, "t2i_arg", op);
+  if (gaze_.has_value()) check_shape(*gaze_, {N, P}, "gaze", op);
+  if (gaze_.has_value() && gmask_.has_value()) check_shape(*gmask_, {B}, "gaze_mask", op);
   const auto dt_ = patch.scalar_type();
   const auto gterms = gterms_.to(dt_).contiguous();
   const auto g_i2t = g_i2t_.to(dt_).contiguous();
@@ -827,14 +868,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_bwd_cpu(
   const auto i2t_arg = i2t_arg_.contiguous();
   const auto t2i_arg = t2i_arg_.contiguous();
   const auto own = own_.contiguous();
+  check_argmax_indices(i2t_arg.data_ptr<int32_t>(), t2i_arg.data_ptr<int32_t>(), cu.data_ptr<int32_t>(), B, B, P, N, op);
   at::Tensor gaze, gmask;
   if (gaze_.has_value()) {
     gaze = gaze_->to(dt_).contiguous();
     if (gmask_.has_value()) gmask = gmask_->to(at::kBool).contiguous();
   }
-  auto dp = new_out({B, P, D}, patch.options(), poison);
-  auto ds = new_out({N, D}, patch.options(), poison);
-  auto dscale = new_out({}, scale_.options(), poison);
+  auto dp = new_out({B, P, D}, patch.options());
+  auto ds = new_out({N, D}, patch.options());
+  auto dscale = new_out({}, scale_.options());
   AT_DISPATCH_FLOATING_TYPES(dt_, "egma_loss_bwd_cpu", [&] {
     using T = scalar_t;
     const T t = scale_.to(dt_).item<T>();
@@ -855,17 +897,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filip_fwd_cpu(const a
                                                                          const at::Tensor& sent_,
                                                                          const at::Tensor& cu_,
                                                                          const at::Tensor& scale_, bool compat,
-                                                                         bool save_idx, bool poison) {
+                                                                         bool save_idx) {
   check_common(patch_, sent_, cu_, scale_);
   const auto patch = patch_.contiguous();
   const auto sent = sent_.contiguous();
   const auto cu = cu_.contiguous();
   const int64_t M = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0), R = cu.size(0) - 1;
+  check_report_offsets(cu.data_ptr<int32_t>(), R, N, "filip_fwd");
   const auto opts = patch.options();
-  auto i2t = new_out({M, R}, opts, poison);
-  auto t2i = new_out({M, R}, opts, poison);
-  auto i2t_arg = save_idx ? new_out({M, R, P}, opts.dtype(at::kInt), poison) : at::empty({0}, opts.dtype(at::kInt));
-  auto t2i_arg = save_idx ? new_out({M, N}, opts.dtype(at::kInt), poison) : at::empty({0}, opts.dtype(at::kInt));
+  auto i2t = new_out({M, R}, opts);
+  auto t2i = new_out({M, R}, opts);
+  auto i2t_arg = save_idx ? new_out({M, R, P}, opts.dtype(at::kInt)) : at::empty({0}, opts.dtype(at::kInt));
+  auto t2i_arg = save_idx ? new_out({M, N}, opts.dtype(at::kInt)) : at::empty({0}, opts.dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES(patch.scalar_type(), "egma_filip_fwd_cpu", [&] {
     using T = scalar_t;
     const T t = scale_.to(patch.scalar_type()).item<T>();
@@ -881,25 +924,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> filip_bwd_cpu(const at::Tensor& g
                                                              const at::Tensor& patch_, const at::Tensor& sent_,
                                                              const at::Tensor& cu_, const at::Tensor& scale_,
                                                              const at::Tensor& i2t_, const at::Tensor& t2i_,
-                                                             const at::Tensor& i2t_arg_, const at::Tensor& t2i_arg_,
-                                                             bool poison) {
+                                                             const at::Tensor& i2t_arg_, const at::Tensor& t2i_arg_) {
   check_common(patch_, sent_, cu_, scale_);
   const auto patch = patch_.contiguous();
   const auto sent = sent_.contiguous();
   const auto cu = cu_.contiguous();
   const int64_t M = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0), R = cu.size(0) - 1;
+  const char* op = "filip_bwd";
+  check_report_offsets(cu.data_ptr<int32_t>(), R, N, op);
   const auto dt_ = patch.scalar_type();
   TORCH_CHECK(i2t_arg_.numel() == M * R * P && t2i_arg_.numel() == M * N,
               "egma_kernels filip backward: the forward did not save its argmax indices");
+  check_shape(g_i2t_, {M, R}, "grad_i2t", op);
+  check_shape(g_t2i_, {M, R}, "grad_t2i", op);
+  check_shape(i2t_, {M, R}, "i2t", op);
+  check_shape(t2i_, {M, R}, "t2i", op);
+  check_shape(i2t_arg_, {M, R, P}, "i2t_arg", op);
+  check_shape(t2i_arg_, {M, N}, "t2i_arg", op);
+  check_int32(i2t_arg_, "i2t_arg", op);
+  check_int32(t2i_arg_, "t2i_arg", op);
   const auto g1 = g_i2t_.to(dt_).contiguous();
   const auto g2 = g_t2i_.to(dt_).contiguous();
   const auto i2t = i2t_.contiguous();
   const auto t2i = t2i_.contiguous();
   const auto i2t_arg = i2t_arg_.contiguous();
   const auto t2i_arg = t2i_arg_.contiguous();
-  auto dp = new_out({M, P, D}, patch.options(), poison);
-  auto ds = new_out({N, D}, patch.options(), poison);
-  auto dscale = new_out({}, scale_.options(), poison);
+  check_argmax_indices(i2t_arg.data_ptr<int32_t>(), t2i_arg.data_ptr<int32_t>(), cu.data_ptr<int32_t>(), M, R, P, N, op);
+  auto dp = new_out({M, P, D}, patch.options());
+  auto ds = new_out({N, D}, patch.options());
+  auto dscale = new_out({}, scale_.options());
   AT_DISPATCH_FLOATING_TYPES(dt_, "egma_filip_bwd_cpu", [&] {
     using T = scalar_t;
     const T t = scale_.to(dt_).item<T>();

@@ -1,4 +1,4 @@
-// Fused CUDA kernels of the EGMA loss (../shared/SPEC.md) and of the FILIP similarity.
+// Fused CUDA kernels of the EGMA loss (docs/loss.md) and of the FILIP similarity.
 //
 // The same algorithm as egma_cpu.cpp, for float16 / bfloat16 / float32 (float32 accumulation) and float64
 // inputs:
@@ -14,7 +14,7 @@
 // Every output element is written by one thread and every sum runs in a fixed order (no atomics, warp
 // reductions only through fixed shuffle trees): results are bitwise reproducible.
 //
-// cu_seqlens is copied to the host once per call (report offsets for the launch shapes).
+// cu_seqlens is copied to the host once per call and checked there (report offsets for the launch shapes).
 // Only c10/cuda headers are used (ATen/cuda/CUDAContext.h needs cuSPARSE headers).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -23,6 +23,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include "egma_common.h"
 
 #include <cmath>
 #include <cstdint>
@@ -38,6 +40,7 @@ constexpr int ROW_THREADS = 128;  // threads of the row kernels (one block per o
 constexpr int RED_THREADS = 256;  // threads of the per-report kernels
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
 template <typename T>
 __device__ __forceinline__ T dev_neg_inf() {
@@ -618,8 +621,8 @@ __global__ void dpatch_kernel(const scalar_t* __restrict__ s, const int32_t* __r
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     acc_t acc = 0;
     for (int64_t b = 0; b < R; ++b) {
-      const int32_t u = i2t_arg[(a * R + b) * P + i];
-      if (u >= 0) acc += (t * G1[a * R + b] / static_cast<acc_t>(P)) * static_cast<acc_t>(s[u * D + d]);
+      const int32_t u = i2t_arg[(a * R + b) * P + i];  // -1: egma_compat's clamp; bounded against made-up indices
+      if (u >= 0 && u < N) acc += (t * G1[a * R + b] / static_cast<acc_t>(P)) * static_cast<acc_t>(s[u * D + d]);
     }
     for (int64_t u = 0; u < N; ++u)
       if (t2i_arg[a * N + u] == i) {
@@ -659,8 +662,10 @@ __global__ void dsent_kernel(const scalar_t* __restrict__ p, const int32_t* __re
       for (int64_t i = 0; i < P; ++i)
         if (arg[i] == u) acc += c * static_cast<acc_t>(p[(a * P + i) * D + d]);
     }
-    for (int64_t a = 0; a < M; ++a)
-      acc += (t * G2[a * R + b] / static_cast<acc_t>(n)) * static_cast<acc_t>(p[(a * P + t2i_arg[a * N + u]) * D + d]);
+    for (int64_t a = 0; a < M; ++a) {
+      const int64_t i = imin(imax(t2i_arg[a * N + u], 0), P - 1);  // a patch index, bounded against made-up ones
+      acc += (t * G2[a * R + b] / static_cast<acc_t>(n)) * static_cast<acc_t>(p[(a * P + i) * D + d]);
+    }
     if (dX != nullptr) {
       for (int64_t i = 0; i < P; ++i) acc += dX[u * P + i] * static_cast<acc_t>(p[(b * P + i) * D + d]);
       if (n >= 2) {
@@ -684,11 +689,10 @@ __global__ void dscale_kernel(const acc_t* coef, const acc_t* dt_k, int64_t K, a
 // ---------------------------------------------------------------------------------------------------------
 // Host side.
 
-at::Tensor new_out(at::IntArrayRef shape, const at::TensorOptions& opts, bool poison) {
-  if (poison && at::isFloatingType(opts.dtype().toScalarType())) return at::full(shape, NAN, opts);
-  if (poison) return at::full(shape, -7, opts);
-  return at::empty(shape, opts);
-}
+using egma_common::check_int32;
+using egma_common::check_report_offsets;
+using egma_common::check_shape;
+using egma_common::new_out;
 
 void check_common(const at::Tensor& patch, const at::Tensor& sent, const at::Tensor& cu, const at::Tensor& scale) {
   TORCH_CHECK(patch.is_cuda() && sent.is_cuda() && cu.is_cuda() && scale.is_cuda(),
@@ -700,18 +704,21 @@ void check_common(const at::Tensor& patch, const at::Tensor& sent, const at::Ten
   TORCH_CHECK(patch.scalar_type() == sent.scalar_type(), "egma_kernels: patch_emb and sent_emb dtypes differ");
   TORCH_CHECK(cu.scalar_type() == at::kInt, "egma_kernels: cu_seqlens must be int32");
   TORCH_CHECK(scale.numel() == 1, "egma_kernels: logit_scale must have one element");
+  TORCH_CHECK(cu.size(0) >= 1, "egma_kernels: cu_seqlens must have at least one element");
+  TORCH_CHECK(patch.size(1) >= 1 && patch.size(2) >= 1, "egma_kernels: patch_emb must have P >= 1 and D >= 1");
 }
 
-// Host copy of the offsets: max length, the owner of each sentence and the offsets of the n_k x n_k blocks.
+// Host copy of the offsets, checked (every kernel indexes sentences through them): max length, the owner of each sentence and the offsets of the n_k x n_k blocks.
 struct HostReports {
   std::vector<int32_t> cu;
   int max_len = 0;
   at::Tensor owner, ls_off;
   int64_t ls_total = 0;
-  HostReports(const at::Tensor& cu_dev, int64_t N) {
+  HostReports(const at::Tensor& cu_dev, int64_t N, const char* op) {
     auto cu_cpu = cu_dev.to(at::kCPU).contiguous();
     const int64_t R = cu_cpu.numel() - 1;
     cu.assign(cu_cpu.data_ptr<int32_t>(), cu_cpu.data_ptr<int32_t>() + R + 1);
+    check_report_offsets(cu.data(), R, N, op);
     std::vector<int32_t> own(N);
     std::vector<int64_t> off(R);
     for (int64_t r = 0; r < R; ++r) {
@@ -738,7 +745,7 @@ unsigned grid1(int64_t n) { return static_cast<unsigned>(n > 0 ? n : 1); }
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_fwd_cuda(
     const at::Tensor& patch_, const at::Tensor& sent_, const at::Tensor& cu_, const at::Tensor& scale_,
     const std::optional<at::Tensor>& gaze_, const std::optional<at::Tensor>& gmask_, double alpha, double theta,
-    double w_con, double w_mlce, double w_map, bool compat, bool poison) {
+    double w_con, double w_mlce, double w_map, bool compat) {
   check_common(patch_, sent_, cu_, scale_);
   c10::cuda::CUDAGuard guard(patch_.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -753,16 +760,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto scale = scale_.to(acc_type).contiguous();
   at::Tensor gaze, gmask;
   if (gaze_.has_value()) {
+    check_shape(*gaze_, {N, P}, "gaze", "loss_fwd");
     gaze = gaze_->to(patch.scalar_type()).contiguous();
-    if (gmask_.has_value()) gmask = gmask_->to(at::kBool).contiguous();
+    if (gmask_.has_value()) {
+      check_shape(*gmask_, {B}, "gaze_mask", "loss_fwd");
+      gmask = gmask_->to(at::kBool).contiguous();
+    }
   }
-  HostReports hr(cu, N);
-  auto terms = new_out({4}, aopts, poison);
-  auto i2t = new_out({B, B}, aopts, poison);
-  auto t2i = new_out({B, B}, aopts, poison);
-  auto i2t_arg = new_out({B, B, P}, iopts, poison);
-  auto t2i_arg = new_out({B, N}, iopts, poison);
-  auto own = new_out({N, P}, aopts, poison);
+  HostReports hr(cu, N, "loss_fwd");
+  auto terms = new_out({4}, aopts);
+  auto i2t = new_out({B, B}, aopts);
+  auto t2i = new_out({B, B}, aopts);
+  auto i2t_arg = new_out({B, B, P}, iopts);
+  auto t2i_arg = new_out({B, N}, iopts);
+  auto own = new_out({N, P}, aopts);
   auto colbest = at::empty({B, N}, aopts);
   auto rl = at::empty({N}, aopts), rp = at::empty({N}, aopts);
   auto cl = at::empty({B, P}, aopts), cp = at::empty({B, P}, aopts);
@@ -822,7 +833,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_bwd_cuda(
     const at::Tensor& sent_, const at::Tensor& cu_, const at::Tensor& scale_, const std::optional<at::Tensor>& gaze_,
     const std::optional<at::Tensor>& gmask_, const at::Tensor& i2t_, const at::Tensor& t2i_,
     const at::Tensor& i2t_arg_, const at::Tensor& t2i_arg_, const at::Tensor& own_, double alpha, double theta,
-    double w_con, double w_mlce, double w_map, bool compat, bool poison) {
+    double w_con, double w_mlce, double w_map, bool compat) {
   check_common(patch_, sent_, cu_, scale_);
   c10::cuda::CUDAGuard guard(patch_.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -830,6 +841,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_bwd_cuda(
   const auto sent = sent_.contiguous();
   const auto cu = cu_.contiguous();
   const int64_t B = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0);
+  const char* op = "loss_bwd";
+  TORCH_CHECK(cu.size(0) == B + 1, "egma_kernels: the loss needs one report per image");
+  check_shape(gterms_, {4}, "grad_terms", op);
+  check_shape(g_i2t_, {B, B}, "grad_i2t", op);
+  check_shape(g_t2i_, {B, B}, "grad_t2i", op);
+  check_shape(i2t_, {B, B}, "i2t", op);
+  check_shape(t2i_, {B, B}, "t2i", op);
+  check_shape(i2t_arg_, {B, B, P}, "i2t_arg", op);
+  check_shape(t2i_arg_, {B, N}, "t2i_arg", op);
+  check_shape(own_, {N, P}, "own", op);
+  check_int32(i2t_arg_, "i2t_arg", op);
+  check_int32(t2i_arg_, "t2i_arg", op);
+  if (gaze_.has_value()) check_shape(*gaze_, {N, P}, "gaze", op);
+  if (gaze_.has_value() && gmask_.has_value()) check_shape(*gmask_, {B}, "gaze_mask", op);
   const auto acc_type = patch.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto aopts = patch.options().dtype(acc_type);
   const auto scale = scale_.to(acc_type).contiguous();
@@ -843,10 +868,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_bwd_cuda(
     gaze = gaze_->to(patch.scalar_type()).contiguous();
     if (gmask_.has_value()) gmask = gmask_->to(at::kBool).contiguous();
   }
-  HostReports hr(cu, N);
-  auto dp = new_out({B, P, D}, patch.options(), poison);
-  auto ds = new_out({N, D}, patch.options(), poison);
-  auto dscale = new_out({}, scale_.options(), poison);
+  HostReports hr(cu, N, op);
+  auto dp = new_out({B, P, D}, patch.options());
+  auto ds = new_out({N, D}, patch.options());
+  auto dscale = new_out({}, scale_.options());
   auto G1 = at::empty({B, B}, aopts), G2 = at::empty({B, B}, aopts), coef = at::zeros({4}, aopts);
   auto lse = at::empty({2 * B}, aopts);
   auto rl = at::empty({N}, aopts), rp = at::empty({N}, aopts);
@@ -935,7 +960,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filip_fwd_cuda(const 
                                                                           const at::Tensor& sent_,
                                                                           const at::Tensor& cu_,
                                                                           const at::Tensor& scale_, bool compat,
-                                                                          bool save_idx, bool poison) {
+                                                                          bool save_idx) {
   check_common(patch_, sent_, cu_, scale_);
   c10::cuda::CUDAGuard guard(patch_.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -947,19 +972,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> filip_fwd_cuda(const 
   const auto aopts = patch.options().dtype(acc_type);
   const auto iopts = patch.options().dtype(at::kInt);
   const auto scale = scale_.to(acc_type).contiguous();
-  int max_len = 0;
-  if (compat) max_len = HostReports(cu, N).max_len;
-  auto i2t = new_out({M, R}, aopts, poison);
-  auto t2i = new_out({M, R}, aopts, poison);
-  auto i2t_arg = save_idx ? new_out({M, R, P}, iopts, poison) : at::empty({0}, iopts);
-  auto t2i_arg = save_idx ? new_out({M, N}, iopts, poison) : at::empty({M, N}, iopts);
+  // The offsets are checked on the host (one copy of R+1 integers) before any kernel indexes through them.
+  const int max_len = HostReports(cu, N, "filip_fwd").max_len;
+  auto i2t = new_out({M, R}, aopts);
+  auto t2i = new_out({M, R}, aopts);
+  auto i2t_arg = save_idx ? new_out({M, R, P}, iopts) : at::empty({0}, iopts);
+  auto t2i_arg = save_idx ? new_out({M, N}, iopts) : at::empty({M, N}, iopts);
   auto colbest = at::empty({M, N}, aopts);
   if (M > 0 && R > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, patch.scalar_type(), "egma_filip_fwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       filip_tile_kernel<scalar_t, acc_t><<<dim3(grid1(R), grid1(M)), NT, 0, stream>>>(
           patch.data_ptr<scalar_t>(), sent.data_ptr<scalar_t>(), cu.data_ptr<int32_t>(), scale.data_ptr<acc_t>(), P,
-          D, N, R, max_len, compat, i2t.data_ptr<acc_t>(), t2i.data_ptr<acc_t>(),
+          D, N, R, compat ? max_len : 0, compat, i2t.data_ptr<acc_t>(), t2i.data_ptr<acc_t>(),
           save_idx ? i2t_arg.data_ptr<int32_t>() : nullptr, t2i_arg.data_ptr<int32_t>(), colbest.data_ptr<acc_t>(),
           nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -973,8 +998,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> filip_bwd_cuda(const at::Tensor& 
                                                               const at::Tensor& patch_, const at::Tensor& sent_,
                                                               const at::Tensor& cu_, const at::Tensor& scale_,
                                                               const at::Tensor& i2t_, const at::Tensor& t2i_,
-                                                              const at::Tensor& i2t_arg_, const at::Tensor& t2i_arg_,
-                                                              bool poison) {
+                                                              const at::Tensor& i2t_arg_, const at::Tensor& t2i_arg_) {
   check_common(patch_, sent_, cu_, scale_);
   c10::cuda::CUDAGuard guard(patch_.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -984,16 +1008,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> filip_bwd_cuda(const at::Tensor& 
   const int64_t M = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0), R = cu.size(0) - 1;
   TORCH_CHECK(i2t_arg_.numel() == M * R * P && t2i_arg_.numel() == M * N,
               "egma_kernels filip backward: the forward did not save its argmax indices");
+  const char* op = "filip_bwd";
+  check_shape(g_i2t_, {M, R}, "grad_i2t", op);
+  check_shape(g_t2i_, {M, R}, "grad_t2i", op);
+  check_shape(i2t_, {M, R}, "i2t", op);
+  check_shape(t2i_, {M, R}, "t2i", op);
+  check_shape(i2t_arg_, {M, R, P}, "i2t_arg", op);
+  check_shape(t2i_arg_, {M, N}, "t2i_arg", op);
+  check_int32(i2t_arg_, "i2t_arg", op);
+  check_int32(t2i_arg_, "t2i_arg", op);
   const auto acc_type = patch.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto aopts = patch.options().dtype(acc_type);
   const auto scale = scale_.to(acc_type).contiguous();
   const auto g_i2t = g_i2t_.to(acc_type).contiguous(), g_t2i = g_t2i_.to(acc_type).contiguous();
   const auto i2t = i2t_.contiguous(), t2i = t2i_.contiguous();
   const auto i2t_arg = i2t_arg_.contiguous(), t2i_arg = t2i_arg_.contiguous();
-  HostReports hr(cu, N);
-  auto dp = new_out({M, P, D}, patch.options(), poison);
-  auto ds = new_out({N, D}, patch.options(), poison);
-  auto dscale = new_out({}, scale_.options(), poison);
+  HostReports hr(cu, N, op);
+  auto dp = new_out({M, P, D}, patch.options());
+  auto ds = new_out({N, D}, patch.options());
+  auto dscale = new_out({}, scale_.options());
   auto G1 = at::empty({M, R}, aopts), G2 = at::empty({M, R}, aopts), coef = at::zeros({4}, aopts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, patch.scalar_type(), "egma_filip_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -12,11 +12,15 @@ Two kinds of check:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
+import numpy as np
 import torch
+
+from .options import is_real_number
 
 Scale = Union[float, int, torch.Tensor]
 
@@ -106,12 +110,16 @@ def check_embeddings(patch_emb, sent_emb, cu_seqlens, num_reports: Optional[int]
 
 def _scale_tensor(logit_scale: Scale, like: torch.Tensor) -> torch.Tensor:
     acc = accumulation_dtype(like.dtype)
-    if isinstance(logit_scale, bool):
+    if isinstance(logit_scale, (bool, np.bool_)):
         raise TypeError("logit_scale must be a positive number or a scalar tensor, got bool")
-    if isinstance(logit_scale, (int, float)):
-        if not math.isfinite(logit_scale) or logit_scale <= 0:
-            raise ValueError(f"logit_scale must be finite and > 0, got {logit_scale}")
-        return torch.tensor(float(logit_scale), dtype=acc, device=like.device)
+    if is_real_number(logit_scale):  # Python and numpy numbers: checked here, as the kernels will see them
+        scale = torch.tensor(float(logit_scale), dtype=acc)
+        if not (math.isfinite(scale.item()) and scale.item() > 0):
+            raise ValueError(
+                f"logit_scale must be finite and > 0 in {acc} (the dtype the loss computes in), got {logit_scale!r}"
+                + (f", which is {scale.item()!r} in {acc}" if scale.item() != float(logit_scale) else "")
+            )
+        return scale.to(like.device)
     if not isinstance(logit_scale, torch.Tensor):
         raise TypeError(f"logit_scale must be a positive number or a scalar tensor, got {type(logit_scale).__name__}")
     if logit_scale.numel() != 1:
@@ -149,12 +157,17 @@ def _raise_first(bad: list, describe_offsets: Optional[torch.Tensor] = None) -> 
     return int(max_seqlen)
 
 
-def _check_max_seqlen(max_seqlen) -> Optional[int]:
+def _check_max_seqlen(max_seqlen, num_sentences: int) -> Optional[int]:
     if max_seqlen is None:
         return None
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+    if not isinstance(max_seqlen, numbers.Integral) or isinstance(max_seqlen, bool) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int (the longest report's sentence count), got {max_seqlen!r}")
-    return max_seqlen
+    if max_seqlen > num_sentences:
+        raise ValueError(
+            f"max_seqlen={max_seqlen} is larger than the number of sentences N={num_sentences}: it must be the "
+            "longest report's sentence count (or an upper bound of it no larger than N)"
+        )
+    return int(max_seqlen)
 
 
 def _settle_max_seqlen(given: Optional[int], measured: Optional[int]) -> Optional[int]:
@@ -168,7 +181,7 @@ def check_filip_inputs(
 ) -> CheckedInputs:
     check_embeddings(patch_emb, sent_emb, cu_seqlens, num_reports=None)
     scale = _scale_tensor(logit_scale, patch_emb)
-    max_seqlen = _check_max_seqlen(max_seqlen)
+    max_seqlen = _check_max_seqlen(max_seqlen, sent_emb.shape[0])
     measured = None
     if _value_checks_enabled(validate):
         bad: list = []
@@ -188,12 +201,10 @@ def check_loss_inputs(
     gaze,
     gaze_mask,
     *,
-    alpha: float,
-    map_threshold: float,
-    weights: Sequence[float],
     validate: Optional[bool],
     max_seqlen: Optional[int] = None,
 ) -> CheckedInputs:
+    """Check the loss's tensors (the options are checked by ``options.resolve_loss_options``)."""
     check_embeddings(patch_emb, sent_emb, cu_seqlens, num_reports=patch_emb.shape[0] if isinstance(patch_emb, torch.Tensor) and patch_emb.dim() == 3 else None)
     B, P, _ = patch_emb.shape
     N = sent_emb.shape[0]
@@ -220,18 +231,7 @@ def check_loss_inputs(
     elif gaze is not None:
         gaze_mask = torch.ones(B, dtype=torch.bool, device=patch_emb.device)
 
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if isinstance(map_threshold, bool) or not isinstance(map_threshold, (int, float)) or not (0.0 <= map_threshold <= 1.0):
-        raise ValueError(f"map_threshold must be a number in [0, 1], got {map_threshold!r}")
-    try:
-        w = [float(x) for x in weights]
-    except (TypeError, ValueError):
-        raise TypeError(f"weights must be three numbers (contrastive, gaze_mlce, mapping), got {weights!r}") from None
-    if len(w) != 3 or not all(math.isfinite(x) for x in w):
-        raise ValueError(f"weights must be three finite numbers (contrastive, gaze_mlce, mapping), got {weights!r}")
-
-    max_seqlen = _check_max_seqlen(max_seqlen)
+    max_seqlen = _check_max_seqlen(max_seqlen, sent_emb.shape[0])
     measured = None
     if _value_checks_enabled(validate):
         bad: list = []
@@ -239,7 +239,13 @@ def check_loss_inputs(
         if isinstance(logit_scale, torch.Tensor):
             bad.append(("logit_scale must be finite and > 0", ~(torch.isfinite(scale) & (scale > 0))))
         if gaze is not None:
-            bad.append(("gaze must be finite (found inf or nan)", ~torch.isfinite(gaze).all()))
+            # Finite in the embeddings' dtype, which is what the fused kernels read it in (a float64 1e300 beside
+            # float32 embeddings is inf there).
+            bad.append((
+                f"gaze must be finite in {patch_emb.dtype}, the embeddings' dtype (found inf, nan, or a value "
+                "beyond its range)",
+                ~torch.isfinite(gaze.to(patch_emb.dtype)).all(),
+            ))
             bad.append(("gaze must be >= 0 (found a negative value)", (gaze < 0).any()))
         measured = _raise_first(bad, cu_seqlens)
     max_seqlen = _settle_max_seqlen(max_seqlen, measured)

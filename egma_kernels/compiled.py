@@ -66,7 +66,7 @@ if _C is not None:
     _ops = torch.ops.egma_kernels
 
     @torch.library.register_fake("egma_kernels::loss_fwd")
-    def _loss_fwd_fake(patch, sent, cu, scale, gaze, gaze_mask, alpha, theta, w_con, w_mlce, w_map, compat, poison):
+    def _loss_fwd_fake(patch, sent, cu, scale, gaze, gaze_mask, alpha, theta, w_con, w_mlce, w_map, compat):
         B, P, _ = patch.shape
         N = sent.shape[0]
         acc = patch.dtype if patch.dtype == torch.float64 else torch.float32
@@ -81,11 +81,11 @@ if _C is not None:
 
     @torch.library.register_fake("egma_kernels::loss_bwd")
     def _loss_bwd_fake(g_terms, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask, i2t, t2i, i2t_arg, t2i_arg,
-                       own, alpha, theta, w_con, w_mlce, w_map, compat, poison):
+                       own, alpha, theta, w_con, w_mlce, w_map, compat):
         return torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)
 
     @torch.library.register_fake("egma_kernels::filip_fwd")
-    def _filip_fwd_fake(patch, sent, cu, scale, compat, save_idx, poison):
+    def _filip_fwd_fake(patch, sent, cu, scale, compat, save_idx):
         M, P, _ = patch.shape
         N = sent.shape[0]
         R = cu.shape[0] - 1
@@ -99,14 +99,14 @@ if _C is not None:
         return patch.new_empty((M, R), dtype=acc), patch.new_empty((M, R), dtype=acc), i2t_arg, t2i_arg
 
     @torch.library.register_fake("egma_kernels::filip_bwd")
-    def _filip_bwd_fake(g_i2t, g_t2i, patch, sent, cu, scale, i2t, t2i, i2t_arg, t2i_arg, poison):
+    def _filip_bwd_fake(g_i2t, g_t2i, patch, sent, cu, scale, i2t, t2i, i2t_arg, t2i_arg):
         return torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)
 
     def _loss_setup_context(ctx, inputs, output):
-        patch, sent, cu, scale, gaze, gaze_mask, alpha, theta, w_con, w_mlce, w_map, compat, poison = inputs
+        patch, sent, cu, scale, gaze, gaze_mask, alpha, theta, w_con, w_mlce, w_map, compat = inputs
         terms, i2t, t2i, i2t_arg, t2i_arg, own = output
         ctx.save_for_backward(patch, sent, cu, scale, gaze, gaze_mask, terms, i2t, t2i, i2t_arg, t2i_arg, own)
-        ctx.options = (alpha, theta, w_con, w_mlce, w_map, compat, poison)
+        ctx.options = (alpha, theta, w_con, w_mlce, w_map, compat)
         ctx.mark_non_differentiable(i2t_arg, t2i_arg, own)
 
     def _loss_backward(ctx, g_terms, g_i2t, g_t2i, _g_i2t_arg, _g_t2i_arg, _g_own):
@@ -118,15 +118,14 @@ if _C is not None:
             g_terms, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask, i2t, t2i, i2t_arg, t2i_arg, own,
             *ctx.options,
         )
-        return (d_patch, d_sent, None, d_scale) + (None,) * 9
+        return (d_patch, d_sent, None, d_scale) + (None,) * 8
 
     torch.library.register_autograd("egma_kernels::loss_fwd", _loss_backward, setup_context=_loss_setup_context)
 
     def _filip_setup_context(ctx, inputs, output):
-        patch, sent, cu, scale, compat, save_idx, poison = inputs
+        patch, sent, cu, scale, compat, save_idx = inputs
         i2t, t2i, i2t_arg, t2i_arg = output
         ctx.save_for_backward(patch, sent, cu, scale, i2t, t2i, i2t_arg, t2i_arg)
-        ctx.poison = poison
         ctx.mark_non_differentiable(i2t_arg, t2i_arg)
 
     def _filip_backward(ctx, g_i2t, g_t2i, _g_a, _g_b):
@@ -134,11 +133,24 @@ if _C is not None:
         g_i2t = torch.zeros_like(i2t) if g_i2t is None else g_i2t
         g_t2i = torch.zeros_like(t2i) if g_t2i is None else g_t2i
         d_patch, d_sent, d_scale = _ops.filip_bwd(
-            g_i2t, g_t2i, patch, sent, cu, scale, i2t, t2i, i2t_arg, t2i_arg, ctx.poison
+            g_i2t, g_t2i, patch, sent, cu, scale, i2t, t2i, i2t_arg, t2i_arg
         )
-        return d_patch, d_sent, None, d_scale, None, None, None
+        return d_patch, d_sent, None, d_scale, None, None
 
     torch.library.register_autograd("egma_kernels::filip_fwd", _filip_backward, setup_context=_filip_setup_context)
+
+    # The backward ops compute first derivatives only: differentiating them (create_graph=True, then a second
+    # backward) raises instead of torch's silent zeros with a warning.
+    def _no_setup(ctx, inputs, output):
+        pass
+
+    for _op in ("loss_bwd", "filip_bwd"):
+        torch.library.register_autograd(
+            f"egma_kernels::{_op}", _utils.no_double_backward(_op), setup_context=_no_setup
+        )
+
+    # Output poisoning for tests lives outside the op schemas: a flag inside the extension.
+    _utils.on_poison_change(_C.set_poison_outputs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,7 +189,7 @@ def fine_grained_loss_compiled(
     sent = sent_emb.to(kd)
     scale = logit_scale.to(acc).reshape(())
     if gaze is not None:
-        gaze = gaze.to(kd)
+        gaze = _utils.positive_gaze_in(gaze, kd)
         if gaze_mask is not None:
             gaze_mask = gaze_mask.to(torch.bool)
     else:
@@ -185,7 +197,7 @@ def fine_grained_loss_compiled(
     w_con, w_mlce, w_map = (float(w) for w in weights)
     terms, i2t, t2i, _, _, _ = _ops.loss_fwd(
         patch, sent, cu_seqlens.to(torch.int32), scale, gaze, gaze_mask, float(alpha), float(map_threshold),
-        w_con, w_mlce, w_map, bool(egma_compat), bool(_utils.POISON_OUTPUTS),
+        w_con, w_mlce, w_map, bool(egma_compat),
     )
     return LossTerms(terms[0], terms[1], terms[2], terms[3], i2t, t2i)
 
@@ -207,7 +219,7 @@ def filip_similarity_compiled(
     scale = torch.as_tensor(logit_scale, device=patch.device).to(acc).reshape(())
     save_idx = torch.is_grad_enabled() and (patch.requires_grad or sent.requires_grad or scale.requires_grad)
     i2t, t2i, _, _ = _ops.filip_fwd(
-        patch, sent, cu_seqlens.to(torch.int32), scale, bool(egma_compat), bool(save_idx), bool(_utils.POISON_OUTPUTS)
+        patch, sent, cu_seqlens.to(torch.int32), scale, bool(egma_compat), bool(save_idx)
     )
     return i2t, t2i
 

@@ -8,11 +8,10 @@ import torch
 
 from ._validation import Scale, check_filip_inputs, check_loss_inputs
 from .backends import resolve_backend
+from .options import DEFAULT_ALPHA, DEFAULT_MAP_THRESHOLD, DEFAULT_WEIGHTS, EGMA_COMPAT_ALPHA, resolve_loss_options
 from .reference import LossTerms
 
-DEFAULT_ALPHA = 0.5
-EGMA_COMPAT_ALPHA = 0.8
-DEFAULT_MAP_THRESHOLD = 2.0 / 7.0
+__all__ = ["fine_grained_loss", "filip_similarity", "DEFAULT_ALPHA", "DEFAULT_MAP_THRESHOLD", "EGMA_COMPAT_ALPHA"]
 
 
 def fine_grained_loss(
@@ -25,7 +24,7 @@ def fine_grained_loss(
     *,
     alpha: Optional[float] = None,
     map_threshold: float = DEFAULT_MAP_THRESHOLD,
-    weights: Sequence[float] = (1.0, 1.0, 1.0),
+    weights: Sequence[float] = DEFAULT_WEIGHTS,
     egma_compat: bool = False,
     backend: Optional[str] = None,
     return_details: bool = False,
@@ -52,6 +51,8 @@ def fine_grained_loss(
         return_details: return a ``LossTerms(loss, contrastive, gaze_mlce, mapping, i2t, t2i)``.
         validate: check the input *values* too (offsets, gaze signs, ``logit_scale > 0``); default on
             (``EGMA_KERNELS_VALIDATE=0`` turns it off). On CUDA this costs one host synchronisation.
+            Off (and under ``torch.compile``, which skips them) bad values give wrong numbers or the ops'
+            own errors, never an access outside the tensors (``docs/loss.md``, "What validate=False gives up").
         max_seqlen: the longest report's sentence count, if the caller knows it (as in flash-attention's
             varlen API). The fused GPU kernels size their tiles by it; without it (and with ``validate``
             off) they read it from ``cu_seqlens``, one host synchronisation. Pass it under ``torch.compile``.
@@ -59,21 +60,9 @@ def fine_grained_loss(
     Returns:
         The scalar loss (float32; float64 for float64 inputs), or ``LossTerms`` with ``i2t``/``t2i`` ``(B, B)``.
     """
-    if alpha is None:
-        alpha = EGMA_COMPAT_ALPHA if egma_compat else DEFAULT_ALPHA
-    weights = tuple(weights) if not isinstance(weights, torch.Tensor) else tuple(weights.tolist())
+    options = resolve_loss_options(alpha, map_threshold, weights, egma_compat)
     checked = check_loss_inputs(
-        patch_emb,
-        sent_emb,
-        cu_seqlens,
-        logit_scale,
-        gaze,
-        gaze_mask,
-        alpha=alpha,
-        map_threshold=map_threshold,
-        weights=weights,
-        validate=validate,
-        max_seqlen=max_seqlen,
+        patch_emb, sent_emb, cu_seqlens, logit_scale, gaze, gaze_mask, validate=validate, max_seqlen=max_seqlen
     )
     impl = resolve_backend(backend, checked.patch_emb.device)
     extra = {"max_seqlen": checked.max_seqlen} if impl.wants_max_seqlen else {}
@@ -84,10 +73,7 @@ def fine_grained_loss(
         checked.logit_scale,
         checked.gaze,
         checked.gaze_mask,
-        alpha=float(alpha),
-        map_threshold=float(map_threshold),
-        weights=tuple(float(w) for w in weights),
-        egma_compat=bool(egma_compat),
+        **options.as_kwargs(),
         **extra,
     )
     return terms if return_details else terms.loss

@@ -6,7 +6,8 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from .functional import DEFAULT_MAP_THRESHOLD, fine_grained_loss
+from .functional import fine_grained_loss
+from .options import DEFAULT_MAP_THRESHOLD, resolve_loss_options
 
 
 class FineGrainedLoss(nn.Module):
@@ -24,6 +25,7 @@ class FineGrainedLoss(nn.Module):
         validate: Optional[bool] = None,
     ):
         super().__init__()
+        resolve_loss_options(alpha, map_threshold, weights, egma_compat)  # refuse bad options here, not at the first call
         self.alpha = alpha
         self.map_threshold = map_threshold
         self.weights = tuple(weights)

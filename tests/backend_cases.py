@@ -81,12 +81,8 @@ def check_backend(backend: str, case: Case, device: str = "cpu", dtype=torch.flo
         return terms, {k: v.grad for k, v in leaves.items()}
 
     ref_terms, ref_grads = run(exact, "reference", torch.float64, "cpu")
-    previous = utils.POISON_OUTPUTS
-    utils.POISON_OUTPUTS = True
-    try:
+    with utils.poisoned_outputs(True):
         terms, grads = run(exact, backend, dtype, device)
-    finally:
-        utils.POISON_OUTPUTS = previous
 
     for name in TERMS:
         got, want = getattr(terms, name), getattr(ref_terms, name)
@@ -123,11 +119,7 @@ def check_filip_backend(backend: str, num_images: int, lengths, P: int, D: int, 
         return i2t, t2i, p.grad, s.grad
 
     want = run("reference", torch.float64, "cpu")
-    previous = utils.POISON_OUTPUTS
-    utils.POISON_OUTPUTS = True
-    try:
+    with utils.poisoned_outputs(True):
         got = run(backend, dtype, device)
-    finally:
-        utils.POISON_OUTPUTS = previous
     for name, a, b in zip(("i2t", "t2i", "d/dpatch", "d/dsent"), got, want):
         _assert_close(a, b, rtol, f"filip {num_images}x{len(lengths)} {name}")

@@ -67,13 +67,9 @@ def _filip_check(num_images, lengths, P, D, dtype, seed):
         p = patches.detach().clone().to(dt).requires_grad_(True)
         s = sents["sent_emb"].detach().clone().to(dt).requires_grad_(True)
         t = torch.tensor(3.0, dtype=torch.float64 if dt == torch.float64 else torch.float32, requires_grad=True)
-        previous = utils.POISON_OUTPUTS
-        utils.POISON_OUTPUTS = name != "reference"
-        try:
+        with utils.poisoned_outputs(name != "reference"):
             i2t, t2i = ek.filip_similarity(p, s, sents["cu_seqlens"], t, backend=name)
             ((i2t.double() * w1).sum() + (t2i.double() * w2).sum()).backward()
-        finally:
-            utils.POISON_OUTPUTS = previous
         out[name] = (i2t, t2i, p.grad, s.grad, t.grad)
     rtol = 1e-9 if dtype == torch.float64 else 2e-4
     for what, a, b in zip(("i2t", "t2i", "dpatch", "dsent", "dscale"), out["cpu"], out["reference"]):
@@ -98,7 +94,7 @@ def test_filip_without_grad_saves_nothing():
     inp = make_inputs([2, 3], 5, 8, gaze="none", dtype=torch.float32)
     with torch.no_grad():
         out = torch.ops.egma_kernels.filip_fwd(
-            inp["patch_emb"], inp["sent_emb"], inp["cu_seqlens"], inp["logit_scale"], False, False, False
+            inp["patch_emb"], inp["sent_emb"], inp["cu_seqlens"], inp["logit_scale"], False, False
         )
     assert out[2].numel() == 0 and out[3].numel() == 0
     want = ek.filip_similarity(inp["patch_emb"], inp["sent_emb"], inp["cu_seqlens"], 10.0, backend="reference")
@@ -165,7 +161,7 @@ def _op_args(dtype=torch.float64, gaze="mixed", compat=False):
     p = inputs["patch_emb"].requires_grad_(True)
     s = inputs["sent_emb"].requires_grad_(True)
     t = inputs["logit_scale"].requires_grad_(True)
-    return (p, s, inputs["cu_seqlens"], t, inputs["gaze"], inputs["gaze_mask"], 0.5, 2 / 7, 1.0, 1.0, 1.0, compat, False)
+    return (p, s, inputs["cu_seqlens"], t, inputs["gaze"], inputs["gaze_mask"], 0.5, 2 / 7, 1.0, 1.0, 1.0, compat)
 
 
 @pytest.mark.parametrize("gaze,compat", [("mixed", False), ("none", True), ("all", False)])
@@ -178,7 +174,7 @@ def test_opcheck_filip():
     p = make_inputs([1] * 4, 5, 8, seed=3, gaze="none")["patch_emb"].requires_grad_(True)
     s = inputs["sent_emb"].requires_grad_(True)
     t = inputs["logit_scale"].requires_grad_(True)
-    torch.library.opcheck(torch.ops.egma_kernels.filip_fwd.default, (p, s, inputs["cu_seqlens"], t, False, True, False))
+    torch.library.opcheck(torch.ops.egma_kernels.filip_fwd.default, (p, s, inputs["cu_seqlens"], t, False, True))
 
 
 def test_torch_compile_fullgraph():
