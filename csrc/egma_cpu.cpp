@@ -1,4 +1,4 @@
-// Fused CPU kernels of the EGMA loss (../shared/SPEC.md) and of the FILIP similarity.
+// Fused CPU kernels of the EGMA loss (docs/loss.md) and of the FILIP similarity.
 //
 // Forward, phase 1: at::parallel_for over (image, block of whole reports) tiles. Each tile computes its
 // similarities A = t * <patch, sentence> in blocks of PATCH_BLOCK patches x (<= SENT_BLOCK sentences) in a

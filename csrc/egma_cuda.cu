@@ -1,4 +1,4 @@
-// Fused CUDA kernels of the EGMA loss (../shared/SPEC.md) and of the FILIP similarity.
+// Fused CUDA kernels of the EGMA loss (docs/loss.md) and of the FILIP similarity.
 //
 // The same algorithm as egma_cpu.cpp, for float16 / bfloat16 / float32 (float32 accumulation) and float64
 // inputs:
