@@ -79,7 +79,7 @@ PY
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# The build needs the real toolkit root (BUILD_NOTES) and an explicit arch list; H100/H200 are sm_90.
+# The build needs the real toolkit root (docs/building.md) and an explicit arch list; H100/H200 are sm_90.
 if [[ -z "${CUDA_HOME:-}" ]]; then
   for c in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc 2>/dev/null || echo /nonexistent/bin/nvcc)")")")"; do
     if [[ -x "$c/bin/nvcc" ]]; then export CUDA_HOME="$c"; break; fi

@@ -1,6 +1,6 @@
 """egma-kernels: the EGMA (eye-gaze guided multi-modal alignment) loss in one call.
 
-See ``SPEC.md`` (shared with the project) for the exact function and the README for usage.
+See ``docs/loss.md`` for the exact function and the README for usage.
 """
 
 from .backends import available_backends, known_backends

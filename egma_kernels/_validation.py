@@ -1,4 +1,4 @@
-"""Input checks shared by every backend (SPEC section 6).
+"""Input checks shared by every backend (``docs/loss.md``, section 9: the refusals).
 
 Two kinds of check:
 

@@ -31,7 +31,7 @@ def fine_grained_loss(
     validate: Optional[bool] = None,
     max_seqlen: Optional[int] = None,
 ) -> Union[torch.Tensor, LossTerms]:
-    """The EGMA loss (``SPEC.md``): fine-grained contrastive + gaze MLCE + gaze-guided mapping.
+    """The EGMA loss (``docs/loss.md``): fine-grained contrastive + gaze MLCE + gaze-guided mapping.
 
     Args:
         patch_emb: ``(B, P, D)`` patch tokens of ``B`` images, L2-normalised along ``D``.

@@ -1,4 +1,4 @@
-"""The exact EGMA loss in vectorised PyTorch (``../shared/SPEC.md`` sections 1 to 5).
+"""The exact EGMA loss in vectorised PyTorch (``docs/loss.md`` sections 2 to 6).
 
 This is the function every fused backend is held to. It has no Python loop over images or reports:
 varlen reports are handled with segment reductions over the sentence -> report map (``scatter_reduce``
@@ -146,7 +146,7 @@ def fine_grained_loss_ref(
     weights: Tuple[float, float, float] = (1.0, 1.0, 1.0),
     egma_compat: bool = False,
 ) -> LossTerms:
-    """The EGMA loss of SPEC sections 1 to 5 on validated inputs; see ``egma_kernels.fine_grained_loss``.
+    """The EGMA loss of ``docs/loss.md`` on validated inputs; see ``egma_kernels.fine_grained_loss``.
 
     ``logit_scale`` is a 0-dim tensor; ``gaze_mask`` is a bool ``(B,)`` tensor whenever ``gaze`` is given.
     """

@@ -1,6 +1,6 @@
-"""Triton kernels of the EGMA loss (SPEC.md). Launched by ``egma_kernels.triton_backend``.
+"""Triton kernels of the EGMA loss (``docs/loss.md``). Launched by ``egma_kernels.triton_backend``.
 
-Notation as in SPEC: ``A[a, i ; u] = t * <patch[a, i], sent[u]>``. No kernel writes the ``(B*P) x N``
+Notation as in ``docs/loss.md``: ``A[a, i ; u] = t * <patch[a, i], sent[u]>``. No kernel writes the ``(B*P) x N``
 matrix. The forward pass computes each tile once and keeps what the backward pass needs to route the
 gradients of the maxima: each sentence's best patch of each image (B x N) and, for the loss, each patch's
 best sentence of each report (the "routes", B x B x P small ints) unless those would outweigh the

@@ -1,4 +1,4 @@
-"""SPEC.md written out literally: a per-image, per-report Python loop in float64.
+"""``docs/loss.md`` written out literally: a per-image, per-report Python loop in float64.
 
 Slow and obviously correct; the tests hold the vectorised reference (and through it every backend) to it.
 Nothing here is shared with ``egma_kernels``.

@@ -85,7 +85,7 @@ def test_reference_error_is_tiny(smoke):
 
 
 def test_loop_matches_reference_in_float64(smoke):
-    """The issue: loop = SPEC with egma_compat=True for the first two terms (here: every term, and gradients)."""
+    """loop = docs/loss.md with egma_compat=True for the first two terms (here: every term, and gradients)."""
     _, records, _ = smoke
     loop64 = _ok(records, provider="loop", dtype="float64")
     assert {r["kind"] for r in loop64} == {"loss", "similarity"}

@@ -1,4 +1,4 @@
-"""The vectorised reference against the literal SPEC loop (tests/spec_loop.py), in float64."""
+"""The vectorised reference against the literal loop of docs/loss.md (tests/spec_loop.py), in float64."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Every refusal of SPEC section 6: a clear error, raised before anything is computed."""
+"""Every refusal of docs/loss.md (section 9): a clear error, raised before anything is computed."""
 
 import pytest
 import torch

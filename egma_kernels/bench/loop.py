@@ -7,13 +7,13 @@ compares the fused backends with it:
 * the packed sentences are scattered, report by report in a Python loop, into a zero-padded
   ``(B, S_max, D)`` buffer;
 * one ``(B*P) x (B*S_max)`` similarity matrix is computed and reshaped for the two FILIP matrices (the
-  zero rows take part in the max, which is what ``egma_compat=True`` of SPEC section 5 describes);
+  zero rows take part in the max, which is what ``egma_compat=True`` in ``docs/loss.md`` describes);
 * the gaze MLCE runs in a Python loop over the images that carry gaze, on the matched ``n_k x P`` block
   (the ``1e12`` masking trick of the original multi-label cross-entropy);
 * the gaze-guided mapping runs in a Python loop over the images (per-image min-max, threshold, gaze,
-  row-normalise, two small products, two symmetric CLIP losses), as SPEC section 3 defines it.
+  row-normalise, two small products, two symmetric CLIP losses), as ``docs/loss.md`` defines it.
 
-The math is SPEC's with ``egma_compat=True`` for the first two terms (the mapping term has no compatibility
+The math is ``docs/loss.md``'s with ``egma_compat=True`` for the first two terms (the mapping term has no compatibility
 mode). It accumulates in float32 (float64 for float64 inputs), like the reference. It returns a
 ``LossTerms`` so the harness can compare it with every other provider.
 """
@@ -104,7 +104,7 @@ def loop_fine_grained_loss(
     map_threshold: float = 2.0 / 7.0,
     weights: Tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> LossTerms:
-    """The EGMA loss computed with the original code's structure (SPEC with ``egma_compat=True``)."""
+    """The EGMA loss computed with the original code's structure (``docs/loss.md`` with ``egma_compat=True``)."""
     acc = _acc(patch_emb.dtype)
     device = patch_emb.device
     patch = patch_emb.to(acc)

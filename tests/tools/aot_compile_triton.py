@@ -1,4 +1,4 @@
-"""Compile every Triton kernel ahead of time for a GPU target, without a GPU (shared BUILD_NOTES).
+"""Compile every Triton kernel ahead of time for a GPU target, without a GPU (docs/building.md).
 
     python tests/tools/aot_compile_triton.py [--arch 90] [--resources]
 
