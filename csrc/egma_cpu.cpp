@@ -796,7 +796,7 @@ void check_common(const at::Tensor& patch, const at::Tensor& sent, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_fwd_cpu(
     const at::Tensor& patch_, const at::Tensor& sent_, const at::Tensor& cu_, const at::Tensor& scale_,
     const std::optional<at::Tensor>& gaze_, const std::optional<at::Tensor>& gmask_, double alpha, double theta,
-    double w_con, double w_mlce, double w_map, bool compat) {
+    double w_con, double w_mlce, double w_map, bool compat, bool save_idx) {
   check_common(patch_, sent_, cu_, scale_);
   const auto patch = patch_.contiguous();
   const auto sent = sent_.contiguous();
@@ -817,8 +817,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto terms = new_out({4}, opts);
   auto i2t = new_out({B, B}, opts);
   auto t2i = new_out({B, B}, opts);
-  auto i2t_arg = new_out({B, B, P}, opts.dtype(at::kInt));
-  auto t2i_arg = new_out({B, N}, opts.dtype(at::kInt));
+  // The argmax routes (B x B x P) only when a backward may follow.
+  auto i2t_arg = save_idx ? new_out({B, B, P}, opts.dtype(at::kInt)) : at::empty({0}, opts.dtype(at::kInt));
+  auto t2i_arg = save_idx ? new_out({B, N}, opts.dtype(at::kInt)) : at::empty({0}, opts.dtype(at::kInt));
   auto own = new_out({N, P}, opts);
   AT_DISPATCH_FLOATING_TYPES(patch.scalar_type(), "egma_loss_fwd_cpu", [&] {
     using T = scalar_t;
@@ -827,8 +828,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     LossParams<T> lp{T(alpha), T(theta), T(w_con), T(w_mlce), T(w_map), compat};
     loss_forward<T>(patch.data_ptr<T>(), B, P, D, sent.data_ptr<T>(), N, rep, t,
                     gaze.defined() ? gaze.data_ptr<T>() : nullptr, gmask.defined() ? gmask.data_ptr<bool>() : nullptr,
-                    lp, terms.data_ptr<T>(), i2t.data_ptr<T>(), t2i.data_ptr<T>(), i2t_arg.data_ptr<int32_t>(),
-                    t2i_arg.data_ptr<int32_t>(), own.data_ptr<T>());
+                    lp, terms.data_ptr<T>(), i2t.data_ptr<T>(), t2i.data_ptr<T>(),
+                    save_idx ? i2t_arg.data_ptr<int32_t>() : nullptr, save_idx ? t2i_arg.data_ptr<int32_t>() : nullptr,
+                    own.data_ptr<T>());
   });
   return {terms, i2t, t2i, i2t_arg, t2i_arg, own};
 }

@@ -745,7 +745,7 @@ unsigned grid1(int64_t n) { return static_cast<unsigned>(n > 0 ? n : 1); }
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_fwd_cuda(
     const at::Tensor& patch_, const at::Tensor& sent_, const at::Tensor& cu_, const at::Tensor& scale_,
     const std::optional<at::Tensor>& gaze_, const std::optional<at::Tensor>& gmask_, double alpha, double theta,
-    double w_con, double w_mlce, double w_map, bool compat) {
+    double w_con, double w_mlce, double w_map, bool compat, bool save_idx) {
   check_common(patch_, sent_, cu_, scale_);
   c10::cuda::CUDAGuard guard(patch_.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -771,8 +771,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto terms = new_out({4}, aopts);
   auto i2t = new_out({B, B}, aopts);
   auto t2i = new_out({B, B}, aopts);
-  auto i2t_arg = new_out({B, B, P}, iopts);
-  auto t2i_arg = new_out({B, N}, iopts);
+  // The argmax routes only when a backward may follow (the tile kernel uses t2i_arg as scratch either way).
+  auto i2t_arg = save_idx ? new_out({B, B, P}, iopts) : at::empty({0}, iopts);
+  auto t2i_arg = save_idx ? new_out({B, N}, iopts) : at::empty({B, N}, iopts);
   auto own = new_out({N, P}, aopts);
   auto colbest = at::empty({B, N}, aopts);
   auto rl = at::empty({N}, aopts), rp = at::empty({N}, aopts);
@@ -794,7 +795,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const bool* gm = ptr_or_null<bool>(gmask);
     filip_tile_kernel<scalar_t, acc_t><<<dim3(grid1(B), grid1(B)), NT, 0, stream>>>(
         p, s, c, t, P, D, N, B, hr.max_len, compat, i2t.data_ptr<acc_t>(), t2i.data_ptr<acc_t>(),
-        i2t_arg.data_ptr<int32_t>(), t2i_arg.data_ptr<int32_t>(), colbest.data_ptr<acc_t>(), own.data_ptr<acc_t>());
+        save_idx ? i2t_arg.data_ptr<int32_t>() : nullptr, t2i_arg.data_ptr<int32_t>(), colbest.data_ptr<acc_t>(),
+        own.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     mlce_kernel<scalar_t, acc_t><<<grid1(B), RED_THREADS, 0, stream>>>(
         own.data_ptr<acc_t>(), g, gm, c, P, static_cast<acc_t>(alpha), rl.data_ptr<acc_t>(), rp.data_ptr<acc_t>(),
@@ -825,6 +827,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         lse.data_ptr<acc_t>(), lse.data_ptr<acc_t>() + B, terms.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  if (!save_idx) t2i_arg = at::empty({0}, iopts);
   return {terms, i2t, t2i, i2t_arg, t2i_arg, own};
 }
 

@@ -19,11 +19,12 @@ TORCH_LIBRARY(egma_kernels, m) {
   // Outputs: terms (4,) = [loss, contrastive, gaze_mlce, mapping], i2t (B,B), t2i (B,B), and what the
   // backward needs: i2t_arg (B,B,P) int32 (best sentence of each patch per report, -1 where egma_compat
   // clamped the max to 0), t2i_arg (B,N) int32 (best patch of each sentence per image), own (N,P) the
-  // matched similarities A[o(u), i ; u].
+  // matched similarities A[o(u), i ; u]. Without save_idx (no backward will follow) i2t_arg and t2i_arg
+  // are empty (0,) tensors.
   m.def(
       "loss_fwd(Tensor patch_emb, Tensor sent_emb, Tensor cu_seqlens, Tensor logit_scale, Tensor? gaze, "
       "Tensor? gaze_mask, float alpha, float map_threshold, float w_con, float w_mlce, float w_map, "
-      "bool egma_compat) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool egma_compat, bool save_idx) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "loss_bwd(Tensor grad_terms, Tensor grad_i2t, Tensor grad_t2i, Tensor patch_emb, Tensor sent_emb, "
       "Tensor cu_seqlens, Tensor logit_scale, Tensor? gaze, Tensor? gaze_mask, Tensor i2t, Tensor t2i, "

@@ -66,7 +66,7 @@ if _C is not None:
     _ops = torch.ops.egma_kernels
 
     @torch.library.register_fake("egma_kernels::loss_fwd")
-    def _loss_fwd_fake(patch, sent, cu, scale, gaze, gaze_mask, alpha, theta, w_con, w_mlce, w_map, compat):
+    def _loss_fwd_fake(patch, sent, cu, scale, gaze, gaze_mask, alpha, theta, w_con, w_mlce, w_map, compat, save_idx):
         B, P, _ = patch.shape
         N = sent.shape[0]
         acc = patch.dtype if patch.dtype == torch.float64 else torch.float32
@@ -74,8 +74,8 @@ if _C is not None:
             patch.new_empty((4,), dtype=acc),
             patch.new_empty((B, B), dtype=acc),
             patch.new_empty((B, B), dtype=acc),
-            patch.new_empty((B, B, P), dtype=torch.int32),
-            patch.new_empty((B, N), dtype=torch.int32),
+            patch.new_empty((B, B, P) if save_idx else (0,), dtype=torch.int32),
+            patch.new_empty((B, N) if save_idx else (0,), dtype=torch.int32),
             patch.new_empty((N, P), dtype=acc),
         )
 
@@ -103,7 +103,7 @@ if _C is not None:
         return torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)
 
     def _loss_setup_context(ctx, inputs, output):
-        patch, sent, cu, scale, gaze, gaze_mask, alpha, theta, w_con, w_mlce, w_map, compat = inputs
+        patch, sent, cu, scale, gaze, gaze_mask, alpha, theta, w_con, w_mlce, w_map, compat, _save_idx = inputs
         terms, i2t, t2i, i2t_arg, t2i_arg, own = output
         ctx.save_for_backward(patch, sent, cu, scale, gaze, gaze_mask, terms, i2t, t2i, i2t_arg, t2i_arg, own)
         ctx.options = (alpha, theta, w_con, w_mlce, w_map, compat)
@@ -118,7 +118,7 @@ if _C is not None:
             g_terms, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask, i2t, t2i, i2t_arg, t2i_arg, own,
             *ctx.options,
         )
-        return (d_patch, d_sent, None, d_scale) + (None,) * 8
+        return (d_patch, d_sent, None, d_scale) + (None,) * 9
 
     torch.library.register_autograd("egma_kernels::loss_fwd", _loss_backward, setup_context=_loss_setup_context)
 
@@ -167,6 +167,11 @@ def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _backward_may_follow(*inputs: torch.Tensor) -> bool:
+    """Whether the forward op must save the argmax routes: grad mode on and an input that needs a gradient."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+
+
 def fine_grained_loss_compiled(
     patch_emb: torch.Tensor,
     sent_emb: torch.Tensor,
@@ -197,7 +202,7 @@ def fine_grained_loss_compiled(
     w_con, w_mlce, w_map = (float(w) for w in weights)
     terms, i2t, t2i, _, _, _ = _ops.loss_fwd(
         patch, sent, cu_seqlens.to(torch.int32), scale, gaze, gaze_mask, float(alpha), float(map_threshold),
-        w_con, w_mlce, w_map, bool(egma_compat),
+        w_con, w_mlce, w_map, bool(egma_compat), _backward_may_follow(patch, sent, scale),
     )
     return LossTerms(terms[0], terms[1], terms[2], terms[3], i2t, t2i)
 
@@ -217,9 +222,8 @@ def filip_similarity_compiled(
     patch = patch_emb.to(kd)
     sent = sent_emb.to(kd)
     scale = torch.as_tensor(logit_scale, device=patch.device).to(acc).reshape(())
-    save_idx = torch.is_grad_enabled() and (patch.requires_grad or sent.requires_grad or scale.requires_grad)
     i2t, t2i, _, _ = _ops.filip_fwd(
-        patch, sent, cu_seqlens.to(torch.int32), scale, bool(egma_compat), bool(save_idx)
+        patch, sent, cu_seqlens.to(torch.int32), scale, bool(egma_compat), _backward_may_follow(patch, sent, scale)
     )
     return i2t, t2i
 

@@ -161,7 +161,7 @@ def _op_args(dtype=torch.float64, gaze="mixed", compat=False):
     p = inputs["patch_emb"].requires_grad_(True)
     s = inputs["sent_emb"].requires_grad_(True)
     t = inputs["logit_scale"].requires_grad_(True)
-    return (p, s, inputs["cu_seqlens"], t, inputs["gaze"], inputs["gaze_mask"], 0.5, 2 / 7, 1.0, 1.0, 1.0, compat)
+    return (p, s, inputs["cu_seqlens"], t, inputs["gaze"], inputs["gaze_mask"], 0.5, 2 / 7, 1.0, 1.0, 1.0, compat, True)
 
 
 @pytest.mark.parametrize("gaze,compat", [("mixed", False), ("none", True), ("all", False)])
@@ -222,3 +222,19 @@ def test_package_falls_back_without_the_extension():
     env = dict(__import__("os").environ, TRITON_INTERPRET="0")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_routes_saved_only_when_a_backward_may_follow():
+    """The forward op writes its B x B x P argmax routes only when grad mode is on and an input needs a gradient."""
+    inputs = make_inputs([3, 1, 2], 4, 8, seed=7, gaze="all")
+    args = (inputs["patch_emb"], inputs["sent_emb"], inputs["cu_seqlens"], inputs["logit_scale"], inputs["gaze"],
+            None, 0.5, 2 / 7, 1.0, 1.0, 1.0, False)
+    for save_idx, shapes in ((False, [(0,), (0,)]), (True, [(3, 3, 4), (3, 6)])):
+        out = torch.ops.egma_kernels.loss_fwd(*args, save_idx)
+        assert [tuple(x.shape) for x in out[3:5]] == shapes
+    p = inputs["patch_emb"].clone().requires_grad_(True)
+    with torch.no_grad():
+        assert not ek.compiled._backward_may_follow(p, inputs["sent_emb"])
+        ek.fine_grained_loss(p, inputs["sent_emb"], inputs["cu_seqlens"], 5.0, backend="cpu")
+    assert ek.compiled._backward_may_follow(p, inputs["sent_emb"])
+    assert not ek.compiled._backward_may_follow(inputs["patch_emb"], inputs["sent_emb"])

@@ -90,7 +90,7 @@ def test_cuda_opcheck():
     s = inputs["sent_emb"].cuda().requires_grad_(True)
     t = inputs["logit_scale"].cuda().requires_grad_(True)
     args = (p, s, inputs["cu_seqlens"].cuda(), t, inputs["gaze"].cuda(), inputs["gaze_mask"].cuda(),
-            0.5, 2 / 7, 1.0, 1.0, 1.0, False)
+            0.5, 2 / 7, 1.0, 1.0, 1.0, False, True)
     torch.library.opcheck(torch.ops.egma_kernels.loss_fwd.default, args)
     torch.library.opcheck(torch.ops.egma_kernels.filip_fwd.default,
                           (p, s, inputs["cu_seqlens"].cuda(), t, False, True))

@@ -131,9 +131,9 @@ def test_raw_ops_check_offsets_shapes_and_indices():
 
         for bad in ([0, 2, 100000], [0, 0, 3], [0, 3, 2], [1, 2, 3], [0, -4, 3]):
             c = torch.tensor(bad, dtype=torch.int32)
-            attempt(f"loss_fwd {bad}", lambda: ops.loss_fwd(p, s, c, t, None, None, 0.5, 0.3, 1., 1., 1., False))
+            attempt(f"loss_fwd {bad}", lambda: ops.loss_fwd(p, s, c, t, None, None, 0.5, 0.3, 1., 1., 1., False, True))
             attempt(f"filip_fwd {bad}", lambda: ops.filip_fwd(p, s, c, t, False, True))
-        terms, i2t, t2i, i2t_arg, t2i_arg, own = ops.loss_fwd(p, s, cu, t, None, None, 0.5, 0.3, 1., 1., 1., False)
+        terms, i2t, t2i, i2t_arg, t2i_arg, own = ops.loss_fwd(p, s, cu, t, None, None, 0.5, 0.3, 1., 1., 1., False, True)
         g4, gbb = torch.ones(4, dtype=torch.float64), torch.ones(B, B, dtype=torch.float64)
         args = dict(i2t_arg=i2t_arg, t2i_arg=t2i_arg, own=own)
 
