@@ -31,6 +31,7 @@ def fine_grained_loss(
     return_details: bool = False,
     validate: Optional[bool] = None,
     max_seqlen: Optional[int] = None,
+    group=None,
 ) -> Union[torch.Tensor, LossTerms]:
     """The EGMA loss (``SPEC.md``): fine-grained contrastive + gaze MLCE + gaze-guided mapping.
 
@@ -55,13 +56,27 @@ def fine_grained_loss(
         max_seqlen: the longest report's sentence count, if the caller knows it (as in flash-attention's
             varlen API). The fused GPU kernels size their tiles by it; without it (and with ``validate``
             off) they read it from ``cu_seqlens``, one host synchronisation. Pass it under ``torch.compile``.
+        group: ``None`` for the loss of this process's batch; a ``torch.distributed`` process group (e.g.
+            ``torch.distributed.group.WORLD``) for the loss of the group's global batch, every image against
+            every report of every rank (``docs/distributed.md``: the value returned is the global loss, and
+            DistributedDataParallel's averaged gradients are those of the global loss).
 
     Returns:
-        The scalar loss (float32; float64 for float64 inputs), or ``LossTerms`` with ``i2t``/``t2i`` ``(B, B)``.
+        The scalar loss (float32; float64 for float64 inputs), or ``LossTerms`` with ``i2t``/``t2i`` ``(B, B)``
+        (with ``group``: this rank's rows against every report of the group, ``(B_local, B_global)``).
     """
     if alpha is None:
         alpha = EGMA_COMPAT_ALPHA if egma_compat else DEFAULT_ALPHA
     weights = tuple(weights) if not isinstance(weights, torch.Tensor) else tuple(weights.tolist())
+    if group is not None:
+        from .distributed import fine_grained_loss_distributed
+
+        terms = fine_grained_loss_distributed(
+            patch_emb, sent_emb, cu_seqlens, logit_scale, gaze, gaze_mask, group=group, alpha=alpha,
+            map_threshold=map_threshold, weights=weights, egma_compat=egma_compat, backend=backend,
+            validate=validate, max_seqlen=max_seqlen,
+        )
+        return terms if return_details else terms.loss
     checked = check_loss_inputs(
         patch_emb,
         sent_emb,

@@ -22,6 +22,7 @@ class FineGrainedLoss(nn.Module):
         backend: Optional[str] = None,
         return_details: bool = False,
         validate: Optional[bool] = None,
+        group=None,
     ):
         super().__init__()
         self.alpha = alpha
@@ -31,6 +32,8 @@ class FineGrainedLoss(nn.Module):
         self.backend = backend
         self.return_details = return_details
         self.validate = validate
+        # A torch.distributed process group: the loss of the group's global batch (see fine_grained_loss).
+        self.group = group
 
     def forward(self, patch_emb, sent_emb, cu_seqlens, logit_scale, gaze=None, gaze_mask=None, max_seqlen=None):
         return fine_grained_loss(
@@ -48,10 +51,12 @@ class FineGrainedLoss(nn.Module):
             return_details=self.return_details,
             validate=self.validate,
             max_seqlen=max_seqlen,
+            group=self.group,
         )
 
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, map_threshold={self.map_threshold:.4g}, weights={self.weights}, "
             f"egma_compat={self.egma_compat}, backend={self.backend}"
+            + (", group=<process group>" if self.group is not None else "")
         )
