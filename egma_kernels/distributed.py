@@ -28,8 +28,10 @@ process on the concatenated batch. The value every rank gets is the global loss.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -47,10 +49,45 @@ _FIELDS = 13
 _OK, _FAILED, _EMPTY = 0, 1, 2
 
 
+_DEFAULT = threading.local()
+
+
+@contextlib.contextmanager
+def loss_group(group):
+    """Within this context, ``fine_grained_loss`` calls that pass no ``group`` use ``group`` (``None``:
+    none). For code that calls the loss where the caller cannot pass the argument, e.g. inside a model's
+    ``forward`` (``egma-train`` under torchrun wraps its forward pass in it). Per thread; contexts nest."""
+    previous = getattr(_DEFAULT, "group", None)
+    _DEFAULT.group = group
+    try:
+        yield group
+    finally:
+        _DEFAULT.group = previous
+
+
+def current_group():
+    """The group set by the innermost ``loss_group`` context of this thread, or ``None``."""
+    return getattr(_DEFAULT, "group", None)
+
+
 def _dist():
     import torch.distributed as dist
 
     return dist
+
+
+def _all_gather_flat(output: torch.Tensor, local: torch.Tensor, group) -> None:
+    """Every rank's ``local`` concatenated along dim 0 into ``output`` (``all_gather_single`` where it
+    exists, the older ``all_gather_into_tensor`` otherwise)."""
+    dist = _dist()
+    getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(output, local, group=group)
+
+
+def _reduce_scatter_flat(output: torch.Tensor, full: torch.Tensor, group) -> None:
+    """This rank's block of the sum over the ranks of ``full`` (``reduce_scatter_single`` or the older
+    ``reduce_scatter_tensor``)."""
+    dist = _dist()
+    getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(output, full, op=dist.ReduceOp.SUM, group=group)
 
 
 def _group_rank_and_size(group) -> Tuple[int, int]:
@@ -90,15 +127,14 @@ def _packed_rows(counts: torch.Tensor, stride: int, total: int) -> torch.Tensor:
 
 
 class _AllGatherRows(torch.autograd.Function):
-    """``all_gather_into_tensor`` along the first dimension, whose backward pass is the matching
-    ``reduce_scatter_tensor`` (sum): each rank's block receives the sum over the ranks of the gradients
+    """An all-gather along the first dimension, whose backward pass is the matching reduce-scatter (sum): each rank's block receives the sum over the ranks of the gradients
     of its gathered copy. One collective each way, on NCCL and gloo alike."""
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, group, world: int) -> torch.Tensor:
         ctx.group, ctx.world = group, world
         out = local.new_empty((world * local.shape[0],) + tuple(local.shape[1:]))
-        _dist().all_gather_into_tensor(out, local.contiguous(), group=group)
+        _all_gather_flat(out, local.contiguous(), group)
         return out
 
     @staticmethod
@@ -108,7 +144,7 @@ class _AllGatherRows(torch.autograd.Function):
         rows = grad.shape[0] // ctx.world
         out = grad.new_empty((rows,) + tuple(grad.shape[1:]))
         try:
-            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+            _reduce_scatter_flat(out, grad, ctx.group)
         except (RuntimeError, NotImplementedError):  # a gloo without reduce_scatter: all_reduce, keep ours
             grad = grad.clone()
             dist.all_reduce(grad, group=ctx.group)
@@ -129,7 +165,7 @@ def _gather_rows(local: torch.Tensor, rows: int, group, world: int, index: torch
         gathered = _AllGatherRows.apply(local, group, world)
     else:
         gathered = local.new_empty((world * rows,) + tuple(local.shape[1:]))
-        _dist().all_gather_into_tensor(gathered, local.contiguous(), group=group)
+        _all_gather_flat(gathered, local.contiguous(), group)
     return gathered.index_select(0, index)
 
 
@@ -246,7 +282,7 @@ def fine_grained_loss_distributed(
 
     # 2. The size exchange: the one host read of the call.
     gathered = torch.empty((world * _FIELDS,), dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(gathered, row, group=group)
+    _all_gather_flat(gathered, row, group)
     gathered = gathered.view(world, _FIELDS)
     rows = gathered.tolist()
 

@@ -59,7 +59,8 @@ def fine_grained_loss(
         group: ``None`` for the loss of this process's batch; a ``torch.distributed`` process group (e.g.
             ``torch.distributed.group.WORLD``) for the loss of the group's global batch, every image against
             every report of every rank (``docs/distributed.md``: the value returned is the global loss, and
-            DistributedDataParallel's averaged gradients are those of the global loss).
+            DistributedDataParallel's averaged gradients are those of the global loss). ``None`` takes the
+            group of an enclosing ``egma_kernels.distributed.loss_group`` context, if any.
 
     Returns:
         The scalar loss (float32; float64 for float64 inputs), or ``LossTerms`` with ``i2t``/``t2i`` ``(B, B)``
@@ -68,6 +69,10 @@ def fine_grained_loss(
     if alpha is None:
         alpha = EGMA_COMPAT_ALPHA if egma_compat else DEFAULT_ALPHA
     weights = tuple(weights) if not isinstance(weights, torch.Tensor) else tuple(weights.tolist())
+    if group is None:
+        from .distributed import current_group
+
+        group = current_group()
     if group is not None:
         from .distributed import fine_grained_loss_distributed
 

@@ -333,3 +333,25 @@ def test_communicated_bytes_formula():
     expected = k1 * 13 * 8 + k1 * 40 * 8 + 2 * k1 * 200 * 512 * 2 + 2 * k1 * 40 * 160 * 4 + 2 * k1 * 16 // 4
     assert communicated_bytes(40, 200, 512, 4, element_size=2) == expected
     assert communicated_bytes(40, 200, 512, 1) == 0
+
+
+def test_loss_group_context_sets_the_default_group(make):
+    """``loss_group`` makes calls without ``group`` run over the context's group (here an uninitialised
+    one, so the call is refused: proof that it was dispatched), nests, and restores on exit."""
+    import torch.distributed as dist
+
+    from egma_kernels.distributed import current_group, loss_group
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    inputs = make((2, 1), P=3, D=4, gaze="none")
+    plain = ek.fine_grained_loss(**inputs, backend="reference")
+    marker = object()
+    with loss_group(marker):
+        assert current_group() is marker
+        with loss_group(None):
+            assert current_group() is None
+            assert torch.equal(ek.fine_grained_loss(**inputs, backend="reference"), plain)
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            ek.fine_grained_loss(**inputs, backend="reference")
+    assert current_group() is None
