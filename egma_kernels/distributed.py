@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import Scale, accumulation_dtype, check_loss_inputs
-from .backends import Backend, resolve_backend
+from .backends import resolve_backend
 from .reference import LossTerms
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -127,8 +127,9 @@ def _packed_rows(counts: torch.Tensor, stride: int, total: int) -> torch.Tensor:
 
 
 class _AllGatherRows(torch.autograd.Function):
-    """An all-gather along the first dimension, whose backward pass is the matching reduce-scatter (sum): each rank's block receives the sum over the ranks of the gradients
-    of its gathered copy. One collective each way, on NCCL and gloo alike."""
+    """An all-gather along the first dimension, whose backward pass is the matching reduce-scatter (sum):
+    each rank's block receives the sum over the ranks of the gradients of its gathered copy. One collective
+    each way, on NCCL and gloo alike."""
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, group, world: int) -> torch.Tensor:

@@ -416,7 +416,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"egma-train: error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"steps": res["steps"], "final_loss": res["final_loss"], "model": os.path.join(ns.out, "final")}))
+        print(json.dumps({"steps": res["steps"], "final_loss": res["final_loss"],
+                          "model": os.path.join(ns.out, "final")}))
     return 0
 
 
