@@ -30,6 +30,7 @@ def fine_grained_loss(
     return_details: bool = False,
     validate: Optional[bool] = None,
     max_seqlen: Optional[int] = None,
+    group=None,
 ) -> Union[torch.Tensor, LossTerms]:
     """The EGMA loss (``docs/loss.md``): fine-grained contrastive + gaze MLCE + gaze-guided mapping.
 
@@ -56,11 +57,29 @@ def fine_grained_loss(
         max_seqlen: the longest report's sentence count, if the caller knows it (as in flash-attention's
             varlen API). The fused GPU kernels size their tiles by it; without it (and with ``validate``
             off) they read it from ``cu_seqlens``, one host synchronisation. Pass it under ``torch.compile``.
+        group: ``None`` for the loss of this process's batch; a ``torch.distributed`` process group (e.g.
+            ``torch.distributed.group.WORLD``) for the loss of the group's global batch, every image against
+            every report of every rank (``docs/distributed.md``: the value returned is the global loss, and
+            DistributedDataParallel's averaged gradients are those of the global loss). ``None`` takes the
+            group of an enclosing ``egma_kernels.distributed.loss_group`` context, if any.
 
     Returns:
-        The scalar loss (float32; float64 for float64 inputs), or ``LossTerms`` with ``i2t``/``t2i`` ``(B, B)``.
+        The scalar loss (float32; float64 for float64 inputs), or ``LossTerms`` with ``i2t``/``t2i`` ``(B, B)``
+        (with ``group``: this rank's rows against every report of the group, ``(B_local, B_global)``).
     """
     options = resolve_loss_options(alpha, map_threshold, weights, egma_compat)
+    if group is None:
+        from .distributed import current_group
+
+        group = current_group()
+    if group is not None:
+        from .distributed import fine_grained_loss_distributed
+
+        terms = fine_grained_loss_distributed(
+            patch_emb, sent_emb, cu_seqlens, logit_scale, gaze, gaze_mask, group=group, **options.as_kwargs(),
+            backend=backend, validate=validate, max_seqlen=max_seqlen,
+        )
+        return terms if return_details else terms.loss
     checked = check_loss_inputs(
         patch_emb, sent_emb, cu_seqlens, logit_scale, gaze, gaze_mask, validate=validate, max_seqlen=max_seqlen
     )

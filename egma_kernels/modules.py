@@ -23,6 +23,7 @@ class FineGrainedLoss(nn.Module):
         backend: Optional[str] = None,
         return_details: bool = False,
         validate: Optional[bool] = None,
+        group=None,
     ):
         super().__init__()
         resolve_loss_options(alpha, map_threshold, weights, egma_compat)  # refuse bad options here, not at the first call
@@ -33,6 +34,8 @@ class FineGrainedLoss(nn.Module):
         self.backend = backend
         self.return_details = return_details
         self.validate = validate
+        # A torch.distributed process group: the loss of the group's global batch (see fine_grained_loss).
+        self.group = group
 
     def forward(self, patch_emb, sent_emb, cu_seqlens, logit_scale, gaze=None, gaze_mask=None, max_seqlen=None):
         return fine_grained_loss(
@@ -50,10 +53,12 @@ class FineGrainedLoss(nn.Module):
             return_details=self.return_details,
             validate=self.validate,
             max_seqlen=max_seqlen,
+            group=self.group,
         )
 
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, map_threshold={self.map_threshold:.4g}, weights={self.weights}, "
             f"egma_compat={self.egma_compat}, backend={self.backend}"
+            + (", group=<process group>" if self.group is not None else "")
         )

@@ -7,6 +7,10 @@ and resume (``<out>/checkpoint``), a progress bar with the running loss terms, a
 Example (CPU, tiny encoders, random init)::
 
     egma-train --manifest data/train.csv --out runs/tiny --preset tiny --epochs 2 --batch-size 8
+
+Under ``torchrun --nproc_per_node K -m egma_model.train ...`` it trains with DistributedDataParallel,
+``--batch-size`` per process, the contrastive term over every rank's batch (``--no-global-negatives``:
+per process), logging and checkpoints on rank 0 (``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -72,6 +76,89 @@ class TrainArgs:
     progress: bool = True
     backend: Optional[str] = None
     threads: Optional[int] = None
+    global_negatives: bool = True  # under torchrun: the contrastive term over every rank's batch
+
+
+class _Distributed:
+    """The process group under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), else one process.
+
+    NCCL for CUDA devices (each rank on ``cuda:LOCAL_RANK``), gloo for the CPU. ``--batch-size`` is per
+    process: the global batch is ``batch_size * world``."""
+
+    def __init__(self, a: "TrainArgs"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if a.device:
+            self.device = torch.device(a.device)
+            if self.device.type == "cuda" and self.device.index is None and self.world > 1:
+                self.device = torch.device("cuda", local_rank)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank if self.world > 1 else torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        self.group = None
+        self.owns_group = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+                self.owns_group = True
+            self.group = dist.group.WORLD
+        self.is_main = self.rank == 0
+
+    def mean_of(self, values: Dict[str, float]) -> Dict[str, float]:
+        """The mean over the ranks of each logged number (one all_reduce)."""
+        if self.world == 1 or not values:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(values, (t / self.world).tolist()))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This rank's indices of each global batch of an epoch's shuffle (one permutation per epoch and seed,
+    the same on every rank): global batch ``s`` is ``perm[s*G:(s+1)*G]`` with ``G = batch * world``, and
+    rank ``r`` takes its ``r``-th slice of ``batch``. Concatenated in rank order, the ranks' batches are
+    exactly the batches of one process with ``batch * world``. Full global batches only (as ``drop_last``),
+    except one process with fewer samples than a batch, which gets them all. ``set_epoch`` reshuffles."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
+        if world > 1 and n < batch * world:
+            raise ValueError(f"{n} training samples are fewer than the global batch ({batch} x {world} processes)")
+        self.n, self.batch, self.rank, self.world, self.seed, self.epoch = n, batch, rank, world, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (self.n // (self.batch * self.world)) * self.batch if self.n >= self.batch * self.world else self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        G = self.batch * self.world
+        if self.n < G:
+            return iter(perm.tolist())
+        mine = perm[: (self.n // G) * G].view(-1, self.world, self.batch)[:, self.rank]
+        return iter(mine.reshape(-1).tolist())
 
 
 def set_seed(seed: int) -> None:
@@ -134,7 +221,15 @@ def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, toke
     if a.threads:
         torch.set_num_threads(a.threads)
     set_seed(a.seed)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ddp = _Distributed(a)
+    try:
+        return _train(a, ddp, records, model, tokenizer, cache)
+    finally:
+        ddp.close()
+
+
+def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) -> Dict:
+    device = ddp.device
     os.makedirs(a.out, exist_ok=True)
     ckpt_dir = os.path.join(a.out, "checkpoint")
     resuming = a.resume and os.path.isfile(os.path.join(ckpt_dir, STATE_NAME))
@@ -151,7 +246,8 @@ def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, toke
                      max_sentences=a.max_sentences, use_gaze=not a.no_gaze, seed=a.seed,
                      gaze_options=GazeOptions(sigma=a.sigma, min_heat=a.min_heat, use_raw_gaze=a.raw_gaze), cache=cache)
     collate = Collator(tokenizer, max_length=model.config.max_length, num_patches=gg[0] * gg[1])
-    steps_per_epoch = max(1, len(ds) // a.batch_size)  # drop_last: full batches only
+    steps_per_epoch = max(1, len(ds) // (a.batch_size * ddp.world))  # full global batches only
+    sampler = GlobalBatchSampler(len(ds), a.batch_size, ddp.rank, ddp.world, a.seed)
     total = a.max_steps or steps_per_epoch * a.epochs
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -168,13 +264,23 @@ def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, toke
         step = st["step"]
         history = st.get("history", [])
         _set_rng_state(st["rng"])
+    net = model
+    if ddp.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Under torchrun the model's loss calls run over the group (global negatives) unless turned off.
+    from egma_kernels.distributed import loss_group
+
+    group = ddp.group if a.global_negatives else None
     log_path = os.path.join(a.out, "log.jsonl")
-    log = open(log_path, "a" if resuming else "w")
+    log = open(log_path, "a" if resuming else "w") if ddp.is_main else None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    bar = tqdm(total=total, initial=step, desc="egma-train", disable=not a.progress, dynamic_ncols=True) if tqdm else None
+    bar = (tqdm(total=total, initial=step, desc="egma-train", disable=not a.progress, dynamic_ncols=True)
+           if tqdm and ddp.is_main else None)
     use_amp = device.type == "cuda"
     running: Dict[str, float] = {}
     model.train()
@@ -182,9 +288,9 @@ def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, toke
     while step < total:
         epoch = step // steps_per_epoch
         ds.epoch = epoch
-        g = torch.Generator().manual_seed(a.seed * 1000003 + epoch)
-        loader = DataLoader(ds, batch_size=a.batch_size, shuffle=True, generator=g, drop_last=len(ds) >= a.batch_size,
-                            collate_fn=collate, num_workers=a.num_workers)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(ds, batch_size=a.batch_size, sampler=sampler, collate_fn=collate,
+                            num_workers=a.num_workers)
         skip = step - epoch * steps_per_epoch
         for bi, batch in enumerate(loader):
             if bi < skip:
@@ -192,8 +298,8 @@ def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, toke
             if step >= total or bi >= steps_per_epoch:
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(batch)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp), loss_group(group):
+                out = net(batch)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad) if a.clip_grad > 0 else None
@@ -201,27 +307,30 @@ def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, toke
             sched.step()
             step += 1
             rec = {"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"],
-                   **{k: float(v.detach()) for k, v in out.items() if v.dim() == 0}}
+                   **ddp.mean_of({k: float(v.detach()) for k, v in out.items() if v.dim() == 0})}
             if gnorm is not None:
                 rec["grad_norm"] = float(gnorm)
             rec["time_s"] = round(time.time() - t0, 3)
             history.append(rec)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
             for k in ("loss", "contrastive", "gaze_mlce", "mapping"):
                 running[k] = rec[k] if k not in running else 0.9 * running[k] + 0.1 * rec[k]
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k[:4]: f"{v:.3f}" for k, v in running.items()}, refresh=False)
-            if a.save_every and step % a.save_every == 0 and step < total:
+            if a.save_every and step % a.save_every == 0 and step < total and ddp.is_main:
                 _save(model, tokenizer, opt, sched, step, history, ckpt_dir)
     if bar is not None:
         bar.close()
-    log.close()
-    _save(model, tokenizer, opt, sched, step, history, ckpt_dir)
-    model.save_pretrained(os.path.join(a.out, "final"), tokenizer=tokenizer)
-    with open(os.path.join(a.out, "train_args.json"), "w") as f:
-        json.dump(dataclasses.asdict(a), f, indent=2, default=list)
+    if ddp.is_main:
+        log.close()
+        _save(model, tokenizer, opt, sched, step, history, ckpt_dir)
+        model.save_pretrained(os.path.join(a.out, "final"), tokenizer=tokenizer)
+        with open(os.path.join(a.out, "train_args.json"), "w") as f:
+            json.dump(dataclasses.asdict(a), f, indent=2, default=list)
+    ddp.barrier()  # every rank returns once the final model is written
     return {"steps": step, "final_loss": history[-1]["loss"] if history else None, "history": history,
             "out": a.out, "model": model, "tokenizer": tokenizer}
 
@@ -278,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--backend", default=None, help="egma_kernels backend (default: best available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-global-negatives", action="store_true",
+                   help="under torchrun: each process's contrastive term over its own batch only")
     return p
 
 
@@ -291,7 +402,8 @@ def args_from_namespace(ns) -> TrainArgs:
         loss_weights=tuple(_floats(ns.loss_weights)), global_weight=ns.global_weight, alpha=ns.alpha,
         egma_compat=ns.egma_compat, sigma=ns.sigma, min_heat=ns.min_heat, raw_gaze=ns.raw_gaze, max_sentences=ns.max_sentences,
         num_workers=ns.num_workers, device=ns.device, save_every=ns.save_every, resume=ns.resume,
-        progress=not ns.no_progress, backend=ns.backend, threads=ns.threads)
+        progress=not ns.no_progress, backend=ns.backend, threads=ns.threads,
+        global_negatives=not ns.no_global_negatives)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -303,7 +415,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ManifestError, FileNotFoundError) as e:
         print(f"egma-train: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"steps": res["steps"], "final_loss": res["final_loss"], "model": os.path.join(ns.out, "final")}))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"steps": res["steps"], "final_loss": res["final_loss"],
+                          "model": os.path.join(ns.out, "final")}))
     return 0
 
 
