@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 from torch import nn
 
 from .functional import fine_grained_loss
-from .options import DEFAULT_MAP_THRESHOLD, resolve_loss_options
+from .options import DEFAULT_MAP_THRESHOLD, DEFAULT_WEIGHTS, resolve_loss_options
 
 
 class FineGrainedLoss(nn.Module):
@@ -18,7 +18,7 @@ class FineGrainedLoss(nn.Module):
         *,
         alpha: Optional[float] = None,
         map_threshold: float = DEFAULT_MAP_THRESHOLD,
-        weights: Sequence[float] = (1.0, 1.0, 1.0),
+        weights: Sequence[float] = DEFAULT_WEIGHTS,
         egma_compat: bool = False,
         backend: Optional[str] = None,
         return_details: bool = False,
@@ -26,11 +26,11 @@ class FineGrainedLoss(nn.Module):
         group=None,
     ):
         super().__init__()
-        resolve_loss_options(alpha, map_threshold, weights, egma_compat)  # refuse bad options here, not at the first call
+        options = resolve_loss_options(alpha, map_threshold, weights, egma_compat)  # bad options refused here
         self.alpha = alpha
-        self.map_threshold = map_threshold
-        self.weights = tuple(weights)
-        self.egma_compat = egma_compat
+        self.map_threshold = options.map_threshold
+        self.weights = options.weights
+        self.egma_compat = options.egma_compat
         self.backend = backend
         self.return_details = return_details
         self.validate = validate
