@@ -247,14 +247,14 @@ def make_chexpert(root, per_class=3):
 def make_rsna(root):
     """stage_2_train_labels.csv (two boxes for one positive) and PNGs named like the DICOMs; a bad Target and a
     missing image."""
-    ids = [f"rsna-{i:03d}" for i in range(10)]
+    ids = [f"rsna-{i:03d}" for i in range(20)]
     rows = []
     for i, k in enumerate(ids):
         t = int(i % 3 == 0)
         rows.append((k, "10" if t else "", "20" if t else "", "30" if t else "", "40" if t else "", t))
         if i == 0:
             rows.append((k, "50", "60", "10", "10", 1))
-        if i != 9:
+        if i != 19:
             _img(os.path.join(root, "stage_2_train_images", f"{k}.png"), seed=i)
     rows.append(("rsna-bad", "", "", "", "", "x"))
     _csv(os.path.join(root, "stage_2_train_labels.csv"), ["patientId", "x", "y", "width", "height", "Target"], rows)
@@ -264,7 +264,7 @@ def make_siim(root):
     """train-rle.csv (' EncodedPixels' header; -1 = none; two masks for one image) and images in
     dicom-images-train/<study>/<series>/; an empty EncodedPixels cell."""
     rows = []
-    for i in range(10):
+    for i in range(20):
         k = f"1.2.276.0.{i}"
         rows.append((k, " -1" if i % 2 else " 387620 23 996 33"))
         if i == 1:

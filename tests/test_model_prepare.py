@@ -83,11 +83,11 @@ def test_chexpert_5x200(trees):
 
 def test_rsna_and_siim(trees):
     out, s = _run(trees, "rsna", "--root", trees["rsna"])
-    assert s["rows"] == 9 and s["labels"] == {"Pneumonia": 3, "Normal": 6}  # rsna-009 (positive) has no image
+    assert s["rows"] == 19 and s["labels"] == {"Pneumonia": 7, "Normal": 12}  # rsna-019 has no image
     assert s["skipped"] == {"Target is not 0 or 1 (or patientId empty)": 1, "image file not found": 1}
-    assert sum(s["splits"].values()) == 9 and set(s["splits"]) <= {"train", "valid", "test"}
+    assert s["splits"] == {"train": 13, "valid": 3, "test": 3} and set(s["splits"]) <= {"train", "valid", "test"}
     out, s = _run(trees, "siim", "--root", trees["siim"])
-    assert s["rows"] == 10 and s["labels"] == {"Pneumothorax": 6, "Normal": 4}  # image 1: -1 and a mask
+    assert s["rows"] == 20 and s["labels"] == {"Pneumothorax": 11, "Normal": 9}  # image 1: -1 and a mask
     assert s["skipped"] == {"ImageId or EncodedPixels empty": 1}
     recs = load_manifest(out)
     ds = EGMADataset(recs, grid=(7, 7), use_gaze=False, classes=["Normal", "Pneumothorax"])
