@@ -36,6 +36,15 @@ def hub_offline() -> bool:
     return False
 
 
+def _cache_dir() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except Exception:  # pragma: no cover
+        return os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface/hub"
+
+
 def _explain(kind: str, name: str, err: BaseException) -> EncoderLoadError:
     looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.path.sep != "/" and os.path.sep in name)
     if looks_local and not os.path.exists(name):
@@ -43,8 +52,7 @@ def _explain(kind: str, name: str, err: BaseException) -> EncoderLoadError:
     elif os.path.isdir(name):
         where = f"the local directory {name!r} could not be read as one"
     elif hub_offline():
-        where = (f"HF_HUB_OFFLINE=1 is set, so only the local hub cache "
-                 f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}) was "
+        where = (f"HF_HUB_OFFLINE=1 is set, so only the local hub cache ({_cache_dir()}) was "
                  f"searched and {name!r} is not in it; download it once online (`hf download {name}`) or unset "
                  f"HF_HUB_OFFLINE, or pass a local directory")
     else:

@@ -138,6 +138,8 @@ def _resolve_model_source(a: TrainArgs) -> TrainArgs:
         ch["image_model"] = MEDCLIP_VISION_MODEL
     if not a.init_from:
         return dataclasses.replace(a, **ch)
+    if not os.path.exists(a.init_from):  # before any encoder is downloaded
+        raise FileNotFoundError(f"MedCLIP checkpoint not found: {a.init_from}")
     if a.image_library is None:
         ch["image_library"] = "transformers"
     if (ch.get("image_library") or a.image_library) == "transformers" and not a.image_model:
@@ -165,9 +167,13 @@ def _model_source_kwargs(a: TrainArgs) -> Dict:
 def _init_from_checkpoint(model: EGMAModel, a: TrainArgs) -> None:
     """Load a MedCLIP checkpoint into ``model``, print what was loaded, missing and unused, and keep the
     report as ``<out>/init_report.json``."""
-    from .medclip import init_from_medclip
+    from .medclip import MedCLIPInitError, init_from_medclip
 
-    rep = init_from_medclip(model, a.init_from)
+    try:
+        rep = init_from_medclip(model, a.init_from)
+    except MedCLIPInitError as e:
+        print(f"egma-train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "init_report.json"), "w") as f:
         json.dump(rep, f, indent=2)
