@@ -3,8 +3,8 @@
 From the manifests ``egma-prepare`` writes: zero-shot classification on CheXpert 5x200, RSNA Pneumonia and
 SIIM-ACR (accuracy and macro-F1), image-text retrieval on CheXpert 5x200 (precision@1/5/10 both ways, the
 class prompts as queries), and the linear probe (mean AUROC over 3 seeds at 1/10/100 % of the training
-labels) on RSNA and SIIM (their ``train`` rows to their ``test`` rows) and on CheXpert when
-``--chexpert-train``/``--chexpert-test`` manifests are given. Each metric is shown for fine-grained (FILIP)
+labels) on RSNA, SIIM and CheXpert (``--chexpert``: ``egma-prepare chexpert``'s manifest; each set's
+``train`` rows to its ``test`` rows). Each metric is shown for fine-grained (FILIP)
 and global scoring, with the paper's value beside it where one is recorded here (``PAPER``), ``n/a`` where
 none is.
 
@@ -61,10 +61,15 @@ SETS = ("chexpert-5x200", "rsna", "siim")
 NAMES = {"chexpert-5x200": "CheXpert 5x200", "rsna": "RSNA", "siim": "SIIM", "chexpert": "CheXpert"}
 
 
-def _dataset(model, manifest: str, classes: Sequence[str], split: Optional[str]):
-    from .data import EGMADataset, load_manifest
+def _dataset(model, manifest: str, classes: Sequence[str], split: Optional[str], only_known: bool = False):
+    from .data import EGMADataset, ManifestError, load_manifest
 
     recs = load_manifest(manifest, split=split)
+    if not recs:
+        raise ManifestError(f"{manifest}: no rows" + (f" with split {split!r}" if split else ""))
+    if only_known:  # multi-label probe: labels outside the classes (e.g. "No Finding") are all-negative rows
+        for r in recs:
+            r.labels = [c for c in r.labels if c in classes]
     return EGMADataset(recs, image_size=model.config.image_size, grid=model.grid, classes=list(classes),
                        use_gaze=False)
 
@@ -76,7 +81,8 @@ def _has_split(manifest: str, split: str) -> bool:
 
 
 def paper_table(model, tokenizer, *, chexpert_5x200: Optional[str] = None, rsna: Optional[str] = None,
-                siim: Optional[str] = None, chexpert_train: Optional[str] = None, chexpert_test: Optional[str] = None,
+                siim: Optional[str] = None, chexpert: Optional[str] = None, chexpert_train: Optional[str] = None,
+                chexpert_test: Optional[str] = None,
                 prompts: Optional[Dict] = None, scorings=("fine", "global"), fractions=(0.01, 0.1, 1.0),
                 seeds=(0, 1, 2), batch_size: int = 32, device=None, progress: bool = False) -> Dict:
     """Every number of the table as ``{"zeroshot/<set>/<metric>/<scoring>": value, ...}`` (fractions 0-1)
@@ -122,10 +128,10 @@ def paper_table(model, tokenizer, *, chexpert_5x200: Optional[str] = None, rsna:
             res["details"][f"probe/{name}"] = pr
             for f, v in pr.items():
                 res[f"probe/{name}/{f}"] = v["auroc_mean"]
-    if chexpert_train and chexpert_test:
+    if chexpert or (chexpert_train and chexpert_test):
         classes = list(prompts["chexpert-5x200"])
-        tr = _dataset(model, chexpert_train, classes, None)
-        te = _dataset(model, chexpert_test, classes, None)
+        tr = _dataset(model, chexpert or chexpert_train, classes, "train" if chexpert else None, only_known=True)
+        te = _dataset(model, chexpert or chexpert_test, classes, "test" if chexpert else None, only_known=True)
         a = encode_dataset(model, tr, batch_size=batch_size, device=device, progress=progress)
         b = encode_dataset(model, te, batch_size=batch_size, device=device, progress=progress)
         pr = linear_probe(a["pooled"], a["labels"], b["pooled"], b["labels"], fractions=fractions, seeds=seeds,
@@ -187,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chexpert-5x200", default=None, help="manifest from egma-prepare chexpert-5x200")
     p.add_argument("--rsna", default=None, help="manifest from egma-prepare rsna (test rows; train rows for the probe)")
     p.add_argument("--siim", default=None, help="manifest from egma-prepare siim (test rows; train rows for the probe)")
+    p.add_argument("--chexpert", default=None,
+                   help="manifest from egma-prepare chexpert (its train rows -> its test rows) for the CheXpert probe")
     p.add_argument("--chexpert-train", default=None, help="labelled CheXpert manifest for the probe's training side")
     p.add_argument("--chexpert-test", default=None, help="labelled CheXpert manifest for the probe's test side")
     p.add_argument("--prompts", default=None,
@@ -207,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .tokenizer import load_tokenizer
 
     ns = build_parser().parse_args(argv)
-    if not (ns.chexpert_5x200 or ns.rsna or ns.siim or ns.chexpert_train):
+    if not (ns.chexpert_5x200 or ns.rsna or ns.siim or ns.chexpert or ns.chexpert_train):
         print("egma-eval: error: --paper-table needs at least one of --chexpert-5x200, --rsna, --siim",
               file=sys.stderr)
         return 2
@@ -224,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = EGMAModel.from_pretrained(ns.checkpoint)
         tok = load_tokenizer(os.path.join(ns.checkpoint, "tokenizer"))
         res = paper_table(model, tok, chexpert_5x200=ns.chexpert_5x200, rsna=ns.rsna, siim=ns.siim,
-                          chexpert_train=ns.chexpert_train, chexpert_test=ns.chexpert_test, prompts=prompts,
+                          chexpert=ns.chexpert, chexpert_train=ns.chexpert_train, chexpert_test=ns.chexpert_test, prompts=prompts,
                           scorings=scorings, fractions=fractions, seeds=tuple(int(x) for x in ns.seeds.split(",")),
                           batch_size=ns.batch_size, device=ns.device, progress=not ns.no_progress)
     except (ManifestError, FileNotFoundError, json.JSONDecodeError) as e:

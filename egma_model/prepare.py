@@ -8,6 +8,7 @@ and why)::
     egma-prepare reflacx    --root reflacx/ --mimic-cxr-jpg mimic-cxr-jpg/2.0.0/ --out data/reflacx.csv
     egma-prepare egd-cxr    --root egd-cxr/1.0.0/ --mimic-cxr-jpg mimic-cxr-jpg/2.0.0/ --out data/egd.csv
     egma-prepare chexpert-5x200 --root CheXpert-v1.0/                           --out data/chexpert_5x200.csv
+    egma-prepare chexpert   --root CheXpert-v1.0/                               --out data/chexpert.csv
     egma-prepare rsna       --root rsna-pneumonia/                              --out data/rsna.csv
     egma-prepare siim       --root siim-acr/                                    --out data/siim.csv
 
@@ -40,6 +41,8 @@ Layouts and columns, and where they come from:
   images, blank labels read as 0, and for each of Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural
   Effusion, 200 images sampled (seeded) that are positive (1) for it and 0 for every other label except
   ``No Finding``. ``--loose`` only asks the other four competition labels not to be positive.
+  ``chexpert`` (for the linear probe): the other frontal ``train.csv`` images as ``train`` and the frontal
+  ``valid.csv`` images as ``test``, the five findings as labels with GLoRIA's uncertain-label mapping.
 * RSNA Pneumonia (Kaggle ``rsna-pneumonia-detection-challenge``): ``stage_2_train_labels.csv`` (``patientId``,
   ``x``, ``y``, ``width``, ``height``, ``Target``; several rows per image when there are several boxes) and
   ``stage_2_train_images/<patientId>.dcm``. Labels ``Pneumonia``/``Normal``.
@@ -67,6 +70,7 @@ from collections import Counter, defaultdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = ["Summary", "prepare_reflacx", "prepare_egd_cxr", "prepare_mimic_eye", "prepare_chexpert_5x200",
+           "prepare_chexpert",
            "prepare_rsna", "prepare_siim", "write_manifest", "main"]
 
 COLUMNS = ["image", "report", "gaze_format", "gaze", "gaze_transcript", "dicom_id", "image_width", "image_height",
@@ -495,13 +499,20 @@ class DicomImages:
         return png, None
 
 
+def _chexpert_image(root: str, rel: str) -> Optional[str]:
+    """A CheXpert ``Path`` (``CheXpert-v1.0/train/...``, relative to the folder above the dataset's) on disk."""
+    parent = os.path.dirname(os.path.abspath(root.rstrip("/")))
+    cands = [os.path.join(parent, rel), os.path.join(root, rel),
+             os.path.join(root, rel.split("/", 1)[1]) if "/" in rel else rel]
+    return next((c for c in cands if os.path.isfile(c)), None)
+
+
 def prepare_chexpert_5x200(root: str, *, n: int = 200, seed: int = 0, loose: bool = False) -> Summary:
     """CheXpert 5x200 from CheXpert-v1.0 ``train.csv`` (the GLoRIA/MedCLIP selection; see the module doc)."""
     s = Summary("chexpert-5x200")
     csv_path = os.path.join(root, "train.csv")
     header, rows = _read_csv(csv_path, ["Path", "Frontal/Lateral"] + CHEXPERT_COMPETITION)
     others = [c for c in CHEXPERT_LABELS if c in header and c != "No Finding"]
-    parent = os.path.dirname(os.path.abspath(root.rstrip("/")))
 
     def val(r, c):
         v = (r.get(c) or "").strip()
@@ -530,13 +541,49 @@ def prepare_chexpert_5x200(root: str, *, n: int = 200, seed: int = 0, loose: boo
             s.notes.append(f"{t}: only {len(pool)} candidates for {n}")
         for where, r in rng.sample(pool, min(n, len(pool))):
             rel = r["Path"]
-            cands = [os.path.join(parent, rel), os.path.join(root, rel),
-                     os.path.join(root, rel.split("/", 1)[1]) if "/" in rel else rel]
-            image = next((c for c in cands if os.path.isfile(c)), None)
+            image = _chexpert_image(root, rel)
             if image is None:
                 s.skip(where, "image file not found")
                 continue
             s.add({"image": os.path.abspath(image), "labels": t, "split": "test", "source_id": rel})
+    return s
+
+
+# GLoRIA's CHEXPERT_UNCERTAIN_MAPPINGS (after the CheXpert paper): an uncertain (-1) label counts as positive
+# for these and as negative for Cardiomegaly and Consolidation
+CHEXPERT_UNCERTAIN_AS = {"Atelectasis": 1, "Cardiomegaly": 0, "Consolidation": 0, "Edema": 1, "Pleural Effusion": 1}
+
+
+def prepare_chexpert(root: str, *, n_5x200: int = 200, seed: int = 0) -> Summary:
+    """CheXpert for the linear probe: frontal ``train.csv`` images not in the 5x200 selection (same seed) as
+    ``train``, frontal ``valid.csv`` images as ``test`` (GLoRIA uses the official validation set as its test
+    set); labels = the competition findings present, uncertain ones mapped as GLoRIA does; none present =
+    ``No Finding`` (not a probe class)."""
+    s = Summary("chexpert")
+    taken = {r["source_id"] for r in prepare_chexpert_5x200(root, n=n_5x200, seed=seed).rows}
+    for fn, split in (("train.csv", "train"), ("valid.csv", "test")):
+        _, rows = _read_csv(os.path.join(root, fn), ["Path", "Frontal/Lateral"] + CHEXPERT_COMPETITION)
+        for i, r in enumerate(rows):
+            where = f"{fn}: row {i + 2}"
+            if r.get("Frontal/Lateral") != "Frontal" or r["Path"] in taken:
+                continue
+            labels = []
+            try:
+                for c in CHEXPERT_COMPETITION:
+                    v = (r.get(c) or "").strip()
+                    x = 0.0 if v == "" else float(v)
+                    if x == 1.0 or (x == -1.0 and CHEXPERT_UNCERTAIN_AS[c] == 1):
+                        labels.append(c)
+            except ValueError:
+                s.skip(where, "a label cell is not a number")
+                continue
+            image = _chexpert_image(root, r["Path"])
+            if image is None:
+                s.skip(where, "image file not found")
+                continue
+            s.add({"image": os.path.abspath(image), "labels": ";".join(labels) or "No Finding", "split": split,
+                   "source_id": r["Path"]})
+    s.notes.append(f"{len(taken)} CheXpert 5x200 images (seed {seed}) left out of the probe's training rows")
     return s
 
 
@@ -629,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = add("chexpert-5x200", "CheXpert 5x200 from CheXpert-v1.0 train.csv", seed=True)
     q.add_argument("--per-class", type=int, default=200)
     q.add_argument("--loose", action="store_true", help="only the other competition labels must not be positive")
+    q = add("chexpert", "CheXpert for the linear probe: train.csv minus the 5x200 images, valid.csv as test",
+            seed=True)
+    q.add_argument("--per-class", type=int, default=200, help="the 5x200 selection to leave out")
     add("rsna", "RSNA Pneumonia (stage_2_train_labels.csv)", seed=True)
     add("siim", "SIIM-ACR Pneumothorax (train-rle.csv)", seed=True)
     return p
@@ -646,6 +696,8 @@ def run(ns) -> Dict:
         s = prepare_egd_cxr(ns.root, ns.mimic_cxr_jpg)
     elif ns.dataset == "chexpert-5x200":
         s = prepare_chexpert_5x200(ns.root, n=ns.per_class, seed=ns.seed, loose=ns.loose)
+    elif ns.dataset == "chexpert":
+        s = prepare_chexpert(ns.root, n_5x200=ns.per_class, seed=ns.seed)
     elif ns.dataset == "rsna":
         s = prepare_rsna(ns.root, out_dir, seed=ns.seed)
     elif ns.dataset == "siim":

@@ -240,7 +240,22 @@ def make_chexpert(root, per_class=3):
     row({"Edema": "1.0", "Cardiomegaly": "1.0"})
     row({"Edema": "1.0", "Pneumonia": "-1.0"})
     row({"Edema": "1.0"}, bad=True)
+    for _ in range(4):
+        row({"No Finding": "1.0"})
     _csv(os.path.join(base, "train.csv"), CHEXPERT_HEADER, rows)
+    # valid.csv (the probe's test side): uncertain Edema counts as positive, uncertain Cardiomegaly as negative
+    train_rows, rows = rows, []
+    for labels in ({"Edema": "-1.0"}, {"Cardiomegaly": "-1.0", "Atelectasis": "1.0"}, {"No Finding": "1.0"},
+                   {"Pleural Effusion": "1.0", "Consolidation": "1.0"}, {"Cardiomegaly": "1.0"}):
+        row(labels)
+    row({"Edema": "1.0"}, view="Lateral")
+    for r in rows:
+        r[0] = r[0].replace("/train/", "/valid/")
+        src = os.path.join(root, r[0].replace("/valid/", "/train/"))
+        os.makedirs(os.path.dirname(os.path.join(root, r[0])), exist_ok=True)
+        os.replace(src, os.path.join(root, r[0]))
+    _csv(os.path.join(base, "valid.csv"), CHEXPERT_HEADER, rows)
+    del train_rows
     return base
 
 

@@ -81,6 +81,20 @@ def test_chexpert_5x200(trees):
     assert s2["labels"]["Edema"] == 4 and any("only" in n for n in s2["notes"])
 
 
+def test_chexpert_for_the_probe(trees):
+    out, s = _run(trees, "chexpert", "--root", trees["chexpert"], "--per-class", "2")
+    # train: 15 clean candidates - 10 in the 5x200 + 3 other frontal (the bad cell is in Fracture, not read
+    # here) + 4 No Finding; test: the 5 frontal valid.csv rows
+    assert s["splits"] == {"train": 12, "test": 5} and s["skipped"] == {}
+    recs = load_manifest(out, split="test")
+    assert [r.labels for r in recs] == [["Edema"], ["Atelectasis"], ["No Finding"],
+                                        ["Consolidation", "Pleural Effusion"], ["Cardiomegaly"]]
+    f5, _ = _run(trees, "chexpert-5x200", "--root", trees["chexpert"], "--per-class", "2")  # same seed, same images
+    five = {r.extra["source_id"] for r in load_manifest(f5)}
+    assert len(five) == 10
+    assert not five & {r.extra["source_id"] for r in load_manifest(out, split="train")}
+
+
 def test_rsna_and_siim(trees):
     out, s = _run(trees, "rsna", "--root", trees["rsna"])
     assert s["rows"] == 19 and s["labels"] == {"Pneumonia": 7, "Normal": 12}  # rsna-019 has no image

@@ -18,6 +18,7 @@ def test_prepare_train_from_medclip_then_the_whole_table(tmp_path, capsys):
     for args in (["mimic-eye", "--root", d["mimic-eye"]],
                  ["egd-cxr", "--root", d["egd-cxr"], "--mimic-cxr-jpg", d["mimic-cxr-jpg"]],
                  ["chexpert-5x200", "--root", d["chexpert"], "--per-class", "3"],
+                 ["chexpert", "--root", d["chexpert"], "--per-class", "3"],
                  ["rsna", "--root", d["rsna"]], ["siim", "--root", d["siim"]]):
         assert prepare(args + ["--out", os.path.join(m, args[0] + ".csv")]) == 0
     swin, bert = str(tmp_path / "swin"), str(tmp_path / "bert")
@@ -43,7 +44,7 @@ def test_prepare_train_from_medclip_then_the_whole_table(tmp_path, capsys):
     res_path = str(tmp_path / "table.json")
     rc = egma_eval(["--paper-table", "--checkpoint", os.path.join(run, "final"),
                     "--chexpert-5x200", os.path.join(m, "chexpert-5x200.csv"), "--rsna", os.path.join(m, "rsna.csv"),
-                    "--siim", os.path.join(m, "siim.csv"), "--seeds", "0", "--no-progress", "--out", res_path])
+                    "--siim", os.path.join(m, "siim.csv"), "--chexpert", os.path.join(m, "chexpert.csv"), "--seeds", "0", "--no-progress", "--out", res_path])
     out = capsys.readouterr()
     assert rc == 0, out.err
     table = out.out
@@ -56,8 +57,7 @@ def test_prepare_train_from_medclip_then_the_whole_table(tmp_path, capsys):
     assert next(l for l in lines if "SIIM" in l and "Acc" in l).split()[-1] == "n/a"
     probe = {l.split()[0]: l.split()[1:] for l in lines if l.strip().split()[:1] in (["RSNA"], ["SIIM"], ["CheXpert"])
              and "(n=" not in l}
-    assert probe["CheXpert"][:3] == ["--", "--", "--"]
-    assert all(v != "--" for v in probe["RSNA"][:3] + probe["SIIM"][:3])
+    assert all(v != "--" for v in probe["RSNA"][:3] + probe["SIIM"][:3] + probe["CheXpert"][:3])
     with open(res_path) as f:
         res = json.load(f)
     assert 0 <= res["retrieval/i2t_p@1/global"] <= 1 and "probe/rsna/0.01" in res
