@@ -24,8 +24,13 @@ renamed keys or buffers that are now recomputed, load as that version loads them
 ends up in ``loaded`` or in ``unused`` with the reason; every model tensor not set from the checkpoint is
 listed in ``missing``.
 
-What differs from MedCLIP beyond the keys (pooling of sentences, image normalisation, pre- or post-norm
-patch tokens) is a question of settings, not of weights, and is not changed here.
+What differs from MedCLIP beyond the keys is a question of settings, not of weights, and is not changed
+here: MedCLIP 0.0.3's text model averages ``hidden_states[1]``, ``[2]`` and the last layer over all token
+positions (padding included) before its projection, where ``EGMAModel`` takes the masked mean of the last
+layer; MedCLIP normalises images with mean 0.5863 / std 0.2795 (``medclip/constants.py``), ``egma_model.data``
+with 0.449 / 0.226. The image side matches: MedCLIP's image embedding, the projection of Swin's
+``pooler_output`` (the mean of the final-LayerNorm tokens), equals ``EGMAModel.encode_image_global`` with the
+bias-free projection (checked in ``tests/test_model_medclip.py``).
 """
 
 from __future__ import annotations

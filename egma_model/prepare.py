@@ -304,7 +304,7 @@ def _reflacx_metadata(main_data: str) -> List[Tuple[str, Dict]]:
 
 
 def _reflacx_row(where: str, r: Dict, case_dir: str, image: Optional[str], summary: Summary,
-                 split: str) -> None:
+                 split: str, dicom_size: Optional[Tuple[int, int]] = None) -> None:
     if _truthy(r.get("eye_tracking_data_discarded", "")):
         summary.skip(where, "eye_tracking_data_discarded is True (REFLACX's own quality flag)")
         return
@@ -312,8 +312,10 @@ def _reflacx_row(where: str, r: Dict, case_dir: str, image: Optional[str], summa
         summary.skip(where, "dicom_id not found in the MIMIC-CXR-JPG images")
         return
     size = (_int(r.get("image_size_x")), _int(r.get("image_size_y")))
+    if not all(size) and dicom_size:
+        size = dicom_size  # MIMIC-CXR's Rows/Columns: the same DICOM the fixations were recorded on
     if not all(size):
-        summary.skip(where, "image_size_x/image_size_y missing or not a number")
+        summary.skip(where, "image_size_x/image_size_y missing or not a number (and no DICOM size in the metadata)")
         return
     js = _image_size(image)
     if js is None:
@@ -338,7 +340,7 @@ def prepare_reflacx(root: str, mimic_cxr_jpg: str) -> Summary:
     for where, r in _reflacx_metadata(main_data):
         image = jpg.find(r["dicom_id"], r.get("image"))
         split = r.get("split") or jpg.split.get(r["dicom_id"], "")
-        _reflacx_row(where, r, os.path.join(main_data, r["id"]), image, s, split)
+        _reflacx_row(where, r, os.path.join(main_data, r["id"]), image, s, split, jpg.sizes.get(r["dicom_id"]))
     return s
 
 
@@ -427,7 +429,8 @@ def prepare_mimic_eye(root: str) -> Summary:
                 case = os.path.join(rdir, r["id"])
                 if not os.path.isdir(case) and os.path.isdir(os.path.join(rdir, "main_data", r["id"])):
                     case = os.path.join(rdir, "main_data", r["id"])
-                _reflacx_row(where, r, case, jpgs.get(r["dicom_id"]), s, r.get("split") or "train")
+                _reflacx_row(where, r, case, jpgs.get(r["dicom_id"]), s, r.get("split") or "train",
+                             sizes.get(r["dicom_id"]))
         # EyeGaze (EGD-CXR) readings of this patient
         fx = os.path.join(pdir, "EyeGaze", "fixations.csv")
         if os.path.isfile(fx):

@@ -201,9 +201,9 @@ def make_mimic_eye(root):
         rid = f"P20{pi}R00{pi}"
         if pi == 0:
             _reflacx_reading(os.path.join(pdir, "REFLACX", rid), (128, 160))
+        # no image_size_x/y here: the DICOM size comes from CXR-JPG/cxr_meta.csv
         _csv(os.path.join(pdir, "REFLACX", "metadata.csv"), ["id", "split", "eye_tracking_data_discarded", "dicom_id",
-                                                            "subject_id", "image_size_x", "image_size_y"],
-             [(rid, "train", "False", dicoms[0], sub, 128, 160)])
+                                                            "subject_id"], [(rid, "train", "False", dicoms[0], sub)])
         _csv(os.path.join(pdir, "EyeGaze", "fixations.csv"), EGD_FIX_HEADER, _egd_fixation_rows(dicoms[1], (128, 160)))
         if pi == 0:
             _egd_transcript(os.path.join(pdir, "EyeGaze", "audio_segmentation_transcripts", dicoms[1], "transcript.json"))

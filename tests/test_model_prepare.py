@@ -67,6 +67,7 @@ def test_mimic_eye(trees):
     assert s["skipped"] == {"REFLACX reading folder not found": 1, "no transcript.json": 1}
     recs = _gaze_ok(out, 2)
     assert sorted(r.gaze_format for r in recs) == ["mimic_eye", "reflacx"]
+    assert all(r.gaze_size == (128, 160) for r in recs)  # DICOM Columns x Rows from cxr_meta.csv, not the JPG's
 
 
 def test_chexpert_5x200(trees):
