@@ -57,24 +57,26 @@ def test_encoders_by_hub_name_from_the_cache_offline(tiny_dirs):
     code = r"""
 import json, torch
 from egma_model import EGMAConfig, EGMAModel
+from egma_model import hub
 from egma_model.hub import EncoderLoadError, load_tokenizer_any
 from egma_model.model import TINY_SWIN
 m = EGMAModel(EGMAConfig.tiny(text_model="egma-test/tiny-bert", image_library="transformers",
                               image_model="egma-test/tiny-swin"))
-t = EGMAModel(EGMAConfig.tiny(text_model="egma-test/tiny-bert", image_pretrained=True))
+# EGMAModel passes image_pretrained to this call (timm weights by name, here from the cache)
+t = hub.create_timm("swin_tiny_patch4_window7_224", pretrained=True, num_classes=0, **TINY_SWIN)
 tok = load_tokenizer_any("egma-test/tiny-bert")
 errs = []
-for kw in (dict(text_model="emilyalsentzer/Bio_ClinicalBERT"),
-           dict(image_library="transformers", image_model="microsoft/swin-tiny-patch4-window7-224"),
-           dict(image_model="vit_base_patch16_224", image_pretrained=True)):
+for f, name in ((hub.load_text_encoder, "emilyalsentzer/Bio_ClinicalBERT"),
+                (hub.load_image_encoder_hf, "microsoft/swin-tiny-patch4-window7-224"),
+                (lambda n: hub.create_timm(n, pretrained=True), "vit_base_patch16_224")):
     try:
-        EGMAModel(EGMAConfig.tiny(**kw))
+        f(name)
         errs.append(None)
     except EncoderLoadError as e:
         errs.append(str(e))
 s = lambda mod: float(sum(v.double().sum() for k, v in mod.state_dict().items()
                           if v.is_floating_point() and not k.startswith("pooler.")))
-print(json.dumps({"bert": s(m.text_encoder), "swin": s(m.image_encoder), "timm": s(t.image_encoder),
+print(json.dumps({"bert": s(m.text_encoder), "swin": s(m.image_encoder), "timm": s(t),
                   "tok": tok("the heart")["input_ids"], "errs": errs}))
 """
     out = _run_offline(tiny_dirs, code)
