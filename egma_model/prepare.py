@@ -265,7 +265,7 @@ def _egd_dicom_ids(fixations_csv: str) -> Dict[str, int]:
     header, rows = _read_csv(fixations_csv, ["DICOM_ID", "Time (in secs)", "FPOGD", "X_ORIGINAL", "Y_ORIGINAL"])
     n: Counter = Counter()
     for r in rows:
-        n[r["DICOM_ID"]] += 1
+        n[r["DICOM_ID"].strip()] += 1
     return dict(n)
 
 
