@@ -1,7 +1,10 @@
 """egma_model: the thin EGMA model layer (encoders, gaze preprocessing, data, training, evaluation).
 
-Composes ``timm`` (image encoder), ``transformers`` (sentence encoder) and ``egma_kernels`` (the loss).
-Nothing is downloaded: encoders are built from configs with random weights unless local weights are given.
+Composes ``timm`` or ``transformers`` (image encoder), ``transformers`` (sentence encoder) and ``egma_kernels``
+(the loss). Encoders load by hub name or local path (``egma_model.hub``), or are built from configs with
+random weights; ``egma_model.medclip`` starts from a MedCLIP-ViT checkpoint; ``egma_model.prepare``
+(``egma-prepare``) turns the public datasets into manifests; ``egma_model.paper_table`` runs the paper's
+evaluation table.
 """
 
 from .data import (Collator, EGMADataset, GazeOptions, ManifestError, ManifestRecord, load_image, load_manifest,

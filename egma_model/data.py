@@ -229,8 +229,10 @@ def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] =
             labels = [x.strip() for x in labels.split(";") if x.strip()]
         if not isinstance(labels, list):
             raise ManifestError(f"{where}: 'labels' must be ';'-separated names or a list")
-        if not sentences and not fmt:
-            raise ManifestError(f"{where}: no report text: give 'report' or 'sentences'")
+        if not sentences and not fmt and not labels:
+            # evaluation rows (zero-shot, retrieval, linear probe) need only the image and its labels
+            raise ManifestError(f"{where}: no report text: give 'report' or 'sentences' (or 'labels' for a row "
+                                f"used only for evaluation)")
         known = {"image", "sentences", "report", "gaze_format", "gaze", "gaze_transcript", "dicom_id",
                  "image_width", "image_height", "labels", "split"}
         records.append(ManifestRecord(image, sentences, fmt, g, tr, dicom, size, [str(x) for x in labels],

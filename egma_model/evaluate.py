@@ -348,6 +348,11 @@ def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, t
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--paper-table" in argv:  # the whole paper table from egma-prepare's manifests (egma_model.paper_table)
+        from .paper_table import main as paper_table_main
+
+        return paper_table_main(argv)
     p = argparse.ArgumentParser(prog="egma-eval", description="Evaluate an EGMA checkpoint (zero-shot, retrieval, "
                                 "linear probe)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="folder written by egma-train (<out>/final)")

@@ -416,7 +416,7 @@ def read_egd_cxr(fixations_csv: str, dicom_id: str, transcript_json: Optional[st
     _need(fixations_csv, header, ["DICOM_ID", "Time (in secs)", "FPOGD", "X_ORIGINAL", "Y_ORIGINAL"])
     fix = []
     for i, r in enumerate(rows):
-        if r["DICOM_ID"] != dicom_id:
+        if r["DICOM_ID"].strip() != dicom_id.strip():  # stray spaces in the ID cells
             continue
         t = _float(fixations_csv, i + 2, r, "Time (in secs)")
         d = _float(fixations_csv, i + 2, r, "FPOGD")

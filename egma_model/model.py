@@ -1,9 +1,11 @@
 """``EGMAModel``: a timm image encoder and a transformers sentence encoder, trained with the EGMA loss.
 
-The model is thin: patch tokens from ``timm`` (``forward_intermediates``, any stage), sentence embeddings
-by masked mean pooling of a BERT-family encoder, linear projections to ``embed_dim`` (512), a learnable
-temperature, and ``egma_kernels.fine_grained_loss`` for the loss. Nothing is downloaded: without local
-weights the encoders are built from their configurations with random weights.
+The model is thin: patch tokens from ``timm`` (``forward_intermediates``, any stage) or from a transformers
+vision backbone such as MedCLIP's Swin (``image_library="transformers"``), sentence embeddings by masked mean
+pooling of a BERT-family encoder, linear projections to ``embed_dim`` (512), a learnable temperature, and
+``egma_kernels.fine_grained_loss`` for the loss. Encoders load by hub name or local path
+(``egma_model.hub``; ``HF_HUB_OFFLINE=1`` reads the local cache only); without names they are built from
+their configurations with random weights.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 import egma_kernels
 
-__all__ = ["EGMAConfig", "EGMAModel", "TINY_SWIN", "TINY_VIT", "TINY_BERT", "BIO_CLINICAL_BERT_CONFIG"]
+__all__ = ["EGMAConfig", "EGMAModel", "TINY_SWIN", "TINY_HF_SWIN", "TINY_VIT", "TINY_BERT", "BIO_CLINICAL_BERT_CONFIG"]
 
 CONFIG_NAME = "egma_config.json"
 WEIGHTS_NAME = "egma_model.pt"
@@ -32,6 +34,7 @@ BIO_CLINICAL_BERT_CONFIG = dict(vocab_size=28996, hidden_size=768, num_hidden_la
 # Small configurations for tests and CPU demos.
 TINY_SWIN = dict(embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
 TINY_VIT = dict(embed_dim=48, depth=2, num_heads=2)
+TINY_HF_SWIN = dict(model_type="swin", embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4])
 TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                  max_position_embeddings=128)
 
@@ -40,15 +43,24 @@ TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, int
 class EGMAConfig:
     """Everything needed to rebuild an ``EGMAModel`` (saved as ``egma_config.json`` with checkpoints).
 
-    image_model: a timm model name (``swin_tiny_patch4_window7_224``: 7x7 grid at 224 px, the paper's
-        default; ``vit_base_patch16_224``: 14x14).
+    image_library: ``"timm"`` (default) or ``"transformers"`` (a transformers vision backbone loaded as is,
+        e.g. MedCLIP's ``microsoft/swin-tiny-patch4-window7-224``; its partial-window behaviour at 256 px
+        differs from timm's Swin).
+    image_model: timm: a model name (``swin_tiny_patch4_window7_224``: 7x7 grid at 224 px, the paper's
+        default; ``vit_base_patch16_224``: 14x14). transformers: a hub id or local directory, or None to
+        build one from ``image_config`` with random weights.
     image_kwargs: extra ``timm.create_model`` arguments (e.g. ``TINY_SWIN`` for a small model).
-    image_weights: a local weights file for the image encoder (loaded with timm's ``pretrained_cfg_overlay``).
+    image_weights: a local weights file for the timm image encoder (timm's ``pretrained_cfg_overlay``).
+    image_pretrained: timm: load the hub's pretrained weights for ``image_model`` (e.g.
+        ``swin_tiny_patch4_window7_224.ms_in1k``), from the hub cache when ``HF_HUB_OFFLINE=1``.
+    image_config: transformers: config arguments (with ``model_type``, e.g. ``"swin"``) when ``image_model``
+        is None.
+    proj_bias: the projections to ``embed_dim`` have a bias (MedCLIP's have none).
     scales: which encoder stages give patch tokens for the loss (``-1`` = the last; Swin's earlier stages
         ``1``, ``2`` give 28x28 and 14x14 at 224 px). The first scale listed is the main one (gaze grid,
         global embedding, zero-shot scoring).
-    text_model: a local directory with a BERT-family model (``from_pretrained``); ``None`` builds one from
-        ``text_config`` with random weights.
+    text_model: a hub id (``emilyalsentzer/Bio_ClinicalBERT``) or local directory of a BERT-family model
+        (``from_pretrained``); ``None`` builds one from ``text_config`` with random weights.
     text_config: ``transformers.BertConfig`` arguments when ``text_model`` is None
         (default: the Bio_ClinicalBERT architecture).
     vocab_size: overrides ``text_config['vocab_size']`` (set it to the tokenizer's size).
@@ -57,10 +69,14 @@ class EGMAConfig:
     use_gaze: False drops the gaze terms (MLCE and the gaze part of the mapping): gaze_mask all false.
     """
 
-    image_model: str = "swin_tiny_patch4_window7_224"
+    image_model: Optional[str] = "swin_tiny_patch4_window7_224"
     image_size: int = 224
     image_kwargs: Dict = field(default_factory=dict)
     image_weights: Optional[str] = None
+    image_library: str = "timm"
+    image_pretrained: bool = False
+    image_config: Optional[Dict] = None
+    proj_bias: bool = True
     scales: Tuple[int, ...] = (-1,)
     text_model: Optional[str] = None
     text_config: Dict = field(default_factory=lambda: dict(BIO_CLINICAL_BERT_CONFIG))
@@ -98,9 +114,15 @@ class EGMAConfig:
         return cls(**d)
 
     @classmethod
-    def tiny(cls, image_model: str = "swin_tiny_patch4_window7_224", **kw) -> "EGMAConfig":
-        """A small CPU-friendly configuration (tests and demos)."""
-        image_kwargs = dict(TINY_VIT if "vit" in image_model else TINY_SWIN)
+    def tiny(cls, image_model: Optional[str] = None, **kw) -> "EGMAConfig":
+        """A small CPU-friendly configuration (tests and demos); with ``image_library="transformers"`` and no
+        ``image_model``, a small transformers Swin (``TINY_HF_SWIN``)."""
+        if kw.get("image_library") == "transformers":
+            if not image_model and not kw.get("image_config"):
+                kw["image_config"] = dict(TINY_HF_SWIN, image_size=kw.get("image_size", 224))
+        else:
+            image_model = image_model or "swin_tiny_patch4_window7_224"
+        image_kwargs = dict(TINY_VIT if "vit" in (image_model or "") else TINY_SWIN)
         image_kwargs.update(kw.pop("image_kwargs", {}))
         text_config = dict(TINY_BERT)
         text_config.update(kw.pop("text_config", {}))
@@ -124,23 +146,28 @@ class EGMAModel(nn.Module):
 
     def __init__(self, config: Optional[EGMAConfig] = None):
         super().__init__()
-        import timm
-        from transformers import AutoModel, BertConfig, BertModel
+        from transformers import BertConfig, BertModel
+
+        from . import hub
 
         self.config = config = config or EGMAConfig()
-        kwargs = dict(config.image_kwargs)
-        kwargs.setdefault("img_size", config.image_size)
-        if config.image_weights:
-            if not os.path.isfile(config.image_weights):
-                raise FileNotFoundError(f"image encoder weights not found: {config.image_weights}")
-            self.image_encoder = timm.create_model(config.image_model, pretrained=True, num_classes=0,
-                                                   pretrained_cfg_overlay=dict(file=config.image_weights), **kwargs)
+        if config.image_library == "timm":
+            if not config.image_model:
+                raise ValueError("image_library 'timm' needs an image_model name")
+            kwargs = dict(config.image_kwargs)
+            kwargs.setdefault("img_size", config.image_size)
+            self.image_encoder = hub.create_timm(config.image_model, pretrained=config.image_pretrained,
+                                                 weights_file=config.image_weights, num_classes=0, **kwargs)
+        elif config.image_library == "transformers":
+            self.image_encoder = _build_hf_image_encoder(config)
         else:
-            self.image_encoder = timm.create_model(config.image_model, pretrained=False, num_classes=0, **kwargs)
+            raise ValueError(f"image_library must be 'timm' or 'transformers', got {config.image_library!r}")
         if config.text_model:
-            if not os.path.isdir(config.text_model):
-                raise FileNotFoundError(f"text encoder directory not found: {config.text_model}")
-            self.text_encoder = AutoModel.from_pretrained(config.text_model, local_files_only=True)
+            self.text_encoder = hub.load_text_encoder(config.text_model)
+            # sentence embeddings pool the hidden states; BERT's pooler would be unused parameters (which
+            # DDP rejects) and is absent when the checkpoint is rebuilt from its config
+            if getattr(self.text_encoder, "pooler", None) is not None:
+                self.text_encoder.pooler = None
         else:
             tc = dict(config.text_config)
             if config.vocab_size is not None:
@@ -155,12 +182,14 @@ class EGMAModel(nn.Module):
         self.grids: List[Tuple[int, int]] = [tuple(f.shape[-2:]) for f in feats]
         widths = [f.shape[1] for f in feats]
         D = config.embed_dim
-        self.image_proj = nn.ModuleList([nn.Linear(w, D) for w in widths])
-        self.text_proj = nn.Linear(self.text_encoder.config.hidden_size, D)
+        self.image_proj = nn.ModuleList([nn.Linear(w, D, bias=config.proj_bias) for w in widths])
+        self.text_proj = nn.Linear(self.text_encoder.config.hidden_size, D, bias=config.proj_bias)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
 
     # ------------------------------------------------------------------ encoders
     def _image_features(self, pixel_values: torch.Tensor) -> List[torch.Tensor]:
+        if self.config.image_library == "transformers":
+            return _hf_image_features(self.image_encoder, pixel_values, self.config.scales)
         enc = self.image_encoder
         n = None
         for name in ("layers", "stages", "blocks"):
@@ -283,6 +312,10 @@ class EGMAModel(nn.Module):
         cfg = self.config.to_dict()
         # a checkpoint is self-contained: the encoders are rebuilt from their configs, then loaded
         cfg["image_weights"] = None
+        cfg["image_pretrained"] = False
+        if self.config.image_library == "transformers":
+            cfg["image_model"] = None
+            cfg["image_config"] = _hf_config_dict(self.image_encoder.config)
         cfg["text_model"] = None
         cfg["text_config"] = {k: v for k, v in self.text_encoder.config.to_dict().items()
                               if k in _BERT_KEYS}
@@ -313,6 +346,59 @@ class EGMAModel(nn.Module):
         state = torch.load(os.path.join(path, WEIGHTS_NAME), map_location=map_location, weights_only=True)
         model.load_state_dict(state)
         return model
+
+
+def _hf_config_dict(config) -> Dict:
+    """A transformers config as JSON-able arguments (with ``model_type``) that ``_build_hf_image_encoder`` rebuilds."""
+    d = config.to_dict()
+    for k in ("transformers_version", "architectures", "_name_or_path", "torch_dtype", "dtype", "id2label",
+              "label2id", "auto_map"):
+        d.pop(k, None)
+    d["model_type"] = config.model_type
+    return d
+
+
+def _build_hf_image_encoder(config: "EGMAConfig") -> nn.Module:
+    """A transformers vision backbone: by hub id / local directory, or from ``image_config`` with random weights."""
+    from transformers import AutoConfig, AutoModel
+
+    from . import hub
+
+    if config.image_model:
+        return hub.load_image_encoder_hf(config.image_model)
+    if not config.image_config:
+        raise ValueError("image_library 'transformers' needs image_model (a hub id or directory) or image_config")
+    d = dict(config.image_config)
+    model_type = d.pop("model_type", None)
+    if not model_type:
+        raise ValueError("image_config needs 'model_type' (e.g. 'swin')")
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **d))
+
+
+def _hf_image_features(enc: nn.Module, pixel_values: torch.Tensor, scales) -> List[torch.Tensor]:
+    """Patch tokens ``(B, C, gh, gw)`` per requested stage of a transformers hierarchical backbone (Swin).
+
+    Stage ``-1`` (the last) is ``last_hidden_state``, i.e. after the model's final LayerNorm, as timm's
+    ``norm=True`` gives it; earlier stages are their outputs before patch merging (``reshaped_hidden_states``
+    with ``output_hidden_states_before_downsampling``).
+    """
+    out = enc(pixel_values=pixel_values, output_hidden_states=True, output_hidden_states_before_downsampling=True)
+    stages = out.reshaped_hidden_states[1:]  # [0] is the patch embedding
+    if stages is None or len(stages) == 0:
+        raise ValueError(f"{type(enc).__name__} returns no per-stage hidden states; use a hierarchical backbone "
+                         f"such as Swin")
+    n = len(stages)
+    resolved = [s if s >= 0 else n + s for s in scales]
+    if len(set(resolved)) != len(resolved) or any(not 0 <= r < n for r in resolved):
+        raise ValueError(f"scales {list(scales)} must name distinct stages of the {n}-stage image encoder")
+    feats = []
+    for r in resolved:
+        if r == n - 1:
+            B, C, gh, gw = stages[-1].shape
+            feats.append(out.last_hidden_state.transpose(1, 2).reshape(B, C, gh, gw))
+        else:
+            feats.append(stages[r])
+    return feats
 
 
 _BERT_KEYS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",

@@ -1,7 +1,7 @@
 """Tokenizers: a real one from a local path, or a small word-level WordPiece vocabulary built locally.
 
-Nothing is downloaded. ``load_tokenizer(path)`` loads any tokenizer saved with ``save_pretrained`` (e.g. a
-local copy of ``emilyalsentzer/Bio_ClinicalBERT``); ``build_word_tokenizer(texts)`` writes a BERT-style
+``load_tokenizer(path)`` loads any tokenizer saved with ``save_pretrained`` or a hub id (e.g.
+``emilyalsentzer/Bio_ClinicalBERT``, downloaded or read from the hub cache); ``build_word_tokenizer(texts)`` writes a BERT-style
 ``vocab.txt`` (special tokens, the corpus's words by frequency, single characters and ``##`` suffix
 characters as a fallback, so any word still tokenises) and returns a fast WordPiece tokenizer over it (BERT normalisation and [CLS]/[SEP] template).
 """
@@ -57,9 +57,12 @@ def build_word_tokenizer(texts: Iterable[str], *, max_words: int = 8000, min_cou
 
 
 def load_tokenizer(path: str):
-    """A tokenizer saved under a local directory (``AutoTokenizer``, local files only)."""
+    """A tokenizer from a local directory, or by hub id (``emilyalsentzer/Bio_ClinicalBERT``; the hub cache
+    only when ``HF_HUB_OFFLINE=1``)."""
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if os.path.isdir(path):
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    from .hub import load_tokenizer_any
+
+    return load_tokenizer_any(path)

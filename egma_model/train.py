@@ -77,6 +77,11 @@ class TrainArgs:
     backend: Optional[str] = None
     threads: Optional[int] = None
     global_negatives: bool = True  # under torchrun: the contrastive term over every rank's batch
+    # where the encoders come from (hub names, MedCLIP initialisation): see _resolve_model_source
+    image_library: Optional[str] = None
+    image_pretrained: bool = False
+    proj_bias: Optional[bool] = None
+    init_from: Optional[str] = None
 
 
 class _Distributed:
@@ -176,7 +181,9 @@ def cosine_with_warmup(step: int, total: int, warmup: int, floor: float = 0.0) -
 
 
 def build_model_and_tokenizer(a: TrainArgs, texts: Sequence[str]):
-    """The model and tokenizer for a run: local weights when given, else random encoders and a corpus vocab."""
+    """The model and tokenizer for a run: encoders by hub name or local path when given (and MedCLIP weights
+    with ``init_from``), else random encoders and a vocabulary built from the reports."""
+    a = _resolve_model_source(a)
     if a.tokenizer:
         tok = load_tokenizer(a.tokenizer)
     elif a.text_model:
@@ -192,13 +199,95 @@ def build_model_and_tokenizer(a: TrainArgs, texts: Sequence[str]):
         kw["embed_dim"] = a.embed_dim
     if not a.text_model:
         kw["vocab_size"] = len(tok)
+    kw.update(_model_source_kwargs(a))
     if a.preset == "tiny":
-        cfg = EGMAConfig.tiny(a.image_model or "swin_tiny_patch4_window7_224", **kw)
+        cfg = EGMAConfig.tiny(a.image_model, **kw)
     elif a.preset == "paper":
         cfg = EGMAConfig(image_model=a.image_model or "swin_tiny_patch4_window7_224", **kw)
     else:
         raise ValueError(f"unknown preset {a.preset!r}: use 'tiny' or 'paper'")
-    return EGMAModel(cfg), tok
+    model = EGMAModel(cfg)
+    if a.init_from:
+        _init_from_checkpoint(model, a)
+    return model, tok
+
+
+# ------------------------------------------------------------------ model source (hub names, MedCLIP init)
+
+
+def _resolve_model_source(a: TrainArgs) -> TrainArgs:
+    """``--init-from`` a MedCLIP-ViT checkpoint fills in MedCLIP's architecture where the user gave none:
+    the transformers Swin-Tiny and Bio_ClinicalBERT by hub name, bias-free projections to 512."""
+    from .medclip import MEDCLIP_TEXT_MODEL, MEDCLIP_VISION_MODEL
+
+    ch = {}
+    if a.image_library == "transformers" and not a.image_model and a.preset != "tiny":
+        ch["image_model"] = MEDCLIP_VISION_MODEL
+    if not a.init_from:
+        return dataclasses.replace(a, **ch)
+    if not os.path.exists(a.init_from):  # before any encoder is downloaded
+        raise FileNotFoundError(f"MedCLIP checkpoint not found: {a.init_from}")
+    if a.image_library is None:
+        ch["image_library"] = "transformers"
+    if (ch.get("image_library") or a.image_library) == "transformers" and not a.image_model:
+        ch["image_model"] = MEDCLIP_VISION_MODEL
+    if not a.text_model:
+        ch["text_model"] = MEDCLIP_TEXT_MODEL
+    if a.proj_bias is None:
+        ch["proj_bias"] = False
+    if a.embed_dim is None:
+        ch["embed_dim"] = 512
+    return dataclasses.replace(a, **ch)
+
+
+def _model_source_kwargs(a: TrainArgs) -> Dict:
+    kw: Dict = {}
+    if a.image_library:
+        kw["image_library"] = a.image_library
+    if a.image_pretrained:
+        kw["image_pretrained"] = True
+    if a.proj_bias is not None:
+        kw["proj_bias"] = a.proj_bias
+    return kw
+
+
+def _init_from_checkpoint(model: EGMAModel, a: TrainArgs) -> None:
+    """Load a MedCLIP checkpoint into ``model``, print what was loaded, missing and unused, and keep the
+    report as ``<out>/init_report.json``."""
+    from .medclip import MedCLIPInitError, init_from_medclip
+
+    try:
+        rep = init_from_medclip(model, a.init_from)
+    except MedCLIPInitError as e:
+        print(f"egma-train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank loads; rank 0 reports
+        return
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "init_report.json"), "w") as f:
+        json.dump(rep, f, indent=2)
+    print(f"egma-train: initialised from {a.init_from}: {len(rep['loaded'])} tensors loaded, "
+          f"{len(rep['missing'])} missing (kept as initialised): {rep['missing']}, "
+          f"{len(rep['unused'])} unused: {sorted(rep['unused'])}", file=sys.stderr)
+
+
+def _add_model_source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("encoder source")
+    g.add_argument("--image-library", default=None, choices=["timm", "transformers"],
+                   help="timm (default) or transformers (e.g. MedCLIP's Swin; --image-model is then a hub id or folder)")
+    g.add_argument("--image-pretrained", action="store_true",
+                   help="timm: the hub's pretrained weights for --image-model (the hub cache when HF_HUB_OFFLINE=1)")
+    g.add_argument("--proj-bias", default=None, choices=["yes", "no"],
+                   help="bias in the projections to the embedding (default yes; no with --init-from)")
+    g.add_argument("--init-from", default=None, metavar="FILE",
+                   help="a MedCLIP-ViT checkpoint (pytorch_model.bin or its folder): its weights are mapped onto the "
+                        "model (Swin, Bio_ClinicalBERT, projections, temperature); missing/unused keys are listed")
+
+
+def _with_model_source(ns, a: TrainArgs) -> TrainArgs:
+    return dataclasses.replace(a, image_library=ns.image_library, image_pretrained=ns.image_pretrained,
+                               proj_bias=None if ns.proj_bias is None else ns.proj_bias == "yes",
+                               init_from=ns.init_from)
 
 
 def _rng_state():
@@ -389,11 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-global-negatives", action="store_true",
                    help="under torchrun: each process's contrastive term over its own batch only")
+    _add_model_source_args(p)
     return p
 
 
 def args_from_namespace(ns) -> TrainArgs:
-    return TrainArgs(
+    return _with_model_source(ns, TrainArgs(
         manifest=ns.manifest, out=ns.out, split=ns.split, preset=ns.preset, image_model=ns.image_model,
         image_size=ns.image_size, image_weights=ns.image_weights, text_model=ns.text_model, tokenizer=ns.tokenizer,
         scales=tuple(int(x) for x in ns.scales.split(",")), embed_dim=ns.embed_dim, epochs=ns.epochs,
@@ -403,7 +493,7 @@ def args_from_namespace(ns) -> TrainArgs:
         egma_compat=ns.egma_compat, sigma=ns.sigma, min_heat=ns.min_heat, raw_gaze=ns.raw_gaze, max_sentences=ns.max_sentences,
         num_workers=ns.num_workers, device=ns.device, save_every=ns.save_every, resume=ns.resume,
         progress=not ns.no_progress, backend=ns.backend, threads=ns.threads,
-        global_negatives=not ns.no_global_negatives)
+        global_negatives=not ns.no_global_negatives))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
