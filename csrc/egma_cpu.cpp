@@ -752,9 +752,10 @@ void loss_backward(const T* gterms, const T* g_i2t, const T* g_t2i, const T* p, 
 // ------------------------------------------------------------------------------------------------------
 // Op wrappers.
 
-using egma_common::check_int32;
+using egma_common::check_gaze_inputs;
+using egma_common::check_loss_grad_inputs;
 using egma_common::check_report_offsets;
-using egma_common::check_shape;
+using egma_common::check_similarity_grad_inputs;
 using egma_common::new_out;
 
 // The saved argmax indices the backward routes through: i2t_arg[a, r, i] is -1 (egma_compat's clamp to 0)
@@ -804,14 +805,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t B = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0);
   TORCH_CHECK(cu.size(0) == B + 1, "egma_kernels: the loss needs one report per image");
   check_report_offsets(cu.data_ptr<int32_t>(), B, N, "loss_fwd");
+  check_gaze_inputs(B, P, N, gaze_, gmask_, "loss_fwd");
   at::Tensor gaze, gmask;
   if (gaze_.has_value()) {
-    check_shape(*gaze_, {N, P}, "gaze", "loss_fwd");
     gaze = gaze_->to(patch.scalar_type()).contiguous();
-    if (gmask_.has_value()) {
-      check_shape(*gmask_, {B}, "gaze_mask", "loss_fwd");
-      gmask = gmask_->to(at::kBool).contiguous();
-    }
+    if (gmask_.has_value()) gmask = gmask_->to(at::kBool).contiguous();
   }
   const auto opts = patch.options();
   auto terms = new_out({4}, opts);
@@ -847,20 +845,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_bwd_cpu(
   const auto cu = cu_.contiguous();
   const int64_t B = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0);
   const char* op = "loss_bwd";
-  TORCH_CHECK(cu.size(0) == B + 1, "egma_kernels: the loss needs one report per image");
+  check_loss_grad_inputs(B, P, N, cu.size(0), gterms_, g_i2t_, g_t2i_, i2t_, t2i_, i2t_arg_, t2i_arg_, own_, gaze_,
+                         gmask_);
   check_report_offsets(cu.data_ptr<int32_t>(), B, N, op);
-  check_shape(gterms_, {4}, "grad_terms", op);
-  check_shape(g_i2t_, {B, B}, "grad_i2t", op);
-  check_shape(g_t2i_, {B, B}, "grad_t2i", op);
-  check_shape(i2t_, {B, B}, "i2t", op);
-  check_shape(t2i_, {B, B}, "t2i", op);
-  check_shape(i2t_arg_, {B, B, P}, "i2t_arg", op);
-  check_shape(t2i_arg_, {B, N}, "t2i_arg", op);
-  check_shape(own_, {N, P}, "own", op);
-  check_int32(i2t_arg_, "i2t_arg", op);
-  check_int32(t2i_arg_, "t2i_arg", op);
-  if (gaze_.has_value()) check_shape(*gaze_, {N, P}, "gaze", op);
-  if (gaze_.has_value() && gmask_.has_value()) check_shape(*gmask_, {B}, "gaze_mask", op);
   const auto dt_ = patch.scalar_type();
   const auto gterms = gterms_.to(dt_).contiguous();
   const auto g_i2t = g_i2t_.to(dt_).contiguous();
@@ -935,16 +922,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> filip_bwd_cpu(const at::Tensor& g
   const char* op = "filip_bwd";
   check_report_offsets(cu.data_ptr<int32_t>(), R, N, op);
   const auto dt_ = patch.scalar_type();
-  TORCH_CHECK(i2t_arg_.numel() == M * R * P && t2i_arg_.numel() == M * N,
-              "egma_kernels filip backward: the forward did not save its argmax indices");
-  check_shape(g_i2t_, {M, R}, "grad_i2t", op);
-  check_shape(g_t2i_, {M, R}, "grad_t2i", op);
-  check_shape(i2t_, {M, R}, "i2t", op);
-  check_shape(t2i_, {M, R}, "t2i", op);
-  check_shape(i2t_arg_, {M, R, P}, "i2t_arg", op);
-  check_shape(t2i_arg_, {M, N}, "t2i_arg", op);
-  check_int32(i2t_arg_, "i2t_arg", op);
-  check_int32(t2i_arg_, "t2i_arg", op);
+  check_similarity_grad_inputs(M, R, P, N, g_i2t_, g_t2i_, i2t_, t2i_, i2t_arg_, t2i_arg_, op);
   const auto g1 = g_i2t_.to(dt_).contiguous();
   const auto g2 = g_t2i_.to(dt_).contiguous();
   const auto i2t = i2t_.contiguous();

@@ -689,9 +689,10 @@ __global__ void dscale_kernel(const acc_t* coef, const acc_t* dt_k, int64_t K, a
 // ---------------------------------------------------------------------------------------------------------
 // Host side.
 
-using egma_common::check_int32;
+using egma_common::check_gaze_inputs;
+using egma_common::check_loss_grad_inputs;
 using egma_common::check_report_offsets;
-using egma_common::check_shape;
+using egma_common::check_similarity_grad_inputs;
 using egma_common::new_out;
 
 void check_common(const at::Tensor& patch, const at::Tensor& sent, const at::Tensor& cu, const at::Tensor& scale) {
@@ -758,14 +759,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto aopts = patch.options().dtype(acc_type);
   const auto iopts = patch.options().dtype(at::kInt);
   const auto scale = scale_.to(acc_type).contiguous();
+  check_gaze_inputs(B, P, N, gaze_, gmask_, "loss_fwd");
   at::Tensor gaze, gmask;
   if (gaze_.has_value()) {
-    check_shape(*gaze_, {N, P}, "gaze", "loss_fwd");
     gaze = gaze_->to(patch.scalar_type()).contiguous();
-    if (gmask_.has_value()) {
-      check_shape(*gmask_, {B}, "gaze_mask", "loss_fwd");
-      gmask = gmask_->to(at::kBool).contiguous();
-    }
+    if (gmask_.has_value()) gmask = gmask_->to(at::kBool).contiguous();
   }
   HostReports hr(cu, N, "loss_fwd");
   auto terms = new_out({4}, aopts);
@@ -845,19 +843,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> loss_bwd_cuda(
   const auto cu = cu_.contiguous();
   const int64_t B = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0);
   const char* op = "loss_bwd";
-  TORCH_CHECK(cu.size(0) == B + 1, "egma_kernels: the loss needs one report per image");
-  check_shape(gterms_, {4}, "grad_terms", op);
-  check_shape(g_i2t_, {B, B}, "grad_i2t", op);
-  check_shape(g_t2i_, {B, B}, "grad_t2i", op);
-  check_shape(i2t_, {B, B}, "i2t", op);
-  check_shape(t2i_, {B, B}, "t2i", op);
-  check_shape(i2t_arg_, {B, B, P}, "i2t_arg", op);
-  check_shape(t2i_arg_, {B, N}, "t2i_arg", op);
-  check_shape(own_, {N, P}, "own", op);
-  check_int32(i2t_arg_, "i2t_arg", op);
-  check_int32(t2i_arg_, "t2i_arg", op);
-  if (gaze_.has_value()) check_shape(*gaze_, {N, P}, "gaze", op);
-  if (gaze_.has_value() && gmask_.has_value()) check_shape(*gmask_, {B}, "gaze_mask", op);
+  check_loss_grad_inputs(B, P, N, cu.size(0), gterms_, g_i2t_, g_t2i_, i2t_, t2i_, i2t_arg_, t2i_arg_, own_, gaze_,
+                         gmask_);
   const auto acc_type = patch.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto aopts = patch.options().dtype(acc_type);
   const auto scale = scale_.to(acc_type).contiguous();
@@ -1009,17 +996,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> filip_bwd_cuda(const at::Tensor& 
   const auto sent = sent_.contiguous();
   const auto cu = cu_.contiguous();
   const int64_t M = patch.size(0), P = patch.size(1), D = patch.size(2), N = sent.size(0), R = cu.size(0) - 1;
-  TORCH_CHECK(i2t_arg_.numel() == M * R * P && t2i_arg_.numel() == M * N,
-              "egma_kernels filip backward: the forward did not save its argmax indices");
   const char* op = "filip_bwd";
-  check_shape(g_i2t_, {M, R}, "grad_i2t", op);
-  check_shape(g_t2i_, {M, R}, "grad_t2i", op);
-  check_shape(i2t_, {M, R}, "i2t", op);
-  check_shape(t2i_, {M, R}, "t2i", op);
-  check_shape(i2t_arg_, {M, R, P}, "i2t_arg", op);
-  check_shape(t2i_arg_, {M, N}, "t2i_arg", op);
-  check_int32(i2t_arg_, "i2t_arg", op);
-  check_int32(t2i_arg_, "t2i_arg", op);
+  check_similarity_grad_inputs(M, R, P, N, g_i2t_, g_t2i_, i2t_, t2i_, i2t_arg_, t2i_arg_, op);
   const auto acc_type = patch.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto aopts = patch.options().dtype(acc_type);
   const auto scale = scale_.to(acc_type).contiguous();
