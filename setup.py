@@ -69,7 +69,7 @@ def extension_modules():
         # pip shows this only with -v; the package says it again on its first import (egma_kernels.compiled).
         print("egma-kernels: WARNING: torch is not importable in the build environment (pip's default isolated "
               "build); installing WITHOUT the compiled 'cpu'/'cuda' backends. To build them: "
-              'pip install "setuptools>=70" wheel ninja pybind11 && pip install --no-build-isolation .')
+              'pip install "setuptools>=77" wheel ninja pybind11 && pip install --no-build-isolation .')
         return [], {}
 
     # Decide on CUDA from the torch build and the toolkit, never from torch.cuda.is_available().

@@ -27,7 +27,7 @@ from .reference import LossTerms
 
 # The command that builds the extension against the torch already installed, run in the source folder
 # (add -e for an editable install). pip's default isolated build has no torch, so it cannot build it.
-FIX_COMMAND = 'pip install "setuptools>=70" wheel ninja pybind11 && pip install --no-build-isolation .'
+FIX_COMMAND = 'pip install "setuptools>=77" wheel ninja pybind11 && pip install --no-build-isolation .'
 # Set at run time (as at build time, where it builds nothing) to say a pure-Python install is intended:
 # then the missing extension is not announced on import.
 ENV_SKIP_EXTENSION = "EGMA_KERNELS_SKIP_EXTENSION"

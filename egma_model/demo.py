@@ -135,7 +135,7 @@ def make_figure(path, data_dir, test_records, boxes, sims_by_run: Dict[str, torc
     rows = min(n_show, len(gaze_maps))
     cols = 2 + len(sims_by_run)
     fig = plt.figure(figsize=(3.6 * max(cols, 4), 3.3 * rows + 4.2), dpi=100)
-    outer = fig.add_gridspec(2, 1, height_ratios=[3.3 * rows, 3.2], hspace=0.18)
+    outer = fig.add_gridspec(2, 1, height_ratios=[3.3 * rows, 3.0], hspace=0.15)
     top = outer[0].subgridspec(rows, cols, hspace=0.35, wspace=0.35)
     gh, gw = grid
     titles = ["image + finding box", "radiologist gaze"] + [f"similarity: {k}" for k in sims_by_run]
@@ -155,7 +155,10 @@ def make_figure(path, data_dir, test_records, boxes, sims_by_run: Dict[str, torc
             m = maps[c]
             if m is not None:
                 m = np.asarray(m, dtype=np.float64).reshape(gh, gw)
-                im = ax.imshow(m, cmap="inferno", alpha=0.6, extent=(0, side, side, 0), interpolation="nearest")
+                # patches without gaze stay clear, so the anatomy shows where nobody looked
+                shown = np.ma.masked_where(m <= 0, m) if c == 1 else m
+                im = ax.imshow(shown, cmap="inferno", alpha=0.6, extent=(0, side, side, 0), interpolation="nearest",
+                               vmin=0 if c == 1 else None)
                 cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
                 cb.ax.tick_params(labelsize=9)
                 cb.set_label("gaze heat" if c == 1 else "cosine similarity", fontsize=9)
@@ -206,7 +209,7 @@ def make_figure(path, data_dir, test_records, boxes, sims_by_run: Dict[str, torc
                bbox_to_anchor=(0.5, 0.0), title=f"training run ({smoothing})")
     if caption:
         fig.suptitle(caption, fontsize=12, y=0.995)
-    fig.subplots_adjust(left=0.04, right=0.97, top=0.95, bottom=0.1)
+    fig.subplots_adjust(left=0.04, right=0.93, top=0.95, bottom=0.075)
     fig.savefig(path)
     plt.close(fig)
 
