@@ -137,10 +137,10 @@ def _list(device) -> int:
 
 
 def _render(args) -> int:
-    from .report import markdown_table, read_jsonl, write_plots
+    from .report import markdown_table, read_jsonl, summary, write_plots
 
     records = read_jsonl(args.render)
-    sys.stdout.write(markdown_table(records))
+    sys.stdout.write(markdown_table(records) + summary(records))
     if args.plot:
         try:
             for path in write_plots(records, args.out or os.path.dirname(os.path.abspath(args.render))):
