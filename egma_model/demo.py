@@ -128,6 +128,7 @@ def make_figure(path, data_dir, test_records, boxes, sims_by_run: Dict[str, torc
     sentence, then each run's sentence-to-patch similarity map, each map on the patch grid with its colour bar,
     the box and its hottest patch (x). Below: every loss term of every run against the training step."""
     from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
 
     from .data import load_image
 
@@ -200,6 +201,7 @@ def make_figure(path, data_dir, test_records, boxes, sims_by_run: Dict[str, torc
                 handles.append(line)
         ax.set_title(label + (" (0 without gaze)" if key == "gaze_mlce" else ""), fontsize=11)
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if j == 0:
             ax.set_ylabel("loss")
         ax.grid(True, alpha=0.3)
@@ -226,13 +228,31 @@ def _fmt(vals):
     return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
 
 
-def run_demo(data_dir: str, out_dir: str, *, n_train: int = 2000, n_test: int = 500, seeds: Sequence[int] = (0,),
-             steps: int = 200, batch_size: int = 32, lr: float = 5e-4, image_model: str = "vit_base_patch16_224",
-             image_size: int = 112, data_seed: int = 0, threads: Optional[int] = None, progress: bool = True,
-             figure: bool = True) -> Dict:
+class _torch_threads:
+    """``torch.set_num_threads(n)`` for a block (no change for None), restored after it."""
+
+    def __init__(self, n: Optional[int]):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def run_demo(*args, threads: Optional[int] = None, **kwargs) -> Dict:
+    """The with/without-gaze comparison (see the module docstring); ``threads``: torch CPU threads meanwhile."""
+    with _torch_threads(threads):
+        return _run_demo(*args, **kwargs)
+
+
+def _run_demo(data_dir: str, out_dir: str, *, n_train: int = 2000, n_test: int = 500, seeds: Sequence[int] = (0,),
+              steps: int = 200, batch_size: int = 32, lr: float = 5e-4, image_model: str = "vit_base_patch16_224",
+              image_size: int = 112, data_seed: int = 0, progress: bool = True, figure: bool = True) -> Dict:
     t_start = time.time()
-    if threads:
-        torch.set_num_threads(threads)
     if figure and _pyplot() is None:
         print("egma-demo: no figure: it needs matplotlib (pip install matplotlib, or the [model] extra)")
         figure = False
@@ -347,19 +367,22 @@ def _fraction_label(f: float) -> str:
     return f"{100 * f:g}%"
 
 
-def run_gaze_fractions(data_dir: str, out_dir: str, fractions: Sequence[float], *, n_train: int = 2000,
-                       n_test: int = 500, seeds: Sequence[int] = (0,), steps: int = 200, batch_size: int = 32,
-                       lr: float = 5e-4, image_model: str = "vit_base_patch16_224", image_size: int = 112,
-                       data_seed: int = 0, threads: Optional[int] = None, progress: bool = True) -> Dict:
+def run_gaze_fractions(*args, threads: Optional[int] = None, **kwargs) -> Dict:
     """How much gaze is enough (the question of the EGMA paper's Table 4), on the synthetic set: for each
     fraction, pre-train with gaze on that share of the training images (nested subsets: the 5% are inside the
     10%), same seeds, initialisation, data order and steps, and score localisation and retrieval on the test
     set. Writes ``gaze_fractions.json``, ``gaze_fractions.md`` and ``gaze_fractions.png`` into ``out_dir``."""
+    with _torch_threads(threads):
+        return _run_gaze_fractions(*args, **kwargs)
+
+
+def _run_gaze_fractions(data_dir: str, out_dir: str, fractions: Sequence[float], *, n_train: int = 2000,
+                        n_test: int = 500, seeds: Sequence[int] = (0,), steps: int = 200, batch_size: int = 32,
+                        lr: float = 5e-4, image_model: str = "vit_base_patch16_224", image_size: int = 112,
+                        data_seed: int = 0, progress: bool = True) -> Dict:
     import dataclasses
 
     t_start = time.time()
-    if threads:
-        torch.set_num_threads(threads)
     _ensure_data(data_dir, n_train, n_test, data_seed, progress)
     meta = json.load(open(os.path.join(data_dir, "synthetic.json")))
     width, height = meta["width"], meta["height"]
@@ -476,7 +499,8 @@ def _plot_gaze_fractions(path: str, per_fraction: Dict[float, List[Dict]], confi
     fig.suptitle("How much gaze is enough? SYNTHETIC data (egma-demo), not the EGMA paper's Table 4", fontsize=13,
                  fontweight="bold")
     fig.text(0.5, 0.01, f"{config['n_train']} synthetic training images, {config['steps']} steps, batch "
-             f"{config['batch_size']}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} (bars: sd over seeds); "
+             f"{config['batch_size']}, " + (f"{len(seeds)} seeds (bars: sd over seeds)" if len(seeds) > 1 else
+                                            "one seed (no spread shown)") + "; "
              f"{config['n_test']} test images. Synthetic X-rays and gaze: says nothing about real chest X-rays."
              + (" SMOKE TEST: too few steps to mean anything." if smoke else ""), ha="center", fontsize=10,
              wrap=True)

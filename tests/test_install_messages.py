@@ -143,3 +143,20 @@ def test_triton_on_cpu_tensors_blames_the_device():
     if "NO TRITON" in out:
         pytest.skip("triton is not installed")
     assert "backend 'triton' runs on cuda tensors, but the inputs are on cpu" in out, out
+
+
+def test_bench_says_which_backend_is_missing_and_why(bare_package):
+    """egma-bench on an install without the extension names the missing backend and the fix."""
+    code = STANDALONE + (
+        "import warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "import torch\n"
+        "from egma_kernels.bench.providers import discover\n"
+        "providers, notes = discover(torch.device('cpu'))\n"
+        "print('PROVIDERS', [p.name for p in providers])\n"
+        "print('\\n'.join(notes))\n"
+    )
+    out = _run(code, bare_package).stdout
+    assert "'cpu'" not in out.split("PROVIDERS", 1)[1].split("\n", 1)[0]
+    assert "cpu left out: egma_kernels: the fused 'cpu' and 'cuda' backends are unavailable" in out
+    assert compiled.FIX_COMMAND in out
