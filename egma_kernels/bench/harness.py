@@ -203,7 +203,7 @@ class Progress:
             label = self._label
             now = time.perf_counter()
             if label and now - self._last >= self.heartbeat_s:
-                self._write(f"still running: {label} ({now - self._label_start:.0f} s)")
+                self._write(f"still running after {now - self._label_start:.0f} s: {label}")
 
     def close(self) -> None:
         self._stop.set()
