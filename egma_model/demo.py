@@ -27,6 +27,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -176,9 +177,10 @@ def make_figure(path, data_dir, test_records, boxes, sims_by_run: Dict[str, torc
             ax.set_ylim(side, 0)
             if r == 0:
                 ax.set_title(titles[c], fontsize=11, fontweight="bold")
-            if c == 0:
-                ax.set_xlabel(f'"{sentence}"' if len(sentence) <= 60 else f'"{sentence[:57]}..."', fontsize=10,
-                              loc="left")
+            if c == 0:  # the finding sentence, on at most two lines within the panel's width
+                lines = textwrap.wrap(f'"{sentence}"', 34)
+                text = "\n".join(lines[:2]) + ("..." if len(lines) > 2 else "")
+                ax.set_xlabel(text, fontsize=10)
     bottom = outer[1].subgridspec(1, len(LOSS_TERMS), wspace=0.3)
     n_steps = max((len(h) for h in histories.values()), default=0)
     k = max(1, n_steps // 15) if n_steps >= 20 else 1
@@ -201,7 +203,7 @@ def make_figure(path, data_dir, test_records, boxes, sims_by_run: Dict[str, torc
                 handles.append(line)
         ax.set_title(label + (" (0 without gaze)" if key == "gaze_mlce" else ""), fontsize=11)
         ax.set_xlabel("training step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
         if j == 0:
             ax.set_ylabel("loss")
         ax.grid(True, alpha=0.3)
