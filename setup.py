@@ -1,8 +1,9 @@
 """Build script. Package metadata lives in pyproject.toml; this file only adds the compiled extension.
 
 The C++/CUDA sources in csrc/ are compiled against the torch that is already installed, so install with
-``pip install --no-build-isolation -e .`` (an isolated build has no torch and installs no extension; the
-package then runs on its other backends and ``egma_kernels.available_backends()`` says so).
+``pip install --no-build-isolation -e .``. A plain ``pip install .`` builds in an isolated environment without
+torch: it installs no extension, and the package says so on its first import (a warning naming this command);
+the ``triton`` (GPU) and ``reference`` backends still work.
 
 What gets built into ``egma_kernels._C``:
 - always (when torch is importable): ``csrc/*.cpp``, the op schemas and the fused C++/OpenMP CPU kernels;
@@ -65,8 +66,10 @@ def extension_modules():
     except ImportError:
         if force_cuda:
             raise RuntimeError("EGMA_KERNELS_FORCE_CUDA=1 but torch is not importable in the build environment")
-        print("egma-kernels: torch is not importable in the build environment; installing without the "
-              "compiled backends (use pip install --no-build-isolation)")
+        # pip shows this only with -v; the package says it again on its first import (egma_kernels.compiled).
+        print("egma-kernels: WARNING: torch is not importable in the build environment (pip's default isolated "
+              "build); installing WITHOUT the compiled 'cpu'/'cuda' backends. To build them: "
+              'pip install "setuptools>=77" wheel ninja pybind11 && pip install --no-build-isolation .')
         return [], {}
 
     # Decide on CUDA from the torch build and the toolkit, never from torch.cuda.is_available().

@@ -32,6 +32,8 @@ class Backend:
     auto_devices: Optional[tuple] = None
     # Whether the loss/similarity functions take ``max_seqlen=`` (the longest report, a host int).
     wants_max_seqlen: bool = False
+    # Why it is unavailable, in words with the fix where there is one (None: no reason known).
+    why_unavailable: Optional[Callable[[], Optional[str]]] = None
 
 
 _REGISTRY: Dict[str, Backend] = {}
@@ -56,9 +58,31 @@ def known_backends() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def available_backends(device: Optional[str] = None, *, auto: bool = False) -> List[str]:
+def _device_type(device) -> str:
+    """The device type of ``device`` (a ``torch.device`` or a string such as "cpu", "cuda", "cuda:1"),
+    refusing one that no registered backend runs on."""
+    if isinstance(device, torch.device):
+        kind = device.type
+    elif isinstance(device, str):
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            kind = device
+    else:
+        raise TypeError(f"device must be a string or torch.device, got {type(device).__name__}")
+    supported = sorted({d for b in _REGISTRY.values() for d in b.devices} | {"cpu", "cuda"})
+    if kind not in supported:
+        raise ValueError(f"unknown device {device!r}: egma_kernels backends run on {', '.join(supported)} tensors")
+    return kind
+
+
+def available_backends(device=None, *, auto: bool = False) -> List[str]:
     """Names of the backends that can run here, best first, optionally only those for a device type
-    ("cpu", "cuda"); with ``auto=True`` only those that ``backend=None`` may choose for that device."""
+    ("cpu", "cuda"; a device type no backend runs on raises ``ValueError``); with ``auto=True`` only those
+    that ``backend=None`` may choose for that device. Why a fused backend is missing:
+    ``unavailable_backends()``."""
+    if device is not None:
+        device = _device_type(device)
     names = []
     for b in sorted(_REGISTRY.values(), key=lambda b: (b.priority, b.name)):
         devices = (b.auto_devices if b.auto_devices is not None else b.devices) if auto else b.devices
@@ -69,12 +93,22 @@ def available_backends(device: Optional[str] = None, *, auto: bool = False) -> L
     return names
 
 
+def unavailable_backends() -> Dict[str, str]:
+    """``{name: why}`` for each registered backend that cannot run here (with the fix where there is one)."""
+    out = {}
+    for name in known_backends():
+        b = _REGISTRY[name]
+        if not b.is_available():
+            out[name] = (b.why_unavailable() if b.why_unavailable is not None else None) or "unavailable"
+    return out
+
+
 def resolve_backend(name: Optional[str], device: torch.device) -> Backend:
     """The backend to run for tensors on ``device``: ``name``, else ``$EGMA_KERNELS_BACKEND``, else the best."""
     if name is None:
         name = os.environ.get(ENV_BACKEND) or None
     if name is None or name == "auto":
-        candidates = available_backends(device.type, auto=True)
+        candidates = _available_for(device.type, auto=True)
         if not candidates:
             raise RuntimeError(f"no egma_kernels backend can run on {device.type} tensors")
         return _REGISTRY[candidates[0]]
@@ -83,12 +117,24 @@ def resolve_backend(name: Optional[str], device: torch.device) -> Backend:
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(known_backends())} (or None/'auto')")
     backend = _REGISTRY[name]
-    if not backend.is_available():
-        raise RuntimeError(
-            f"backend {name!r} is not available in this installation; available: {', '.join(available_backends())}"
-        )
+    # The device first: a backend for another device is refused for that reason, whatever this installation has.
     if device.type not in backend.devices:
         raise ValueError(
-            f"backend {name!r} runs on {', '.join(backend.devices)} tensors, but the inputs are on {device.type}"
+            f"backend {name!r} runs on {', '.join(backend.devices)} tensors, but the inputs are on {device.type}; "
+            f"for {device.type} tensors use one of: {', '.join(_available_for(device.type)) or 'none'}"
+        )
+    if not backend.is_available():
+        why = backend.why_unavailable() if backend.why_unavailable is not None else None
+        raise RuntimeError(
+            f"backend {name!r} is not available in this installation"
+            + (f": {why}" if why else "")
+            + f"; available for {device.type} tensors: {', '.join(_available_for(device.type)) or 'none'}"
         )
     return backend
+
+
+def _available_for(device_type: str, auto: bool = False) -> List[str]:
+    try:
+        return available_backends(device_type, auto=auto)
+    except ValueError:
+        return []

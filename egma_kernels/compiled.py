@@ -13,6 +13,9 @@ visible. ``"cpu"`` has priority 10, so it is the default for CPU tensors once bu
 
 from __future__ import annotations
 
+import glob
+import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -21,6 +24,18 @@ from . import _utils
 from ._validation import accumulation_dtype
 from .backends import Backend, register_backend
 from .reference import LossTerms
+
+# The command that builds the extension against the torch already installed, run in the source folder
+# (add -e for an editable install). pip's default isolated build has no torch, so it cannot build it.
+FIX_COMMAND = 'pip install "setuptools>=77" wheel ninja pybind11 && pip install --no-build-isolation .'
+# Set at run time (as at build time, where it builds nothing) to say a pure-Python install is intended:
+# then the missing extension is not announced on import.
+ENV_SKIP_EXTENSION = "EGMA_KERNELS_SKIP_EXTENSION"
+
+
+class ExtensionMissingWarning(UserWarning):
+    """Issued once, on import, when ``egma_kernels._C`` (the ``cpu`` and ``cuda`` backends) cannot be loaded."""
+
 
 try:  # the compiled extension is optional
     from . import _C  # noqa: F401  (loading it registers the ops)
@@ -31,6 +46,36 @@ except ImportError as exc:  # not built, or built against another torch
     _C = None
     _BUILD_INFO = {"version": None, "cuda": False, "cuda_archs": ""}
     _IMPORT_ERROR = exc
+
+
+def _missing_reason() -> Optional[str]:
+    """Why the extension is not loaded, in words (None when it is). A missing file makes Python's own
+    message a misleading "partially initialized module (most likely due to a circular import)"."""
+    if _C is not None:
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
+    if not files:
+        return ("the compiled extension egma_kernels._C is not installed (a plain `pip install .` builds in an "
+                "isolated environment without torch and silently skips it)")
+    return (f"the compiled extension {os.path.basename(files[0])} failed to load ({_IMPORT_ERROR}); it was "
+            f"probably built against another torch or Python (torch here: {torch.__version__})")
+
+
+def missing_message() -> Optional[str]:
+    """What is missing and the command that fixes it; None when the extension is loaded."""
+    why = _missing_reason()
+    if why is None:
+        return None
+    return (f"egma_kernels: the fused 'cpu' and 'cuda' backends are unavailable: {why}. CPU tensors fall back "
+            f"to the slower 'reference' backend (CUDA tensors still get 'triton'). To build them, run in the "
+            f"source folder: {FIX_COMMAND}")
+
+
+if _C is None and os.environ.get(ENV_SKIP_EXTENSION, "0").strip().lower() not in ("1", "true", "yes", "on"):
+    # Once per process (the module is imported once); EGMA_KERNELS_SKIP_EXTENSION=1 says it is intended.
+    warnings.warn(missing_message() + f" (or set {ENV_SKIP_EXTENSION}=1 if a pure-Python install is intended)",
+                  ExtensionMissingWarning)
 
 CPU_PRIORITY = 10
 # backend=None/"auto" on CUDA tensors takes the Triton backend (priority 5) first: it does no host
@@ -47,11 +92,14 @@ def extension_loaded() -> bool:
 
 
 def build_info() -> dict:
-    """``{"version", "cuda", "cuda_archs"}`` of the loaded extension, plus ``"error"`` when it failed to load."""
+    """``{"version", "cuda", "cuda_archs", "loaded"}`` of the extension; when it is not loaded also ``"error"``
+    (why, in words), ``"fix"`` (the command that builds it) and ``"import_error"`` (Python's message)."""
     info = dict(_BUILD_INFO)
     info["loaded"] = _C is not None
-    if _IMPORT_ERROR is not None:
-        info["error"] = str(_IMPORT_ERROR)
+    if _C is None:
+        info["error"] = _missing_reason()
+        info["fix"] = FIX_COMMAND
+        info["import_error"] = str(_IMPORT_ERROR)
     return info
 
 
@@ -236,6 +284,21 @@ def _cuda_available() -> bool:
     return cuda_kernels_built() and torch.cuda.is_available()
 
 
+def _cpu_why_unavailable() -> Optional[str]:
+    return missing_message()
+
+
+def _cuda_why_unavailable() -> Optional[str]:
+    if _C is None:
+        return missing_message()
+    if not cuda_kernels_built():
+        return ("the extension was built without its CUDA kernels (a CPU build of torch, no CUDA toolkit found, "
+                "or EGMA_KERNELS_SKIP_CUDA=1 at build time)")
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return None
+
+
 register_backend(
     Backend(
         name="cpu",
@@ -243,6 +306,7 @@ register_backend(
         similarity=filip_similarity_compiled,
         devices=("cpu",),
         is_available=_cpu_available,
+        why_unavailable=_cpu_why_unavailable,
         priority=CPU_PRIORITY,
     )
 )
@@ -253,6 +317,7 @@ register_backend(
         similarity=filip_similarity_compiled,
         devices=("cuda",),
         is_available=_cuda_available,
+        why_unavailable=_cuda_why_unavailable,
         priority=CUDA_PRIORITY,
     )
 )

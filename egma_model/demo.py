@@ -14,6 +14,10 @@ Examples::
     egma-demo                   # default: 2000/500 images, one seed (about 5 minutes on 2 idle cores)
     egma-demo --quick           # smoke test (under 2 minutes)
     egma-demo --seeds 0,1,2     # the spread over seeds
+    egma-demo --gaze-fractions 0,0.05,0.1,0.5,1   # how much gaze is enough (synthetic data)
+
+The synthetic set goes into ``<out>/data`` (``<out>/data_quick`` with ``--quick``) unless ``--data`` names
+a folder.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -93,72 +98,49 @@ def _first_sentences(sent, texts):
 # ---------------------------------------------------------------------------------------------- figure
 
 
-def _heat_overlay(grey: np.ndarray, heat: Optional[np.ndarray], size) -> "Image.Image":
-    from PIL import Image
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
 
-    base = Image.fromarray((np.clip(grey, 0, 1) * 255).astype(np.uint8)).convert("RGB").resize(size)
-    if heat is None:
-        return base
-    h = np.asarray(heat, dtype=np.float64)
-    h = (h - h.min()) / (h.max() - h.min() + 1e-12)
-    hm = Image.fromarray((h * 255).astype(np.uint8)).resize(size, Image.BILINEAR)
-    a = np.asarray(hm, dtype=np.float64)[..., None] / 255.0
-    rgb = np.asarray(base, dtype=np.float64)
-    col = np.concatenate([np.full_like(a, 255), 255 * a, np.zeros_like(a)], -1)
-    out = rgb * (1 - 0.6 * a) + col * 0.6 * a
-    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    plt.rcParams.update({"font.size": 11, "axes.titlesize": 11, "axes.labelsize": 11, "legend.fontsize": 10})
+    return plt
 
 
-def _plot_curves(histories: Dict[str, List[Dict]], size=(900, 260)) -> "Image.Image":
-    from PIL import Image, ImageDraw
+def _moving_average(ys: np.ndarray, k: int) -> np.ndarray:
+    """Trailing mean over up to ``k`` steps (shorter at the start), same length as ``ys``."""
+    c = np.cumsum(np.insert(np.asarray(ys, dtype=np.float64), 0, 0.0))
+    idx = np.arange(1, len(ys) + 1)
+    lo = np.maximum(0, idx - k)
+    return (c[idx] - c[lo]) / (idx - lo)
 
-    W, H = size
-    im = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(im)
-    L, R, T, B = 60, 20, 25, 35
-    series = {}
-    for name, hist in histories.items():
-        ys = [h["contrastive"] for h in hist]
-        if ys:
-            k = max(1, len(ys) // 50)  # smooth with a running mean
-            sm = np.convolve(ys, np.ones(k) / k, mode="valid")
-            series[name] = sm
-    if not series:
-        return im
-    ymax = max(float(s.max()) for s in series.values())
-    ymin = min(float(s.min()) for s in series.values())
-    n = max(len(s) for s in series.values())
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    colours = {0: (200, 30, 30), 1: (30, 80, 200)}
-    for j, (name, s) in enumerate(series.items()):
-        pts = [(L + (W - L - R) * i / max(1, n - 1), H - B - (H - T - B) * (v - ymin) / max(1e-9, ymax - ymin))
-               for i, v in enumerate(s)]
-        d.line(pts, fill=colours[j % 2], width=2)
-        d.text((L + 10, T + 5 + 14 * j), f"{name}: contrastive loss (smoothed)", fill=colours[j % 2])
-    d.text((5, T), f"{ymax:.2f}", fill="black")
-    d.text((5, H - B - 10), f"{ymin:.2f}", fill="black")
-    d.text((W // 2 - 20, H - B + 8), "training step", fill="black")
-    return im
+
+LOSS_TERMS = (("loss", "total loss"), ("contrastive", "contrastive (FILIP)"), ("gaze_mlce", "gaze labels (MLCE)"),
+              ("mapping", "gaze-guided mapping"))
 
 
 def make_figure(path, data_dir, test_records, boxes, sims_by_run: Dict[str, torch.Tensor], gaze_maps, grid,
-                histories, n_show: int = 5):
-    """Rows: test images with a finding; columns: image + box, gaze heatmap of the finding sentence, then each
-    run's sentence-to-patch similarity map. Training curves below."""
-    from PIL import Image, ImageDraw
+                histories, n_show: int = 5, caption: str = ""):
+    """Rows: test images with a finding. Columns: the image with the finding box, the gaze heatmap of the finding
+    sentence, then each run's sentence-to-patch similarity map, each map on the patch grid with its colour bar,
+    the box and its hottest patch (x). Below: every loss term of every run against the training step."""
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
 
     from .data import load_image
 
-    cell = (168, 154)
-    cols = 2 + len(sims_by_run)
-    header = 40
+    plt = _pyplot()
     rows = min(n_show, len(gaze_maps))
-    curves = _plot_curves(histories, size=(cell[0] * cols, 240))
-    canvas = Image.new("RGB", (cell[0] * cols, header + rows * (cell[1] + 16) + curves.size[1]), "white")
-    d = ImageDraw.Draw(canvas)
-    titles = ["image + finding box", "gaze (finding sentence)"] + [f"similarity: {k}" for k in sims_by_run]
-    for c, t in enumerate(titles):
-        d.text((c * cell[0] + 4, 12), t, fill="black")
+    cols = 2 + len(sims_by_run)
+    fig = plt.figure(figsize=(3.6 * max(cols, 4), 3.3 * rows + 4.2), dpi=100)
+    outer = fig.add_gridspec(2, 1, height_ratios=[3.3 * rows, 3.0], hspace=0.15)
+    top = outer[0].subgridspec(rows, cols, hspace=0.35, wspace=0.35)
+    gh, gw = grid
+    titles = ["image + finding box", "radiologist gaze"] + [f"similarity: {k}" for k in sims_by_run]
     for r in range(rows):
         rec, box, sentence = test_records[r]
         grey = load_image(rec.image)
@@ -167,18 +149,73 @@ def make_figure(path, data_dir, test_records, boxes, sims_by_run: Dict[str, torc
         sq = np.zeros((side, side))
         oy, ox = (side - H) // 2, (side - W) // 2
         sq[oy : oy + H, ox : ox + W] = grey
-        y0 = header + r * (cell[1] + 16)
-        img = _heat_overlay(sq, None, cell)
-        dd = ImageDraw.Draw(img)
-        sx, sy = cell[0] / side, cell[1] / side
-        dd.rectangle([(box[0] + ox) * sx, (box[1] + oy) * sy, (box[2] + ox) * sx, (box[3] + oy) * sy], outline=(0, 255, 0))
-        canvas.paste(img, (0, y0))
-        canvas.paste(_heat_overlay(sq, gaze_maps[r].reshape(grid), cell), (cell[0], y0))
-        for c, (k, sims) in enumerate(sims_by_run.items()):
-            canvas.paste(_heat_overlay(sq, sims[r].reshape(grid).numpy(), cell), ((2 + c) * cell[0], y0))
-        d.text((4, y0 + cell[1] + 2), sentence[: 26 * cols], fill="black")
-    canvas.paste(curves, (0, header + rows * (cell[1] + 16)))
-    canvas.save(path)
+        bx = (box[0] + ox, box[1] + oy, box[2] - box[0], box[3] - box[1])
+        maps = [None, gaze_maps[r]] + [sims[r].numpy() for sims in sims_by_run.values()]
+        for c in range(cols):
+            ax = fig.add_subplot(top[r, c])
+            ax.imshow(sq, cmap="gray", extent=(0, side, side, 0), vmin=0, vmax=1)
+            m = maps[c]
+            if m is not None:
+                m = np.asarray(m, dtype=np.float64).reshape(gh, gw)
+                # patches without gaze stay clear, so the anatomy shows where nobody looked
+                shown = np.ma.masked_where(m <= 0, m) if c == 1 else m
+                im = ax.imshow(shown, cmap="inferno", alpha=0.6, extent=(0, side, side, 0), interpolation="nearest",
+                               vmin=0 if c == 1 else None)
+                cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+                cb.ax.tick_params(labelsize=9)
+                cb.set_label("gaze heat" if c == 1 else "cosine similarity", fontsize=9)
+                k = int(np.argmax(m))
+                py, px = (k // gw + 0.5) * side / gh, (k % gw + 0.5) * side / gw
+                inside = bx[0] <= px <= bx[0] + bx[2] and bx[1] <= py <= bx[1] + bx[3]
+                ax.plot([px], [py], marker="x", color="cyan", markersize=12, markeredgewidth=3)
+                ax.set_xlabel("peak in box" if inside else "peak outside box", fontsize=10,
+                              color="darkgreen" if inside else "firebrick")
+            ax.add_patch(Rectangle(bx[:2], bx[2], bx[3], fill=False, edgecolor="lime", linewidth=2))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlim(0, side)
+            ax.set_ylim(side, 0)
+            if r == 0:
+                ax.set_title(titles[c], fontsize=11, fontweight="bold")
+            if c == 0:  # the finding sentence, on at most two lines within the panel's width
+                lines = textwrap.wrap(f'"{sentence}"', 34)
+                text = "\n".join(lines[:2]) + ("..." if len(lines) > 2 else "")
+                ax.set_xlabel(text, fontsize=10)
+    bottom = outer[1].subgridspec(1, len(LOSS_TERMS), wspace=0.3)
+    n_steps = max((len(h) for h in histories.values()), default=0)
+    k = max(1, n_steps // 15) if n_steps >= 20 else 1
+    colours = ["tab:red", "tab:blue", "tab:green", "tab:purple"]
+    handles = []
+    for j, (key, label) in enumerate(LOSS_TERMS):
+        ax = fig.add_subplot(bottom[0, j])
+        for i, (name, hist) in enumerate(histories.items()):
+            steps = np.array([h["step"] for h in hist])
+            ys = np.array([h[key] for h in hist], dtype=np.float64)
+            if not len(ys):
+                continue
+            colour = colours[i % len(colours)]
+            if k > 1:
+                ax.plot(steps, ys, color=colour, linewidth=0.8, alpha=0.35)
+                line, = ax.plot(steps, _moving_average(ys, k), color=colour, linewidth=2.2, label=name)
+            else:
+                line, = ax.plot(steps, ys, color=colour, linewidth=1.8, marker=".", label=name)
+            if j == 0:
+                handles.append(line)
+        ax.set_title(label + (" (0 without gaze)" if key == "gaze_mlce" else ""), fontsize=11)
+        ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+        if j == 0:
+            ax.set_ylabel("loss")
+        ax.grid(True, alpha=0.3)
+    smoothing = (f"thin lines: every step; thick: moving average over {k} steps" if k > 1
+                 else "every step (too few steps to smooth)")
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
+               bbox_to_anchor=(0.5, 0.0), title=f"training run ({smoothing})")
+    if caption:
+        fig.suptitle(caption, fontsize=12, y=0.995)
+    fig.subplots_adjust(left=0.04, right=0.93, top=0.95, bottom=0.075)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------- demo
@@ -193,18 +230,36 @@ def _fmt(vals):
     return f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
 
 
-def run_demo(data_dir: str, out_dir: str, *, n_train: int = 2000, n_test: int = 500, seeds: Sequence[int] = (0,),
-             steps: int = 200, batch_size: int = 32, lr: float = 5e-4, image_model: str = "vit_base_patch16_224",
-             image_size: int = 112, data_seed: int = 0, threads: Optional[int] = None, progress: bool = True,
-             figure: bool = True) -> Dict:
+class _torch_threads:
+    """``torch.set_num_threads(n)`` for a block (no change for None), restored after it."""
+
+    def __init__(self, n: Optional[int]):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def run_demo(*args, threads: Optional[int] = None, **kwargs) -> Dict:
+    """The with/without-gaze comparison (see the module docstring); ``threads``: torch CPU threads meanwhile."""
+    with _torch_threads(threads):
+        return _run_demo(*args, **kwargs)
+
+
+def _run_demo(data_dir: str, out_dir: str, *, n_train: int = 2000, n_test: int = 500, seeds: Sequence[int] = (0,),
+              steps: int = 200, batch_size: int = 32, lr: float = 5e-4, image_model: str = "vit_base_patch16_224",
+              image_size: int = 112, data_seed: int = 0, progress: bool = True, figure: bool = True) -> Dict:
     t_start = time.time()
-    if threads:
-        torch.set_num_threads(threads)
-    if not os.path.isfile(os.path.join(data_dir, "synthetic.json")):
-        print(f"egma-demo: generating the synthetic set in {data_dir} ({n_train} train / {n_test} test images)")
-        t0 = time.time()
-        synthetic.generate(data_dir, n_train, n_test, seed=data_seed, progress=progress)
-        print(f"egma-demo: generated in {time.time() - t0:.0f} s")
+    if figure and _pyplot() is None:
+        print("egma-demo: no figure: it needs matplotlib (pip install matplotlib, or the [model] extra)")
+        figure = False
+    smoke = steps < SMOKE_STEPS
+    _ensure_data(data_dir, n_train, n_test, data_seed, progress)
     meta = json.load(open(os.path.join(data_dir, "synthetic.json")))
     width, height = meta["width"], meta["height"]
     sigma = 0.06 * max(width, height)  # about one visual degree on a real CXR reading (~150 px of ~2500)
@@ -275,17 +330,186 @@ def run_demo(data_dir: str, out_dir: str, *, n_train: int = 2000, n_test: int = 
                      boxes[os.path.relpath(test_recs[i].image, data_dir)]["finding_sentence"]) for i in pick]
             gm = [gaze_maps[show.index(i)] for i in pick]
             hist = {k: results["runs"][k][0]["history"] for k in runs}
+            caption = (f"Synthetic data (egma-demo), seed {seed}, {steps} steps on {len(train_recs)} images"
+                       + (": a smoke test, the maps and curves show only that the code runs" if smoke else ""))
             make_figure(os.path.join(out_dir, "demo_figure.png"), data_dir, recs, boxes, sims, gm,
-                        models["EGMA (gaze)"][0].grid, hist)
+                        models["EGMA (gaze)"][0].grid, hist, caption=caption)
             results["figure"] = os.path.join(out_dir, "demo_figure.png")
     results["table"] = _table(results)
+    results["smoke_test"] = smoke
     results["elapsed_s"] = round(time.time() - t_start, 1)
     with open(os.path.join(out_dir, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=1)
+    if smoke:
+        print(SMOKE_NOTE.format(steps=steps, n=len(train_recs)))
     print(results["table"])
     print(f"egma-demo: results in {os.path.join(out_dir, 'demo_results.json')}"
           + (f", figure {results['figure']}" if "figure" in results else "") + f" ({results['elapsed_s']:.0f} s)")
     return results
+
+
+SMOKE_STEPS = 100  # fewer training steps than this: the numbers are a smoke test
+SMOKE_NOTE = ("egma-demo: SMOKE TEST ONLY: {steps} steps on {n} images prove nothing about gaze; these numbers only "
+              "show that the pipeline runs end to end (egma-demo without --quick trains 200 steps on 2000 images)")
+
+
+def _ensure_data(data_dir: str, n_train: int, n_test: int, data_seed: int, progress: bool) -> None:
+    """Generate the synthetic set in ``data_dir`` unless it is there, saying where and how much."""
+    if os.path.isfile(os.path.join(data_dir, "synthetic.json")):
+        print(f"egma-demo: using the synthetic set in {data_dir}")
+        return
+    print(f"egma-demo: generating the synthetic set ({n_train} train / {n_test} test images, about "
+          f"{(n_train + n_test) * 0.065:.0f} MB) in {os.path.abspath(data_dir)}")
+    t0 = time.time()
+    synthetic.generate(data_dir, n_train, n_test, seed=data_seed, progress=progress)
+    print(f"egma-demo: generated in {time.time() - t0:.0f} s")
+
+
+def _fraction_label(f: float) -> str:
+    return f"{100 * f:g}%"
+
+
+def run_gaze_fractions(*args, threads: Optional[int] = None, **kwargs) -> Dict:
+    """How much gaze is enough (the question of the EGMA paper's Table 4), on the synthetic set: for each
+    fraction, pre-train with gaze on that share of the training images (nested subsets: the 5% are inside the
+    10%), same seeds, initialisation, data order and steps, and score localisation and retrieval on the test
+    set. Writes ``gaze_fractions.json``, ``gaze_fractions.md`` and ``gaze_fractions.png`` into ``out_dir``."""
+    with _torch_threads(threads):
+        return _run_gaze_fractions(*args, **kwargs)
+
+
+def _run_gaze_fractions(data_dir: str, out_dir: str, fractions: Sequence[float], *, n_train: int = 2000,
+                        n_test: int = 500, seeds: Sequence[int] = (0,), steps: int = 200, batch_size: int = 32,
+                        lr: float = 5e-4, image_model: str = "vit_base_patch16_224", image_size: int = 112,
+                        data_seed: int = 0, progress: bool = True) -> Dict:
+    import dataclasses
+
+    t_start = time.time()
+    _ensure_data(data_dir, n_train, n_test, data_seed, progress)
+    meta = json.load(open(os.path.join(data_dir, "synthetic.json")))
+    width, height = meta["width"], meta["height"]
+    sigma = 0.06 * max(width, height)
+    os.makedirs(out_dir, exist_ok=True)
+    train_recs = load_manifest(os.path.join(data_dir, "train.csv"))
+    test_recs = load_manifest(os.path.join(data_dir, "test.csv"))
+    boxes = json.load(open(os.path.join(data_dir, "boxes.json")))
+    prompts = os.path.join(data_dir, "prompts.json")
+    order = np.random.default_rng(data_seed + 1).permutation(len(train_recs))
+    gaze_cache: Dict = {}  # index -> (sentences, gaze) computed with gaze, shared by all runs
+    per_fraction: Dict[float, List[Dict]] = {}
+    for f in sorted(set(fractions), reverse=True):  # the largest first: it fills the gaze cache for the rest
+        keep = set(order[: int(round(f * len(train_recs)))].tolist())
+        recs = [r if i in keep else dataclasses.replace(r, gaze_format="", gaze=None, gaze_transcript=None)
+                for i, r in enumerate(train_recs)]
+        for seed in seeds:
+            print(f"egma-demo: gaze on {_fraction_label(f)} of the training images ({len(keep)}), seed {seed}: "
+                  f"training for {steps} steps")
+            cache = {i: (sg[0], sg[1] if i in keep else None) for i, sg in gaze_cache.items()}
+            a = TrainArgs(manifest=os.path.join(data_dir, "train.csv"),
+                          out=os.path.join(out_dir, "gaze_fraction_runs", f"f{f:g}_seed{seed}"), preset="tiny",
+                          image_model=image_model, image_size=image_size, max_steps=steps, batch_size=batch_size,
+                          lr=lr, warmup_steps=max(1, steps // 10), seed=seed, no_gaze=False, sigma=sigma,
+                          save_every=0, progress=progress)
+            res = train(a, records=recs, cache=cache)
+            for i, sg in cache.items():
+                if i in keep:
+                    gaze_cache[i] = sg
+            model, tok = res["model"], res["tokenizer"]
+            model.eval()
+            ev = evaluate("", os.path.join(data_dir, "test.csv"), prompts, tasks=("zeroshot", "retrieval"),
+                          model=model, tokenizer=tok, progress=False)
+            ds = EGMADataset(test_recs, image_size=model.config.image_size, grid=model.grid, use_gaze=False)
+            imgs = encode_dataset(model, ds, progress=False)
+            loc = localisation_score(model, tok, data_dir, imgs, test_recs, boxes, width, height)
+            per_fraction.setdefault(f, []).append({
+                "seed": seed, "n_gaze_images": len(keep), "final_loss": res["final_loss"],
+                "localisation": loc.get("pointing_accuracy"), "chance": loc.get("chance"),
+                "image_to_text_p@1": ev["retrieval"]["fine"]["image_to_text_p@1"],
+                "text_to_image_p@1": ev["retrieval"]["fine"]["text_to_image_p@1"],
+                "zeroshot_accuracy": ev["zeroshot"]["fine"]["accuracy"]})
+    fr = sorted(per_fraction)
+    smoke = steps < SMOKE_STEPS
+    results = {"config": dict(n_train=len(train_recs), n_test=len(test_recs), seeds=list(seeds), steps=steps,
+                              batch_size=batch_size, lr=lr, image_model=image_model, image_size=image_size,
+                              data=meta, device=_device_name()),
+               "synthetic_data": True, "smoke_test": smoke,
+               "fractions": [{"fraction": f, "runs": per_fraction[f]} for f in fr]}
+    keys = [("localisation", "localisation pointing acc."), ("image_to_text_p@1", "image->text P@1 (fine)"),
+            ("text_to_image_p@1", "text->image P@1 (fine)"), ("zeroshot_accuracy", "zero-shot acc. (fine)")]
+    n = len(seeds)
+    head = (f"| gaze on (share of {len(train_recs)} training images) | "
+            + " | ".join(f"{lab} ({'mean ± sd over %d seeds' % n if n > 1 else 'seed %d' % seeds[0]})" for _, lab in keys)
+            + " |")
+    lines = [f"Synthetic data (egma-demo), not the EGMA paper's Table 4: {steps} steps, batch {batch_size}, "
+             f"{len(test_recs)} test images; localisation chance {np.mean([r['chance'] for r in per_fraction[fr[0]]]):.3f}.",
+             "", head, "|" + "---|" * (len(keys) + 1)]
+    for f in fr:
+        lines.append(f"| {_fraction_label(f)} ({per_fraction[f][0]['n_gaze_images']}) | "
+                     + " | ".join(_fmt([r[k] for r in per_fraction[f]]) for k, _ in keys) + " |")
+    results["table"] = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "gaze_fractions.md"), "w") as fh:
+        fh.write(results["table"])
+    plot = _plot_gaze_fractions(os.path.join(out_dir, "gaze_fractions.png"), per_fraction, results["config"], smoke)
+    if plot:
+        results["figure"] = plot
+    results["elapsed_s"] = round(time.time() - t_start, 1)
+    with open(os.path.join(out_dir, "gaze_fractions.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    if smoke:
+        print(SMOKE_NOTE.format(steps=steps, n=len(train_recs)))
+    print(results["table"])
+    print(f"egma-demo: gaze-fraction results in {os.path.join(out_dir, 'gaze_fractions.md')} and .json"
+          + (f", plot {plot}" if plot else "") + f" ({results['elapsed_s']:.0f} s)")
+    return results
+
+
+def _plot_gaze_fractions(path: str, per_fraction: Dict[float, List[Dict]], config: Dict, smoke: bool) -> Optional[str]:
+    """Localisation and retrieval against the share of training images with gaze, titled as synthetic data."""
+    plt = _pyplot()
+    if plt is None:
+        print("egma-demo: no gaze-fraction plot: it needs matplotlib (pip install matplotlib)")
+        return None
+    fr = sorted(per_fraction)
+    xs = np.arange(len(fr))  # equally spaced: the fractions span two orders of magnitude
+
+    def stats(key):
+        v = np.array([[r[key] for r in per_fraction[f]] for f in fr], dtype=np.float64)
+        sd = v.std(axis=1, ddof=1) if v.shape[1] > 1 else np.zeros(len(fr))
+        return v.mean(axis=1), sd
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), dpi=100)
+    m, sd = stats("localisation")
+    axes[0].errorbar(xs, m, yerr=sd, marker="o", capsize=4, linewidth=2, color="tab:red", label="EGMA model")
+    chance = float(np.mean([r["chance"] for f in fr for r in per_fraction[f]]))
+    axes[0].axhline(chance, color="gray", linestyle="--", label=f"chance ({chance:.3f})")
+    axes[0].set_ylabel("localisation: finding sentence's peak patch in the box")
+    axes[0].set_title("localisation")
+    for key, label, colour in (("image_to_text_p@1", "image -> text P@1", "tab:blue"),
+                               ("text_to_image_p@1", "text -> image P@1", "tab:green")):
+        m, sd = stats(key)
+        axes[1].errorbar(xs, m, yerr=sd, marker="o", capsize=4, linewidth=2, color=colour, label=label)
+    axes[1].set_ylabel("retrieval precision@1 (fine-grained scores)")
+    axes[1].set_title("retrieval")
+    for ax in axes:
+        ax.set_xticks(xs)
+        ax.set_xticklabels([_fraction_label(f) for f in fr])
+        ax.set_xlabel("share of training images with gaze")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best")
+    seeds = config["seeds"]
+    fig.suptitle("How much gaze is enough? SYNTHETIC data (egma-demo), not the EGMA paper's Table 4", fontsize=13,
+                 fontweight="bold")
+    fig.text(0.5, 0.01, f"{config['n_train']} synthetic training images, {config['steps']} steps, batch "
+             f"{config['batch_size']}, " + (f"{len(seeds)} seeds (bars: sd over seeds)" if len(seeds) > 1 else
+                                            "one seed (no spread shown)") + "; "
+             f"{config['n_test']} test images. Synthetic X-rays and gaze: says nothing about real chest X-rays."
+             + (" SMOKE TEST: too few steps to mean anything." if smoke else ""), ha="center", fontsize=10,
+             wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.94))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _device_name() -> str:
@@ -332,28 +556,54 @@ def _table(results) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="egma-demo", description="EGMA with and without gaze on a synthetic "
-                                "gaze-annotated chest X-ray set (CPU)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="egma_demo_data", help="synthetic set folder (generated if absent)")
-    p.add_argument("--out", default="egma_demo_out", help="results folder")
-    p.add_argument("--quick", action="store_true", help="small set and few steps (smoke test)")
+def _fractions(text: str) -> List[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from egma_kernels.bench.cli import HelpFormatter  # says each option's default once
+
+    p = argparse.ArgumentParser(prog="egma-demo", formatter_class=HelpFormatter,
+                                description="EGMA with and without gaze on a synthetic gaze-annotated chest X-ray set, "
+                                "on the CPU: generates the set, pre-trains both models, prints and writes the "
+                                "comparison and a figure. The synthetic numbers say nothing about real X-rays.")
+    p.add_argument("--out", default="egma_demo_out", help="results folder: demo_results.json, demo_figure.png, the "
+                   "trained models and, unless --data says otherwise, the synthetic set")
+    p.add_argument("--data", default=None, help="synthetic set folder, generated if absent (default: <out>/data, "
+                   "<out>/data_quick with --quick)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 200/60 images and 30 steps, well under 2 "
+                   "minutes on 2 idle cores; its numbers mean nothing")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 200; quick 30)")
-    p.add_argument("--n-train", type=int, default=None, help="default 2000 (quick 200)")
-    p.add_argument("--n-test", type=int, default=None, help="default 500 (quick 60)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-figure", action="store_true")
-    ns = p.parse_args(argv)
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 200, 30 with --quick)")
+    p.add_argument("--n-train", type=int, default=None, help="synthetic training images (default: 2000, 200 with "
+                   "--quick)")
+    p.add_argument("--n-test", type=int, default=None, help="synthetic test images (default: 500, 60 with --quick)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per training step")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic set")
+    p.add_argument("--gaze-fractions", type=_fractions, default=None, metavar="F,F,...",
+                   help="instead of the with/without comparison, train with gaze on each share of the training images "
+                   "(e.g. 0,0.05,0.1,0.5,1; same seeds and steps) and write gaze_fractions.md/.json/.png "
+                   "(default: off)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own, lowered to "
+                   "the cores other work leaves idle; printed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-figure", action="store_true", help="skip demo_figure.png")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ns = build_parser().parse_args(argv)
     n_train = ns.n_train or (200 if ns.quick else 2000)
     n_test = ns.n_test or (60 if ns.quick else 500)
     steps = ns.steps or (30 if ns.quick else 200)
-    data = ns.data if not ns.quick or ns.data != "egma_demo_data" else "egma_demo_data_quick"
+    data = ns.data or os.path.join(ns.out, "data_quick" if ns.quick else "data")
     meta = os.path.join(data, "synthetic.json")
     if os.path.isfile(meta):
         m = json.load(open(meta))
@@ -361,8 +611,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"egma-demo: error: {data} holds a set of {m['n_train']}/{m['n_test']} images (seed {m['seed']}); "
                   f"use another --data folder", file=sys.stderr)
             return 2
-    run_demo(data, ns.out, n_train=n_train, n_test=n_test, seeds=[int(s) for s in ns.seeds.split(",")], steps=steps,
-             batch_size=ns.batch_size, lr=ns.lr, data_seed=ns.data_seed, threads=ns.threads,
+    threads = ns.threads
+    if threads is None and not torch.cuda.is_available():
+        # A shared CPU: as many threads as idle cores (torch's threads wait for each other at every op).
+        from egma_kernels.bench.cli import choose_threads
+
+        threads, why = choose_threads(torch.get_num_threads())
+        print(f"egma-demo: torch CPU threads: {why}")
+    seeds = [int(s) for s in ns.seeds.split(",")]
+    if ns.gaze_fractions is not None:
+        run_gaze_fractions(data, ns.out, ns.gaze_fractions, n_train=n_train, n_test=n_test, seeds=seeds, steps=steps,
+                           batch_size=ns.batch_size, lr=ns.lr, data_seed=ns.data_seed, threads=threads,
+                           progress=not ns.no_progress)
+        return 0
+    run_demo(data, ns.out, n_train=n_train, n_test=n_test, seeds=seeds, steps=steps,
+             batch_size=ns.batch_size, lr=ns.lr, data_seed=ns.data_seed, threads=threads,
              progress=not ns.no_progress, figure=not ns.no_figure)
     return 0
 

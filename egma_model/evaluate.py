@@ -353,23 +353,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .paper_table import main as paper_table_main
 
         return paper_table_main(argv)
+    from egma_kernels.bench.cli import HelpFormatter  # says each option's default once
+
     p = argparse.ArgumentParser(prog="egma-eval", description="Evaluate an EGMA checkpoint (zero-shot, retrieval, "
-                                "linear probe)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "linear probe)", formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="folder written by egma-train (<out>/final)")
     p.add_argument("--manifest", required=True, help="test manifest with labels")
-    p.add_argument("--split", default=None)
-    p.add_argument("--prompts", default=None, help="JSON with class prompts (and optional retrieval queries)")
+    p.add_argument("--split", default=None, help="use only manifest rows with this 'split' value (default: every row)")
+    p.add_argument("--prompts", default=None, help="JSON with class prompts and optional retrieval queries; needed by zeroshot and "
+                   "retrieval (default: none)")
     p.add_argument("--tasks", default="zeroshot,retrieval", help="comma-separated: zeroshot, retrieval, probe")
-    p.add_argument("--train-manifest", default=None, help="labelled training manifest for the linear probe")
-    p.add_argument("--train-split", default=None)
-    p.add_argument("--scoring", default="fine,global", help="fine (FILIP) and/or global")
-    p.add_argument("--reduce", default="max", choices=["max", "mean"], help="over a class's prompts")
+    p.add_argument("--train-manifest", default=None, help="labelled training manifest for the linear probe, needed by probe "
+                   "(default: none)")
+    p.add_argument("--train-split", default=None, help="use only --train-manifest rows with this 'split' value "
+                   "(default: every row)")
+    p.add_argument("--scoring", default="fine,global", help="comma-separated scorings: fine (FILIP late interaction), global (pooled)")
+    p.add_argument("--reduce", default="max", choices=["max", "mean"], help="how a class's score combines its prompts' scores")
     p.add_argument("--fractions", default="0.01,0.1,1", help="linear-probe label fractions")
     p.add_argument("--seeds", default="0,1,2", help="linear-probe seeds")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=None, help="write the results JSON here")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoding batch")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--out", default=None, help="also write the results JSON to this file (default: stdout only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     ns = p.parse_args(argv)
     try:
         res = evaluate(ns.checkpoint, ns.manifest, ns.prompts, tasks=ns.tasks.split(","), split=ns.split,

@@ -274,14 +274,15 @@ def _init_from_checkpoint(model: EGMAModel, a: TrainArgs) -> None:
 def _add_model_source_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("encoder source")
     g.add_argument("--image-library", default=None, choices=["timm", "transformers"],
-                   help="timm (default) or transformers (e.g. MedCLIP's Swin; --image-model is then a hub id or folder)")
+                   help="timm or transformers (e.g. MedCLIP's Swin; --image-model is then a hub id or folder) (default: timm)")
     g.add_argument("--image-pretrained", action="store_true",
                    help="timm: the hub's pretrained weights for --image-model (the hub cache when HF_HUB_OFFLINE=1)")
     g.add_argument("--proj-bias", default=None, choices=["yes", "no"],
-                   help="bias in the projections to the embedding (default yes; no with --init-from)")
+                   help="bias in the projections to the embedding (default: yes; no with --init-from)")
     g.add_argument("--init-from", default=None, metavar="FILE",
                    help="a MedCLIP-ViT checkpoint (pytorch_model.bin or its folder): its weights are mapped onto the "
-                        "model (Swin, Bio_ClinicalBERT, projections, temperature); missing/unused keys are listed")
+                        "model (Swin, Bio_ClinicalBERT, projections, temperature); missing/unused keys are listed "
+                        "(default: none, the encoders' own initialisation)")
 
 
 def _with_model_source(ns, a: TrainArgs) -> TrainArgs:
@@ -437,47 +438,58 @@ def _floats(s: str) -> List[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="egma-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from egma_kernels.bench.cli import HelpFormatter  # says each option's default once
+
+    p = argparse.ArgumentParser(prog="egma-train", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                formatter_class=HelpFormatter)
     d = TrainArgs(manifest="", out="")
     p.add_argument("--manifest", required=True, help="training manifest (.csv or .jsonl; see egma_model.data)")
     p.add_argument("--out", required=True, help="output folder (log.jsonl, checkpoint/, final/)")
-    p.add_argument("--split", default=None, help="use only manifest rows with this 'split' value")
-    p.add_argument("--preset", default=d.preset, choices=["tiny", "paper"])
-    p.add_argument("--image-model", default=None, help="timm model name (default swin_tiny_patch4_window7_224)")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--image-weights", default=None, help="local timm weights file for the image encoder")
-    p.add_argument("--text-model", default=None, help="local folder of a BERT-family model (and its tokenizer)")
-    p.add_argument("--tokenizer", default=None, help="local tokenizer folder (default: built from the reports)")
-    p.add_argument("--scales", default="-1", help="comma-separated encoder stages for the loss (Swin: 1,2,-1)")
-    p.add_argument("--embed-dim", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--clip-grad", type=float, default=d.clip_grad)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--split", default=None, help="use only manifest rows with this 'split' value (default: every row)")
+    p.add_argument("--preset", default=d.preset, choices=["tiny", "paper"],
+                   help="model size: tiny = small random encoders (CPU, 64-d embeddings), paper = Swin-Tiny and "
+                   "a Bio_ClinicalBERT-size text encoder, 512-d")
+    p.add_argument("--image-model", default=None, help="timm model name, or with --image-library transformers a hub id or folder (default: swin_tiny_patch4_window7_224)")
+    p.add_argument("--image-size", type=int, default=None, help="input image side in pixels (default: 224)")
+    p.add_argument("--image-weights", default=None, help="local timm weights file for the image encoder (default: random init)")
+    p.add_argument("--text-model", default=None, help="hub id (e.g. emilyalsentzer/Bio_ClinicalBERT) or local folder of a BERT-family model and its "
+                   "tokenizer (default: the preset's BERT configuration, random init)")
+    p.add_argument("--tokenizer", default=None, help="hub id or local folder of a tokenizer (default: the text model's, else built from the reports)")
+    p.add_argument("--scales", default="-1", help="comma-separated encoder stages for the loss, e.g. 1,2,-1 for three Swin stages "
+                   "(default: -1, the last)")
+    p.add_argument("--embed-dim", type=int, default=None, help="projection size (default: 64 with --preset tiny, 512 "
+                   "with paper)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the manifest")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (default: "
+                   "--epochs full passes)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (cosine decay after warm-up)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="steps of linear learning-rate warm-up")
+    p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="gradient norm clipping threshold")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation, data order and augmentation")
     p.add_argument("--no-gaze", action="store_true", help="train without the gaze terms (FILIP + mapping only)")
-    p.add_argument("--loss-weights", default="1,1,1", help="w_con,w_mlce,w_map")
+    p.add_argument("--loss-weights", default="1,1,1", help="weights of the contrastive, gaze MLCE and mapping terms, w_con,w_mlce,w_map")
     p.add_argument("--global-weight", type=float, default=d.global_weight, help="weight of a global CLIP term")
-    p.add_argument("--alpha", type=float, default=None)
+    p.add_argument("--alpha", type=float, default=None, help="weight of the MLCE directions (default: 0.5, or 0.8 "
+                   "with --egma-compat)")
     p.add_argument("--egma-compat", action="store_true", help="reproduce the original EGMA code's loss")
     p.add_argument("--sigma", type=float, default=d.sigma, help="fixation Gaussian sigma, original-image pixels")
-    p.add_argument("--min-heat", type=float, default=d.min_heat)
+    p.add_argument("--min-heat", type=float, default=d.min_heat, help="patch gaze heat below this (of the map's "
+                   "maximum) counts as none")
     p.add_argument("--raw-gaze", action="store_true",
                    help="REFLACX: detect fixations from gaze.csv (I-VT) instead of using fixations.csv")
-    p.add_argument("--max-sentences", type=int, default=d.max_sentences)
-    p.add_argument("--num-workers", type=int, default=d.num_workers)
-    p.add_argument("--device", default=None)
-    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--max-sentences", type=int, default=d.max_sentences, help="sentences kept per report")
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints in <out>/checkpoint, "
+                   "0 = only at the end")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--backend", default=None, help="egma_kernels backend (default: best available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--no-global-negatives", action="store_true",
-                   help="under torchrun: each process's contrastive term over its own batch only")
+                   help="under torchrun: each process's contrastive term over its own batch only (default: over every rank's batch)")
     _add_model_source_args(p)
     return p
 

@@ -211,3 +211,81 @@ def test_smoke_on_cuda(tmp_path):
             assert "cuda" in r["memory_method"] and r["scratch_bytes"] >= 0
         if r["dtype"] == "float64" and r["provider"] in ("loop", "reference"):
             assert r["max_abs_err"] <= 1e-9
+
+
+def test_smoke_table_names_the_winner(smoke):
+    _, records, out = smoke
+    table = open(os.path.join(out, "results.md")).read()
+    assert "Fastest provider per size and mode" in table
+    assert "- tiny float32 fwd+bwd: fastest **" in table
+
+
+def test_winner_lines():
+    from egma_kernels.bench.report import winner_lines
+
+    def rec(provider, ms, mode="full", size="egma", status="ok"):
+        return dict(provider=provider, median_ms=ms, mode=mode, size=size, dtype="float32", kind="loss", status=status)
+
+    lines = winner_lines([rec("floor (matmul)", 1.0, mode="forward"), rec("loop", 80.0), rec("reference", 40.0),
+                          rec("cpu", 10.0), rec("reference-compiled", 20.0), rec("cuda", 1.0, status="error"),
+                          rec("reference", 5.0, mode="forward"), rec("cpu", 4.9, mode="forward")])
+    assert lines[0] == ("- egma float32 fwd+bwd: fastest **cpu** 10.0 ms, 4.0x faster than reference (40.0 ms), "
+                        "2.0x faster than the next, reference-compiled (20.0 ms)")
+    assert lines[1] == "- egma float32 fwd: fastest **cpu** 4.90 ms, about as fast as reference (5.00 ms)"
+    assert len(lines) == 2
+
+
+def test_plot_dependency_checked_before_measuring(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    rc = cli.main(["--sizes", "tiny", "--providers", "reference", "--plot"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "--plot needs matplotlib" in captured.err
+    assert captured.out == "" and "floor" not in captured.err  # nothing was measured
+
+
+def test_default_threads_follow_the_idle_cores(monkeypatch):
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    for idle, default, want in ((0.0, 2, 1), (0.9, 2, 1), (1.9, 2, 2), (7.5, 2, 2), (3.0, 8, 3)):
+        monkeypatch.setattr(cli, "_idle_cores", lambda sample_s=0.5, v=idle: v)
+        threads, why = cli.choose_threads(default)
+        assert threads == want, (idle, default, threads)
+        assert f"{threads} of torch's {default}" in why
+    monkeypatch.setattr(cli, "_idle_cores", lambda sample_s=0.5: None)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    assert cli.choose_threads(2)[0] == 1
+    idle = cli._idle_cores(0.05)  # the real sampler: a number of cores, or None without /proc/stat
+    assert idle is None or 0.0 <= idle <= 2.0 + 1e-6
+
+
+def test_library_warnings_are_held_back_and_counted():
+    import io
+    import warnings
+
+    from egma_kernels.bench.harness import Progress
+
+    stream = io.StringIO()
+    progress = Progress(1, stream=stream)
+    with warnings.catch_warnings(record=True) as outer:
+        warnings.simplefilter("always")
+        with cli._library_messages_held(progress):
+            warnings.warn("deprecated thing", FutureWarning)
+            warnings.warn("deprecated thing", FutureWarning)
+    assert outer == []  # nothing reached the caller's warnings
+    assert "2 library warning(s) held back, 1 distinct; first: FutureWarning: deprecated thing" in stream.getvalue()
+
+
+def test_heartbeat_while_a_step_runs():
+    import io
+    import re
+    import time
+
+    from egma_kernels.bench.harness import Progress
+
+    stream = io.StringIO()
+    progress = Progress(1, stream=stream, heartbeat_s=0.2)
+    progress.working_on("egma float32 reference-compiled")
+    time.sleep(1.5)
+    progress.close()
+    assert re.search(r"still running after \d+ s: egma float32 reference-compiled", stream.getvalue())

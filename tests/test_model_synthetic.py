@@ -87,8 +87,13 @@ def test_images_look_like_a_chest(small_set):
 def test_demo_smoke(tmp_path):
     from egma_model.demo import run_demo
 
+    import torch
+
+    threads = torch.get_num_threads()
+    # one thread: tiny models, and a shared CPU (torch's threads wait for each other at every op)
     res = run_demo(str(tmp_path / "data"), str(tmp_path / "out"), n_train=24, n_test=12, seeds=[0], steps=2,
-                   batch_size=8, progress=False)
+                   batch_size=8, progress=False, threads=1)
+    assert torch.get_num_threads() == threads  # restored
     for name in ("EGMA (gaze)", "no gaze"):
         e = res["runs"][name][0]
         assert 0 <= e["zeroshot"]["fine"]["accuracy"] <= 1 and len(e["history"]) == 2
@@ -97,4 +102,39 @@ def test_demo_smoke(tmp_path):
     assert res["runs"]["EGMA (gaze)"][0]["history"][0]["gaze_mlce"] > 0.0
     assert os.path.isfile(tmp_path / "out" / "demo_figure.png")
     assert "zero-shot accuracy (fine)" in res["table"]
-    assert json.load(open(tmp_path / "out" / "demo_results.json"))["config"]["steps"] == 2
+    saved = json.load(open(tmp_path / "out" / "demo_results.json"))
+    assert saved["config"]["steps"] == 2 and saved["smoke_test"] is True
+
+
+def test_demo_cli_puts_its_data_under_out_and_labels_a_smoke_test(tmp_path, monkeypatch, capsys):
+    from egma_model.demo import main
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "out"
+    rc = main(["--out", str(out), "--n-train", "16", "--n-test", "8", "--steps", "2", "--batch-size", "8",
+               "--threads", "1", "--no-progress", "--no-figure"])
+    assert rc == 0
+    assert os.listdir(cwd) == []  # nothing in the working directory
+    assert os.path.isfile(out / "data" / "synthetic.json")
+    printed = capsys.readouterr().out
+    assert f"in {out / 'data'}" in printed  # says where the set goes
+    assert "SMOKE TEST ONLY: 2 steps" in printed and printed.index("SMOKE TEST") < printed.index("localisation")
+
+
+def test_gaze_fractions(tmp_path):
+    from egma_model.demo import run_gaze_fractions
+
+    res = run_gaze_fractions(str(tmp_path / "data"), str(tmp_path / "out"), [1, 0, 0.5], n_train=16, n_test=8,
+                             seeds=[0], steps=2, batch_size=8, progress=False, threads=1)
+    rows = res["fractions"]
+    assert [r["fraction"] for r in rows] == [0, 0.5, 1]
+    assert [r["runs"][0]["n_gaze_images"] for r in rows] == [0, 8, 16]
+    for r in rows:
+        assert 0 <= r["runs"][0]["localisation"] <= 1 and 0 <= r["runs"][0]["image_to_text_p@1"] <= 1
+    # no gaze at all trains without the gaze term: its loss is the no-gaze run's (MLCE 0)
+    assert res["synthetic_data"] and "not the EGMA paper's Table 4" in res["table"]
+    for name in ("gaze_fractions.md", "gaze_fractions.json", "gaze_fractions.png"):
+        assert os.path.isfile(tmp_path / "out" / name), name
+    assert "| 50% (8) |" in open(tmp_path / "out" / "gaze_fractions.md").read()

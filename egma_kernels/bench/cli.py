@@ -15,6 +15,7 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 from .sweeps import MODES, SIZES, SWEEPS, default_sweep_name, parse_size
@@ -37,45 +38,85 @@ def _split_sizes(text: Optional[str]) -> Optional[List[str]]:
     return items or None
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help with each option's default said once: " (default: X)" is appended unless the help already says
+    its default in words, or there is none to show (a flag, or None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "default" in text.lower()
+            or not action.option_strings
+            or action.default is None
+            or action.default is argparse.SUPPRESS
+            or isinstance(action.default, bool)
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _sweep_values(field: str) -> str:
+    """A sweep field as the help says it: "10 (cpu), 20 (gpu)"."""
+    vals = []
+    for name in ("cpu", "gpu"):
+        v = getattr(SWEEPS[name], field)
+        vals.append(f"{','.join(v) if isinstance(v, tuple) else v} ({name})")
+    return ", ".join(vals)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="egma-bench",
         description="Benchmark every implementation of the EGMA loss (fine_grained_loss) and the FILIP similarity "
         "available here: time (forward, backward, forward+backward), peak and scratch memory, error against "
-        "the float64 reference, and the ratio to a bare matmul (the floor).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "the float64 reference, and the ratio to a bare matmul (the floor). The table goes to stdout, progress "
+        "to stderr.",
+        formatter_class=HelpFormatter,
         epilog="Sizes: " + ", ".join(f"{n} ({s.describe()})" for n, s in SIZES.items())
-        + ". Ad-hoc sizes: loss:B=64,P=49[,D=512,max_sent=10,gaze_fraction=0.5] or similarity:B=800,P=49,reports=20.",
+        + ". Ad-hoc sizes: loss:B=64,P=49[,D=512,max_sent=10,gaze_fraction=0.5] or similarity:B=800,P=49,reports=20."
+        + " Sweeps: " + "; ".join(f"{n}: sizes {','.join(sw.sizes)}, dtypes {','.join(sw.dtypes)}" for n, sw in SWEEPS.items())
+        + ".",
     )
     p.add_argument("--sweep", choices=sorted(SWEEPS), help="named sweep (default: gpu with a CUDA device, else cpu)")
-    p.add_argument("--smoke", action="store_true", help="the tiny CI sweep (same as --sweep smoke)")
-    p.add_argument("--sizes", help="comma-separated sizes (names or ad-hoc specs), replacing the sweep's")
+    p.add_argument("--smoke", action="store_true", help="the tiny CI sweep, seconds (same as --sweep smoke)")
+    p.add_argument("--sizes", help="comma-separated sizes (names or ad-hoc specs) replacing the sweep's (default: "
+                   f"the sweep's, {_sweep_values('sizes')})")
     p.add_argument("--providers", help="comma-separated providers (default: loop, reference, reference-compiled and "
                    "every fused backend available here)")
-    p.add_argument("--modes", help=f"comma-separated modes out of {','.join(MODES)} (full = forward+backward)")
-    p.add_argument("--dtypes", help="comma-separated dtypes: float32, bfloat16, float16, float64")
-    p.add_argument("--repeats", type=int, help="timed runs per measurement (upper bound)")
-    p.add_argument("--warmup", type=int, help="untimed runs before each measurement")
-    p.add_argument("--max-time", type=float, dest="max_time", help="seconds after which a measurement stops repeating")
-    p.add_argument("--min-repeats", type=int, dest="min_repeats", help="timed runs at least")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--threads", type=int, help="torch CPU threads (torch.set_num_threads); default: torch's own")
+    p.add_argument("--modes", help=f"comma-separated modes out of {','.join(MODES)}, full = forward+backward "
+                   "(default: all three)")
+    p.add_argument("--dtypes", help="comma-separated dtypes out of float32, bfloat16, float16, float64 (default: the "
+                   f"sweep's, {_sweep_values('dtypes')})")
+    p.add_argument("--repeats", type=int, help=f"timed runs per measurement, at most (default: {_sweep_values('repeats')})")
+    p.add_argument("--warmup", type=int, help=f"untimed runs before each measurement (default: {_sweep_values('warmup')})")
+    p.add_argument("--max-time", type=float, dest="max_time", help="seconds after which a measurement stops repeating "
+                   f"(default: {_sweep_values('max_time_s')})")
+    p.add_argument("--min-repeats", type=int, dest="min_repeats",
+                   help=f"timed runs at least, whatever --max-time says (default: {_sweep_values('min_repeats')})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where to run; auto = cuda when a GPU is visible, else cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default on a CPU: torch's own number, lowered to "
+                   "the cores other work leaves idle, at least 1; the choice is printed)")
     p.add_argument("--no-compile", action="store_true", help="leave out reference-compiled (compiling is slow on a CPU)")
     p.add_argument("--compile-sizes", dest="compile_sizes",
-                   help="sizes at which reference-compiled runs ('all' for every size); default: the sweep's")
+                   help="sizes at which reference-compiled runs, or 'all' (default: the sweep's, egma)")
     p.add_argument("--no-compat", action="store_true",
                    help="run the loss with egma_compat=False (the package default); the loop provider is then skipped. "
-                   "By default every provider computes egma_compat=True, the function of the original code.")
+                   "Without it every provider computes egma_compat=True, the function of the original code.")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     p.add_argument("--no-errors", action="store_true", help="skip the error check against float64")
-    p.add_argument("--budget", type=float, help="seconds after which no new measurement starts (the rest is recorded as skipped)")
-    p.add_argument("--out", help="folder for results.jsonl, results.md and the charts (created)")
-    p.add_argument("--jsonl", help="also write the JSON lines to this file ('-' = stdout instead of the table)")
-    p.add_argument("--plot", action="store_true", help="write PNG charts (time and memory against size) into --out (needs matplotlib)")
+    p.add_argument("--budget", type=float, help="seconds after which no new measurement starts, the rest recorded "
+                   "as skipped (default: no limit)")
+    p.add_argument("--out", help="folder for results.jsonl, results.md and the charts, created (default: none, the "
+                   "table on stdout only)")
+    p.add_argument("--jsonl", help="also write the JSON lines to this file, '-' = to stdout instead of the table "
+                   "(default: none)")
+    p.add_argument("--plot", action="store_true", help="write PNG charts (time and memory against size) into --out, "
+                   "or egma-bench-plots without it (needs matplotlib, checked first)")
     p.add_argument("--quiet", action="store_true", help="no progress display on stderr")
     p.add_argument("--list", action="store_true", help="list sizes, sweeps and available providers, then exit")
-    p.add_argument("--render", metavar="JSONL", help="measure nothing: print the table of saved JSON lines "
-                   "(with --plot, charts into --out)")
+    p.add_argument("--render", metavar="JSONL", help="measure nothing: print the table of saved JSON lines, with "
+                   "--plot also charts into --out (default: measure)")
     return p
 
 
@@ -96,10 +137,10 @@ def _list(device) -> int:
 
 
 def _render(args) -> int:
-    from .report import markdown_table, read_jsonl, write_plots
+    from .report import markdown_table, read_jsonl, summary, write_plots
 
     records = read_jsonl(args.render)
-    sys.stdout.write(markdown_table(records))
+    sys.stdout.write(markdown_table(records) + summary(records))
     if args.plot:
         try:
             for path in write_plots(records, args.out or os.path.dirname(os.path.abspath(args.render))):
@@ -110,18 +151,62 @@ def _render(args) -> int:
     return 0
 
 
+def _idle_cores(sample_s: float = 0.5) -> Optional[float]:
+    """Cores left idle by the rest of the machine, from two reads of /proc/stat ``sample_s`` apart (None
+    where there is no /proc/stat). This process sleeps meanwhile, so all the busy time is other work."""
+    def read():
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+    try:
+        idle0, total0 = read()
+        time.sleep(sample_s)
+        idle1, total1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (idle1 - idle0) / (total1 - total0) * (os.cpu_count() or 1)
+
+
+def choose_threads(torch_default: int):
+    """The default CPU thread count: torch's own, but no more than the cores other work leaves idle (at least
+    1). Torch's threads wait for each other at every op: on an oversubscribed CPU the reference's many small
+    ops then run 10-100x slower, while one thread per idle core stays close to the quiet machine's time.
+    Returns ``(threads, why)``."""
+    idle = _idle_cores()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    if idle is None:
+        if load is None:
+            return torch_default, f"torch's default ({torch_default})"
+        idle = max(0.0, (os.cpu_count() or 1) - load)
+    threads = max(1, min(torch_default, int(idle + 0.25)))
+    load_text = "" if load is None else f", load average {load:.1f}"
+    return threads, (f"{threads} of torch's {torch_default}: about {idle:.1f} of {os.cpu_count()} cores idle in a "
+                     f"0.5 s sample{load_text} (--threads N to choose)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plot:
+        # Before measuring anything: a sweep of minutes should not end in a missing-dependency error.
+        from .report import check_plotting
+
+        try:
+            check_plotting()
+        except RuntimeError as exc:
+            print(f"egma-bench: {exc}", file=sys.stderr)
+            return 2
     if args.render:
         return _render(args)
     from .timing import quiet_profiler_logs
 
     quiet_profiler_logs()
     import torch
-
-    from . import harness
-    from .providers import LossOptions, discover
-    from .report import markdown_table, to_json_line, write_plots
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,24 +217,33 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     if args.list:
         return _list(device)
+    if args.threads is not None and args.threads < 1:
+        print("egma-bench: --threads must be at least 1", file=sys.stderr)
+        return 2
 
     sweep = SWEEPS["smoke" if args.smoke else (args.sweep or default_sweep_name(device.type))]
     threads_before = torch.get_num_threads()
     threads = args.threads or sweep.threads
+    threads_note = None
+    if threads:
+        threads_note = f"{threads} ({'--threads' if args.threads else 'the ' + sweep.name + ' sweep'})"
+    elif device.type == "cpu":
+        threads, why = choose_threads(threads_before)
+        threads_note = why
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(args, sweep, device)
+        return _run(args, sweep, device, threads_note)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(args, sweep, device) -> int:
+def _run(args, sweep, device, threads_note=None) -> int:
     import torch
 
     from . import harness
     from .providers import LossOptions, discover
-    from .report import markdown_table, to_json_line, write_plots
+    from .report import markdown_table, summary, to_json_line, write_plots
 
     try:
         sizes = [parse_size(s) for s in (_split_sizes(args.sizes) or sweep.sizes)]
@@ -197,6 +291,8 @@ def _run(args, sweep, device) -> int:
     )
     for n in notes:
         progress.note(n)
+    if threads_note:
+        progress.note(f"torch CPU threads: {threads_note}")
     if device.type == "cpu":
         try:
             load = os.getloadavg()[0]
@@ -206,7 +302,7 @@ def _run(args, sweep, device) -> int:
         if load > 0.75 * cores:
             progress.note(
                 f"warning: this machine is busy (load average {load:.1f} on {cores} cores): CPU timings will be "
-                f"noisy, small-op providers most of all; --threads 1 is steadier on a shared machine"
+                f"noisy, small-op providers most of all"
             )
 
     out_files = []
@@ -232,15 +328,17 @@ def _run(args, sweep, device) -> int:
 
     start = time.perf_counter()
     try:
-        records = harness.run(cfg, progress=progress, on_record=on_record)
+        with _library_messages_held(progress):
+            records = harness.run(cfg, progress=progress, on_record=on_record)
     except KeyboardInterrupt:
         print("egma-bench: interrupted", file=sys.stderr)
         return 130
     finally:
+        progress.close()
         for s in jsonl_streams:
             s.close()
 
-    table = markdown_table(records)
+    table = markdown_table(records) + summary(records)
     if args.jsonl != "-":
         sys.stdout.write(table)
         sys.stdout.flush()
@@ -260,6 +358,29 @@ def _run(args, sweep, device) -> int:
     if failed:
         progress.note(f"{len(failed)} measurement(s) failed (status 'error' in the results)")
     return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def _library_messages_held(progress):
+    """Hold back the warnings and log lines that torch/inductor print while compiling and measuring (they
+    would land between the progress lines and the table); count them in one line at the end."""
+    import logging
+
+    # torch._logging gives some of its loggers their own level, so the parent's level alone does not do.
+    names = ["torch"] + [n for n in logging.root.manager.loggerDict if n.startswith("torch.")]
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for n, level in saved.items():
+                logging.getLogger(n).setLevel(level)
+    if caught:
+        kinds = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:100]}" for w in caught})
+        progress.note(f"{len(caught)} library warning(s) held back, {len(kinds)} distinct; first: {kinds[0]}")
 
 
 if __name__ == "__main__":

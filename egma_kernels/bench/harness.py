@@ -7,6 +7,7 @@ import gc
 import os
 import platform
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -153,29 +154,60 @@ def _record_base(run_id, env, size: Size, problem: Problem, dtype_name: str, cfg
 
 
 class Progress:
-    """One line per finished measurement on stderr, with a count and the elapsed time."""
+    """One line per finished measurement on stderr, with a count and the elapsed time; while one step runs
+    longer than ``heartbeat_s`` (torch.compile on a CPU takes a minute or more), a line every ``heartbeat_s``
+    says what is still running."""
 
-    def __init__(self, total: int, stream=None, enabled: bool = True):
+    def __init__(self, total: int, stream=None, enabled: bool = True, heartbeat_s: float = 20.0):
         self.total = total
         self.done = 0
         self.start = time.perf_counter()
         self.stream = stream or sys.stderr
         self.enabled = enabled
+        self.heartbeat_s = heartbeat_s
+        self._lock = threading.Lock()
+        self._last = self.start
+        self._label: Optional[str] = None
+        self._label_start = self.start
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+    def _write(self, text: str) -> None:
+        with self._lock:
+            self.stream.write(f"[{self.done:>3}/{self.total} {self.elapsed():6.1f}s] {text}\n")
+            self.stream.flush()
+            self._last = time.perf_counter()
 
     def step(self, text: str, count: bool = True) -> None:
         if count:
             self.done += 1
         if self.enabled:
-            self.stream.write(f"[{self.done:>3}/{self.total} {self.elapsed():6.1f}s] {text}\n")
-            self.stream.flush()
+            self._write(text)
 
     def note(self, text: str) -> None:
         if self.enabled:
-            self.stream.write(f"[{self.done:>3}/{self.total} {self.elapsed():6.1f}s] {text}\n")
-            self.stream.flush()
+            self._write(text)
+
+    def working_on(self, label: Optional[str]) -> None:
+        """Name the step now running (for the heartbeat lines); starts the heartbeat thread on first use."""
+        self._label, self._label_start = label, time.perf_counter()
+        if self.enabled and self.heartbeat_s and self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name="egma-bench-heartbeat", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(1.0):
+            label = self._label
+            now = time.perf_counter()
+            if label and now - self._last >= self.heartbeat_s:
+                self._write(f"still running after {now - self._label_start:.0f} s: {label}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._label = None
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -368,6 +400,12 @@ def run(cfg: RunConfig, progress: Optional[Progress] = None, on_record: Optional
                     continue
 
                 # Errors against float64 (also the first warm-up, and the compile for reference-compiled).
+                label = f"{size.name} {dtype_name} {provider.name}"
+                if provider.name == "reference-compiled":
+                    label += " (torch.compile, once per mode)"
+                    progress.note(f"{size.name} {dtype_name} reference-compiled: compiling with torch.compile, once "
+                                  f"per mode: about a minute on an idle CPU, several on a busy one")
+                progress.working_on(label)
                 errs = {}
                 t0 = time.perf_counter()
                 try:
@@ -423,6 +461,7 @@ def run(cfg: RunConfig, progress: Optional[Progress] = None, on_record: Optional
                     progress.step(f"{size.name} {dtype_name} {provider.name} {mode}: {_fmt_ms(rec)}")
             del problem, refs
             _cleanup(device, full=False)
+    progress.working_on(None)
     return records
 
 

@@ -157,6 +157,10 @@ def discover(device: torch.device, requested: Optional[List[str]] = None, includ
     """
     fused = [b for b in ek.available_backends(device.type) if b != "reference"]
     notes = []
+    # A fused backend missing here (the extension not built, say) is said, with the fix, not silently left out.
+    for name, why in ek.backends.unavailable_backends().items():
+        if device.type in ek.backends._REGISTRY[name].devices:
+            notes.append(f"{name} left out: {why}")
     if requested is None:
         names = ["loop", "reference"] + (["reference-compiled"] if include_compiled else []) + fused
         if device.type != "cuda" and "triton" in names:

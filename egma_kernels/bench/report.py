@@ -147,6 +147,53 @@ def markdown_table(records: List[dict], with_header: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
+def winner_lines(records: List[dict]) -> List[str]:
+    """One line per (size, dtype, mode): the fastest provider (median), how much faster than the
+    ``reference`` and than the runner-up."""
+    groups: "OrderedDict[tuple, List[dict]]" = OrderedDict()
+    for r in records:
+        if r.get("status") == "ok" and r.get("provider") != FLOOR and r.get("median_ms"):
+            groups.setdefault((r["size"], r["dtype"], r["mode"]), []).append(r)
+    lines = []
+    for (size, dtype, mode), recs in groups.items():
+        recs = sorted(recs, key=lambda r: r["median_ms"])
+        best = recs[0]
+        label = MODE_LABEL.get(mode, mode) if best.get("kind") != "similarity" else "retrieval fwd"
+        text = f"- {size} {dtype} {label}: fastest **{best['provider']}** {_ms(best['median_ms'])} ms"
+        if len(recs) == 1:
+            lines.append(text + " (the only provider measured)")
+            continue
+        ref = next((r for r in recs if r["provider"] == "reference"), None)
+        if ref is not None and ref is not best:
+            text += f", {_faster(ref, best)} reference ({_ms(ref['median_ms'])} ms)"
+        second = recs[1]
+        if second is not ref:
+            text += f", {_faster(second, best)} the next, {second['provider']} ({_ms(second['median_ms'])} ms)"
+        lines.append(text)
+    return lines
+
+
+def _faster(other: dict, best: dict) -> str:
+    ratio = other["median_ms"] / best["median_ms"]
+    return f"{ratio:.1f}x faster than" if ratio >= 1.1 else "about as fast as"
+
+
+def summary(records: List[dict]) -> str:
+    """The winners, as a Markdown list under the table (empty when nothing was measured)."""
+    lines = winner_lines(records)
+    if not lines:
+        return ""
+    return "\nFastest provider per size and mode (medians):\n\n" + "\n".join(lines) + "\n"
+
+
+def check_plotting() -> None:
+    """Raise ``RuntimeError`` naming the install command when matplotlib (for ``--plot``) is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'egma-kernels[bench]' (or pip install matplotlib)") from exc
+
+
 def write_plots(records: List[dict], out_dir: str) -> List[str]:
     """Time and memory against size, one line per provider, for each (kind, dtype, mode). Needs matplotlib."""
     try:
