@@ -80,10 +80,8 @@ if _C is None and os.environ.get(ENV_SKIP_EXTENSION, "0").strip().lower() not in
 CPU_PRIORITY = 10
 # backend=None/"auto" on CUDA tensors takes the Triton backend (priority 5) first: it does no host
 # synchronisation when given max_seqlen (these ops copy cu_seqlens to the host on every call), and it needs
-# about a third of their memory (B=256, P=196, D=512, float32 forward+backward: 131 MiB with the gradients,
-# benchmarks/results/cpu-2core_2026-11-28-scratch, against about 400 MiB of buffers these ops allocate).
-# The CUDA ops were faster on an H200 in session 1's first look (csrc/README.md), before the Triton
-# backend's rework; benchmarks/gpu_check.sh times both again. "cuda" stays selectable by name.
+# about a third of their memory (benchmarks/scratch_memory.py measures both). Which is faster on a GPU is
+# for benchmarks/gpu_check.sh to say (benchmarks/results/ holds its runs). "cuda" stays selectable by name.
 CUDA_PRIORITY = 6
 
 
@@ -299,25 +297,18 @@ def _cuda_why_unavailable() -> Optional[str]:
     return None
 
 
-register_backend(
-    Backend(
-        name="cpu",
-        loss=fine_grained_loss_compiled,
-        similarity=filip_similarity_compiled,
-        devices=("cpu",),
-        is_available=_cpu_available,
-        why_unavailable=_cpu_why_unavailable,
-        priority=CPU_PRIORITY,
+for _name, _device, _available, _why, _priority in (
+    ("cpu", "cpu", _cpu_available, _cpu_why_unavailable, CPU_PRIORITY),
+    ("cuda", "cuda", _cuda_available, _cuda_why_unavailable, CUDA_PRIORITY),
+):
+    register_backend(
+        Backend(
+            name=_name,
+            loss=fine_grained_loss_compiled,  # one op: the CPU or CUDA kernel runs by the inputs' device
+            similarity=filip_similarity_compiled,
+            devices=(_device,),
+            is_available=_available,
+            why_unavailable=_why,
+            priority=_priority,
+        )
     )
-)
-register_backend(
-    Backend(
-        name="cuda",
-        loss=fine_grained_loss_compiled,
-        similarity=filip_similarity_compiled,
-        devices=("cuda",),
-        is_available=_cuda_available,
-        why_unavailable=_cuda_why_unavailable,
-        priority=CUDA_PRIORITY,
-    )
-)
