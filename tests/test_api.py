@@ -93,7 +93,7 @@ def test_auto_backend_on_cpu():
 
 
 def test_auto_backend_order_on_cuda(monkeypatch):
-    """On CUDA tensors backend=None takes triton, then cuda, then the reference (issue 3: Triton when it is
+    """On CUDA tensors backend=None takes triton, then cuda, then the reference (Triton when it is
     importable), whichever of them this installation has; checked without a GPU by declaring all available."""
     import dataclasses
 
