@@ -10,6 +10,12 @@ opaque ops and no graph break. ``filip_similarity`` is a second pair of ops on t
 Why so few ops: at the sizes EGMA trains with (B = 40, P = 49) the GPU work of the whole loss is well
 under a millisecond, and the host's cost per launched op sets the pace.
 
+Memory safety does not depend on the value checks (``validate=False``): the kernels clamp every report's
+offsets to ``0 <= start <= end <= N`` and hold at most ``max_seqlen`` (bounded by N) sentences of a
+report, and the ops check the shapes and strides they index by on every call. Malformed offsets or a
+too-small ``max_seqlen`` then give wrong numbers, never an access outside a tensor. The ops compute a
+first derivative only: a second one (through the gradients) raises an error.
+
 On CUDA tensors the kernels run on the GPU. With ``TRITON_INTERPRET=1`` set before import, Triton's
 interpreter runs them on CPU tensors (float32/float64): that is how the tests exercise them without a GPU.
 """
@@ -199,6 +205,62 @@ def _route_shape(patch: Tensor, num_sentences: int, max_seqlen: int, for_backwar
     return (B, B, P) if save else (0,)
 
 
+def _seqlen_bound(max_seqlen: int, num_sentences: int) -> int:
+    """``max_seqlen`` as the kernels take it: between 1 and N. No report holds more than N sentences, and
+    an unchecked larger value (``validate=False``) would only grow the tiles, up to failing to compile."""
+    return min(max(int(max_seqlen), 1), max(int(num_sentences), 1))
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_op_inputs(patch: Tensor, sent: Tensor, cu: Tensor, scale: Tensor, num_reports: Optional[int],
+                     gaze: Optional[Tensor] = None, gaze_mask: Optional[Tensor] = None) -> None:
+    """The layout the kernels index by, checked on every call of an op (a few attribute reads; the public
+    functions always pass it, the ops can be called directly): shapes, unit strides where the kernels
+    assume them, dtypes and one device. The offsets' values need no check: the kernels clamp them.
+
+    num_reports: the loss's B (cu has B + 1 entries), or None for the rectangular similarity."""
+    device = patch.device
+    ok = (
+        patch.dim() == 3 and sent.dim() == 2 and cu.dim() == 1 and patch.dtype in _FLOATS and sent.dtype == patch.dtype
+        and cu.dtype in (torch.int32, torch.int64) and scale.numel() == 1 and scale.is_floating_point()
+        and sent.device == device and cu.device == device and scale.device == device
+    )
+    if ok:
+        B, P, D = patch.shape
+        N = sent.shape[0]
+        ok = (B >= 1 and P >= 1 and D >= 1 and N >= 1 and sent.shape[1] == D and cu.shape[0] >= 2
+              and (num_reports is None or cu.shape[0] == num_reports + 1)
+              and patch.stride(2) == 1 and sent.stride(1) == 1 and cu.stride(0) == 1)
+    if ok and gaze is not None:
+        ok = (gaze.shape == (N, P) and gaze.is_floating_point() and gaze.is_contiguous() and gaze.device == device
+              and gaze_mask is not None and gaze_mask.shape == (B,) and gaze_mask.dtype == torch.bool
+              and gaze_mask.is_contiguous() and gaze_mask.device == device)
+    if not ok:
+        raise ValueError(
+            "egma_kernels triton op: inputs must be patch (B, P, D) and sent (N, D) of one float dtype with a "
+            "unit last stride, cu_seqlens (reports + 1,) int32/int64 with unit stride (B + 1 entries for the "
+            "loss), a one-element float logit_scale, gaze (N, P) contiguous with a bool gaze_mask (B,), all on "
+            f"one device; got patch {_shape_of(patch)}, sent {_shape_of(sent)}, cu_seqlens {_shape_of(cu)}, "
+            f"logit_scale {_shape_of(scale)}, gaze {_shape_of(gaze)}, gaze_mask {_shape_of(gaze_mask)}"
+        )
+
+
+def _check_saved(pairs) -> None:
+    """The backward ops' saved tensors: each (tensor, expected shape) contiguous and of that shape."""
+    for t, shape in pairs:
+        if t is not None and (tuple(t.shape) != shape or not t.is_contiguous()):
+            raise ValueError(f"egma_kernels triton backward op: expected a contiguous tensor of shape {shape}, "
+                             f"got {_shape_of(t)}")
+
+
+def _shape_of(t: Optional[Tensor]) -> str:
+    if t is None:
+        return "None"
+    return f"{tuple(t.shape)} {t.dtype} strides {t.stride()} on {t.device}"
+
+
 def _check_device(*tensors: Tensor) -> None:
     for t in tensors:
         if t.device.type != "cuda" and not interpreting():
@@ -357,7 +419,7 @@ def _launch_loss_fwd(
     # counts: [longest report (egma_compat only), max(1, reports with gaze), max(1, reports mapped)]
     counts = _utils.new_output((3,), torch.int32, device)
     if egma_compat:
-        K._longest_report_kernel[(1,)](cu, counts, B, BLOCK_B=cfg["BLOCK_B"])
+        K._longest_report_kernel[(1,)](cu, counts, B, N, BLOCK_B=cfg["BLOCK_B"])
     route = _utils.new_output(_route_shape(patch, N, max_seqlen, for_backward), _route_dtype(max_seqlen), device)
     i2t, t2i, best_patch, own = _launch_filip_fwd(
         patch, sent, cu, scale, counts, max_seqlen, egma_compat=egma_compat, write_own=True, route=route
@@ -368,7 +430,7 @@ def _launch_loss_fwd(
     z1_lse = _utils.new_output((2, B, P), acc, device)
     K._report_fwd_kernel[(B,)](
         own, gaze if has_gaze else own, gaze_mask if has_gaze else cu, cu, i2t, t2i,
-        per_report, row_stats, z1_lse, B, P, float(threshold),
+        per_report, row_stats, z1_lse, B, N, P, float(threshold),
         HAS_GAZE=has_gaze, EGMA_COMPAT=egma_compat, BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"],
         BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["report_warps"],
     )
@@ -376,7 +438,7 @@ def _launch_loss_fwd(
     w_con, w_mlce, w_map = weights
     K._loss_terms_kernel[(1,)](
         cu, gaze_mask if has_gaze else cu, per_report, loss, con, mlce, mapping, counts,
-        B, float(alpha), float(w_con), float(w_mlce), float(w_map),
+        B, N, float(alpha), float(w_con), float(w_mlce), float(w_map),
         HAS_GAZE=has_gaze, BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"],
     )
     return loss, con, mlce, mapping, i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts, route
@@ -403,7 +465,7 @@ def _launch_loss_bwd(
             own, gaze if has_gaze else own, gaze_mask if has_gaze else cu, cu, counts,
             g_loss if g_loss is not None else unused, g_mlce if g_mlce is not None else unused,
             g_map if g_map is not None else unused, float(w_mlce), float(w_map), float(alpha),
-            row_stats, z1_lse, d_own, P, float(threshold),
+            row_stats, z1_lse, d_own, N, P, float(threshold),
             HAS_GAZE=has_gaze, GRADS=grads, BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"],
             ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["report_warps"],
         )
@@ -432,9 +494,11 @@ def _loss_op(
     ``options`` = [alpha, map_threshold, w_con, w_mlce, w_map, for_backward]: one list argument, because
     torch's autograd wrapper of a custom op costs time per schema argument on every call. for_backward
     (1.0 or 0.0): whether a backward pass may follow, i.e. whether to save the routes."""
+    _check_op_inputs(patch, sent, cu, scale, patch.shape[0] if patch.dim() == 3 else None, gaze, gaze_mask)
     alpha, threshold, *weights, for_backward = options
     return _launch_loss_fwd(
-        patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, weights, egma_compat, max_seqlen, bool(for_backward)
+        patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, weights, egma_compat,
+        _seqlen_bound(max_seqlen, sent.shape[0]), bool(for_backward),
     )
 
 
@@ -442,6 +506,7 @@ def _loss_op(
 def _(patch, sent, cu, scale, gaze, gaze_mask, options, egma_compat, max_seqlen):
     B, P, _ = patch.shape
     N = sent.shape[0]
+    max_seqlen = _seqlen_bound(max_seqlen, N)
     acc = _acc_dtype(patch.dtype)
     new = lambda *shape, dtype=acc: patch.new_empty(shape, dtype=dtype)
     return (new(), new(), new(), new(), new(B, B), new(B, B), new(B, N, dtype=_index_dtype(P, patch.dtype)), new(N, P),
@@ -456,6 +521,17 @@ def _loss_bwd_op(
     i2t: _T, t2i: _T, best_patch: _T, own: _T, per_report: _T, row_stats: _T, z1_lse: _T, counts: _T, route: _T,
     options: List[float], egma_compat: bool, max_seqlen: int,
 ) -> Tuple[_T, _T, _T]:
+    _check_op_inputs(patch, sent, cu, scale, patch.shape[0] if patch.dim() == 3 else None, gaze, gaze_mask)
+    B, P, _ = patch.shape
+    N = sent.shape[0]
+    max_seqlen = _seqlen_bound(max_seqlen, N)
+    _check_saved((
+        (g_loss, ()), (g_con, ()), (g_mlce, ()), (g_map, ()), (i2t, (B, B)), (t2i, (B, B)), (best_patch, (B, N)),
+        (own, (N, P)), (per_report, (K.PER_REPORT_ROWS.value, B)), (row_stats, (N, 7)), (z1_lse, (2, B, P)),
+        (counts, (3,)), (route, (B, B, P) if route.numel() else (0,)),
+    ))
+    if g_i2t is not None and g_i2t.shape != (B, B) or g_t2i is not None and g_t2i.shape != (B, B):
+        raise ValueError("egma_kernels triton backward op: the gradients of i2t and t2i must have shape (B, B)")
     alpha, threshold, *weights, _ = options  # the forward's options: the last is for_backward
     return _launch_loss_bwd(
         g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask,
@@ -478,10 +554,30 @@ def _loss_setup_context(ctx, inputs, output):
     ctx.options = options
 
 
+_NO_SECOND_DERIVATIVE = (
+    b"egma_kernels: the triton backend has no second derivative (a backward pass through the gradients "
+    b"of fine_grained_loss / filip_similarity, e.g. a gradient penalty); use backend='reference' for that"
+)
+
+
+def _first_derivative_only(backward_op, inputs):
+    """The gradients, computed without a graph. During a backward pass with create_graph=True (grad mode
+    on) they come back wrapped in an error node instead of as constants: differentiating them raises
+    _NO_SECOND_DERIVATIVE rather than giving zeros (as torch.autograd.function.once_differentiable)."""
+    if not torch.is_grad_enabled():
+        return backward_op(*inputs)
+    with torch.no_grad():
+        results = backward_op(*inputs)
+    error = torch._C._functions.DelayedError(_NO_SECOND_DERIVATIVE, len(results))
+    return error(*[r.detach().requires_grad_() for r in results])
+
+
 def _loss_backward(ctx, g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *_):
     if all(g is None for g in (g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i)):
         return (None,) * 9
-    d_patch, d_sent, d_scale = _loss_bwd_op(g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *ctx.saved_tensors, *ctx.options)
+    d_patch, d_sent, d_scale = _first_derivative_only(
+        _loss_bwd_op, (g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *ctx.saved_tensors, *ctx.options)
+    )
     return (d_patch, d_sent, None, d_scale) + (None,) * 5
 
 
@@ -491,7 +587,10 @@ torch.library.register_autograd("egma_kernels::triton_loss", _loss_backward, set
 @torch.library.custom_op("egma_kernels::triton_filip", mutates_args=())
 def _filip_op(patch: _T, sent: _T, cu: _T, scale: _T, max_seqlen: int) -> Tuple[_T, _T, _T]:
     """(i2t, t2i, best patch of each sentence in each image: saved for the backward pass)."""
-    i2t, t2i, best_patch, _ = _launch_filip_fwd(patch, sent, cu, scale, cu, max_seqlen, egma_compat=False, write_own=False)
+    _check_op_inputs(patch, sent, cu, scale, None)
+    i2t, t2i, best_patch, _ = _launch_filip_fwd(
+        patch, sent, cu, scale, cu, _seqlen_bound(max_seqlen, sent.shape[0]), egma_compat=False, write_own=False
+    )
     return i2t, t2i, best_patch
 
 
@@ -508,8 +607,13 @@ def _(patch, sent, cu, scale, max_seqlen):
 def _filip_bwd_op(
     g_i2t: _OptT, g_t2i: _OptT, patch: _T, sent: _T, cu: _T, scale: _T, best_patch: _T, max_seqlen: int
 ) -> Tuple[_T, _T, _T]:
+    _check_op_inputs(patch, sent, cu, scale, None)
+    M, R = patch.shape[0], cu.shape[0] - 1
+    _check_saved(((best_patch, (M, sent.shape[0])),))
+    if g_i2t is not None and g_i2t.shape != (M, R) or g_t2i is not None and g_t2i.shape != (M, R):
+        raise ValueError("egma_kernels triton backward op: the gradients of i2t and t2i must have shape (M, R)")
     return _launch_filip_bwd(
-        patch, sent, cu, scale, cu, best_patch, max_seqlen, egma_compat=False,
+        patch, sent, cu, scale, cu, best_patch, _seqlen_bound(max_seqlen, sent.shape[0]), egma_compat=False,
         grads=_grad_mask(i2t=g_i2t, t2i=g_t2i), g_i2t=g_i2t, g_t2i=g_t2i,
     )
 
@@ -531,7 +635,9 @@ def _filip_backward(ctx, g_i2t, g_t2i, _):
     if g_i2t is None and g_t2i is None:
         return None, None, None, None, None
     patch, sent, cu, scale, best_patch = ctx.saved_tensors
-    d_patch, d_sent, d_scale = _filip_bwd_op(g_i2t, g_t2i, patch, sent, cu, scale, best_patch, ctx.max_seqlen)
+    d_patch, d_sent, d_scale = _first_derivative_only(
+        _filip_bwd_op, (g_i2t, g_t2i, patch, sent, cu, scale, best_patch, ctx.max_seqlen)
+    )
     return d_patch, d_sent, None, d_scale, None
 
 
