@@ -37,7 +37,7 @@ def stub_kernels() -> None:
             setattr(triton_kernels, name, _NoLaunch())
     triton_backend._check_device = lambda *tensors: None
     triton_backend.interpreting = lambda: True  # CPU tensors accepted, ieee precision chosen
-    getattr(getattr(triton_backend, "_cached_config", None), "cache_clear", lambda: None)()
+    getattr(getattr(triton_backend, "launch_config", None), "cache_clear", lambda: None)()
     entry = backends._REGISTRY["triton"]
     backends._REGISTRY["triton"] = dataclasses.replace(entry, devices=("cpu", "cuda"), is_available=lambda: True)
 

@@ -2,7 +2,7 @@
 
     python benchmarks/tune_triton.py [--out DIR] [--budget 90] [--reps 15]
 
-The tile sizes in ``egma_kernels.triton_backend._cached_config`` were chosen without a GPU. This script
+The tile sizes in ``egma_kernels.triton_backend.launch_config`` were chosen without a GPU. This script
 times the loss (forward, and forward+backward, CUDA events, medians) at the EGMA size (B=40, P=49, D=512)
 and at B=256, P=196, D=512, in float32 and bfloat16, first with the defaults, then changing one entry of
 the configuration at a time (``triton_backend.CONFIG_OVERRIDES``). Every variant's loss and gradients
@@ -145,7 +145,7 @@ def main():
         for dtype in DTYPES:
             problem = make_problem(B, P, D, max_len, dtype)
             tb.CONFIG_OVERRIDES.clear()
-            defaults = tb._config(dtype, P, D, problem["max_seqlen"], B)
+            defaults = tb._config(dtype, P, D, problem["max_seqlen"], B, tb._shared_memory(torch.device("cuda")))
             problems.append((name, dtype, problem, defaults, run(problem)))
     variants = [(None, None)] + [(k, v) for k, vs in CANDIDATES.items() for v in vs]
     with open(os.path.join(args.out, "tune.jsonl"), "w") as log:

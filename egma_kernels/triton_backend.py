@@ -10,6 +10,12 @@ opaque ops and no graph break. ``filip_similarity`` is a second pair of ops on t
 Why so few ops: at the sizes EGMA trains with (B = 40, P = 49) the GPU work of the whole loss is well
 under a millisecond, and the host's cost per launched op sets the pace.
 
+Memory safety does not depend on the value checks (``validate=False``): the kernels clamp every report's
+offsets to ``0 <= start <= end <= N`` and hold at most ``max_seqlen`` (bounded by N) sentences of a
+report, and the ops check the shapes and strides they index by on every call. Malformed offsets or a
+too-small ``max_seqlen`` then give wrong numbers, never an access outside a tensor. The ops compute a
+first derivative only: a second one (through the gradients) raises an error.
+
 On CUDA tensors the kernels run on the GPU. With ``TRITON_INTERPRET=1`` set before import, Triton's
 interpreter runs them on CPU tensors (float32/float64): that is how the tests exercise them without a GPU.
 """
@@ -65,12 +71,43 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int, num_reports: int = 1) -> dict:
-    """Tile sizes and precision of every kernel for one problem shape (the AOT check uses it too).
+# Shared memory per block (opt-in maximum, bytes) of the GPU targets the AOT check compiles for. The
+# H100/H200 figure is also what the configuration assumes without a device (the interpreter).
+SHARED_MEMORY_LIMITS = {
+    80: 166912,   # A100, A30 (and sm_87 Orin): 163 KiB
+    86: 101376,   # A40, A6000, RTX 30xx: 99 KiB
+    89: 101376,   # L4, L40S, RTX 40xx: 99 KiB
+    90: 232448,   # H100, H200: 227 KiB
+    100: 232448,  # B200: 227 KiB
+    120: 101376,  # RTX 50xx: 99 KiB
+}
+DEFAULT_SHARED_MEMORY = SHARED_MEMORY_LIMITS[90]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(device_index: int) -> Tuple[int, int]:
+    """(shared memory per block, opt-in maximum in bytes; streaming multiprocessors) of a CUDA device,
+    read once per device."""
+    props = torch.cuda.get_device_properties(device_index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or DEFAULT_SHARED_MEMORY
+    return int(smem), int(props.multi_processor_count)
+
+
+def _shared_memory(device: torch.device) -> int:
+    """The shared memory a block may use on ``device`` (the H100 figure for CPU tensors: interpreter)."""
+    if device.type != "cuda":
+        return DEFAULT_SHARED_MEMORY
+    return _device_limits(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int, num_reports: int = 1,
+            smem: int = DEFAULT_SHARED_MEMORY) -> dict:
+    """Tile sizes and precision of every kernel for one problem shape on a device whose blocks may use
+    ``smem`` bytes of shared memory (the AOT check uses it too, with each target's limit).
 
     Cached (it runs on every call): treat the returned dict as read-only. ``CONFIG_OVERRIDES`` (empty
     unless ``benchmarks/tune_triton.py`` is trying tile sizes) replaces entries of it."""
-    cfg = _cached_config(dtype, P, D, max_seqlen, num_reports, torch.get_float32_matmul_precision())
+    cfg = launch_config(dtype, P, D, max_seqlen, num_reports, smem, torch.get_float32_matmul_precision())
     return {**cfg, **CONFIG_OVERRIDES} if CONFIG_OVERRIDES else cfg
 
 
@@ -78,7 +115,11 @@ CONFIG_OVERRIDES: dict = {}
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precision) -> dict:
+def launch_config(dtype, P, D, max_seqlen, num_reports, smem, float32_matmul_precision) -> dict:
+    """The launch configuration as a pure function of the problem (input dtype, P, D, longest report,
+    reports), the device's shared memory per block (bytes, opt-in maximum) and torch's float32 matmul
+    precision. The shared-memory rules below are fitted to Triton 3.8's allocations (AOT compile for
+    sm_80/86/89/90/100/120; tests/test_triton_aot_targets.py checks every default against each limit)."""
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     if interpreting() or dtype == torch.float64:
         precision = "ieee"
@@ -118,12 +159,32 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
     # The backward kernels' similarity as one dot over the whole D (see the kernels' docstring): only when
     # D is not chunked, and not for 3xTF32 float32 operands (ptxas: 3 and 15 KB spilled per thread).
     split_fp32 = precision == "tf32x3" and dtype == torch.float32
+    in_bytes = torch.finfo(dtype).bits // 8
+    # Pipelined similarity tiles (3 stages of [rows, BLOCK_D] + [BLOCK_D, columns] in the input dtype):
+    # a narrower BLOCK_D where they would take more than 3/4 of the device's shared memory (e.g. a
+    # 128-sentence float32 report: 144 KiB at BLOCK_D=64, over the 99 KiB of an sm_86/sm_89 block).
+    block_d = min(64 // wide, _pow2(D))
+    widest = max(min(64 // wide, _pow2(P)), sent_block_p, 16) + fwd_group * block_s
+    while block_d > 16 and 3 * widest * block_d * in_bytes > 3 * smem // 4:
+        block_d //= 2
+    # The backward's one-dot similarity keeps both whole-D operands in shared memory: by the AOT check
+    # about 1.75 x their bytes (float32 TF32 at D=512: 164 KiB, over an A100's 163 KiB).
+    def one_dot_fits(rows, columns):
+        return 7 * (rows + columns) * d_pad * in_bytes // 4 <= smem
+    fwd_block_p = min(64 // wide, _pow2(P))
+    # The report kernels' [BLOCK_S, BLOCK_S] and [BLOCK_S, block] operands, pipelined by Triton's default
+    # 3 stages: 64-sentence reports take 104 KiB (over 99 KiB), 128-sentence ones 192 KiB (over 163 KiB);
+    # one stage halves that. 128-sentence reports need 160 KiB even then (report_fits: the loss refuses).
+    report_stages = None
+    if block_s >= 128 and smem < DEFAULT_SHARED_MEMORY or block_s >= 64 and smem < 128 * 1024:
+        report_stages = 1
+    report_fits = block_s < 128 or smem >= 160 * 1024
     return dict(
         ACC=acc,
         DOT_PRECISION=precision,
         grad_precision=grad_precision,
         BLOCK_S=block_s,
-        BLOCK_D=min(64 // wide, _pow2(D)),
+        BLOCK_D=block_d,
         D_OUT=d_out,
         D_CHUNKS=d_pad // d_out,
         sent_D_OUT=sent_d_out,
@@ -131,10 +192,11 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
         D_PAD=d_pad,
         # The forward's patch block [fwd_block_p, D] and the group's sentences [columns, D] in shared memory:
         # 16-bit operands only (float32 ones, pipelined, would need up to 456 KiB by the AOT check).
-        fwd_SIM_ONE_DOT=dtype in (torch.float16, torch.bfloat16) and d_pad <= 512,
-        SIM_ONE_DOT=d_out == d_pad and not split_fp32,
-        sent_SIM_ONE_DOT=sent_d_out == d_pad and not split_fp32,
-        fwd_block_p=min(64 // wide, _pow2(P)),
+        fwd_SIM_ONE_DOT=dtype in (torch.float16, torch.bfloat16) and d_pad <= 512
+        and (fwd_block_p + fwd_group * block_s) * d_pad * in_bytes <= smem,
+        SIM_ONE_DOT=d_out == d_pad and not split_fp32 and one_dot_fits(16, fwd_group * block_s),
+        sent_SIM_ONE_DOT=sent_d_out == d_pad and not split_fp32 and one_dot_fits(sent_block_p, sent_group * block_s),
+        fwd_block_p=fwd_block_p,
         fwd_group=fwd_group,
         bwd_group=fwd_group,  # reports per step of the dpatch kernel's loop
         sent_group=sent_group,
@@ -164,6 +226,9 @@ def _cached_config(dtype, P, D, max_seqlen, num_reports, float32_matmul_precisio
         route_bwd_stages=1 if dtype == torch.float32 else None,
         fwd_warps=8 if fwd_group * block_s >= 32 else 4,
         report_warps=4,
+        report_stages=report_stages,
+        report_fits=report_fits,
+        shared_memory=smem,
     )
 
 
@@ -187,7 +252,7 @@ def _route_shape(patch: Tensor, num_sentences: int, max_seqlen: int, for_backwar
     if not for_backward:
         return (0,)
     B, P, D = patch.shape
-    cfg = _config(patch.dtype, P, D, max_seqlen, B)
+    cfg = _config(patch.dtype, P, D, max_seqlen, B, _shared_memory(patch.device))
     save = cfg["save_route"]
     if save is None and patch.dtype == torch.float64 and not interpreting():
         # Triton 3.8 cannot lower these float64 kernels for sm_90 ("fp64 don't support largeK MMA", caught
@@ -197,6 +262,63 @@ def _route_shape(patch: Tensor, num_sentences: int, max_seqlen: int, for_backwar
         route_bytes = B * B * P * (1 if _route_dtype(max_seqlen) == torch.uint8 else 2)
         save = route_bytes <= cfg["route_budget"] * (B * P + num_sentences) * D * patch.element_size()
     return (B, B, P) if save else (0,)
+
+
+def _seqlen_bound(max_seqlen: int, num_sentences: int) -> int:
+    """``max_seqlen`` as the kernels take it: between 1 and N. No report holds more than N sentences, and
+    an unchecked larger value (``validate=False``) would only grow the tiles, up to failing to compile."""
+    return min(max(int(max_seqlen), 1), max(int(num_sentences), 1))
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_OFFSET_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_op_inputs(patch: Tensor, sent: Tensor, cu: Tensor, scale: Tensor, num_reports: Optional[int],
+                     gaze: Optional[Tensor] = None, gaze_mask: Optional[Tensor] = None) -> None:
+    """The layout the kernels index by, checked on every call of an op (a few attribute reads; the public
+    functions always pass it, the ops can be called directly): shapes, contiguous tensors, dtypes and
+    one device. The offsets' values need no check: the kernels clamp them.
+
+    num_reports: the loss's B (cu has B + 1 entries), or None for the rectangular similarity."""
+    dev = patch.get_device()
+    ok = (
+        patch.dim() == 3 and sent.dim() == 2 and cu.dim() == 1 and patch.dtype in _FLOATS and sent.dtype == patch.dtype
+        and cu.dtype in _OFFSET_DTYPES and scale.numel() == 1 and scale.is_floating_point()
+        and sent.get_device() == dev and cu.get_device() == dev and scale.get_device() == dev
+        and patch.is_contiguous() and sent.is_contiguous() and cu.is_contiguous()
+    )
+    if ok:
+        B, P, D = patch.shape
+        N, D_sent = sent.shape
+        ok = (N >= 1 and D_sent == D and patch.numel() > 0 and cu.shape[0] >= 2
+              and (num_reports is None or cu.shape[0] == num_reports + 1))
+    if ok and gaze is not None:
+        ok = (gaze_mask is not None and gaze.shape == (N, P) and gaze_mask.shape == (B,) and gaze.is_floating_point()
+              and gaze_mask.dtype == torch.bool and gaze.is_contiguous() and gaze_mask.is_contiguous()
+              and gaze.get_device() == dev and gaze_mask.get_device() == dev)
+    if not ok:
+        raise ValueError(
+            "egma_kernels triton op: inputs must be contiguous patch (B, P, D) and sent (N, D) of one float dtype, "
+            "contiguous cu_seqlens (reports + 1,) int32/int64 (B + 1 entries for the "
+            "loss), a one-element float logit_scale, gaze (N, P) contiguous with a bool gaze_mask (B,), all on "
+            f"one device; got patch {_shape_of(patch)}, sent {_shape_of(sent)}, cu_seqlens {_shape_of(cu)}, "
+            f"logit_scale {_shape_of(scale)}, gaze {_shape_of(gaze)}, gaze_mask {_shape_of(gaze_mask)}"
+        )
+
+
+def _check_saved(pairs) -> None:
+    """The backward ops' saved tensors: each (tensor, expected shape) contiguous and of that shape."""
+    for t, shape in pairs:
+        if t is not None and (t.shape != shape or not t.is_contiguous()):
+            raise ValueError(f"egma_kernels triton backward op: expected a contiguous tensor of shape {shape}, "
+                             f"got {_shape_of(t)}")
+
+
+def _shape_of(t: Optional[Tensor]) -> str:
+    if t is None:
+        return "None"
+    return f"{tuple(t.shape)} {t.dtype} strides {t.stride()} on {t.device}"
 
 
 def _check_device(*tensors: Tensor) -> None:
@@ -219,7 +341,7 @@ def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat
     num_images, P, D = patch.shape
     N = sent.shape[0]
     R = cu.shape[0] - 1
-    cfg = _config(patch.dtype, P, D, max_seqlen)
+    cfg = _config(patch.dtype, P, D, max_seqlen, 1, _shared_memory(patch.device))
     acc = _acc_dtype(patch.dtype)
     i2t = _utils.new_output((num_images, R), acc, patch.device)
     t2i = _utils.new_output((num_images, R), acc, patch.device)
@@ -238,17 +360,12 @@ def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat
     return i2t, t2i, best_patch, own
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _parallel_units(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; under the interpreter a "device" of 2 units keeps the
     sliced backward path tested (benchmarks/scratch_memory.py sets a GPU's count to size its buffers)."""
     if device.type != "cuda":
         return 2
-    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return _device_limits(device.index if device.index is not None else torch.cuda.current_device())[1]
 
 
 def _num_slices(programs: int, items: int, bytes_per_slice: int, budget: int, device: torch.device,
@@ -277,7 +394,7 @@ def _launch_filip_bwd(
     num_images, P, D = patch.shape
     N = sent.shape[0]
     R = cu.shape[0] - 1
-    cfg = _config(patch.dtype, P, D, max_seqlen)
+    cfg = _config(patch.dtype, P, D, max_seqlen, 1, _shared_memory(patch.device))
     acc = _acc_dtype(patch.dtype)
     elem = torch.finfo(acc).bits // 8
     unused = scale  # the pointer passed for an absent tensor; GRADS / HAS_OWN_GRAD keep it unread
@@ -344,6 +461,19 @@ def _launch_filip_bwd(
     return d_patch, d_sent, d_scale_parts.sum().to(scale.dtype)
 
 
+def _stages(num_stages: Optional[int]) -> dict:
+    return {} if num_stages is None else {"num_stages": num_stages}
+
+
+def _check_fits(cfg: dict, max_seqlen: int) -> None:
+    if not cfg["report_fits"]:
+        raise ValueError(
+            f"the triton backend's report kernels need 160 KiB of shared memory per block for reports of "
+            f"{max_seqlen} sentences (more than 64); this GPU allows {cfg['shared_memory'] // 1024} KiB. Use "
+            "backend='cuda' or 'reference', or shorter reports"
+        )
+
+
 def _launch_loss_fwd(
     patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, weights, egma_compat, max_seqlen, for_backward=True
 ):
@@ -351,13 +481,14 @@ def _launch_loss_fwd(
     only ``for_backward``)."""
     B, P, D = patch.shape
     N = sent.shape[0]
-    cfg = _config(patch.dtype, P, D, max_seqlen, B)
+    cfg = _config(patch.dtype, P, D, max_seqlen, B, _shared_memory(patch.device))
+    _check_fits(cfg, max_seqlen)
     acc = _acc_dtype(patch.dtype)
     device = patch.device
     # counts: [longest report (egma_compat only), max(1, reports with gaze), max(1, reports mapped)]
     counts = _utils.new_output((3,), torch.int32, device)
     if egma_compat:
-        K._longest_report_kernel[(1,)](cu, counts, B, BLOCK_B=cfg["BLOCK_B"])
+        K._longest_report_kernel[(1,)](cu, counts, B, N, BLOCK_B=cfg["BLOCK_B"])
     route = _utils.new_output(_route_shape(patch, N, max_seqlen, for_backward), _route_dtype(max_seqlen), device)
     i2t, t2i, best_patch, own = _launch_filip_fwd(
         patch, sent, cu, scale, counts, max_seqlen, egma_compat=egma_compat, write_own=True, route=route
@@ -368,15 +499,16 @@ def _launch_loss_fwd(
     z1_lse = _utils.new_output((2, B, P), acc, device)
     K._report_fwd_kernel[(B,)](
         own, gaze if has_gaze else own, gaze_mask if has_gaze else cu, cu, i2t, t2i,
-        per_report, row_stats, z1_lse, B, P, float(threshold),
+        per_report, row_stats, z1_lse, B, N, P, float(threshold),
         HAS_GAZE=has_gaze, EGMA_COMPAT=egma_compat, BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"],
         BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["report_warps"],
+        **_stages(cfg["report_stages"]),
     )
     loss, con, mlce, mapping = (_utils.new_output((), acc, device) for _ in range(4))
     w_con, w_mlce, w_map = weights
     K._loss_terms_kernel[(1,)](
         cu, gaze_mask if has_gaze else cu, per_report, loss, con, mlce, mapping, counts,
-        B, float(alpha), float(w_con), float(w_mlce), float(w_map),
+        B, N, float(alpha), float(w_con), float(w_mlce), float(w_map),
         HAS_GAZE=has_gaze, BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"],
     )
     return loss, con, mlce, mapping, i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts, route
@@ -397,15 +529,17 @@ def _launch_loss_bwd(
     mlce_grad = has_gaze and bool(grads & (K.G_LOSS.value | K.G_MLCE.value))
     map_grad = bool(grads & (K.G_LOSS.value | K.G_MAP.value))
     if mlce_grad or map_grad:
-        cfg = _config(patch.dtype, P, 16, max_seqlen)
+        cfg = _config(patch.dtype, P, 16, max_seqlen, 1, _shared_memory(patch.device))
+        _check_fits(cfg, max_seqlen)
         d_own = _utils.new_output((N, P), own.dtype, own.device)
         K._report_bwd_kernel[(B,)](
             own, gaze if has_gaze else own, gaze_mask if has_gaze else cu, cu, counts,
             g_loss if g_loss is not None else unused, g_mlce if g_mlce is not None else unused,
             g_map if g_map is not None else unused, float(w_mlce), float(w_map), float(alpha),
-            row_stats, z1_lse, d_own, P, float(threshold),
+            row_stats, z1_lse, d_own, N, P, float(threshold),
             HAS_GAZE=has_gaze, GRADS=grads, BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"],
             ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["report_warps"],
+            **_stages(cfg["report_stages"]),
         )
     return _launch_filip_bwd(
         patch, sent, cu, scale, counts, best_patch, max_seqlen, egma_compat=egma_compat, grads=grads,
@@ -432,9 +566,11 @@ def _loss_op(
     ``options`` = [alpha, map_threshold, w_con, w_mlce, w_map, for_backward]: one list argument, because
     torch's autograd wrapper of a custom op costs time per schema argument on every call. for_backward
     (1.0 or 0.0): whether a backward pass may follow, i.e. whether to save the routes."""
+    _check_op_inputs(patch, sent, cu, scale, patch.shape[0] if patch.dim() == 3 else None, gaze, gaze_mask)
     alpha, threshold, *weights, for_backward = options
     return _launch_loss_fwd(
-        patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, weights, egma_compat, max_seqlen, bool(for_backward)
+        patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, weights, egma_compat,
+        _seqlen_bound(max_seqlen, sent.shape[0]), bool(for_backward),
     )
 
 
@@ -442,6 +578,7 @@ def _loss_op(
 def _(patch, sent, cu, scale, gaze, gaze_mask, options, egma_compat, max_seqlen):
     B, P, _ = patch.shape
     N = sent.shape[0]
+    max_seqlen = _seqlen_bound(max_seqlen, N)
     acc = _acc_dtype(patch.dtype)
     new = lambda *shape, dtype=acc: patch.new_empty(shape, dtype=dtype)
     return (new(), new(), new(), new(), new(B, B), new(B, B), new(B, N, dtype=_index_dtype(P, patch.dtype)), new(N, P),
@@ -456,6 +593,17 @@ def _loss_bwd_op(
     i2t: _T, t2i: _T, best_patch: _T, own: _T, per_report: _T, row_stats: _T, z1_lse: _T, counts: _T, route: _T,
     options: List[float], egma_compat: bool, max_seqlen: int,
 ) -> Tuple[_T, _T, _T]:
+    _check_op_inputs(patch, sent, cu, scale, patch.shape[0] if patch.dim() == 3 else None, gaze, gaze_mask)
+    B, P, _ = patch.shape
+    N = sent.shape[0]
+    max_seqlen = _seqlen_bound(max_seqlen, N)
+    _check_saved((
+        (g_loss, ()), (g_con, ()), (g_mlce, ()), (g_map, ()), (i2t, (B, B)), (t2i, (B, B)), (best_patch, (B, N)),
+        (own, (N, P)), (per_report, (K.PER_REPORT_ROWS.value, B)), (row_stats, (N, 7)), (z1_lse, (2, B, P)),
+        (counts, (3,)), (route, (B, B, P) if route.numel() else (0,)),
+    ))
+    if g_i2t is not None and g_i2t.shape != (B, B) or g_t2i is not None and g_t2i.shape != (B, B):
+        raise ValueError("egma_kernels triton backward op: the gradients of i2t and t2i must have shape (B, B)")
     alpha, threshold, *weights, _ = options  # the forward's options: the last is for_backward
     return _launch_loss_bwd(
         g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask,
@@ -478,10 +626,30 @@ def _loss_setup_context(ctx, inputs, output):
     ctx.options = options
 
 
+_NO_SECOND_DERIVATIVE = (
+    b"egma_kernels: the triton backend has no second derivative (a backward pass through the gradients "
+    b"of fine_grained_loss / filip_similarity, e.g. a gradient penalty); use backend='reference' for that"
+)
+
+
+def _first_derivative_only(backward_op, inputs):
+    """The gradients, computed without a graph. During a backward pass with create_graph=True (grad mode
+    on) they come back wrapped in an error node instead of as constants: differentiating them raises
+    _NO_SECOND_DERIVATIVE rather than giving zeros (as torch.autograd.function.once_differentiable)."""
+    if not torch.is_grad_enabled():
+        return backward_op(*inputs)
+    with torch.no_grad():
+        results = backward_op(*inputs)
+    error = torch._C._functions.DelayedError(_NO_SECOND_DERIVATIVE, len(results))
+    return error(*[r.detach().requires_grad_() for r in results])
+
+
 def _loss_backward(ctx, g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *_):
     if all(g is None for g in (g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i)):
         return (None,) * 9
-    d_patch, d_sent, d_scale = _loss_bwd_op(g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *ctx.saved_tensors, *ctx.options)
+    d_patch, d_sent, d_scale = _first_derivative_only(
+        _loss_bwd_op, (g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *ctx.saved_tensors, *ctx.options)
+    )
     return (d_patch, d_sent, None, d_scale) + (None,) * 5
 
 
@@ -491,7 +659,10 @@ torch.library.register_autograd("egma_kernels::triton_loss", _loss_backward, set
 @torch.library.custom_op("egma_kernels::triton_filip", mutates_args=())
 def _filip_op(patch: _T, sent: _T, cu: _T, scale: _T, max_seqlen: int) -> Tuple[_T, _T, _T]:
     """(i2t, t2i, best patch of each sentence in each image: saved for the backward pass)."""
-    i2t, t2i, best_patch, _ = _launch_filip_fwd(patch, sent, cu, scale, cu, max_seqlen, egma_compat=False, write_own=False)
+    _check_op_inputs(patch, sent, cu, scale, None)
+    i2t, t2i, best_patch, _ = _launch_filip_fwd(
+        patch, sent, cu, scale, cu, _seqlen_bound(max_seqlen, sent.shape[0]), egma_compat=False, write_own=False
+    )
     return i2t, t2i, best_patch
 
 
@@ -508,8 +679,13 @@ def _(patch, sent, cu, scale, max_seqlen):
 def _filip_bwd_op(
     g_i2t: _OptT, g_t2i: _OptT, patch: _T, sent: _T, cu: _T, scale: _T, best_patch: _T, max_seqlen: int
 ) -> Tuple[_T, _T, _T]:
+    _check_op_inputs(patch, sent, cu, scale, None)
+    M, R = patch.shape[0], cu.shape[0] - 1
+    _check_saved(((best_patch, (M, sent.shape[0])),))
+    if g_i2t is not None and g_i2t.shape != (M, R) or g_t2i is not None and g_t2i.shape != (M, R):
+        raise ValueError("egma_kernels triton backward op: the gradients of i2t and t2i must have shape (M, R)")
     return _launch_filip_bwd(
-        patch, sent, cu, scale, cu, best_patch, max_seqlen, egma_compat=False,
+        patch, sent, cu, scale, cu, best_patch, _seqlen_bound(max_seqlen, sent.shape[0]), egma_compat=False,
         grads=_grad_mask(i2t=g_i2t, t2i=g_t2i), g_i2t=g_i2t, g_t2i=g_t2i,
     )
 
@@ -531,7 +707,9 @@ def _filip_backward(ctx, g_i2t, g_t2i, _):
     if g_i2t is None and g_t2i is None:
         return None, None, None, None, None
     patch, sent, cu, scale, best_patch = ctx.saved_tensors
-    d_patch, d_sent, d_scale = _filip_bwd_op(g_i2t, g_t2i, patch, sent, cu, scale, best_patch, ctx.max_seqlen)
+    d_patch, d_sent, d_scale = _first_derivative_only(
+        _filip_bwd_op, (g_i2t, g_t2i, patch, sent, cu, scale, best_patch, ctx.max_seqlen)
+    )
     return d_patch, d_sent, None, d_scale, None
 
 

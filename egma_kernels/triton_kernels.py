@@ -84,13 +84,22 @@ def _similarity_tile(
 
 
 @triton.jit
-def _report_group(cu_ptr, grp, R, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
+def _segment(cu_ptr, k, mask, N):
+    """Report k's (start, length) from the offsets, clamped to 0 <= start <= end <= N: whatever the offsets
+    hold (unchecked with validate=False), no sentence index leaves [0, N). 0 sentences where ~mask."""
+    start = tl.minimum(tl.maximum(tl.load(cu_ptr + k, mask=mask, other=0), 0), N)
+    end = tl.minimum(tl.maximum(tl.load(cu_ptr + k + 1, mask=mask, other=0), start), N)
+    return start, end - start
+
+
+@triton.jit
+def _report_group(cu_ptr, grp, R, N, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
     """GROUP consecutive reports as GROUP slots of BLOCK_S columns: per report (index, mask, start,
-    length) and per column (sentence index, mask, report index), flattened slot by slot."""
+    length) and per column (sentence index, mask, report index), flattened slot by slot. A report longer
+    than BLOCK_S (a wrong max_seqlen) keeps its first BLOCK_S sentences."""
     reps = grp * GROUP + tl.arange(0, GROUP)
     rep_mask = reps < R
-    start = tl.load(cu_ptr + reps, mask=rep_mask, other=0)
-    n_rep = tl.load(cu_ptr + reps + 1, mask=rep_mask, other=0) - start  # 0 for a slot past the last report
+    start, n_rep = _segment(cu_ptr, reps, rep_mask, N)  # 0 sentences for a slot past the last report
     j = tl.arange(0, BLOCK_S)
     u_offs = tl.reshape(start[:, None] + j[None, :], [GROUP * BLOCK_S])
     u_mask = tl.reshape(j[None, :] < n_rep[:, None], [GROUP * BLOCK_S])
@@ -123,7 +132,7 @@ def _filip_fwd_kernel(
     num_groups = tl.cdiv(R, GROUP)
     img = tl.program_id(0) // num_groups
     grp = tl.program_id(0) % num_groups
-    reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, grp, R, GROUP, BLOCK_S)
+    reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, grp, R, N, GROUP, BLOCK_S)
     t = tl.load(scale_ptr).to(ACC)
     if EGMA_COMPAT:
         padded = n_rep < tl.load(smax_ptr)  # zero-padding takes part in this report's max
@@ -321,7 +330,7 @@ def _filip_bwd_patch_kernel(
     grp_lo = part * groups_per_slice
     grp_hi = tl.minimum(grp_lo + groups_per_slice, tl.cdiv(R, GROUP))
     for grp in range(grp_lo, grp_hi):  # GROUP reports at a time (see _filip_fwd_kernel)
-        reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, grp, R, GROUP, BLOCK_S)
+        reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, grp, R, N, GROUP, BLOCK_S)
         sents = _sentence_rows(sent_ptr, u_offs, u_mask, dd, D, stride_sn)
         g_row, g_col = _matrix_grads(
             img, reps, rep_mask, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr, EGMA_COMPAT, GRADS
@@ -358,10 +367,10 @@ def _filip_bwd_patch_kernel(
     if SAVED_ROUTE:
         scale_part = tl.where(pblk == 0, tl.sum(matrix_scale, axis=0), 0.0)
         if HAS_OWN_GRAD:
-            own_start = tl.load(cu_ptr + img)
+            own_start, own_len = _segment(cu_ptr, img, img >= 0, N)
             j = tl.arange(0, BLOCK_S)
             u_own = own_start + j
-            own_mask = (j < tl.load(cu_ptr + img + 1) - own_start)[:, None] & p_mask[None, :] & (part == 0)
+            own_mask = (j < own_len)[:, None] & p_mask[None, :] & (part == 0)
             own_offs = u_own.to(tl.int64)[:, None] * P + p_offs[None, :]
             x = tl.load(own_ptr + own_offs, mask=own_mask, other=0.0).to(ACC)
             scale_part += tl.sum(tl.sum(x * tl.load(d_own_ptr + own_offs, mask=own_mask, other=0.0), axis=1), axis=0)
@@ -389,7 +398,7 @@ def _filip_bwd_sent_kernel(
     t = tl.load(scale_ptr).to(ACC)
     # GROUP reports per program (see _report_group): every patch tile loaded serves all their sentences;
     # the [GROUP * BLOCK_S, D_OUT] accumulator bounds GROUP.
-    reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, tl.program_id(0), R, GROUP, BLOCK_S)
+    reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, tl.program_id(0), R, N, GROUP, BLOCK_S)
     dd = chunk * D_OUT + tl.arange(0, D_OUT)
     acc = tl.zeros([GROUP * BLOCK_S, D_OUT], dtype=ACC)
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
@@ -432,12 +441,25 @@ def _filip_bwd_sent_kernel(
 
 
 @triton.jit
+def _smallest_normal(ACC: tl.constexpr):
+    """The smallest positive normal number of ACC (float32 or float64), as a scalar of that dtype."""
+    if ACC == tl.float64:
+        return tl.full([], 2.2250738585072014e-308, tl.float64)
+    else:
+        return tl.full([], 1.1754943508222875e-38, tl.float32)
+
+
+@triton.jit
 def _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE: tl.constexpr, ACC: tl.constexpr):
     offs = u_offs.to(tl.int64)[:, None] * P + p_offs[None, :]
     mask = u_mask[:, None] & p_mask[None, :]
     x = tl.load(own_ptr + offs, mask=mask, other=0.0).to(ACC)
     if HAS_GAZE:
-        heat = tl.load(gaze_ptr + offs, mask=mask, other=0.0).to(ACC)
+        # The labels come from the gaze as given (gaze > 0): a positive value too small for ACC (a float64
+        # 1e-50 with float32 inputs) becomes ACC's smallest normal number, not 0.
+        given = tl.load(gaze_ptr + offs, mask=mask, other=0.0)
+        heat = given.to(ACC)
+        heat = tl.where(given > 0, tl.maximum(heat, _smallest_normal(ACC)), heat)
     else:
         heat = tl.zeros_like(x)
     return x, heat, mask
@@ -496,10 +518,10 @@ def _online_lse(m, s, values, axis: tl.constexpr):
 
 
 @triton.jit
-def _report_rows(cu_ptr, gaze_mask_ptr, k, HAS_GAZE: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Report k's sentences as tile rows: (length, row index, sentence index, row mask, add its gaze?)."""
-    start = tl.load(cu_ptr + k)
-    n_rep = tl.load(cu_ptr + k + 1) - start
+def _report_rows(cu_ptr, gaze_mask_ptr, k, N, HAS_GAZE: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Report k's sentences as tile rows: (length, row index, sentence index, row mask, add its gaze?);
+    offsets clamped to [0, N] (_segment), at most BLOCK_S rows."""
+    start, n_rep = _segment(cu_ptr, k, k >= 0, N)
     j = tl.arange(0, BLOCK_S)
     if HAS_GAZE:
         add_gaze = tl.load(gaze_mask_ptr + k) != 0
@@ -525,13 +547,13 @@ def _row_lse(m_ptr, k, stride_row, stride_col, length, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _longest_report_kernel(cu_ptr, counts_ptr, B, BLOCK_B: tl.constexpr):
+def _longest_report_kernel(cu_ptr, counts_ptr, B, N, BLOCK_B: tl.constexpr):
     """counts[0] = the longest report's sentence count (the zero-padding rule of egma_compat)."""
     longest = tl.zeros([BLOCK_B], dtype=tl.int32)
     for k0 in range(0, B, BLOCK_B):
         k = k0 + tl.arange(0, BLOCK_B)
         mask = k < B
-        n = tl.load(cu_ptr + k + 1, mask=mask, other=0) - tl.load(cu_ptr + k, mask=mask, other=0)
+        _, n = _segment(cu_ptr, k, mask, N)
         longest = tl.maximum(longest, n)
     tl.store(counts_ptr, tl.max(longest, axis=0))
 
@@ -539,7 +561,7 @@ def _longest_report_kernel(cu_ptr, counts_ptr, B, BLOCK_B: tl.constexpr):
 @triton.jit
 def _loss_terms_kernel(
     cu_ptr, gaze_mask_ptr, per_report_ptr, loss_ptr, con_ptr, mlce_ptr, map_ptr, counts_ptr,
-    B, alpha, w_con, w_mlce, w_map,
+    B, N, alpha, w_con, w_mlce, w_map,
     HAS_GAZE: tl.constexpr, BLOCK_B: tl.constexpr, ACC: tl.constexpr,
 ):
     """The three terms and the loss from the per-report values, in one program (a fixed order).
@@ -562,7 +584,7 @@ def _loss_terms_kernel(
             p2s = tl.load(per_report_ptr + PR_P2S * B + k, mask=gazed, other=0.0)
             mlce += tl.where(gazed, alpha * s2p + (1.0 - alpha) * p2s, 0.0)
             n_gaze += gazed.to(tl.int32)
-        n = tl.load(cu_ptr + k + 1, mask=mask, other=0) - tl.load(cu_ptr + k, mask=mask, other=0)
+        _, n = _segment(cu_ptr, k, mask, N)
         mapped = mask & (n >= 2)
         clip_p = tl.load(per_report_ptr + PR_CLIP_P * B + k, mask=mapped, other=0.0)
         clip_s = tl.load(per_report_ptr + PR_CLIP_S * B + k, mask=mapped, other=0.0)
@@ -585,13 +607,13 @@ def _loss_terms_kernel(
 def _report_fwd_kernel(
     own_ptr, gaze_ptr, gaze_mask_ptr, cu_ptr, i2t_ptr, t2i_ptr,
     per_report_ptr, row_stats_ptr, z1_lse_ptr,
-    B, P, threshold,
+    B, N, P, threshold,
     HAS_GAZE: tl.constexpr, EGMA_COMPAT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     k = tl.program_id(0)
-    n_rep, j, u_offs, u_mask, add_gaze = _report_rows(cu_ptr, gaze_mask_ptr, k, HAS_GAZE, BLOCK_S)
+    n_rep, j, u_offs, u_mask, add_gaze = _report_rows(cu_ptr, gaze_mask_ptr, k, N, HAS_GAZE, BLOCK_S)
     NEG_INF: tl.constexpr = float("-inf")
     out = per_report_ptr + k
     z1_row_lse_ptr = z1_lse_ptr  # (2, B, P): Z1's row log-sum-exps, then its column log-sum-exps
@@ -707,13 +729,13 @@ def _report_bwd_kernel(
     g_loss_ptr, g_mlce_ptr, g_map_ptr, w_mlce, w_map, alpha,
     row_stats_ptr, z1_lse_ptr,
     d_own_ptr,
-    P, threshold,
+    N, P, threshold,
     HAS_GAZE: tl.constexpr, GRADS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dL/dX_k from the MLCE and mapping terms (launched only when one of them has a gradient)."""
     k = tl.program_id(0)
-    n_rep, j, u_offs, u_mask, add_gaze = _report_rows(cu_ptr, gaze_mask_ptr, k, HAS_GAZE, BLOCK_S)
+    n_rep, j, u_offs, u_mask, add_gaze = _report_rows(cu_ptr, gaze_mask_ptr, k, N, HAS_GAZE, BLOCK_S)
     z1_row_lse_ptr = z1_lse_ptr
     z1_col_lse_ptr = z1_lse_ptr + tl.cast(tl.num_programs(0), tl.int64) * P
     NEG_INF: tl.constexpr = float("-inf")

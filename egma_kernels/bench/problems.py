@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
 from ..packing import cu_seqlens_from_lengths
-from .sweeps import Size
+from .sweeps import SIZES, Size
 
 DTYPES = {
     "float32": torch.float32,
@@ -85,8 +86,16 @@ class Problem:
         )
 
 
+# A long-tailed report length (lognormal, median 5, clipped to 1..30): tiles sized by the longest report pad
+# most here (tools/padding_counts.py).
+SIZES.setdefault("egma-longtail", Size("egma-longtail", "loss", B=40, P=49, max_sent=30))
+
+
 def draw_lengths(size: Size) -> List[int]:
     g = torch.Generator().manual_seed(1000 + size.seed)
+    if size.name.endswith("longtail"):
+        x = (torch.randn(size.R, generator=g, dtype=torch.float64) * 0.75 + math.log(5.0)).exp().round()
+        return x.clamp(size.min_sent, size.max_sent).long().tolist()
     return torch.randint(size.min_sent, size.max_sent + 1, (size.R,), generator=g).tolist()
 
 
