@@ -162,12 +162,9 @@ def _check_max_seqlen(max_seqlen, num_sentences: int) -> Optional[int]:
         return None
     if not isinstance(max_seqlen, numbers.Integral) or isinstance(max_seqlen, bool) or max_seqlen < 1:
         raise ValueError(f"max_seqlen must be a positive int (the longest report's sentence count), got {max_seqlen!r}")
-    if max_seqlen > num_sentences:
-        raise ValueError(
-            f"max_seqlen={max_seqlen} is larger than the number of sentences N={num_sentences}: it must be the "
-            "longest report's sentence count (or an upper bound of it no larger than N)"
-        )
-    return int(max_seqlen)
+    # An upper bound of the longest report is accepted; no report is longer than N, so a larger bound is
+    # taken as N and the kernels never size a tile beyond the sentences there are.
+    return min(int(max_seqlen), max(int(num_sentences), 1))
 
 
 def _settle_max_seqlen(given: Optional[int], measured: Optional[int]) -> Optional[int]:
