@@ -128,19 +128,25 @@ def encode_dataset(model: EGMAModel, dataset: EGMADataset, *, batch_size: int = 
     """``{"patch" (M,P,D) normalised, "global" (M,D), "pooled" (M,C) backbone features, "labels" (M,C)}``."""
     model.eval()
     device = device or next(model.parameters()).device
-    patch, pooled, labels = [], [], []
+    patch, pooled, labels, glob = [], [], [], []
     idx = list(range(len(dataset)))
     chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
     for ch in _progress(chunks, len(chunks), "encode images", progress):
         x = torch.stack([dataset.image_tensor(i, augment=False) for i in ch]).to(device)
-        feats = model._image_features(x)[0]
+        if model.config.image_global == "pooler":
+            feats, pool_tok = model._image_features(x, with_pooled=True)
+            feats = feats[0]
+            glob.append(model.image_proj[0](pool_tok).float().cpu())
+        else:
+            feats = model._image_features(x)[0]
         pooled.append(feats.float().mean((2, 3)).cpu())
         tok = model.image_proj[0](feats.flatten(2).transpose(1, 2)).float()
         patch.append(tok.cpu())
         if dataset.classes:
             labels.append(torch.stack([dataset.label_vector(dataset.records[i]) for i in ch]))
     raw = torch.cat(patch)
-    out = {"patch": F.normalize(raw, dim=-1), "global": F.normalize(raw.mean(1), dim=-1), "pooled": torch.cat(pooled)}
+    g = torch.cat(glob) if glob else raw.mean(1)  # the model's global embedding (encode_image_global)
+    out = {"patch": F.normalize(raw, dim=-1), "global": F.normalize(g, dim=-1), "pooled": torch.cat(pooled)}
     if labels:
         out["labels"] = torch.cat(labels)
     return out
@@ -148,18 +154,20 @@ def encode_dataset(model: EGMAModel, dataset: EGMADataset, *, batch_size: int = 
 
 @torch.no_grad()
 def encode_texts(model: EGMAModel, tokenizer, texts: Sequence[str], *, batch_size: int = 128,
-                 device=None) -> Dict[str, torch.Tensor]:
-    """Texts split into sentences: ``{"sent" (N,D), "cu_seqlens" (T+1,), "global" (T,D)}``."""
+                 device=None, split: bool = True) -> Dict[str, torch.Tensor]:
+    """Texts split into sentences (``split=False``: each text is one sentence, as the authors' prompts are):
+    ``{"sent" (N,D), "cu_seqlens" (T+1,), "global" (T,D)}``."""
     model.eval()
     device = device or next(model.parameters()).device
+    padding = "max_length" if model.config.text_pooling == "last4_all" else True
     sents, lengths = [], []
     for t in texts:
-        s = split_sentences(t) or [t]
+        s = (split_sentences(t) or [t]) if split else [t]
         sents += s
         lengths.append(len(s))
     emb = []
     for i in range(0, len(sents), batch_size):
-        tok = tokenizer(sents[i : i + batch_size], padding=True, truncation=True, max_length=model.config.max_length,
+        tok = tokenizer(sents[i : i + batch_size], padding=padding, truncation=True, max_length=model.config.max_length,
                         return_tensors="pt").to(device)
         emb.append(model.encode_sentences(tok["input_ids"], tok["attention_mask"], normalize=False).float().cpu())
     raw = torch.cat(emb)
@@ -184,8 +192,11 @@ def similarity(images: Dict[str, torch.Tensor], texts: Dict[str, torch.Tensor], 
 
 def zero_shot(model, tokenizer, images: Dict[str, torch.Tensor], class_prompts: Dict[str, List[str]],
               image_classes: Sequence[str], *, scoring: str = "fine", reduce: str = "max",
-              multi_label: bool = False) -> Dict:
+              multi_label: bool = False, split_prompts: bool = True) -> Dict:
     """Zero-shot classification: each class's score = ``reduce`` (max or mean) over its prompts' scores.
+
+    ``split_prompts``: a prompt is split into sentences first (ours); False keeps each prompt one sentence
+    (the authors' protocol, with ``scoring="global"`` and ``reduce="max"``).
 
     Single-label: images whose label set has exactly one of the prompt classes are scored (accuracy, macro-F1,
     confusion matrix over the prompt classes). Multi-label: mean AUROC over classes.
@@ -196,13 +207,13 @@ def zero_shot(model, tokenizer, images: Dict[str, torch.Tensor], class_prompts: 
         for p in class_prompts[ps]:
             texts.append(p)
             owner.append(c)
-    sim = similarity(images, encode_texts(model, tokenizer, texts), scoring)
+    sim = similarity(images, encode_texts(model, tokenizer, texts, split=split_prompts), scoring)
     owner_t = torch.tensor(owner)
     scores = torch.stack([(sim[:, owner_t == c].amax(1) if reduce == "max" else sim[:, owner_t == c].mean(1))
                           for c in range(len(names))], dim=1)
     labels = images["labels"].numpy()
     cols = [image_classes.index(n) if n in image_classes else None for n in names]
-    res: Dict = {"classes": names, "scoring": scoring, "reduce": reduce}
+    res: Dict = {"classes": names, "scoring": scoring, "reduce": reduce, "split_prompts": split_prompts}
     ind = np.stack([labels[:, c] if c is not None else np.zeros(len(labels)) for c in cols], 1)
     if multi_label:
         res["mean_auroc"], res["auroc"] = mean_auroc(scores.numpy(), ind)
@@ -314,7 +325,8 @@ def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, t
     pr = load_prompts(prompts) if prompts else None
     recs = load_manifest(manifest, split=split)
     classes = sorted({c for r in recs for c in r.labels} | (set(pr["classes"]) if pr else set()))
-    ds = EGMADataset(recs, image_size=model.config.image_size, grid=model.grid, classes=classes, use_gaze=False)
+    ds = EGMADataset(recs, image_size=model.config.image_size, grid=model.grid, classes=classes,
+                     use_gaze=False, image_mean=model.config.image_mean, image_std=model.config.image_std)
     images = encode_dataset(model, ds, batch_size=batch_size, device=device, progress=progress)
     out: Dict = {"checkpoint": checkpoint, "manifest": manifest, "n_images": len(ds)}
     multi = bool(pr.get("multi_label", False)) if pr else False
@@ -338,6 +350,7 @@ def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, t
                 raise ManifestError("linear probing needs --train-manifest")
             trecs = load_manifest(train_manifest, split=train_split)
             tds = EGMADataset(trecs, image_size=model.config.image_size, grid=model.grid, classes=classes,
+                              image_mean=model.config.image_mean, image_std=model.config.image_std,
                               use_gaze=False)
             timgs = encode_dataset(model, tds, batch_size=batch_size, device=device, progress=progress)
             out["probe"] = linear_probe(timgs["pooled"], timgs["labels"], images["pooled"], images["labels"],

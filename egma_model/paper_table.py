@@ -71,6 +71,7 @@ def _dataset(model, manifest: str, classes: Sequence[str], split: Optional[str],
         for r in recs:
             r.labels = [c for c in r.labels if c in classes]
     return EGMADataset(recs, image_size=model.config.image_size, grid=model.grid, classes=list(classes),
+                       image_mean=model.config.image_mean, image_std=model.config.image_std,
                        use_gaze=False)
 
 
