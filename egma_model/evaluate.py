@@ -228,11 +228,11 @@ def zero_shot(model, tokenizer, images: Dict[str, torch.Tensor], class_prompts: 
 
 
 def retrieval(model, tokenizer, images: Dict[str, torch.Tensor], image_labels: Sequence[str], queries: Sequence[Dict],
-              *, scoring: str = "fine", ks: Sequence[int] = (1, 5, 10)) -> Dict:
+              *, scoring: str = "fine", ks: Sequence[int] = (1, 5, 10), split_prompts: bool = True) -> Dict:
     """Precision@k in both directions; relevant = same class (image label vs query label)."""
     texts = [q["text"] for q in queries]
     q_labels = [q["label"] for q in queries]
-    sim = similarity(images, encode_texts(model, tokenizer, texts), scoring).numpy()
+    sim = similarity(images, encode_texts(model, tokenizer, texts, split=split_prompts), scoring).numpy()
     res = {"scoring": scoring, "n_images": len(image_labels), "n_queries": len(texts)}
     for k in ks:
         res[f"image_to_text_p@{k}"] = precision_at_k(sim, image_labels, q_labels, k)
@@ -292,6 +292,11 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 
 
 def load_prompts(path: str) -> Dict:
+    """A prompts JSON file, or a built-in set by name (``egma_model.recipes.BUILTIN_PROMPTS``)."""
+    from .recipes import BUILTIN_PROMPTS, builtin_prompts
+
+    if path in BUILTIN_PROMPTS:
+        return {"classes": builtin_prompts(path)}
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: prompts file not found")
     with open(path) as f:
@@ -312,7 +317,8 @@ def load_prompts(path: str) -> Dict:
 
 def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, tasks=("zeroshot", "retrieval"),
              split: Optional[str] = None, train_manifest: Optional[str] = None, train_split: Optional[str] = None,
-             scoring=("fine", "global"), reduce: str = "max", batch_size: int = 32, device=None,
+             scoring=("fine", "global"), reduce: str = "max", split_prompts: bool = True, batch_size: int = 32,
+             device=None,
              progress: bool = True, fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2), model=None, tokenizer=None) -> Dict:
     """Run the chosen tasks; returns a JSON-able dict."""
     from .tokenizer import load_tokenizer
@@ -335,7 +341,8 @@ def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, t
             if pr is None:
                 raise ManifestError("zero-shot needs --prompts")
             out["zeroshot"] = {s: zero_shot(model, tokenizer, images, pr["classes"], classes, scoring=s,
-                                            reduce=reduce, multi_label=multi) for s in scoring}
+                                            reduce=reduce, multi_label=multi, split_prompts=split_prompts)
+                               for s in scoring}
         elif task == "retrieval":
             if pr is None:
                 raise ManifestError("retrieval needs --prompts")
@@ -344,7 +351,8 @@ def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, t
             keep = lab.sum(1) == 1
             img_labels = [classes[int(np.argmax(r))] for r in lab[keep]]
             sub = {k: v[torch.from_numpy(keep)] for k, v in images.items()}
-            out["retrieval"] = {s: retrieval(model, tokenizer, sub, img_labels, queries, scoring=s) for s in scoring}
+            out["retrieval"] = {s: retrieval(model, tokenizer, sub, img_labels, queries, scoring=s,
+                                             split_prompts=split_prompts) for s in scoring}
         elif task == "probe":
             if not train_manifest:
                 raise ManifestError("linear probing needs --train-manifest")
@@ -368,8 +376,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return paper_table_main(argv)
     p = argparse.ArgumentParser(prog="egma-eval", description="Evaluate an EGMA checkpoint (zero-shot, retrieval, "
                                 "linear probe)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="folder written by egma-train (<out>/final)")
-    p.add_argument("--manifest", required=True, help="test manifest with labels")
+    p.add_argument("--checkpoint", default=None, help="folder written by egma-train (<out>/final)")
+    p.add_argument("--manifest", default=None, help="test manifest with labels")
     p.add_argument("--split", default=None)
     p.add_argument("--prompts", default=None, help="JSON with class prompts (and optional retrieval queries)")
     p.add_argument("--tasks", default="zeroshot,retrieval", help="comma-separated: zeroshot, retrieval, probe")
@@ -377,6 +385,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--train-split", default=None)
     p.add_argument("--scoring", default="fine,global", help="fine (FILIP) and/or global")
     p.add_argument("--reduce", default="max", choices=["max", "mean"], help="over a class's prompts")
+    p.add_argument("--split-prompts", action=argparse.BooleanOptionalAction, default=True,
+                   help="split each prompt into sentences first (ours); --no-split-prompts as the authors")
+    p.add_argument("--recipe", default=None, choices=["ours", "authors-code", "paper"],
+                   help="scoring, reduce and prompt splitting of a recipe (docs/recipes.md); options given win. "
+                        "--prompts may name a built-in set: chexpert-5x200-combos, rsna-50v5, rsna-5v5, siim-5v5")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved settings and exit")
     p.add_argument("--fractions", default="0.01,0.1,1", help="linear-probe label fractions")
     p.add_argument("--seeds", default="0,1,2", help="linear-probe seeds")
     p.add_argument("--batch-size", type=int, default=32)
@@ -384,10 +398,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default=None, help="write the results JSON here")
     p.add_argument("--no-progress", action="store_true")
     ns = p.parse_args(argv)
+    from .paper_table import eval_recipe_text, resolve_eval
+
+    settings, source = resolve_eval(ns.recipe, p, argv)
+    if ns.print_recipe:
+        settings.pop("prompts")  # per-set built-ins apply to --paper-table; here --prompts is given
+        source["prompts"] = "option" if ns.prompts else "none given (--prompts)"
+        print(eval_recipe_text(ns.recipe, dict(settings, prompts=ns.prompts), source))
+        return 0
+    if not ns.checkpoint or not ns.manifest:
+        p.error("--checkpoint and --manifest are required")
     try:
         res = evaluate(ns.checkpoint, ns.manifest, ns.prompts, tasks=ns.tasks.split(","), split=ns.split,
                        train_manifest=ns.train_manifest, train_split=ns.train_split,
-                       scoring=tuple(ns.scoring.split(",")), reduce=ns.reduce, batch_size=ns.batch_size,
+                       scoring=tuple(settings["scoring"].split(",")), reduce=settings["reduce"],
+                       split_prompts=settings["split_prompts"], batch_size=ns.batch_size,
                        device=ns.device, progress=not ns.no_progress,
                        fractions=tuple(float(x) for x in ns.fractions.split(",")),
                        seeds=tuple(int(x) for x in ns.seeds.split(",")))

@@ -151,6 +151,8 @@ class EGMAConfig:
         image_kwargs = dict(TINY_VIT if "vit" in (image_model or "") else TINY_SWIN)
         image_kwargs.update(kw.pop("image_kwargs", {}))
         text_config = dict(TINY_BERT)
+        if kw.get("text_pooling") == "last4_all":
+            text_config["num_hidden_layers"] = 4  # the pooling reads the last 4 layers
         text_config.update(kw.pop("text_config", {}))
         kw.setdefault("embed_dim", 64)
         kw.setdefault("max_length", 32)
