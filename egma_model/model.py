@@ -240,7 +240,8 @@ class EGMAModel(nn.Module):
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The image encoder's final LayerNorm applied to ``(B, C, gh, gw)`` tokens."""
         enc = self.image_encoder
-        norm = getattr(enc, "layernorm", None) if self.config.image_library == "transformers" else getattr(enc, "norm", None)
+        name = "layernorm" if self.config.image_library == "transformers" else "norm"
+        norm = getattr(enc, name, None)
         if norm is None:
             raise ValueError(f"{type(enc).__name__} has no final norm to pool after")
         return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -272,6 +272,8 @@ class CheckpointSelector:
         self.is_test = a.select_is_test if a.select_is_test is not None else _looks_like_test_set(a.select_on, recs)
         self.label = ("test-set selection: chosen on the set it is evaluated on, numbers are optimistic"
                       if self.is_test else "validation-set selection")
+        # prompts are split into sentences as the recipe's evaluation does (ours: yes; the authors': no)
+        self.split_prompts = EVAL[a.recipe]["split_prompts"] if a.recipe else True
         self.best: Optional[Dict] = None
         self.history: List[Dict] = []
         self._EGMADataset = EGMADataset
@@ -284,7 +286,7 @@ class CheckpointSelector:
                                image_std=model.config.image_std)
         imgs = encode_dataset(model, ds, device=device, progress=False)
         z = zero_shot(model, self.tokenizer, imgs, self.prompts, self.classes, scoring=self.a.select_scoring,
-                      reduce="max", split_prompts=self.a.split_rule != "egma")
+                      reduce="max", split_prompts=self.split_prompts)
         rec = {"step": step, "accuracy": z["accuracy"], "macro_f1": z["macro_f1"], "n_images": z["n_images"]}
         self.history.append(rec)
         if self.best is None or rec["accuracy"] > self.best["accuracy"]:

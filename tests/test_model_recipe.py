@@ -101,7 +101,7 @@ def test_text_pooling_last4_over_all_positions():
         torch.testing.assert_close(m.encode_sentences(ids, mask, normalize=False), mm @ m.text_proj.weight.t(),
                                    rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="4 encoder layers"):
-        _tiny(text_pooling="last4_all").encode_sentences(ids, mask)
+        _tiny(text_pooling="last4_all", text_config=dict(num_hidden_layers=2)).encode_sentences(ids, mask)
 
 
 REPORT = ("FINDINGS: 1. The lungs are clear. 2. No pleural effusion or pneumothorax.\n"

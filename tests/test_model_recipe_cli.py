@@ -57,6 +57,17 @@ def test_options_win_over_the_recipe_and_warmup_forms_replace_each_other():
         resolve("paper-ish", {}, {})
 
 
+def test_warmup_forms():
+    from egma_model.train import resolve_warmup
+
+    d = TrainArgs(manifest="", out="", warmup_steps=50)
+    assert resolve_warmup(d, 1000, 100) == 50
+    assert resolve_warmup(TrainArgs(manifest="", out="", warmup_ratio=0.1), 930, 93) == 93
+    assert resolve_warmup(TrainArgs(manifest="", out="", warmup_epochs=10), 4650, 93) == 930
+    with pytest.raises(ValueError, match="not both"):
+        resolve_warmup(TrainArgs(manifest="", out="", warmup_ratio=0.1, warmup_epochs=1), 10, 1)
+
+
 def test_print_recipe_trains_nothing(tmp_path, capsys):
     assert egma_train(["--recipe", "paper", "--print-recipe", "--out", str(tmp_path / "x")]) == 0
     out = capsys.readouterr().out
