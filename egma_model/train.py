@@ -11,6 +11,9 @@ Example (CPU, tiny encoders, random init)::
 Under ``torchrun --nproc_per_node K -m egma_model.train ...`` it trains with DistributedDataParallel,
 ``--batch-size`` per process, the contrastive term over every rank's batch (``--no-global-negatives``:
 per process), logging and checkpoints on rank 0 (``docs/distributed.md``).
+
+``--recipe authors-code`` / ``--recipe paper`` set every setting of the authors' code or the paper at once
+(``egma_model.recipes``, ``docs/recipes.md``); ``--print-recipe`` prints them without training.
 """
 
 from __future__ import annotations
@@ -659,6 +662,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--manifest and --out are required")
     if a.recipe and int(os.environ.get("RANK", "0")) == 0:
         print(recipe_text(a, source), file=sys.stderr)
+        if a.recipe != "ours" and not a.init_from:
+            print(f"egma-train: warning: --recipe {a.recipe} without --init-from: the authors start from MedCLIP's "
+                  f"weights; these encoders are not MedCLIP's", file=sys.stderr)
     try:
         res = train(a)
     except (ManifestError, FileNotFoundError) as e:

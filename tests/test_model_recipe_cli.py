@@ -109,7 +109,7 @@ def test_tiny_authors_code_run_with_test_set_selection(tmp_path, capsys):
                      "--save-every", "1", "--keep-checkpoints"])
     out = capsys.readouterr()
     assert rc == 0, out.err
-    assert "test-set selection" in out.err
+    assert "test-set selection" in out.err and "without --init-from" in out.err
     with open(os.path.join(run, "final", "egma_config.json")) as f:
         cfg = json.load(f)
     assert (cfg["patch_norm"], cfg["image_global"], cfg["text_pooling"], cfg["max_length"], cfg["image_mean"],
