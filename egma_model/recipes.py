@@ -277,6 +277,11 @@ class CheckpointSelector:
         self.best: Optional[Dict] = None
         self.history: List[Dict] = []
         self._EGMADataset = EGMADataset
+        prev = os.path.join(a.out, "best", "selection.json")
+        if a.resume and os.path.isfile(prev):  # a resumed run competes with the model already kept
+            with open(prev) as f:
+                d = json.load(f)
+            self.best, self.history = d.get("best"), d.get("history", [])
 
     def check(self, model, step: int, device) -> Dict:
         from .evaluate import encode_dataset, zero_shot

@@ -123,6 +123,25 @@ def test_tiny_authors_code_run_with_test_set_selection(tmp_path, capsys):
     with open(os.path.join(run, "train_args.json")) as f:
         ta = json.load(f)
     assert ta["recipe"] == "authors-code" and ta["split_rule"] == "egma" and ta["decay_all"] is True
+    # a resumed run keeps competing with the model already kept
+    rc = egma_train(["--recipe", "authors-code", "--preset", "tiny", "--image-size", "224", "--manifest",
+                     os.path.join(m, "egd.csv"), "--out", run, "--max-steps", "3", "--batch-size", "2",
+                     "--no-progress", "--select-on", os.path.join(m, "chexpert-5x200.csv"), "--select-every", "1",
+                     "--resume"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    with open(os.path.join(run, "best", "selection.json")) as f:
+        sel2 = json.load(f)
+    assert [h["step"] for h in sel2["history"]] == [1, 2, 3]
+    assert sel2["best"]["accuracy"] >= sel["best"]["accuracy"]
+    # egma-eval takes a built-in prompt set by name
+    rc = egma_eval(["--checkpoint", os.path.join(run, "final"), "--manifest", os.path.join(m, "chexpert-5x200.csv"),
+                    "--prompts", "chexpert-5x200-combos", "--recipe", "authors-code", "--tasks", "zeroshot",
+                    "--no-progress"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    z = json.loads(out.out)["zeroshot"]
+    assert list(z) == ["global"] and z["global"]["n_images"] == 10 and not z["global"]["split_prompts"]
     rc = egma_eval(["--paper-table", "--recipe", "authors-code", "--checkpoint", os.path.join(run, "final"),
                     "--chexpert-5x200", os.path.join(m, "chexpert-5x200.csv"), "--no-progress",
                     "--out", str(tmp_path / "t.json")])
