@@ -43,6 +43,8 @@ __all__ = [
     "ManifestRecord",
     "load_manifest",
     "split_sentences",
+    "split_sentences_egma",
+    "SPLIT_RULES",
     "load_image",
     "preprocess_image",
     "photometric_augment",
@@ -121,6 +123,40 @@ def split_sentences(text: str) -> List[str]:
     return out
 
 
+_NUMBERED = re.compile(r"[0-9]+\.+[^0-9]")  # "1. ", "2.The": a number, its dots and the next character
+_WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
+
+
+def split_sentences_egma(text: str) -> List[str]:
+    r"""The authors' sentence rule (EGMA/MedCLIP code), re-implemented.
+
+    Line breaks become spaces; the text is cut at numbered markers (digits, one or more dots, and the
+    character after them, which is dropped) and then at ``". "``; each piece is lowercased and split into
+    word and punctuation runs (``\w+`` or ``[^\w\s]+``, NLTK's ``wordpunct_tokenize`` rule), non-ASCII
+    characters are removed, and the tokens are re-joined with single spaces. Pieces of 4 tokens or fewer
+    are dropped (the authors keep "relatively long" sentences only).
+    """
+    text = str(text or "").replace("\n", " ")
+    out = []
+    for part in _NUMBERED.split(text):
+        for sent in part.split(". "):
+            toks = [t.encode("ascii", "ignore").decode("ascii") for t in _WORDPUNCT.findall(sent.lower())]
+            toks = [t for t in toks if t]
+            if len(toks) > 4:
+                out.append(" ".join(toks))
+    return out
+
+
+# "ours": split_sentences (case kept); "egma": split_sentences_egma (the authors' rule)
+SPLIT_RULES = {"ours": split_sentences, "egma": split_sentences_egma}
+
+
+def _splitter(rule: str):
+    if rule not in SPLIT_RULES:
+        raise ValueError(f"unknown sentence split rule {rule!r}; use one of {list(SPLIT_RULES)}")
+    return SPLIT_RULES[rule]
+
+
 # ------------------------------------------------------------------------------------------- manifest
 
 
@@ -134,12 +170,16 @@ def _cell(row: dict, key: str):
     return v
 
 
-def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] = None) -> List[ManifestRecord]:
+def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] = None,
+                  split_rule: str = "ours") -> List[ManifestRecord]:
     """Read a manifest (``.csv`` or ``.jsonl``); every problem raises ``ManifestError`` naming file and row.
 
     Rows are numbered as a user sees them: CSV data rows from 2 (row 1 is the header), JSONL lines from 1.
-    ``split`` keeps only rows whose ``split`` column equals it.
+    ``split`` keeps only rows whose ``split`` column equals it. ``split_rule``: how ``report`` text becomes
+    sentences (``"ours"``: ``split_sentences``; ``"egma"``: ``split_sentences_egma``); a ``sentences``
+    column is taken as given, except that the ``"egma"`` rule lowercases and re-tokenises each sentence.
     """
+    splitter = _splitter(split_rule)
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: manifest not found")
     base = os.path.dirname(os.path.abspath(path))
@@ -192,8 +232,10 @@ def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] =
             if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
                 raise ManifestError(f"{where}: 'sentences' must be a list of strings")
             sentences = [s.strip() for s in sentences if s.strip()]
+            if split_rule == "egma":
+                sentences = [t for s in sentences for t in splitter(s)]
         else:
-            sentences = split_sentences(_cell(r, "report") or "")
+            sentences = splitter(_cell(r, "report") or "")
         fmt = str(_cell(r, "gaze_format") or "").lower()
         if fmt not in GAZE_FORMATS:
             raise ManifestError(f"{where}: unknown gaze_format {fmt!r}; use one of {list(GAZE_FORMATS[1:])} or leave empty")
@@ -284,9 +326,10 @@ def photometric_augment(x: torch.Tensor, generator: Optional[torch.Generator] = 
     return x.clamp(0, 1)
 
 
-def normalize_image(x: torch.Tensor) -> torch.Tensor:
-    """``(1, H, W)`` in [0, 1] -> ``(3, H, W)`` normalised for the encoders."""
-    return ((x - IMAGE_MEAN) / IMAGE_STD).expand(3, -1, -1).contiguous()
+def normalize_image(x: torch.Tensor, mean: float = IMAGE_MEAN, std: float = IMAGE_STD) -> torch.Tensor:
+    """``(1, H, W)`` in [0, 1] -> ``(3, H, W)`` normalised for the encoders (``(x - mean) / std``; ours
+    0.449/0.226, MedCLIP's 0.5863/0.2795)."""
+    return ((x - mean) / std).expand(3, -1, -1).contiguous()
 
 
 # ------------------------------------------------------------------------------------------- dataset
@@ -301,6 +344,7 @@ class GazeOptions:
     lead: float = 0.0
     resolution: Optional[int] = None
     use_raw_gaze: bool = False  # REFLACX: detect fixations from gaze.csv instead of fixations.csv
+    resize: str = "area"  # onto the patch grid: "area" (ours) or "bilinear_antialias" (the authors')
 
 
 class EGMADataset(Dataset):
@@ -313,12 +357,13 @@ class EGMADataset(Dataset):
     def __init__(self, records: Sequence[ManifestRecord], *, image_size: int = 224, grid: Tuple[int, int] = (7, 7),
                  train: bool = False, classes: Optional[Sequence[str]] = None, max_sentences: int = 16,
                  gaze_options: Optional[GazeOptions] = None, use_gaze: bool = True, seed: int = 0,
-                 cache: Optional[Dict] = None):
+                 cache: Optional[Dict] = None, image_mean: float = IMAGE_MEAN, image_std: float = IMAGE_STD):
         self.records = list(records)
+        self.image_mean, self.image_std = float(image_mean), float(image_std)
         self.image_size = image_size
         self.grid = tuple(grid)
         self.train = train
-        self.max_sentences = max_sentences
+        self.max_sentences = max_sentences  # 0 or None: all sentences
         self.gaze_options = gaze_options or GazeOptions()
         self.use_gaze = use_gaze
         self.seed = seed
@@ -372,12 +417,12 @@ class EGMADataset(Dataset):
                         raise ManifestError(f"{rec.where}: no report text and no transcript in {rec.gaze}")
                     o = self.gaze_options
                     g = gz.gaze_for_sentences(gr, sentences, self.grid, sigma=o.sigma, resolution=o.resolution,
-                                              min_heat=o.min_heat, lead=o.lead)
+                                              min_heat=o.min_heat, lead=o.lead, resize=o.resize)
             except gz.GazeFormatError as e:
                 raise ManifestError(f"{rec.where}: {e}") from None
         if not sentences:
             raise ManifestError(f"{rec.where}: no sentences")
-        if len(sentences) > self.max_sentences:
+        if self.max_sentences and len(sentences) > self.max_sentences:
             sentences = sentences[: self.max_sentences]
             g = None if g is None else g[: self.max_sentences]
         self._cache[i] = (sentences, g)
@@ -387,7 +432,8 @@ class EGMADataset(Dataset):
         a = np.load(rec.gaze)
         P = self.grid[0] * self.grid[1]
         if a.ndim == 3:
-            g = gz.to_patch_grid(a.astype(np.float32), self.grid, min_heat=self.gaze_options.min_heat)
+            g = gz.to_patch_grid(a.astype(np.float32), self.grid, min_heat=self.gaze_options.min_heat,
+                                 resize=self.gaze_options.resize)
         elif a.ndim == 2:
             if a.shape[1] != P:
                 raise ManifestError(f"{rec.where}: gaze {rec.gaze} has {a.shape[1]} columns but the image encoder's "
@@ -424,7 +470,7 @@ class EGMADataset(Dataset):
         if self.train if augment is None else augment:
             gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
             x = photometric_augment(x, gen)
-        return normalize_image(x)
+        return normalize_image(x, self.image_mean, self.image_std)
 
     def __getitem__(self, i: int) -> Dict:
         sentences, g = self.sentences_and_gaze(i)
@@ -436,14 +482,17 @@ class Collator:
     """Batch items into the loss's layout: tokenised sentences packed in report order, ``cu_seqlens``,
     ``gaze (N, P)`` (zeros for reports without gaze) and ``gaze_mask (B,)``."""
 
-    def __init__(self, tokenizer, max_length: int = 64, num_patches: Optional[int] = None):
+    def __init__(self, tokenizer, max_length: int = 64, num_patches: Optional[int] = None,
+                 pad_to_max_length: bool = False):
         self.tokenizer = tokenizer
         self.max_length = max_length
+        # a pooling over every position (text_pooling "last4_all") needs the same padding in every batch
+        self.padding = "max_length" if pad_to_max_length else True
         self.num_patches = num_patches
 
     def __call__(self, items: Sequence[Dict]) -> Dict[str, torch.Tensor]:
         sentences = [s for it in items for s in it["sentences"]]
-        tok = self.tokenizer(sentences, padding=True, truncation=True, max_length=self.max_length,
+        tok = self.tokenizer(sentences, padding=self.padding, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         lengths = [len(it["sentences"]) for it in items]
         cu = torch.zeros(len(items) + 1, dtype=torch.int32)

@@ -128,19 +128,25 @@ def encode_dataset(model: EGMAModel, dataset: EGMADataset, *, batch_size: int = 
     """``{"patch" (M,P,D) normalised, "global" (M,D), "pooled" (M,C) backbone features, "labels" (M,C)}``."""
     model.eval()
     device = device or next(model.parameters()).device
-    patch, pooled, labels = [], [], []
+    patch, pooled, labels, glob = [], [], [], []
     idx = list(range(len(dataset)))
     chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
     for ch in _progress(chunks, len(chunks), "encode images", progress):
         x = torch.stack([dataset.image_tensor(i, augment=False) for i in ch]).to(device)
-        feats = model._image_features(x)[0]
+        if model.config.image_global == "pooler":
+            feats, pool_tok = model._image_features(x, with_pooled=True)
+            feats = feats[0]
+            glob.append(model.image_proj[0](pool_tok).float().cpu())
+        else:
+            feats = model._image_features(x)[0]
         pooled.append(feats.float().mean((2, 3)).cpu())
         tok = model.image_proj[0](feats.flatten(2).transpose(1, 2)).float()
         patch.append(tok.cpu())
         if dataset.classes:
             labels.append(torch.stack([dataset.label_vector(dataset.records[i]) for i in ch]))
     raw = torch.cat(patch)
-    out = {"patch": F.normalize(raw, dim=-1), "global": F.normalize(raw.mean(1), dim=-1), "pooled": torch.cat(pooled)}
+    g = torch.cat(glob) if glob else raw.mean(1)  # the model's global embedding (encode_image_global)
+    out = {"patch": F.normalize(raw, dim=-1), "global": F.normalize(g, dim=-1), "pooled": torch.cat(pooled)}
     if labels:
         out["labels"] = torch.cat(labels)
     return out
@@ -148,18 +154,20 @@ def encode_dataset(model: EGMAModel, dataset: EGMADataset, *, batch_size: int = 
 
 @torch.no_grad()
 def encode_texts(model: EGMAModel, tokenizer, texts: Sequence[str], *, batch_size: int = 128,
-                 device=None) -> Dict[str, torch.Tensor]:
-    """Texts split into sentences: ``{"sent" (N,D), "cu_seqlens" (T+1,), "global" (T,D)}``."""
+                 device=None, split: bool = True) -> Dict[str, torch.Tensor]:
+    """Texts split into sentences (``split=False``: each text is one sentence, as the authors' prompts are):
+    ``{"sent" (N,D), "cu_seqlens" (T+1,), "global" (T,D)}``."""
     model.eval()
     device = device or next(model.parameters()).device
+    padding = "max_length" if model.config.text_pooling == "last4_all" else True
     sents, lengths = [], []
     for t in texts:
-        s = split_sentences(t) or [t]
+        s = (split_sentences(t) or [t]) if split else [t]
         sents += s
         lengths.append(len(s))
     emb = []
     for i in range(0, len(sents), batch_size):
-        tok = tokenizer(sents[i : i + batch_size], padding=True, truncation=True, max_length=model.config.max_length,
+        tok = tokenizer(sents[i : i + batch_size], padding=padding, truncation=True, max_length=model.config.max_length,
                         return_tensors="pt").to(device)
         emb.append(model.encode_sentences(tok["input_ids"], tok["attention_mask"], normalize=False).float().cpu())
     raw = torch.cat(emb)
@@ -184,8 +192,11 @@ def similarity(images: Dict[str, torch.Tensor], texts: Dict[str, torch.Tensor], 
 
 def zero_shot(model, tokenizer, images: Dict[str, torch.Tensor], class_prompts: Dict[str, List[str]],
               image_classes: Sequence[str], *, scoring: str = "fine", reduce: str = "max",
-              multi_label: bool = False) -> Dict:
+              multi_label: bool = False, split_prompts: bool = True) -> Dict:
     """Zero-shot classification: each class's score = ``reduce`` (max or mean) over its prompts' scores.
+
+    ``split_prompts``: a prompt is split into sentences first (ours); False keeps each prompt one sentence
+    (the authors' protocol, with ``scoring="global"`` and ``reduce="max"``).
 
     Single-label: images whose label set has exactly one of the prompt classes are scored (accuracy, macro-F1,
     confusion matrix over the prompt classes). Multi-label: mean AUROC over classes.
@@ -196,13 +207,13 @@ def zero_shot(model, tokenizer, images: Dict[str, torch.Tensor], class_prompts: 
         for p in class_prompts[ps]:
             texts.append(p)
             owner.append(c)
-    sim = similarity(images, encode_texts(model, tokenizer, texts), scoring)
+    sim = similarity(images, encode_texts(model, tokenizer, texts, split=split_prompts), scoring)
     owner_t = torch.tensor(owner)
     scores = torch.stack([(sim[:, owner_t == c].amax(1) if reduce == "max" else sim[:, owner_t == c].mean(1))
                           for c in range(len(names))], dim=1)
     labels = images["labels"].numpy()
     cols = [image_classes.index(n) if n in image_classes else None for n in names]
-    res: Dict = {"classes": names, "scoring": scoring, "reduce": reduce}
+    res: Dict = {"classes": names, "scoring": scoring, "reduce": reduce, "split_prompts": split_prompts}
     ind = np.stack([labels[:, c] if c is not None else np.zeros(len(labels)) for c in cols], 1)
     if multi_label:
         res["mean_auroc"], res["auroc"] = mean_auroc(scores.numpy(), ind)
@@ -217,11 +228,11 @@ def zero_shot(model, tokenizer, images: Dict[str, torch.Tensor], class_prompts: 
 
 
 def retrieval(model, tokenizer, images: Dict[str, torch.Tensor], image_labels: Sequence[str], queries: Sequence[Dict],
-              *, scoring: str = "fine", ks: Sequence[int] = (1, 5, 10)) -> Dict:
+              *, scoring: str = "fine", ks: Sequence[int] = (1, 5, 10), split_prompts: bool = True) -> Dict:
     """Precision@k in both directions; relevant = same class (image label vs query label)."""
     texts = [q["text"] for q in queries]
     q_labels = [q["label"] for q in queries]
-    sim = similarity(images, encode_texts(model, tokenizer, texts), scoring).numpy()
+    sim = similarity(images, encode_texts(model, tokenizer, texts, split=split_prompts), scoring).numpy()
     res = {"scoring": scoring, "n_images": len(image_labels), "n_queries": len(texts)}
     for k in ks:
         res[f"image_to_text_p@{k}"] = precision_at_k(sim, image_labels, q_labels, k)
@@ -281,6 +292,11 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 
 
 def load_prompts(path: str) -> Dict:
+    """A prompts JSON file, or a built-in set by name (``egma_model.recipes.BUILTIN_PROMPTS``)."""
+    from .recipes import BUILTIN_PROMPTS, builtin_prompts
+
+    if path in BUILTIN_PROMPTS:
+        return {"classes": builtin_prompts(path)}
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: prompts file not found")
     with open(path) as f:
@@ -301,7 +317,8 @@ def load_prompts(path: str) -> Dict:
 
 def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, tasks=("zeroshot", "retrieval"),
              split: Optional[str] = None, train_manifest: Optional[str] = None, train_split: Optional[str] = None,
-             scoring=("fine", "global"), reduce: str = "max", batch_size: int = 32, device=None,
+             scoring=("fine", "global"), reduce: str = "max", split_prompts: bool = True, batch_size: int = 32,
+             device=None,
              progress: bool = True, fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2), model=None, tokenizer=None) -> Dict:
     """Run the chosen tasks; returns a JSON-able dict."""
     from .tokenizer import load_tokenizer
@@ -314,7 +331,8 @@ def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, t
     pr = load_prompts(prompts) if prompts else None
     recs = load_manifest(manifest, split=split)
     classes = sorted({c for r in recs for c in r.labels} | (set(pr["classes"]) if pr else set()))
-    ds = EGMADataset(recs, image_size=model.config.image_size, grid=model.grid, classes=classes, use_gaze=False)
+    ds = EGMADataset(recs, image_size=model.config.image_size, grid=model.grid, classes=classes,
+                     use_gaze=False, image_mean=model.config.image_mean, image_std=model.config.image_std)
     images = encode_dataset(model, ds, batch_size=batch_size, device=device, progress=progress)
     out: Dict = {"checkpoint": checkpoint, "manifest": manifest, "n_images": len(ds)}
     multi = bool(pr.get("multi_label", False)) if pr else False
@@ -323,7 +341,8 @@ def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, t
             if pr is None:
                 raise ManifestError("zero-shot needs --prompts")
             out["zeroshot"] = {s: zero_shot(model, tokenizer, images, pr["classes"], classes, scoring=s,
-                                            reduce=reduce, multi_label=multi) for s in scoring}
+                                            reduce=reduce, multi_label=multi, split_prompts=split_prompts)
+                               for s in scoring}
         elif task == "retrieval":
             if pr is None:
                 raise ManifestError("retrieval needs --prompts")
@@ -332,12 +351,14 @@ def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, t
             keep = lab.sum(1) == 1
             img_labels = [classes[int(np.argmax(r))] for r in lab[keep]]
             sub = {k: v[torch.from_numpy(keep)] for k, v in images.items()}
-            out["retrieval"] = {s: retrieval(model, tokenizer, sub, img_labels, queries, scoring=s) for s in scoring}
+            out["retrieval"] = {s: retrieval(model, tokenizer, sub, img_labels, queries, scoring=s,
+                                             split_prompts=split_prompts) for s in scoring}
         elif task == "probe":
             if not train_manifest:
                 raise ManifestError("linear probing needs --train-manifest")
             trecs = load_manifest(train_manifest, split=train_split)
             tds = EGMADataset(trecs, image_size=model.config.image_size, grid=model.grid, classes=classes,
+                              image_mean=model.config.image_mean, image_std=model.config.image_std,
                               use_gaze=False)
             timgs = encode_dataset(model, tds, batch_size=batch_size, device=device, progress=progress)
             out["probe"] = linear_probe(timgs["pooled"], timgs["labels"], images["pooled"], images["labels"],
@@ -357,8 +378,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     p = argparse.ArgumentParser(prog="egma-eval", description="Evaluate an EGMA checkpoint (zero-shot, retrieval, "
                                 "linear probe)", formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="folder written by egma-train (<out>/final)")
-    p.add_argument("--manifest", required=True, help="test manifest with labels")
+    p.add_argument("--checkpoint", default=None, help="folder written by egma-train (<out>/final) (default: none; required unless --print-recipe)")
+    p.add_argument("--manifest", default=None, help="test manifest with labels (default: none; required unless --print-recipe)")
     p.add_argument("--split", default=None, help="use only manifest rows with this 'split' value (default: every row)")
     p.add_argument("--prompts", default=None, help="JSON with class prompts and optional retrieval queries; needed by zeroshot and "
                    "retrieval (default: none)")
@@ -369,6 +390,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "(default: every row)")
     p.add_argument("--scoring", default="fine,global", help="comma-separated scorings: fine (FILIP late interaction), global (pooled)")
     p.add_argument("--reduce", default="max", choices=["max", "mean"], help="how a class's score combines its prompts' scores")
+    p.add_argument("--split-prompts", action=argparse.BooleanOptionalAction, default=True,
+                   help="split each prompt into sentences first (ours); --no-split-prompts as the authors (default: split)")
+    p.add_argument("--recipe", default=None, choices=["ours", "authors-code", "paper"],
+                   help="scoring, reduce and prompt splitting of a recipe (docs/recipes.md); options given win (default: ours). "
+                        "--prompts may name a built-in set: chexpert-5x200-combos, rsna-50v5, rsna-5v5, siim-5v5")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved settings and exit")
     p.add_argument("--fractions", default="0.01,0.1,1", help="linear-probe label fractions")
     p.add_argument("--seeds", default="0,1,2", help="linear-probe seeds")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoding batch")
@@ -376,10 +403,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default=None, help="also write the results JSON to this file (default: stdout only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     ns = p.parse_args(argv)
+    from .paper_table import eval_recipe_text, resolve_eval
+
+    settings, source = resolve_eval(ns.recipe, p, argv)
+    if ns.print_recipe:
+        settings.pop("prompts")  # per-set built-ins apply to --paper-table; here --prompts is given
+        source["prompts"] = "option" if ns.prompts else "none given (--prompts)"
+        print(eval_recipe_text(ns.recipe, dict(settings, prompts=ns.prompts), source))
+        return 0
+    if not ns.checkpoint or not ns.manifest:
+        p.error("--checkpoint and --manifest are required")
     try:
         res = evaluate(ns.checkpoint, ns.manifest, ns.prompts, tasks=ns.tasks.split(","), split=ns.split,
                        train_manifest=ns.train_manifest, train_split=ns.train_split,
-                       scoring=tuple(ns.scoring.split(",")), reduce=ns.reduce, batch_size=ns.batch_size,
+                       scoring=tuple(settings["scoring"].split(",")), reduce=settings["reduce"],
+                       split_prompts=settings["split_prompts"], batch_size=ns.batch_size,
                        device=ns.device, progress=not ns.no_progress,
                        fractions=tuple(float(x) for x in ns.fractions.split(",")),
                        seeds=tuple(int(x) for x in ns.seeds.split(",")))

@@ -251,16 +251,28 @@ def sentence_heatmaps(
     return maps.astype(np.float32), fell_back
 
 
-def to_patch_grid(maps, grid: Tuple[int, int], *, min_heat: float = 0.1) -> torch.Tensor:
-    """Area-average ``(S, R, R)`` heatmaps onto a ``(gh, gw)`` patch grid: ``(S, gh*gw)`` in ``[0, 1]``.
+GAZE_RESIZES = ("area", "bilinear_antialias")
 
-    Each sentence is scaled so its maximum is 1; values below ``min_heat`` become 0 (an all-zero map stays 0).
+
+def to_patch_grid(maps, grid: Tuple[int, int], *, min_heat: float = 0.1, resize: str = "area") -> torch.Tensor:
+    """Resize ``(S, R, R)`` heatmaps onto a ``(gh, gw)`` patch grid: ``(S, gh*gw)`` in ``[0, 1]``.
+
+    ``resize="area"`` (ours) averages each patch's area; ``"bilinear_antialias"`` is the authors' resize
+    (``interpolate(mode="bilinear", antialias=True)``: a triangle filter as wide as the scale factor, so a
+    patch also takes some heat from its neighbours' pixels). Each sentence is then scaled so its maximum is
+    1; values below ``min_heat`` become 0 (an all-zero map stays 0). The loss's labels are ``gaze > 0``:
+    the authors' rule is ``resize="bilinear_antialias", min_heat=0``.
     """
+    if resize not in GAZE_RESIZES:
+        raise ValueError(f"resize must be one of {list(GAZE_RESIZES)}, got {resize!r}")
     maps = torch.as_tensor(np.asarray(maps) if not isinstance(maps, torch.Tensor) else maps, dtype=torch.float32)
     if maps.dim() != 3:
         raise ValueError(f"heatmaps must be (S, H, W), got {tuple(maps.shape)}")
     gh, gw = grid
-    if maps.shape[1] % gh == 0 and maps.shape[2] % gw == 0:
+    if resize == "bilinear_antialias":
+        pooled = F.interpolate(maps.unsqueeze(1), size=(gh, gw), mode="bilinear", antialias=True,
+                               align_corners=False).squeeze(1).clamp_min(0)
+    elif maps.shape[1] % gh == 0 and maps.shape[2] % gw == 0:
         pooled = F.adaptive_avg_pool2d(maps.unsqueeze(1), (gh, gw)).squeeze(1)
     else:
         pooled = F.interpolate(maps.unsqueeze(1), size=(gh, gw), mode="area").squeeze(1)
@@ -281,13 +293,14 @@ def gaze_for_sentences(
     resolution: Optional[int] = None,
     min_heat: float = 0.1,
     lead: float = 0.0,
+    resize: str = "area",
 ) -> torch.Tensor:
     """The whole pipeline for one reading: ``(S, gh*gw)`` gaze of each sentence on each patch."""
     if resolution is None:
         resolution = max(grid) * max(1, int(math.ceil(112 / max(grid))))
     spans = sentence_spans(sentences, record.words)
     maps, _ = sentence_heatmaps(record.fixations, spans, record.image_size, sigma=sigma, resolution=resolution, lead=lead)
-    return to_patch_grid(maps, grid, min_heat=min_heat)
+    return to_patch_grid(maps, grid, min_heat=min_heat, resize=resize)
 
 
 # ----------------------------------------------------------------------------------------------------

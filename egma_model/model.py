@@ -67,6 +67,19 @@ class EGMAConfig:
     loss_weights: ``(w_con, w_mlce, w_map)`` of ``fine_grained_loss``; ``global_weight``: the optional global
         CLIP term on the pooled embeddings (0 = off); ``scale_weights``: per scale (default all 1).
     use_gaze: False drops the gaze terms (MLCE and the gaze part of the mapping): gaze_mask all false.
+    patch_norm: ``"post"`` (default): last-stage patch tokens after the encoder's final LayerNorm;
+        ``"pre"``: before it (the authors' code takes ``hidden_states[-1]``). Earlier stages are never normed.
+    image_global: ``"mean"`` (default): the global image embedding is the mean of the main scale's projected
+        patches; ``"pooler"``: the projection of the pooled token (mean of the last stage after the final
+        LayerNorm), through the same projection as the patches (the authors' code).
+    image_mean, image_std: the grey-level normalisation of the images (ours: ImageNet's grey 0.449/0.226;
+        MedCLIP's 0.5863/0.2795).
+    text_pooling: ``"masked_mean"`` (default): mean of the last layer over the sentence's tokens;
+        ``"last4_all"``: mean of the last 4 hidden layers, then mean over every position including padding
+        (sentences are then padded to ``max_length`` so an embedding does not depend on its batch).
+    temperature_clamp: ``"at_use"`` (default): ``exp(clamp(logit_scale, 0, max))`` each time, the parameter
+        itself untouched (no gradient outside the range); ``"in_place"``: the parameter is clamped in place
+        before each training forward, as the authors' code does.
     """
 
     image_model: Optional[str] = "swin_tiny_patch4_window7_224"
@@ -93,6 +106,19 @@ class EGMAConfig:
     scale_weights: Optional[Tuple[float, ...]] = None
     use_gaze: bool = True
     backend: Optional[str] = None
+    patch_norm: str = "post"
+    image_global: str = "mean"
+    image_mean: float = 0.449
+    image_std: float = 0.226
+    text_pooling: str = "masked_mean"
+    temperature_clamp: str = "at_use"
+
+    def __post_init__(self):
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"EGMAConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if not self.image_std > 0:
+            raise ValueError(f"EGMAConfig.image_std must be positive, got {self.image_std}")
 
     def to_dict(self) -> Dict:
         d = dataclasses.asdict(self)
@@ -125,10 +151,16 @@ class EGMAConfig:
         image_kwargs = dict(TINY_VIT if "vit" in (image_model or "") else TINY_SWIN)
         image_kwargs.update(kw.pop("image_kwargs", {}))
         text_config = dict(TINY_BERT)
+        if kw.get("text_pooling") == "last4_all":
+            text_config["num_hidden_layers"] = 4  # the pooling reads the last 4 layers
         text_config.update(kw.pop("text_config", {}))
         kw.setdefault("embed_dim", 64)
         kw.setdefault("max_length", 32)
         return cls(image_model=image_model, image_kwargs=image_kwargs, text_config=text_config, **kw)
+
+
+_CHOICES = {"patch_norm": ("post", "pre"), "image_global": ("mean", "pooler"),
+            "text_pooling": ("masked_mean", "last4_all"), "temperature_clamp": ("at_use", "in_place")}
 
 
 def _clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -187,9 +219,34 @@ class EGMAModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
 
     # ------------------------------------------------------------------ encoders
-    def _image_features(self, pixel_values: torch.Tensor) -> List[torch.Tensor]:
-        if self.config.image_library == "transformers":
-            return _hf_image_features(self.image_encoder, pixel_values, self.config.scales)
+    def _image_features(self, pixel_values: torch.Tensor, *, with_pooled: bool = False):
+        """Patch tokens ``(B, C, gh, gw)`` per scale (the last stage before or after the final LayerNorm as
+        ``patch_norm`` says); with ``with_pooled`` also the pooled token ``(B, C)``: the mean of the last
+        stage after the final LayerNorm (what the backbones' poolers give)."""
+        cfg = self.config
+        if cfg.image_library == "transformers":
+            feats, last_pre, last_post = _hf_image_features(self.image_encoder, pixel_values, cfg.scales,
+                                                            pre_norm=cfg.patch_norm == "pre")
+        else:
+            feats, last_pre, last_post = self._timm_features(pixel_values)
+        if not with_pooled:
+            return feats
+        if last_pre is None and last_post is None:
+            raise ValueError("the pooled token needs the last stage among the scales")
+        if last_post is None:
+            last_post = self._final_norm(last_pre)
+        return feats, last_post.flatten(2).mean(2)
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The image encoder's final LayerNorm applied to ``(B, C, gh, gw)`` tokens."""
+        enc = self.image_encoder
+        name = "layernorm" if self.config.image_library == "transformers" else "norm"
+        norm = getattr(enc, name, None)
+        if norm is None:
+            raise ValueError(f"{type(enc).__name__} has no final norm to pool after")
+        return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def _timm_features(self, pixel_values: torch.Tensor):
         enc = self.image_encoder
         n = None
         for name in ("layers", "stages", "blocks"):
@@ -200,10 +257,15 @@ class EGMAModel(nn.Module):
         resolved = [s if s >= 0 or n is None else n + s for s in scales]
         if len(set(resolved)) != len(resolved):
             raise ValueError(f"scales {scales} name the same stage twice")
-        feats = enc.forward_intermediates(pixel_values, indices=sorted(resolved), norm=True, output_fmt="NCHW",
+        # timm applies its final norm to the last stage only when norm=True
+        post = self.config.patch_norm == "post"
+        feats = enc.forward_intermediates(pixel_values, indices=sorted(resolved), norm=post, output_fmt="NCHW",
                                           intermediates_only=True)
         by_stage = dict(zip(sorted(resolved), feats))  # timm returns them in stage order
-        return [by_stage[r] for r in resolved]
+        out = [by_stage[r] for r in resolved]
+        last = (n - 1) if n is not None else max(resolved)
+        lt = by_stage.get(last)
+        return out, (None if post else lt), (lt if post else None)
 
     @property
     def grid(self) -> Tuple[int, int]:
@@ -216,7 +278,13 @@ class EGMAModel(nn.Module):
         return max(self.grids, key=lambda g: g[0] * g[1])
 
     def scale(self) -> torch.Tensor:
-        """``t = exp(clamp(log_scale, 0, ln 100))``."""
+        """``t = exp(clamp(log_scale, 0, ln 100))`` (``temperature_clamp="in_place"``: the parameter is
+        clamped in place first, during training, so the gradient is that of ``exp``)."""
+        if self.config.temperature_clamp == "in_place":
+            if self.training:
+                with torch.no_grad():
+                    self.logit_scale.clamp_(0.0, self.config.max_logit_scale)
+                return self.logit_scale.exp()
         return self.logit_scale.clamp(0.0, self.config.max_logit_scale).exp()
 
     def encode_image(self, pixel_values: torch.Tensor, *, all_scales: bool = False, normalize: bool = True):
@@ -228,14 +296,27 @@ class EGMAModel(nn.Module):
         return out if all_scales else out[0]
 
     def encode_image_global(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Global image embedding ``(B, D)``: the normalised mean of the main scale's projected patches."""
+        """Global image embedding ``(B, D)``: the normalised mean of the main scale's projected patches, or
+        (``image_global="pooler"``) the projected pooled token."""
+        if self.config.image_global == "pooler":
+            _, pooled = self._image_features(pixel_values, with_pooled=True)
+            return F.normalize(self.image_proj[0](pooled).float(), dim=-1)
         return F.normalize(self.encode_image(pixel_values, normalize=False).float().mean(1), dim=-1)
 
     def encode_sentences(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, normalize: bool = True):
-        """Sentence embeddings ``(N, D)``: masked mean of the encoder's last hidden states, projected."""
-        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        """Sentence embeddings ``(N, D)``: masked mean of the encoder's last hidden states, projected
+        (``text_pooling="last4_all"``: mean of the last 4 layers, then over all positions, padding included)."""
+        if self.config.text_pooling == "last4_all":
+            hs = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                   output_hidden_states=True).hidden_states
+            if len(hs) < 5:
+                raise ValueError(f"text_pooling 'last4_all' needs at least 4 encoder layers, the text encoder has "
+                                 f"{len(hs) - 1}")
+            pooled = torch.stack(hs[-4:]).mean(0).mean(1)
+        else:
+            hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
         emb = self.text_proj(pooled)
         return F.normalize(emb.float(), dim=-1) if normalize else emb
 
@@ -266,7 +347,12 @@ class EGMAModel(nn.Module):
         scales with ``scale_weights``; per-scale terms as ``"<term>@<gh>x<gw>"`` when several scales).
         """
         cfg = self.config
-        patch = self.encode_image(batch["pixel_values"], all_scales=True, normalize=False)
+        pooled = None
+        if cfg.image_global == "pooler":
+            feats, pooled = self._image_features(batch["pixel_values"], with_pooled=True)
+            patch = [proj(f.flatten(2).transpose(1, 2)) for proj, f in zip(self.image_proj, feats)]
+        else:
+            patch = self.encode_image(batch["pixel_values"], all_scales=True, normalize=False)
         sent_raw = self.encode_sentences(batch["input_ids"], batch["attention_mask"], normalize=False).float()
         sent = F.normalize(sent_raw, dim=-1)
         cu = batch["cu_seqlens"].to(device=sent.device, dtype=torch.int32)
@@ -296,7 +382,8 @@ class EGMAModel(nn.Module):
                 out["i2t"], out["t2i"] = terms.i2t, terms.t2i
         glob = sent.new_zeros(())
         if cfg.global_weight > 0:
-            img_g = F.normalize(patch[0].float().mean(1), dim=-1)
+            img_g = patch[0].float().mean(1) if pooled is None else self.image_proj[0](pooled).float()
+            img_g = F.normalize(img_g, dim=-1)
             rep_g = F.normalize(_segment_mean(sent_raw, cu), dim=-1)
             glob = _clip_loss(img_g, rep_g, t)
             total = total + cfg.global_weight * glob
@@ -375,12 +462,14 @@ def _build_hf_image_encoder(config: "EGMAConfig") -> nn.Module:
     return AutoModel.from_config(AutoConfig.for_model(model_type, **d))
 
 
-def _hf_image_features(enc: nn.Module, pixel_values: torch.Tensor, scales) -> List[torch.Tensor]:
-    """Patch tokens ``(B, C, gh, gw)`` per requested stage of a transformers hierarchical backbone (Swin).
+def _hf_image_features(enc: nn.Module, pixel_values: torch.Tensor, scales, *, pre_norm: bool = False):
+    """Patch tokens ``(B, C, gh, gw)`` per requested stage of a transformers hierarchical backbone (Swin),
+    and the last stage before and after the final LayerNorm.
 
     Stage ``-1`` (the last) is ``last_hidden_state``, i.e. after the model's final LayerNorm, as timm's
-    ``norm=True`` gives it; earlier stages are their outputs before patch merging (``reshaped_hidden_states``
-    with ``output_hidden_states_before_downsampling``).
+    ``norm=True`` gives it, or with ``pre_norm`` the last stage's output before it (``hidden_states[-1]``);
+    earlier stages are their outputs before patch merging (``reshaped_hidden_states`` with
+    ``output_hidden_states_before_downsampling``).
     """
     out = enc(pixel_values=pixel_values, output_hidden_states=True, output_hidden_states_before_downsampling=True)
     stages = out.reshaped_hidden_states[1:]  # [0] is the patch embedding
@@ -391,14 +480,11 @@ def _hf_image_features(enc: nn.Module, pixel_values: torch.Tensor, scales) -> Li
     resolved = [s if s >= 0 else n + s for s in scales]
     if len(set(resolved)) != len(resolved) or any(not 0 <= r < n for r in resolved):
         raise ValueError(f"scales {list(scales)} must name distinct stages of the {n}-stage image encoder")
-    feats = []
-    for r in resolved:
-        if r == n - 1:
-            B, C, gh, gw = stages[-1].shape
-            feats.append(out.last_hidden_state.transpose(1, 2).reshape(B, C, gh, gw))
-        else:
-            feats.append(stages[r])
-    return feats
+    B, C, gh, gw = stages[-1].shape
+    post = out.last_hidden_state.transpose(1, 2).reshape(B, C, gh, gw)
+    pre = stages[-1]
+    feats = [(pre if pre_norm else post) if r == n - 1 else stages[r] for r in resolved]
+    return feats, pre, post
 
 
 _BERT_KEYS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",

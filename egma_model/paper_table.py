@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .recipes import builtin_prompts
+
 __all__ = ["DEFAULT_PROMPTS", "PAPER", "paper_table", "format_table", "main"]
 
 # Simple prompts, ours: a finding's name and two plain phrasings of it.
@@ -71,6 +73,7 @@ def _dataset(model, manifest: str, classes: Sequence[str], split: Optional[str],
         for r in recs:
             r.labels = [c for c in r.labels if c in classes]
     return EGMADataset(recs, image_size=model.config.image_size, grid=model.grid, classes=list(classes),
+                       image_mean=model.config.image_mean, image_std=model.config.image_std,
                        use_gaze=False)
 
 
@@ -84,9 +87,11 @@ def paper_table(model, tokenizer, *, chexpert_5x200: Optional[str] = None, rsna:
                 siim: Optional[str] = None, chexpert: Optional[str] = None, chexpert_train: Optional[str] = None,
                 chexpert_test: Optional[str] = None,
                 prompts: Optional[Dict] = None, scorings=("fine", "global"), fractions=(0.01, 0.1, 1.0),
-                seeds=(0, 1, 2), batch_size: int = 32, device=None, progress: bool = False) -> Dict:
+                seeds=(0, 1, 2), batch_size: int = 32, device=None, progress: bool = False, reduce: str = "max",
+                split_prompts: bool = True) -> Dict:
     """Every number of the table as ``{"zeroshot/<set>/<metric>/<scoring>": value, ...}`` (fractions 0-1)
-    plus the raw task outputs under ``"details"``."""
+    plus the raw task outputs under ``"details"``. ``reduce``/``split_prompts``: see ``evaluate.zero_shot``
+    (the authors' protocol: ``scorings=("global",)``, max, prompts not split)."""
     from .evaluate import encode_dataset, linear_probe, retrieval, zero_shot
 
     prompts = {**DEFAULT_PROMPTS, **(prompts or {})}
@@ -103,7 +108,8 @@ def paper_table(model, tokenizer, *, chexpert_5x200: Optional[str] = None, rsna:
         ds = _dataset(model, path, classes, split)
         imgs = encode_dataset(model, ds, batch_size=batch_size, device=device, progress=progress)
         for sc in scorings:
-            z = zero_shot(model, tokenizer, imgs, prompts[name], classes, scoring=sc)
+            z = zero_shot(model, tokenizer, imgs, prompts[name], classes, scoring=sc, reduce=reduce,
+                          split_prompts=split_prompts)
             res["details"][f"zeroshot/{name}/{sc}"] = z
             res[f"zeroshot/{name}/accuracy/{sc}"] = z["accuracy"]
             res[f"zeroshot/{name}/macro_f1/{sc}"] = z["macro_f1"]
@@ -115,7 +121,7 @@ def paper_table(model, tokenizer, *, chexpert_5x200: Optional[str] = None, rsna:
             sub = {k: v[torch.from_numpy(keep)] for k, v in imgs.items()}
             queries = [{"text": p, "label": c} for c, ps in prompts[name].items() for p in ps]
             for sc in scorings:
-                r = retrieval(model, tokenizer, sub, img_labels, queries, scoring=sc)
+                r = retrieval(model, tokenizer, sub, img_labels, queries, scoring=sc, split_prompts=split_prompts)
                 res["details"][f"retrieval/{sc}"] = r
                 for k in (1, 5, 10):
                     res[f"retrieval/i2t_p@{k}/{sc}"] = r[f"image_to_text_p@{k}"]
@@ -186,10 +192,30 @@ def format_table(res: Dict, *, scorings=("fine", "global"), fractions=(0.01, 0.1
     return "\n".join(lines)
 
 
+def resolve_eval(recipe: Optional[str], parser, argv):
+    """Evaluation settings: options given > the recipe (``egma_model.recipes.EVAL``) > ours."""
+    from .recipes import EVAL, explicit_options, resolve
+
+    given = explicit_options(parser, argv)
+    explicit = {k: given[k] for k in ("scoring", "reduce", "split_prompts") if k in given}
+    settings, source = resolve(recipe, explicit, dict(EVAL["ours"]), EVAL)
+    settings["prompts_from_option"] = "prompts" in given
+    if "prompts" in given:
+        settings["prompts"], source["prompts"] = given["prompts"], "option"
+    return settings, source
+
+
+def eval_recipe_text(recipe: Optional[str], settings: Dict, source: Dict) -> str:
+    from .recipes import NOTES, format_settings
+
+    return format_settings(f"egma-eval settings (recipe: {recipe or 'none (ours)'})", settings, source,
+                           ["scoring", "reduce", "split_prompts", "prompts"], NOTES.get(recipe or "ours", [])[-1:])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="egma-eval --paper-table", description=__doc__.split("\n\n")[0])
     p.add_argument("--paper-table", action="store_true", help="(selects this mode)")
-    p.add_argument("--checkpoint", required=True, help="folder written by egma-train (<out>/final)")
+    p.add_argument("--checkpoint", default=None, help="folder written by egma-train (<out>/final)")
     p.add_argument("--chexpert-5x200", default=None, help="manifest from egma-prepare chexpert-5x200")
     p.add_argument("--rsna", default=None, help="manifest from egma-prepare rsna (test rows; train rows for the probe)")
     p.add_argument("--siim", default=None, help="manifest from egma-prepare siim (test rows; train rows for the probe)")
@@ -200,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None,
                    help='JSON {"chexpert-5x200"|"rsna"|"siim": {class: [prompts]}} replacing the built-in prompts')
     p.add_argument("--scoring", default="fine,global")
+    p.add_argument("--reduce", default="max", choices=["max", "mean"], help="over a class's prompts")
+    p.add_argument("--split-prompts", action=argparse.BooleanOptionalAction, default=True,
+                   help="split each prompt into sentences first (ours); --no-split-prompts as the authors")
+    p.add_argument("--recipe", default=None, choices=["ours", "authors-code", "paper"],
+                   help="scoring, reduce, prompt splitting and built-in prompt sets of a recipe (docs/recipes.md); "
+                        "options given here win")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved settings and exit")
     p.add_argument("--fractions", default="0.01,0.1,1")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--batch-size", type=int, default=32)
@@ -214,12 +247,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .model import EGMAModel
     from .tokenizer import load_tokenizer
 
-    ns = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    settings, source = resolve_eval(ns.recipe, parser, argv)
+    if ns.print_recipe:
+        print(eval_recipe_text(ns.recipe, settings, source))
+        return 0
+    if not ns.checkpoint:
+        parser.error("--checkpoint is required")
     if not (ns.chexpert_5x200 or ns.rsna or ns.siim or ns.chexpert or ns.chexpert_train):
         print("egma-eval: error: --paper-table needs at least one of --chexpert-5x200, --rsna, --siim",
               file=sys.stderr)
         return 2
-    scorings = tuple(ns.scoring.split(","))
+    scorings = tuple(settings["scoring"].split(","))
     fractions = tuple(float(x) for x in ns.fractions.split(","))
     try:
         prompts = None
@@ -229,12 +270,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bad = [k for k in prompts if k not in DEFAULT_PROMPTS]
             if bad:
                 raise ManifestError(f"{ns.prompts}: unknown set(s) {bad}; use {list(DEFAULT_PROMPTS)}")
+        if prompts is None and not settings["prompts_from_option"]:
+            prompts = {k: builtin_prompts(v) for k, v in settings["prompts"].items() if v != "simple"}
         model = EGMAModel.from_pretrained(ns.checkpoint)
         tok = load_tokenizer(os.path.join(ns.checkpoint, "tokenizer"))
         res = paper_table(model, tok, chexpert_5x200=ns.chexpert_5x200, rsna=ns.rsna, siim=ns.siim,
                           chexpert=ns.chexpert, chexpert_train=ns.chexpert_train, chexpert_test=ns.chexpert_test, prompts=prompts,
                           scorings=scorings, fractions=fractions, seeds=tuple(int(x) for x in ns.seeds.split(",")),
-                          batch_size=ns.batch_size, device=ns.device, progress=not ns.no_progress)
+                          batch_size=ns.batch_size, device=ns.device, progress=not ns.no_progress,
+                          reduce=settings["reduce"], split_prompts=settings["split_prompts"])
     except (ManifestError, FileNotFoundError, json.JSONDecodeError) as e:
         print(f"egma-eval: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,9 @@ Example (CPU, tiny encoders, random init)::
 Under ``torchrun --nproc_per_node K -m egma_model.train ...`` it trains with DistributedDataParallel,
 ``--batch-size`` per process, the contrastive term over every rank's batch (``--no-global-negatives``:
 per process), logging and checkpoints on rank 0 (``docs/distributed.md``).
+
+``--recipe authors-code`` / ``--recipe paper`` set every setting of the authors' code or the paper at once
+(``egma_model.recipes``, ``docs/recipes.md``); ``--print-recipe`` prints them without training.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class TrainArgs:
     manifest: str
     out: str
     split: Optional[str] = None
-    preset: str = "tiny"  # "tiny" (small random encoders) or "paper" (Swin-T + Bio_ClinicalBERT size)
+    preset: str = "tiny"  # architecture: "tiny" (small random encoders) or "full" (Swin-T + Bio_ClinicalBERT size)
     image_model: Optional[str] = None
     image_size: Optional[int] = None
     image_weights: Optional[str] = None
@@ -82,6 +85,28 @@ class TrainArgs:
     image_pretrained: bool = False
     proj_bias: Optional[bool] = None
     init_from: Optional[str] = None
+    # the authors' pipeline as options (egma_model.recipes; docs/recipes.md); None = our default
+    recipe: Optional[str] = None
+    patch_norm: Optional[str] = None
+    image_global: Optional[str] = None
+    image_mean: Optional[float] = None
+    image_std: Optional[float] = None
+    text_pooling: Optional[str] = None
+    max_length: Optional[int] = None
+    split_rule: str = "ours"
+    gaze_resize: str = "area"
+    temperature_clamp: Optional[str] = None
+    decay_all: bool = False  # weight decay on every parameter (1-D ones and the temperature too)
+    warmup_ratio: Optional[float] = None  # warm-up as a fraction of all steps (overrides warmup_steps)
+    warmup_epochs: Optional[float] = None  # warm-up in epochs (overrides warmup_steps)
+    amp: str = "bf16"  # autocast on CUDA: bf16, fp16 (with a gradient scaler) or off
+    keep_checkpoints: bool = False  # keep <out>/step-<n> at every --save-every
+    select_on: Optional[str] = None  # a labelled manifest: keep the best zero-shot accuracy as <out>/best
+    select_every: int = 40
+    select_prompts: Optional[str] = None  # built-in set name or prompts JSON
+    select_split: Optional[str] = None
+    select_scoring: str = "fine"
+    select_is_test: Optional[bool] = None  # None: decided from the manifest (split "test" or a test-set name)
 
 
 class _Distributed:
@@ -180,6 +205,19 @@ def cosine_with_warmup(step: int, total: int, warmup: int, floor: float = 0.0) -
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def resolve_warmup(a: TrainArgs, total: int, steps_per_epoch: int) -> int:
+    """Warm-up steps: ``warmup_ratio`` of all steps, or ``warmup_epochs`` epochs, else ``warmup_steps``."""
+    if a.warmup_ratio is not None and a.warmup_epochs is not None:
+        raise ValueError("give --warmup-ratio or --warmup-epochs, not both")
+    if a.warmup_ratio is not None:
+        if not 0 <= a.warmup_ratio <= 1:
+            raise ValueError(f"--warmup-ratio must be in [0, 1], got {a.warmup_ratio}")
+        return int(round(a.warmup_ratio * total))
+    if a.warmup_epochs is not None:
+        return int(round(a.warmup_epochs * steps_per_epoch))
+    return a.warmup_steps
+
+
 def build_model_and_tokenizer(a: TrainArgs, texts: Sequence[str]):
     """The model and tokenizer for a run: encoders by hub name or local path when given (and MedCLIP weights
     with ``init_from``), else random encoders and a vocabulary built from the reports."""
@@ -200,12 +238,16 @@ def build_model_and_tokenizer(a: TrainArgs, texts: Sequence[str]):
     if not a.text_model:
         kw["vocab_size"] = len(tok)
     kw.update(_model_source_kwargs(a))
+    for k in ("patch_norm", "image_global", "image_mean", "image_std", "text_pooling", "max_length",
+              "temperature_clamp"):
+        if getattr(a, k) is not None:
+            kw[k] = getattr(a, k)
     if a.preset == "tiny":
         cfg = EGMAConfig.tiny(a.image_model, **kw)
-    elif a.preset == "paper":
+    elif a.preset == "full":
         cfg = EGMAConfig(image_model=a.image_model or "swin_tiny_patch4_window7_224", **kw)
     else:
-        raise ValueError(f"unknown preset {a.preset!r}: use 'tiny' or 'paper'")
+        raise ValueError(f"unknown preset {a.preset!r}: use 'tiny' or 'full'")
     model = EGMAModel(cfg)
     if a.init_from:
         _init_from_checkpoint(model, a)
@@ -324,7 +366,7 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
     ckpt_dir = os.path.join(a.out, "checkpoint")
     resuming = a.resume and os.path.isfile(os.path.join(ckpt_dir, STATE_NAME))
     if records is None:
-        records = load_manifest(a.manifest, split=a.split)
+        records = load_manifest(a.manifest, split=a.split, split_rule=a.split_rule)
     if resuming:
         model = EGMAModel.from_pretrained(ckpt_dir)
         tokenizer = load_tokenizer(os.path.join(ckpt_dir, "tokenizer"))
@@ -334,17 +376,26 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
     gg = model.gaze_grid
     ds = EGMADataset(records, image_size=model.config.image_size, grid=gg, train=True,
                      max_sentences=a.max_sentences, use_gaze=not a.no_gaze, seed=a.seed,
-                     gaze_options=GazeOptions(sigma=a.sigma, min_heat=a.min_heat, use_raw_gaze=a.raw_gaze), cache=cache)
-    collate = Collator(tokenizer, max_length=model.config.max_length, num_patches=gg[0] * gg[1])
+                     gaze_options=GazeOptions(sigma=a.sigma, min_heat=a.min_heat, use_raw_gaze=a.raw_gaze,
+                                              resize=a.gaze_resize), cache=cache,
+                     image_mean=model.config.image_mean, image_std=model.config.image_std)
+    collate = Collator(tokenizer, max_length=model.config.max_length, num_patches=gg[0] * gg[1],
+                       pad_to_max_length=model.config.text_pooling == "last4_all")
     steps_per_epoch = max(1, len(ds) // (a.batch_size * ddp.world))  # full global batches only
     sampler = GlobalBatchSampler(len(ds), a.batch_size, ddp.rank, ddp.world, a.seed)
     total = a.max_steps or steps_per_epoch * a.epochs
     decay, no_decay = [], []
     for n, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or n == "logit_scale" else decay).append(p)
+        (no_decay if (p.ndim < 2 or n == "logit_scale") and not a.decay_all else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=a.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, a.warmup_steps))
+    warmup = resolve_warmup(a, total, steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, warmup))
+    selector = None
+    if a.select_on and ddp.is_main:
+        from .recipes import CheckpointSelector
+
+        selector = CheckpointSelector(a, tokenizer)
     step = 0
     history: List[Dict] = []
     if resuming:
@@ -371,7 +422,11 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
         tqdm = None
     bar = (tqdm(total=total, initial=step, desc="egma-train", disable=not a.progress, dynamic_ncols=True)
            if tqdm and ddp.is_main else None)
-    use_amp = device.type == "cuda"
+    if a.amp not in ("bf16", "fp16", "off"):
+        raise ValueError(f"amp must be bf16, fp16 or off, got {a.amp!r}")
+    use_amp = device.type == "cuda" and a.amp != "off"
+    amp_dtype = torch.float16 if a.amp == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and a.amp == "fp16")
     running: Dict[str, float] = {}
     model.train()
     t0 = time.time()
@@ -388,12 +443,14 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
             if step >= total or bi >= steps_per_epoch:
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp), loss_group(group):
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp), loss_group(group):
                 out = net(batch)
             opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            scaler.scale(out["loss"]).backward()
+            scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad) if a.clip_grad > 0 else None
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             step += 1
             rec = {"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"],
@@ -412,13 +469,23 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                 bar.set_postfix({k[:4]: f"{v:.3f}" for k, v in running.items()}, refresh=False)
             if a.save_every and step % a.save_every == 0 and step < total and ddp.is_main:
                 _save(model, tokenizer, opt, sched, step, history, ckpt_dir)
+                if a.keep_checkpoints:
+                    model.save_pretrained(os.path.join(a.out, f"step-{step}"), tokenizer=tokenizer)
+            if selector is not None and (step % a.select_every == 0 or step == total):
+                sel = selector.check(model, step, device)
+                if log is not None:
+                    log.write(json.dumps({"step": step, "selection": sel}) + "\n")
+                    log.flush()
+                model.train()
     if bar is not None:
         bar.close()
     if ddp.is_main:
         log.close()
         _save(model, tokenizer, opt, sched, step, history, ckpt_dir)
         model.save_pretrained(os.path.join(a.out, "final"), tokenizer=tokenizer)
-        with open(os.path.join(a.out, "train_args.json"), "w") as f:
+        if selector is not None:
+            selector.finish()
+        with open(os.path.join(a.out, "train_args.json"), "w") as f:  # the resolved settings
             json.dump(dataclasses.asdict(a), f, indent=2, default=list)
     ddp.barrier()  # every rank returns once the final model is written
     return {"steps": step, "final_loss": history[-1]["loss"] if history else None, "history": history,
@@ -443,12 +510,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="egma-train", description=__doc__.split("\n\n")[0].replace("``", ""),
                                 formatter_class=HelpFormatter)
     d = TrainArgs(manifest="", out="")
-    p.add_argument("--manifest", required=True, help="training manifest (.csv or .jsonl; see egma_model.data)")
-    p.add_argument("--out", required=True, help="output folder (log.jsonl, checkpoint/, final/)")
+    p.add_argument("--manifest", default=None, help="training manifest (.csv or .jsonl; see egma_model.data) (default: none; "
+                   "required unless --print-recipe)")
+    p.add_argument("--out", default=None, help="output folder (log.jsonl, checkpoint/, final/) (default: none; required unless "
+                   "--print-recipe)")
     p.add_argument("--split", default=None, help="use only manifest rows with this 'split' value (default: every row)")
-    p.add_argument("--preset", default=d.preset, choices=["tiny", "paper"],
-                   help="model size: tiny = small random encoders (CPU, 64-d embeddings), paper = Swin-Tiny and "
-                   "a Bio_ClinicalBERT-size text encoder, 512-d")
+    p.add_argument("--preset", default=d.preset, choices=["tiny", "full", "paper"],
+                   help="architecture only: tiny (small random encoders, CPU, 64-d embeddings) or full (Swin-Tiny and a "
+                   "Bio_ClinicalBERT-size text encoder, 512-d); 'paper' is a deprecated alias of full (the paper's "
+                   "whole pipeline is --recipe paper)")
     p.add_argument("--image-model", default=None, help="timm model name, or with --image-library transformers a hub id or folder (default: swin_tiny_patch4_window7_224)")
     p.add_argument("--image-size", type=int, default=None, help="input image side in pixels (default: 224)")
     p.add_argument("--image-weights", default=None, help="local timm weights file for the image encoder (default: random init)")
@@ -458,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", default="-1", help="comma-separated encoder stages for the loss, e.g. 1,2,-1 for three Swin stages "
                    "(default: -1, the last)")
     p.add_argument("--embed-dim", type=int, default=None, help="projection size (default: 64 with --preset tiny, 512 "
-                   "with paper)")
+                   "with full)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the manifest")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (default: "
                    "--epochs full passes)")
@@ -491,10 +561,95 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-global-negatives", action="store_true",
                    help="under torchrun: each process's contrastive term over its own batch only (default: over every rank's batch)")
     _add_model_source_args(p)
+    _add_recipe_args(p, d)
     return p
 
 
+def _add_recipe_args(p: argparse.ArgumentParser, d: TrainArgs) -> None:
+    """The recipe and the options it sets (egma_model.recipes; docs/recipes.md)."""
+    from .recipes import BUILTIN_PROMPTS, RECIPES
+
+    g = p.add_argument_group("recipe (docs/recipes.md)")
+    g.add_argument("--recipe", default=None, choices=list(RECIPES),
+                   help="every setting of a pipeline under one name (options given here win) (default: ours)")
+    g.add_argument("--print-recipe", action="store_true", help="print the resolved settings and exit")
+    g.add_argument("--patch-norm", default=None, choices=["post", "pre"],
+                   help="last-stage patch tokens after (ours) or before the final LayerNorm (default: the recipe's, else post)")
+    g.add_argument("--image-global", default=None, choices=["mean", "pooler"],
+                   help="global image embedding: mean of projected patches (ours) or the projected pooled token "
+                        "(default: the recipe's, else mean)")
+    g.add_argument("--image-mean", type=float, default=None, help="image normalisation mean (default: the recipe's, else 0.449)")
+    g.add_argument("--image-std", type=float, default=None, help="image normalisation std (default: the recipe's, else 0.226)")
+    g.add_argument("--text-pooling", default=None, choices=["masked_mean", "last4_all"],
+                   help="sentence embedding: masked mean of the last layer (ours) or mean of the last 4 layers "
+                        "over all positions (default: the recipe's, else masked_mean)")
+    g.add_argument("--max-length", type=int, default=None, help="tokens per sentence (default: the recipe's, else 64)")
+    g.add_argument("--split-rule", default=d.split_rule, choices=["ours", "egma"],
+                   help="report -> sentences: ours (case kept) or egma (numbered markers and '. ', lowercased)")
+    g.add_argument("--gaze-resize", default=d.gaze_resize, choices=["area", "bilinear_antialias"],
+                   help="heatmaps onto the patch grid (labels are gaze > 0 after --min-heat)")
+    g.add_argument("--temperature-clamp", default=None, choices=["at_use", "in_place"],
+                   help="clamp the temperature to [1, 100] where it is used (ours) or in place on the parameter, as "
+                        "the authors (default: the recipe's, else at_use)")
+    g.add_argument("--decay-all", action=argparse.BooleanOptionalAction, default=d.decay_all,
+                   help="weight decay on every parameter (1-D ones and the temperature too)")
+    g.add_argument("--warmup-ratio", type=float, default=None, help="warm-up as a fraction of all steps (default: --warmup-steps)")
+    g.add_argument("--warmup-epochs", type=float, default=None, help="warm-up in epochs (default: --warmup-steps)")
+    g.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "off"], help="autocast on CUDA")
+    g.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every --save-every model as <out>/step-<n> (scorable later)")
+    g.add_argument("--select-on", default=None, metavar="MANIFEST",
+                   help="labelled manifest: zero-shot accuracy every --select-every steps, best kept as <out>/best "
+                        "(labelled test-set selection when MANIFEST is a test set) (default: none, no selection)")
+    g.add_argument("--select-every", type=int, default=d.select_every, help="steps between selection evaluations")
+    g.add_argument("--select-prompts", default=None,
+                   help=f"prompts JSON or a built-in set {list(BUILTIN_PROMPTS)} (default: none)")
+    g.add_argument("--select-split", default=None, help="use only --select-on rows with this 'split' value (default: every row)")
+    g.add_argument("--select-scoring", default=d.select_scoring, choices=["fine", "global"], help="zero-shot scoring of the selection")
+    g.add_argument("--select-is-test", default=None, choices=["yes", "no"],
+                   help="label the selection (default: yes when the rows' split is 'test' or the name says test/5x200)")
+
+
+_RECIPE_FIELDS = ("patch_norm", "image_global", "image_mean", "image_std", "text_pooling", "max_length", "split_rule",
+                  "gaze_resize", "temperature_clamp", "decay_all", "warmup_ratio", "warmup_epochs", "amp",
+                  "keep_checkpoints", "select_on", "select_every", "select_prompts", "select_split", "select_scoring")
+
+
 def args_from_namespace(ns) -> TrainArgs:
+    a = _args_from_namespace(ns)
+    extra = {k: getattr(ns, k) for k in _RECIPE_FIELDS if hasattr(ns, k)}
+    extra["recipe"] = getattr(ns, "recipe", None)
+    sit = getattr(ns, "select_is_test", None)
+    extra["select_is_test"] = None if sit is None else sit == "yes"
+    a = dataclasses.replace(a, **extra)
+    if a.preset == "paper":
+        print("egma-train: warning: --preset paper is deprecated and sets the architecture only; it is now "
+              "--preset full. For the paper's whole pipeline use --recipe paper (see --print-recipe).",
+              file=sys.stderr)
+        a = dataclasses.replace(a, preset="full")
+    return a
+
+
+def apply_recipe(a: TrainArgs, explicit: Dict):
+    """``a`` with the recipe's settings where no option was given; returns ``(args, source)``."""
+    from .recipes import TRAIN, resolve
+
+    keys = list(TRAIN["ours"]) + ["warmup_steps"]
+    defaults = {k: getattr(a, k) for k in keys}
+    given = {k: getattr(a, k) for k in keys if k in explicit}
+    settings, source = resolve(a.recipe, given, defaults)
+    return dataclasses.replace(a, **settings), source
+
+
+def recipe_text(a: TrainArgs, source: Dict) -> str:
+    from .recipes import NOTES, TRAIN, format_settings
+
+    keys = list(TRAIN["ours"]) + ["warmup_steps", "clip_grad", "sigma", "init_from"]
+    return format_settings(f"egma-train settings (recipe: {a.recipe or 'none (ours)'})", dataclasses.asdict(a),
+                           source, keys, NOTES.get(a.recipe or "ours", []))
+
+
+def _args_from_namespace(ns) -> TrainArgs:
     return _with_model_source(ns, TrainArgs(
         manifest=ns.manifest, out=ns.out, split=ns.split, preset=ns.preset, image_model=ns.image_model,
         image_size=ns.image_size, image_weights=ns.image_weights, text_model=ns.text_model, tokenizer=ns.tokenizer,
@@ -509,11 +664,25 @@ def args_from_namespace(ns) -> TrainArgs:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ns = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
     from .data import ManifestError
+    from .recipes import explicit_options
 
+    a, source = apply_recipe(args_from_namespace(ns), explicit_options(parser, argv))
+    if ns.print_recipe:
+        print(recipe_text(a, source))
+        return 0
+    if not ns.manifest or not ns.out:
+        parser.error("--manifest and --out are required")
+    if a.recipe and int(os.environ.get("RANK", "0")) == 0:
+        print(recipe_text(a, source), file=sys.stderr)
+        if a.recipe != "ours" and not a.init_from:
+            print(f"egma-train: warning: --recipe {a.recipe} without --init-from: the authors start from MedCLIP's "
+                  f"weights; these encoders are not MedCLIP's", file=sys.stderr)
     try:
-        res = train(args_from_namespace(ns))
+        res = train(a)
     except (ManifestError, FileNotFoundError) as e:
         print(f"egma-train: error: {e}", file=sys.stderr)
         return 2
