@@ -626,22 +626,12 @@ def _loss_setup_context(ctx, inputs, output):
     ctx.options = options
 
 
-_NO_SECOND_DERIVATIVE = (
-    b"egma_kernels: the triton backend has no second derivative (a backward pass through the gradients "
-    b"of fine_grained_loss / filip_similarity, e.g. a gradient penalty); use backend='reference' for that"
-)
-
-
 def _first_derivative_only(backward_op, inputs):
-    """The gradients, computed without a graph. During a backward pass with create_graph=True (grad mode
-    on) they come back wrapped in an error node instead of as constants: differentiating them raises
-    _NO_SECOND_DERIVATIVE rather than giving zeros (as torch.autograd.function.once_differentiable)."""
-    if not torch.is_grad_enabled():
-        return backward_op(*inputs)
-    with torch.no_grad():
-        results = backward_op(*inputs)
-    error = torch._C._functions.DelayedError(_NO_SECOND_DERIVATIVE, len(results))
-    return error(*[r.detach().requires_grad_() for r in results])
+    """The gradients from ``backward_op``, whose own autograd (registered below) raises: during a backward
+    pass with create_graph=True the gradients stay linked to the saved inputs (the embeddings), so
+    differentiating them again reaches that node and raises a clear error instead of giving zeros or
+    torch's "not used in the graph"."""
+    return backward_op(*inputs)
 
 
 def _loss_backward(ctx, g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *_):
@@ -714,6 +704,17 @@ def _filip_backward(ctx, g_i2t, g_t2i, _):
 
 
 torch.library.register_autograd("egma_kernels::triton_filip", _filip_backward, setup_context=_filip_setup_context)
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+# The backward ops compute first derivatives only (the reference backend supports higher ones).
+for _op in ("triton_loss_backward", "triton_filip_backward"):
+    torch.library.register_autograd(
+        f"egma_kernels::{_op}", _utils.no_double_backward(f"triton backend's {_op}"), setup_context=_no_setup
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
