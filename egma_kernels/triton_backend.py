@@ -626,19 +626,11 @@ def _loss_setup_context(ctx, inputs, output):
     ctx.options = options
 
 
-def _first_derivative_only(backward_op, inputs):
-    """The gradients from ``backward_op``, whose own autograd (registered below) raises: during a backward
-    pass with create_graph=True the gradients stay linked to the saved inputs (the embeddings), so
-    differentiating them again reaches that node and raises a clear error instead of giving zeros or
-    torch's "not used in the graph"."""
-    return backward_op(*inputs)
-
-
 def _loss_backward(ctx, g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *_):
     if all(g is None for g in (g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i)):
         return (None,) * 9
-    d_patch, d_sent, d_scale = _first_derivative_only(
-        _loss_bwd_op, (g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *ctx.saved_tensors, *ctx.options)
+    d_patch, d_sent, d_scale = _loss_bwd_op(
+        g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *ctx.saved_tensors, *ctx.options
     )
     return (d_patch, d_sent, None, d_scale) + (None,) * 5
 
@@ -697,8 +689,8 @@ def _filip_backward(ctx, g_i2t, g_t2i, _):
     if g_i2t is None and g_t2i is None:
         return None, None, None, None, None
     patch, sent, cu, scale, best_patch = ctx.saved_tensors
-    d_patch, d_sent, d_scale = _first_derivative_only(
-        _filip_bwd_op, (g_i2t, g_t2i, patch, sent, cu, scale, best_patch, ctx.max_seqlen)
+    d_patch, d_sent, d_scale = _filip_bwd_op(
+        g_i2t, g_t2i, patch, sent, cu, scale, best_patch, ctx.max_seqlen
     )
     return d_patch, d_sent, None, d_scale, None
 

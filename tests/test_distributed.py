@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 import egma_kernels as ek
 from egma_kernels.distributed import _zero_padded_reports, communicated_bytes
 from egma_kernels.reference import filip_similarity_ref
+from spawn_ranks import free_port, spawn_bounded
 
 RTOL = 1e-10
 JOIN_TIMEOUT_S = 150
@@ -206,25 +206,8 @@ def _worker(rank, world, port, outdir, job):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_ranks(world: int, job: dict, tmp_path) -> list:
-    import torch.multiprocessing as mp
-
-    context = mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), job), nprocs=world, join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} ranks did not finish within {JOIN_TIMEOUT_S} s")
-    finally:
-        for proc in context.processes:
-            if proc.is_alive():
-                proc.kill()
+    spawn_bounded(_worker, (world, free_port(), str(tmp_path), job), world, JOIN_TIMEOUT_S, "the loss cases")
     results = []
     for rank in range(world):
         with open(tmp_path / f"rank{rank}.json") as f:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 
 import numpy as np
 import torch
 
+from spawn_ranks import free_port, spawn_bounded
 from test_model_eval import _tiny_manifest
 
 JOIN_TIMEOUT_S = 240
@@ -44,25 +43,8 @@ def _worker(rank, world, port, runs):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _spawn(world, runs):
-    import torch.multiprocessing as mp
-
-    context = mp.spawn(_worker, args=(world, _free_port(), runs), nprocs=world, join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"egma-train on {world} processes did not finish within {JOIN_TIMEOUT_S} s")
-    finally:
-        for proc in context.processes:
-            if proc.is_alive():
-                proc.kill()
+    spawn_bounded(_worker, (world, free_port(), runs), world, JOIN_TIMEOUT_S, "egma-train")
 
 
 def _log(out):

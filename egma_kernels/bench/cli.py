@@ -239,8 +239,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args, sweep, device, threads_note=None) -> int:
-    import torch
-
     from . import harness
     from .providers import LossOptions, discover
     from .report import markdown_table, summary, to_json_line, write_plots
