@@ -14,7 +14,7 @@ from egma_model.train import TrainArgs, apply_recipe, args_from_namespace, build
 from egma_model.train import main as egma_train
 from model_fakes import make_all
 
-# issue 17, "The authors' pipeline", items 1-5, as settings
+# The differences between our pipeline and the authors' (docs/recipes.md), as settings
 AUTHORS_CODE = dict(image_library="transformers", image_size=256, patch_norm="pre", image_global="pooler",
                     proj_bias=False, image_mean=0.5863, image_std=0.2795, split_rule="egma", max_length=77,
                     max_sentences=0, text_pooling="last4_all", gaze_resize="bilinear_antialias", min_heat=0.0,

@@ -387,7 +387,7 @@ def test_gpu_large_batch_runs_and_matches_in_float32():
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,P,D,max_len", [(4096, 4, 32, 3), (6, 1024, 64, 9)], ids=["B4096", "P1024"])
 def test_gpu_issue_size_limits_match_reference(B, P, D, max_len):
-    """The largest sizes issue 3 asks for (B=4096 images; P=1024 patches), values and gradients in float32
+    """The largest sizes the backend promises (B=4096 images; P=1024 patches), values and gradients in float32
     against the float64 reference."""
     g = torch.Generator().manual_seed(B + P)
     lengths = torch.randint(1, max_len + 1, (B,), generator=g).tolist()
