@@ -7,11 +7,12 @@
                   before the final LayerNorm, the pooled token through the same bias-free projection, MedCLIP's
                   normalisation, their sentence rule, 77 tokens, all sentences, the last-4-layer text pooling,
                   antialiased bilinear gaze labels positive where > 0, the in-place temperature clamp with
-                  weight decay on every parameter, 10 epochs, batch 40, lr 1e-5, warm-up 10 % of the steps,
-                  fp16, checkpoint selection every 40 steps; zero-shot with the global similarity, max over
-                  prompts, prompts not split into sentences.
+                  weight decay on every parameter, the loss without the mapping term, 10 epochs, batch 40,
+                  lr 1e-5, warm-up 10 % of the steps, fp16, checkpoint selection every 40 steps; zero-shot with
+                  the global similarity, max over prompts, prompts not split into sentences.
 ``paper``         the NeurIPS 2024 paper's text where it differs from the code: 224 px, 50 epochs, lr 1e-6,
-                  10 warm-up epochs, RSNA with 5 + 5 prompts; everything the paper does not state is the code's.
+                  10 warm-up epochs, the mapping term trained, RSNA with 5 + 5 prompts; everything the paper
+                  does not state is the code's.
 
 An option given on the command line wins over the recipe; ``--print-recipe`` prints the resolved settings
 (value and where each comes from) without training or evaluating. ``docs/recipes.md`` lists every difference
@@ -37,6 +38,8 @@ _AUTHORS_CODE_TRAIN = dict(
     preset="full", image_library="transformers", image_size=256, patch_norm="pre", image_global="pooler",
     proj_bias=False, embed_dim=512, image_mean=0.5863, image_std=0.2795, text_pooling="last4_all", max_length=77,
     temperature_clamp="in_place", egma_compat=True,
+    # loss terms (w_con, w_mlce, w_map): the released config's loss_mix is FILIP + MLCE, no mapping term
+    loss_weights=(1.0, 1.0, 0.0),
     # data
     split_rule="egma", max_sentences=0, gaze_resize="bilinear_antialias", min_heat=0.0,
     # optimisation
@@ -51,11 +54,13 @@ TRAIN: Dict[str, Dict] = {
     "ours": dict(
         preset="tiny", image_library=None, image_size=None, patch_norm=None, image_global=None, proj_bias=None,
         embed_dim=None, image_mean=None, image_std=None, text_pooling=None, max_length=None, temperature_clamp=None,
-        egma_compat=False, split_rule="ours", max_sentences=16, gaze_resize="area", min_heat=0.1, epochs=1,
+        egma_compat=False, loss_weights=(1.0, 1.0, 1.0), split_rule="ours", max_sentences=16, gaze_resize="area", min_heat=0.1, epochs=1,
         batch_size=16, lr=1e-4, weight_decay=0.05, decay_all=False, warmup_ratio=None, warmup_epochs=None,
         amp="bf16", select_every=40, select_prompts=None, select_scoring="fine"),
     "authors-code": _AUTHORS_CODE_TRAIN,
-    "paper": dict(_AUTHORS_CODE_TRAIN, image_size=224, epochs=50, lr=1e-6, warmup_ratio=None, warmup_epochs=10),
+    # the paper's loss has the cross-modality mapping term, the released config does not train it
+    "paper": dict(_AUTHORS_CODE_TRAIN, image_size=224, epochs=50, lr=1e-6, warmup_ratio=None, warmup_epochs=10,
+                  loss_weights=(1.0, 1.0, 1.0)),
 }
 
 # Evaluation settings: egma-eval's --scoring/--reduce, whether prompts are split into sentences, and the
