@@ -259,15 +259,9 @@ def _run_demo(data_dir: str, out_dir: str, *, n_train: int = 2000, n_test: int =
         print("egma-demo: no figure: it needs matplotlib (pip install matplotlib, or the [model] extra)")
         figure = False
     smoke = steps < SMOKE_STEPS
-    _ensure_data(data_dir, n_train, n_test, data_seed, progress)
-    meta = json.load(open(os.path.join(data_dir, "synthetic.json")))
-    width, height = meta["width"], meta["height"]
-    sigma = 0.06 * max(width, height)  # about one visual degree on a real CXR reading (~150 px of ~2500)
-    os.makedirs(out_dir, exist_ok=True)
-    train_recs = load_manifest(os.path.join(data_dir, "train.csv"))
-    test_recs = load_manifest(os.path.join(data_dir, "test.csv"))
-    boxes = json.load(open(os.path.join(data_dir, "boxes.json")))
-    prompts = os.path.join(data_dir, "prompts.json")
+    d = _DemoData(data_dir, out_dir, n_train, n_test, data_seed, progress)
+    meta, sigma, train_recs, test_recs, boxes = d.meta, d.sigma, d.train_recs, d.test_recs, d.boxes
+    width, height = d.width, d.height
     runs = {"EGMA (gaze)": False, "no gaze": True}
     results: Dict = {"config": dict(n_train=len(train_recs), n_test=len(test_recs), seeds=list(seeds), steps=steps,
                                     batch_size=batch_size, lr=lr, image_model=image_model, image_size=image_size,
@@ -284,14 +278,8 @@ def _run_demo(data_dir: str, out_dir: str, *, n_train: int = 2000, n_test: int =
                           image_size=image_size, max_steps=steps, batch_size=batch_size, lr=lr,
                           warmup_steps=max(1, steps // 10), seed=seed, no_gaze=no_gaze, sigma=sigma,
                           save_every=0, progress=progress)
-            res = train(a, records=train_recs, cache=caches[no_gaze])
+            res, ev, imgs, loc = d.train_and_score(a, train_recs, caches[no_gaze])
             model, tok = res["model"], res["tokenizer"]
-            model.eval()
-            ev = evaluate("", os.path.join(data_dir, "test.csv"), prompts, tasks=("zeroshot", "retrieval"),
-                          model=model, tokenizer=tok, progress=False)
-            ds = EGMADataset(test_recs, image_size=model.config.image_size, grid=model.grid, use_gaze=False)
-            imgs = encode_dataset(model, ds, progress=False)
-            loc = localisation_score(model, tok, data_dir, imgs, test_recs, boxes, width, height)
             entry = {"seed": seed, "train_time_s": res["history"][-1]["time_s"] if res["history"] else 0,
                      "final_loss": res["final_loss"], "zeroshot": ev["zeroshot"], "retrieval": ev["retrieval"],
                      "localisation": loc, "history": [{k: h[k] for k in ("step", "loss", "contrastive", "gaze_mlce",
@@ -337,15 +325,9 @@ def _run_demo(data_dir: str, out_dir: str, *, n_train: int = 2000, n_test: int =
             results["figure"] = os.path.join(out_dir, "demo_figure.png")
     results["table"] = _table(results)
     results["smoke_test"] = smoke
-    results["elapsed_s"] = round(time.time() - t_start, 1)
-    with open(os.path.join(out_dir, "demo_results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    if smoke:
-        print(SMOKE_NOTE.format(steps=steps, n=len(train_recs)))
-    print(results["table"])
-    print(f"egma-demo: results in {os.path.join(out_dir, 'demo_results.json')}"
-          + (f", figure {results['figure']}" if "figure" in results else "") + f" ({results['elapsed_s']:.0f} s)")
-    return results
+    return _finish(results, t_start, os.path.join(out_dir, "demo_results.json"), smoke, steps, len(train_recs),
+                   f"egma-demo: results in {os.path.join(out_dir, 'demo_results.json')}"
+                   + (f", figure {results['figure']}" if "figure" in results else ""))
 
 
 SMOKE_STEPS = 100  # fewer training steps than this: the numbers are a smoke test
@@ -363,6 +345,48 @@ def _ensure_data(data_dir: str, n_train: int, n_test: int, data_seed: int, progr
     t0 = time.time()
     synthetic.generate(data_dir, n_train, n_test, seed=data_seed, progress=progress)
     print(f"egma-demo: generated in {time.time() - t0:.0f} s")
+
+
+class _DemoData:
+    """The synthetic set of a demo run (generated if absent) and the evaluation every trained model gets."""
+
+    def __init__(self, data_dir: str, out_dir: str, n_train: int, n_test: int, data_seed: int, progress: bool):
+        _ensure_data(data_dir, n_train, n_test, data_seed, progress)
+        self.data_dir = data_dir
+        self.meta = json.load(open(os.path.join(data_dir, "synthetic.json")))
+        self.width, self.height = self.meta["width"], self.meta["height"]
+        # about one visual degree on a real CXR reading (~150 px of ~2500)
+        self.sigma = 0.06 * max(self.width, self.height)
+        os.makedirs(out_dir, exist_ok=True)
+        self.train_recs = load_manifest(os.path.join(data_dir, "train.csv"))
+        self.test_recs = load_manifest(os.path.join(data_dir, "test.csv"))
+        self.boxes = json.load(open(os.path.join(data_dir, "boxes.json")))
+        self.prompts = os.path.join(data_dir, "prompts.json")
+
+    def train_and_score(self, a: TrainArgs, records, cache: Dict):
+        """Train on ``records``; zero-shot and retrieval on the test set, the test images' embeddings and the
+        localisation score of the trained model: ``(train result, evaluation, images, localisation)``."""
+        res = train(a, records=records, cache=cache)
+        model, tok = res["model"], res["tokenizer"]
+        model.eval()
+        ev = evaluate("", os.path.join(self.data_dir, "test.csv"), self.prompts, tasks=("zeroshot", "retrieval"),
+                      model=model, tokenizer=tok, progress=False)
+        ds = EGMADataset(self.test_recs, image_size=model.config.image_size, grid=model.grid, use_gaze=False)
+        imgs = encode_dataset(model, ds, progress=False)
+        loc = localisation_score(model, tok, self.data_dir, imgs, self.test_recs, self.boxes, self.width, self.height)
+        return res, ev, imgs, loc
+
+
+def _finish(results: Dict, t_start: float, json_path: str, smoke: bool, steps: int, n_train: int, where: str) -> Dict:
+    """Time, write ``json_path``, print the smoke-test note, the table and ``where`` (what was written)."""
+    results["elapsed_s"] = round(time.time() - t_start, 1)
+    with open(json_path, "w") as fh:
+        json.dump(results, fh, indent=1)
+    if smoke:
+        print(SMOKE_NOTE.format(steps=steps, n=n_train))
+    print(results["table"])
+    print(f"{where} ({results['elapsed_s']:.0f} s)")
+    return results
 
 
 def _fraction_label(f: float) -> str:
@@ -385,15 +409,8 @@ def _run_gaze_fractions(data_dir: str, out_dir: str, fractions: Sequence[float],
     import dataclasses
 
     t_start = time.time()
-    _ensure_data(data_dir, n_train, n_test, data_seed, progress)
-    meta = json.load(open(os.path.join(data_dir, "synthetic.json")))
-    width, height = meta["width"], meta["height"]
-    sigma = 0.06 * max(width, height)
-    os.makedirs(out_dir, exist_ok=True)
-    train_recs = load_manifest(os.path.join(data_dir, "train.csv"))
-    test_recs = load_manifest(os.path.join(data_dir, "test.csv"))
-    boxes = json.load(open(os.path.join(data_dir, "boxes.json")))
-    prompts = os.path.join(data_dir, "prompts.json")
+    d = _DemoData(data_dir, out_dir, n_train, n_test, data_seed, progress)
+    meta, sigma, train_recs, test_recs = d.meta, d.sigma, d.train_recs, d.test_recs
     order = np.random.default_rng(data_seed + 1).permutation(len(train_recs))
     gaze_cache: Dict = {}  # index -> (sentences, gaze) computed with gaze, shared by all runs
     per_fraction: Dict[float, List[Dict]] = {}
@@ -410,17 +427,10 @@ def _run_gaze_fractions(data_dir: str, out_dir: str, fractions: Sequence[float],
                           image_model=image_model, image_size=image_size, max_steps=steps, batch_size=batch_size,
                           lr=lr, warmup_steps=max(1, steps // 10), seed=seed, no_gaze=False, sigma=sigma,
                           save_every=0, progress=progress)
-            res = train(a, records=recs, cache=cache)
+            res, ev, _, loc = d.train_and_score(a, recs, cache)
             for i, sg in cache.items():
                 if i in keep:
                     gaze_cache[i] = sg
-            model, tok = res["model"], res["tokenizer"]
-            model.eval()
-            ev = evaluate("", os.path.join(data_dir, "test.csv"), prompts, tasks=("zeroshot", "retrieval"),
-                          model=model, tokenizer=tok, progress=False)
-            ds = EGMADataset(test_recs, image_size=model.config.image_size, grid=model.grid, use_gaze=False)
-            imgs = encode_dataset(model, ds, progress=False)
-            loc = localisation_score(model, tok, data_dir, imgs, test_recs, boxes, width, height)
             per_fraction.setdefault(f, []).append({
                 "seed": seed, "n_gaze_images": len(keep), "final_loss": res["final_loss"],
                 "localisation": loc.get("pointing_accuracy"), "chance": loc.get("chance"),
@@ -452,15 +462,9 @@ def _run_gaze_fractions(data_dir: str, out_dir: str, fractions: Sequence[float],
     plot = _plot_gaze_fractions(os.path.join(out_dir, "gaze_fractions.png"), per_fraction, results["config"], smoke)
     if plot:
         results["figure"] = plot
-    results["elapsed_s"] = round(time.time() - t_start, 1)
-    with open(os.path.join(out_dir, "gaze_fractions.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
-    if smoke:
-        print(SMOKE_NOTE.format(steps=steps, n=len(train_recs)))
-    print(results["table"])
-    print(f"egma-demo: gaze-fraction results in {os.path.join(out_dir, 'gaze_fractions.md')} and .json"
-          + (f", plot {plot}" if plot else "") + f" ({results['elapsed_s']:.0f} s)")
-    return results
+    return _finish(results, t_start, os.path.join(out_dir, "gaze_fractions.json"), smoke, steps, len(train_recs),
+                   f"egma-demo: gaze-fraction results in {os.path.join(out_dir, 'gaze_fractions.md')} and .json"
+                   + (f", plot {plot}" if plot else ""))
 
 
 def _plot_gaze_fractions(path: str, per_fraction: Dict[float, List[Dict]], config: Dict, smoke: bool) -> Optional[str]:

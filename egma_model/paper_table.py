@@ -212,33 +212,42 @@ def eval_recipe_text(recipe: Optional[str], settings: Dict, source: Dict) -> str
                            ["scoring", "reduce", "split_prompts", "prompts"], NOTES.get(recipe or "ours", [])[-1:])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="egma-eval --paper-table", description=__doc__.split("\n\n")[0])
-    p.add_argument("--paper-table", action="store_true", help="(selects this mode)")
-    p.add_argument("--checkpoint", default=None, help="folder written by egma-train (<out>/final)")
-    p.add_argument("--chexpert-5x200", default=None, help="manifest from egma-prepare chexpert-5x200")
-    p.add_argument("--rsna", default=None, help="manifest from egma-prepare rsna (test rows; train rows for the probe)")
-    p.add_argument("--siim", default=None, help="manifest from egma-prepare siim (test rows; train rows for the probe)")
-    p.add_argument("--chexpert", default=None,
-                   help="manifest from egma-prepare chexpert (its train rows -> its test rows) for the CheXpert probe")
-    p.add_argument("--chexpert-train", default=None, help="labelled CheXpert manifest for the probe's training side")
-    p.add_argument("--chexpert-test", default=None, help="labelled CheXpert manifest for the probe's test side")
-    p.add_argument("--prompts", default=None,
-                   help='JSON {"chexpert-5x200"|"rsna"|"siim": {class: [prompts]}} replacing the built-in prompts')
-    p.add_argument("--scoring", default="fine,global")
-    p.add_argument("--reduce", default="max", choices=["max", "mean"], help="over a class's prompts")
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    """The scoring and encoding options that ``egma-eval`` and ``egma-eval --paper-table`` share."""
+    p.add_argument("--scoring", default="fine,global", help="comma-separated scorings: fine (FILIP late interaction), global (pooled)")
+    p.add_argument("--reduce", default="max", choices=["max", "mean"], help="how a class's score combines its prompts' scores")
     p.add_argument("--split-prompts", action=argparse.BooleanOptionalAction, default=True,
-                   help="split each prompt into sentences first (ours); --no-split-prompts as the authors")
+                   help="split each prompt into sentences first (ours); --no-split-prompts as the authors (default: split)")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved settings and exit")
+    p.add_argument("--fractions", default="0.01,0.1,1", help="linear-probe label fractions")
+    p.add_argument("--seeds", default="0,1,2", help="linear-probe seeds")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoding batch")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from egma_kernels.bench.cli import HelpFormatter  # says each option's default once
+
+    p = argparse.ArgumentParser(prog="egma-eval --paper-table", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--paper-table", action="store_true", help="(selects this mode)")
+    p.add_argument("--checkpoint", default=None, help="folder written by egma-train (<out>/final) (default: none; required unless --print-recipe)")
+    p.add_argument("--chexpert-5x200", default=None, help="manifest from egma-prepare chexpert-5x200 (default: none)")
+    p.add_argument("--rsna", default=None, help="manifest from egma-prepare rsna (test rows; train rows for the probe) (default: none)")
+    p.add_argument("--siim", default=None, help="manifest from egma-prepare siim (test rows; train rows for the probe) (default: none)")
+    p.add_argument("--chexpert", default=None,
+                   help="manifest from egma-prepare chexpert (its train rows -> its test rows) for the CheXpert probe (default: none)")
+    p.add_argument("--chexpert-train", default=None, help="labelled CheXpert manifest for the probe's training side (default: none)")
+    p.add_argument("--chexpert-test", default=None, help="labelled CheXpert manifest for the probe's test side (default: none)")
+    p.add_argument("--prompts", default=None,
+                   help='JSON {"chexpert-5x200"|"rsna"|"siim": {class: [prompts]}} replacing the built-in prompts '
+                        "(default: the recipe's built-in sets)")
     p.add_argument("--recipe", default=None, choices=["ours", "authors-code", "paper"],
                    help="scoring, reduce, prompt splitting and built-in prompt sets of a recipe (docs/recipes.md); "
-                        "options given here win")
-    p.add_argument("--print-recipe", action="store_true", help="print the resolved settings and exit")
-    p.add_argument("--fractions", default="0.01,0.1,1")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=None, help="write all numbers (and the task details) as JSON here")
-    p.add_argument("--no-progress", action="store_true")
+                        "options given here win (default: ours)")
+    p.add_argument("--out", default=None, help="write all numbers (and the task details) as JSON here (default: stdout only)")
+    add_eval_options(p)
     return p
 
 

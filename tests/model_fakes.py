@@ -89,7 +89,8 @@ def _img(path, w=64, h=80, seed=0, fmt=None):
     Image.fromarray(np.clip(a, 0, 255).astype("uint8")).save(path, format=fmt)
 
 
-def _csv(path, header, rows):
+def write_csv(path, header, rows):
+    """Write a CSV file (header row, then rows), making its folder."""
     import csv
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -110,10 +111,10 @@ def _reflacx_reading(case_dir, dicom_size, seed=0):
         for wd in s.split():
             words.append((wd, t, t + 0.4))
             t += 0.5
-    _csv(os.path.join(case_dir, "timestamps_transcription.csv"), ["word", "timestamp_start_word", "timestamp_end_word"],
+    write_csv(os.path.join(case_dir, "timestamps_transcription.csv"), ["word", "timestamp_start_word", "timestamp_end_word"],
          words)
     fx = [(0.2 + i, 0.6 + i, W * (0.2 + 0.15 * ((i + seed) % 5)), H * (0.3 + 0.1 * (i % 4)), W, H) for i in range(6)]
-    _csv(os.path.join(case_dir, "fixations.csv"), ["timestamp_start_fixation", "timestamp_end_fixation", "x_position",
+    write_csv(os.path.join(case_dir, "fixations.csv"), ["timestamp_start_fixation", "timestamp_end_fixation", "x_position",
                                                   "y_position", "xmax_shown_from_image", "ymax_shown_from_image"], fx)
     with open(os.path.join(case_dir, "transcription.txt"), "w") as f:
         f.write(" ".join(REPORT))
@@ -148,9 +149,9 @@ def make_mimic_cxr_jpg(root, items):
         _img(os.path.join(root, "files", f"p{sub[:2]}", f"p{sub}", f"s{study}", f"{dicom}.jpg"), seed=i)
         meta.append((dicom, sub, study, "PA", 160, 128))
         split.append((dicom, study, sub, "train"))
-    _csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"),
+    write_csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"),
          ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"], meta)
-    _csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "study_id", "subject_id", "split"], split)
+    write_csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "study_id", "subject_id", "split"], split)
 
 
 def make_reflacx(root, mimic_items):
@@ -167,7 +168,7 @@ def make_reflacx(root, mimic_items):
     rows.append(("P109R009", "train", "False", "x.dcm", mimic_items[3][2], mimic_items[3][0], 128, 160))  # no folder
     rows.append(("P108R008", "train", "False", "y.dcm", "not-in-mimic", "10000099", 128, 160))
     _reflacx_reading(os.path.join(md, "P108R008"), (128, 160))
-    _csv(os.path.join(md, "metadata_phase_1.csv"), ["id", "split", "eye_tracking_data_discarded", "image", "dicom_id",
+    write_csv(os.path.join(md, "metadata_phase_1.csv"), ["id", "split", "eye_tracking_data_discarded", "image", "dicom_id",
                                                    "subject_id", "image_size_x", "image_size_y"], rows)
 
 
@@ -178,8 +179,8 @@ def make_egd_cxr(root, mimic_items):
         fx += _egd_fixation_rows(dicom, (128, 160), seed=i)
         _egd_transcript(os.path.join(root, "audio_segmentation_transcripts", dicom, "transcript.json"), bad=i == 2)
         rows.append((dicom, f"files/p{sub[:2]}/p{sub}/s{study}/{dicom}.dcm", study, sub, int(i == 0), int(i == 1), 0))
-    _csv(os.path.join(root, "fixations.csv"), EGD_FIX_HEADER, fx)
-    _csv(os.path.join(root, "master_sheet.csv"), ["dicom_id", "path", "study_id", "patient_id", "Normal", "CHF",
+    write_csv(os.path.join(root, "fixations.csv"), EGD_FIX_HEADER, fx)
+    write_csv(os.path.join(root, "master_sheet.csv"), ["dicom_id", "path", "study_id", "patient_id", "Normal", "CHF",
                                                  "pneumonia"], rows)
 
 
@@ -196,15 +197,15 @@ def make_mimic_eye(root):
             os.makedirs(os.path.join(pdir, "CXR-DICOM"), exist_ok=True)
             with open(os.path.join(pdir, "CXR-DICOM", f"s5{pi}{j}.txt"), "w") as f:
                 f.write("FINDINGS: " + " ".join(REPORT))
-        _csv(os.path.join(pdir, "CXR-JPG", "cxr_meta.csv"), ["dicom_id", "subject_id", "study_id", "Rows", "Columns"],
+        write_csv(os.path.join(pdir, "CXR-JPG", "cxr_meta.csv"), ["dicom_id", "subject_id", "study_id", "Rows", "Columns"],
              meta)
         rid = f"P20{pi}R00{pi}"
         if pi == 0:
             _reflacx_reading(os.path.join(pdir, "REFLACX", rid), (128, 160))
         # no image_size_x/y here: the DICOM size comes from CXR-JPG/cxr_meta.csv
-        _csv(os.path.join(pdir, "REFLACX", "metadata.csv"), ["id", "split", "eye_tracking_data_discarded", "dicom_id",
+        write_csv(os.path.join(pdir, "REFLACX", "metadata.csv"), ["id", "split", "eye_tracking_data_discarded", "dicom_id",
                                                             "subject_id"], [(rid, "train", "False", dicoms[0], sub)])
-        _csv(os.path.join(pdir, "EyeGaze", "fixations.csv"), EGD_FIX_HEADER, _egd_fixation_rows(dicoms[1], (128, 160)))
+        write_csv(os.path.join(pdir, "EyeGaze", "fixations.csv"), EGD_FIX_HEADER, _egd_fixation_rows(dicoms[1], (128, 160)))
         if pi == 0:
             _egd_transcript(os.path.join(pdir, "EyeGaze", "audio_segmentation_transcripts", dicoms[1], "transcript.json"))
 
@@ -242,7 +243,7 @@ def make_chexpert(root, per_class=3):
     row({"Edema": "1.0"}, bad=True)
     for _ in range(4):
         row({"No Finding": "1.0"})
-    _csv(os.path.join(base, "train.csv"), CHEXPERT_HEADER, rows)
+    write_csv(os.path.join(base, "train.csv"), CHEXPERT_HEADER, rows)
     # valid.csv (the probe's test side): uncertain Edema counts as positive, uncertain Cardiomegaly as negative
     train_rows, rows = rows, []
     for labels in ({"Edema": "-1.0"}, {"Cardiomegaly": "-1.0", "Atelectasis": "1.0"}, {"No Finding": "1.0"},
@@ -254,7 +255,7 @@ def make_chexpert(root, per_class=3):
         src = os.path.join(root, r[0].replace("/valid/", "/train/"))
         os.makedirs(os.path.dirname(os.path.join(root, r[0])), exist_ok=True)
         os.replace(src, os.path.join(root, r[0]))
-    _csv(os.path.join(base, "valid.csv"), CHEXPERT_HEADER, rows)
+    write_csv(os.path.join(base, "valid.csv"), CHEXPERT_HEADER, rows)
     del train_rows
     return base
 
@@ -272,7 +273,7 @@ def make_rsna(root):
         if i != 19:
             _img(os.path.join(root, "stage_2_train_images", f"{k}.png"), seed=i)
     rows.append(("rsna-bad", "", "", "", "", "x"))
-    _csv(os.path.join(root, "stage_2_train_labels.csv"), ["patientId", "x", "y", "width", "height", "Target"], rows)
+    write_csv(os.path.join(root, "stage_2_train_labels.csv"), ["patientId", "x", "y", "width", "height", "Target"], rows)
 
 
 def make_siim(root):
@@ -286,7 +287,7 @@ def make_siim(root):
             rows.append((k, " 100 5"))
         _img(os.path.join(root, "dicom-images-train", f"st{i}", f"se{i}", f"{k}.png"), seed=i)
     rows.append(("1.2.276.0.99", ""))
-    _csv(os.path.join(root, "train-rle.csv"), ["ImageId", " EncodedPixels"], rows)
+    write_csv(os.path.join(root, "train-rle.csv"), ["ImageId", " EncodedPixels"], rows)
 
 
 MIMIC_ITEMS = [(f"1{i}000001", f"5{i}00000{i}", f"dicom-{i}") for i in range(6)]

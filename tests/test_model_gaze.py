@@ -1,6 +1,5 @@
 """egma_model.gaze: fixation detection, sentence spans, heatmaps on the patch grid, dataset readers."""
 
-import csv
 import json
 import os
 
@@ -9,14 +8,7 @@ import pytest
 import torch
 
 from egma_model import gaze as gz
-
-
-def _write_csv(path, header, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
+from model_fakes import write_csv
 
 
 # ------------------------------------------------------------------ fixation detection
@@ -159,7 +151,7 @@ def write_reflacx_case(root, case_id="P102R108387", image_size=(2000, 1600)):
                "ymax_in_screen_coordinates"]
     W, H = image_size
     extra = [1.1, 94.0, 94.0, 1.0, 0.5, 0, 0, W, H, 0, 0, 1920, 1080]
-    _write_csv(os.path.join(d, "fixations.csv"), fx_cols, [
+    write_csv(os.path.join(d, "fixations.csv"), fx_cols, [
         [0.50, 0.90, 500.0, 600.0] + extra,  # "cardiomegaly" sentence
         [2.20, 2.80, 1500.0, 1300.0] + extra,  # "right effusion"
     ])
@@ -171,14 +163,14 @@ def write_reflacx_case(root, case_id="P102R108387", image_size=(2000, 1600)):
     rows.append([0.91, "", "", "", 94.0, 94.0])  # blink / track loss
     for i in range(60):
         rows.append([2.2 + 0.01 * i, 1500.0, 1300.0, 1.0, 94.0, 94.0])
-    _write_csv(os.path.join(d, "gaze.csv"), gz_cols, rows)
-    _write_csv(os.path.join(d, "timestamps_transcription.csv"),
+    write_csv(os.path.join(d, "gaze.csv"), gz_cols, rows)
+    write_csv(os.path.join(d, "timestamps_transcription.csv"),
                ["word", "timestamp_start_word", "timestamp_end_word"],
                [["mild", 0.4, 0.6], ["cardiomegaly.", 0.6, 1.2], ["right", 2.1, 2.4], ["pleural", 2.4, 2.6],
                 ["effusion.", 2.6, 3.0]])
     with open(os.path.join(d, "transcription.txt"), "w") as f:
         f.write("Mild cardiomegaly. Right pleural effusion.")
-    _write_csv(os.path.join(main, "metadata_phase_3.csv"),
+    write_csv(os.path.join(main, "metadata_phase_3.csv"),
                ["id", "split", "eye_tracking_data_discarded", "image", "dicom_id", "subject_id", "image_size_x",
                 "image_size_y", "Enlarged cardiac silhouette", "Pleural abnormality"],
                [[case_id, "train", "False", "physionet.org/files/mimic-cxr/2.0.0/files/p10/x.dcm", "dcm1", "10",
@@ -225,7 +217,7 @@ def write_egd_files(root, dicom_id="1a2b3c", other="zzz"):
     """EGD-CXR layout: fixations.csv (all readings) and audio_segmentation_transcripts/<dicom_id>/transcript.json."""
     cols = ["DICOM_ID", "CXR-JPG", "Time (in secs)", "FPOGX", "FPOGY", "FPOGS", "FPOGD", "FPOGID", "FPOGV",
             "BPOGX", "BPOGY", "BPOGV", "X_ORIGINAL", "Y_ORIGINAL"]
-    _write_csv(os.path.join(root, "fixations.csv"), cols, [
+    write_csv(os.path.join(root, "fixations.csv"), cols, [
         [other, "x.jpg", 0.3, 0.5, 0.5, 1.0, 0.3, 1, 1, 0.5, 0.5, 1, 100, 100],
         [dicom_id, "p.jpg", 1.2, 0.2, 0.3, 5.0, 0.4, 1, 1, 0.2, 0.3, 1, 700, 900],
         [dicom_id, "p.jpg", 3.0, 0.7, 0.8, 6.0, 0.6, 2, 1, 0.7, 0.8, 1, 2100, 2500],
