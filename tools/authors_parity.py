@@ -583,7 +583,8 @@ def main(argv=None) -> int:
     dirs = {"swin": swin_dir, "bert": bert_dir, "tok": tok_dir, "init": init_dir}
 
     res: Dict = {"args": vars(a), "versions": versions(a.authors_repo), "steps": (a.n_images // a.batch_size) * a.epochs,
-                 "authors_train_config": cfg, "split_examples": split_examples(A), "n_maps": data["n_maps"]}
+                 "authors_train_config": dict(cfg, batch_size=a.batch_size, num_epochs=a.epochs, lr=a.lr),
+                 "split_examples": split_examples(A), "n_maps": data["n_maps"]}
     print(f"[parity] their run ({res['steps']} steps)", file=sys.stderr, flush=True)
     theirs = run_theirs(A, data, init_dir, a, work)
     if a.image_size != 224 or a.gaze_ratio == 0:
