@@ -48,9 +48,8 @@ our side (by options, or where there is no option by replacing the function in q
   (transformers' cosine) over ``ceil(0.1 * steps)`` steps starting at 0.
 * ``norm``: ours normalises with the rounded 0.5863 / 0.2795, theirs with 0.5862785803043838 /
   0.27950088968644304.
-* ``mapping``: not a difference of the recipe any more (it sets ``--loss-weights 1,1,0``: their released
-  ``loss_mix`` is FILIP + MLCE); ``only-mapping`` adds the mapping term (EGM) back with weight 1, as the recipe
-  had it before, to show what that changed.
+* ``mapping``: not a difference of the recipe (it sets ``--loss-weights 1,1,0``: their released ``loss_mix``
+  is FILIP + MLCE); ``only-mapping`` trains the mapping term (EGM) with weight 1 too, to show its size.
 
 Writes ``--out`` (JSON: settings, versions, per-step values per variant, batch checks) and a Markdown
 summary beside it (``.md``).
