@@ -6,10 +6,11 @@ torch: it installs no extension, and the package says so on its first import (a 
 the ``triton`` (GPU) and ``reference`` backends still work.
 
 What gets built into ``egma_kernels._C``:
-- always (when torch is importable): ``csrc/*.cpp``, the op schemas and the fused C++/OpenMP CPU kernels;
-- in addition ``csrc/*.cu``, the fused CUDA kernels, when torch is a CUDA build (``torch.version.cuda``) and
-  a CUDA toolkit is found (``$CUDA_HOME``/``$CUDA_PATH``, ``/usr/local/cuda``, or the ``nvcc`` on PATH). No
-  GPU is needed to build.
+- always (when torch is importable): ``csrc/*.cpp`` (the op schemas) and ``csrc/cpu/*.cpp`` (the fused
+  C++/OpenMP CPU kernels);
+- in addition everything under ``csrc/cuda/`` (``*.cu`` kernels and ``*.cpp`` host wrappers), the fused CUDA
+  kernels, when torch is a CUDA build (``torch.version.cuda``) and a CUDA toolkit is found (``$CUDA_HOME``/
+  ``$CUDA_PATH``, ``/usr/local/cuda``, or the ``nvcc`` on PATH). No GPU is needed to build.
 
 Environment switches:
 - ``EGMA_KERNELS_SKIP_EXTENSION=1``: build nothing (pure Python install).
@@ -56,8 +57,12 @@ def _version():
 
 
 def extension_modules():
-    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    # The schemas and the CPU kernels always; everything under csrc/cuda/ only in a CUDA build.
+    def sources(folder, *patterns):
+        return sorted(path for pattern in patterns for path in glob.glob(os.path.join("csrc", *folder, pattern)))
+
+    cpp_sources = sources((), "*.cpp") + sources(("cpu",), "*.cpp")
+    cu_sources = sources(("cuda",), "*.cu", "*.cpp")
     if not cpp_sources or _flag("EGMA_KERNELS_SKIP_EXTENSION"):
         return [], {}
     force_cuda = _flag("EGMA_KERNELS_FORCE_CUDA")
@@ -78,7 +83,7 @@ def extension_modules():
     if _flag("EGMA_KERNELS_SKIP_CUDA"):
         why_not = "EGMA_KERNELS_SKIP_CUDA=1"
     elif not cu_sources:
-        why_not = "no .cu sources"
+        why_not = "no sources in csrc/cuda/"
     elif torch.version.cuda is None:
         why_not = f"torch {torch.__version__} is not a CUDA build"
     else:

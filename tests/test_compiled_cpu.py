@@ -1,4 +1,4 @@
-"""The compiled CPU backend (csrc/egma_cpu.cpp) against the reference: values, gradients, ops, threads."""
+"""The compiled CPU backend (csrc/cpu/) against the reference: values, gradients, ops, threads."""
 
 import pytest
 import torch

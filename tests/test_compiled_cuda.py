@@ -1,4 +1,4 @@
-"""The compiled CUDA backend (csrc/egma_cuda.cu) against the reference (needs a GPU; skipped without one)."""
+"""The compiled CUDA backend (csrc/cuda/) against the reference (needs a GPU; skipped without one)."""
 
 import pytest
 import torch

@@ -1,8 +1,8 @@
 // Op schemas of the compiled EGMA backends and the Python module initialiser.
 //
-// The forward and backward ops are defined here once (TORCH_LIBRARY); egma_cpu.cpp registers their CPU
-// kernels and egma_cuda.cu their CUDA kernels (TORCH_LIBRARY_IMPL). Fake (meta) kernels and the autograd
-// formula live in Python (egma_kernels/compiled.py) through torch.library.
+// The forward and backward ops are defined here once (TORCH_LIBRARY); cpu/ops_cpu.cpp registers their CPU
+// kernels and cuda/ops_cuda.cpp their CUDA kernels (TORCH_LIBRARY_IMPL). Fake (meta) kernels and the
+// autograd formula live in Python (egma_kernels/compiled.py) through torch.library.
 #include <torch/library.h>
 
 #include "egma_common.h"
@@ -16,10 +16,10 @@
 TORCH_LIBRARY(egma_kernels, m) {
   // Every op checks its own offsets and the shapes of what it indexes (egma_common.h), whatever the Python
   // layer checked.
-  // Outputs: terms (4,) = [loss, contrastive, gaze_mlce, mapping], i2t (B,B), t2i (B,B), and what the
-  // backward needs: i2t_arg (B,B,P) int32 (best sentence of each patch per report, -1 where egma_compat
-  // clamped the max to 0), t2i_arg (B,N) int32 (best patch of each sentence per image), own (N,P) the
-  // matched similarities A[o(u), i ; u]. Without save_idx (no backward will follow) i2t_arg and t2i_arg
+  // Outputs: terms (4,) = [loss, contrastive, gaze_mlce, mapping] (egma_common::Term), i2t (B,B), t2i (B,B),
+  // and what the backward needs: i2t_arg (B,B,P) int32 (best sentence of each patch per report, -1 where
+  // egma_compat clamped the max to 0), t2i_arg (B,N) int32 (best patch of each sentence per image), and the
+  // matched similarities A[o(u), i ; u] (N,P), which loss_bwd takes back as `own`. Without save_idx (no backward will follow) i2t_arg and t2i_arg
   // are empty (0,) tensors.
   m.def(
       "loss_fwd(Tensor patch_emb, Tensor sent_emb, Tensor cu_seqlens, Tensor logit_scale, Tensor? gaze, "
