@@ -10,6 +10,7 @@ their configurations with random weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -338,22 +339,60 @@ class EGMAModel(nn.Module):
         peak = pooled.amax(1, keepdim=True)
         return torch.where(peak > 0, pooled / peak.clamp_min(1e-30), pooled)
 
+    def embed_images(self, pixel_values: torch.Tensor) -> Dict[str, object]:
+        """The image side of ``embed``: ``{"patch": [(B, P_s, D)] per scale, "pooled": (B, D) or None}``,
+        projected, not normalised, in the encoder's dtype (``pooled`` is the projected pooled token when
+        ``image_global="pooler"``)."""
+        with self._part("image_encoder"):
+            if self.config.image_global == "pooler":
+                feats, pooled = self._image_features(pixel_values, with_pooled=True)
+                patch = [proj(f.flatten(2).transpose(1, 2)) for proj, f in zip(self.image_proj, feats)]
+                return {"patch": patch, "pooled": self.image_proj[0](pooled)}
+            return {"patch": self.encode_image(pixel_values, all_scales=True, normalize=False), "pooled": None}
+
+    def embed_sentences(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text side of ``embed``: projected, not normalised sentence embeddings ``(N, D)``."""
+        with self._part("text_encoder"):
+            return self.encode_sentences(input_ids, attention_mask, normalize=False)
+
+    def embed(self, batch: Dict[str, torch.Tensor]) -> Dict[str, object]:
+        """Everything the encoders compute for a batch, before the loss: ``{"patch": [(B, P_s, D)] per scale,
+        "pooled": (B, D) or None, "sent": (N, D)}`` (projected, not normalised). Every parameter but
+        ``logit_scale`` is used here; ``loss_from_embeddings`` uses only ``logit_scale``."""
+        emb = self.embed_images(batch["pixel_values"])
+        emb["sent"] = self.embed_sentences(batch["input_ids"], batch["attention_mask"])
+        return emb
+
+    def _part(self, name: str):
+        """The step profiler's timing context for a part of the step (``egma_model.step_profile``), or a
+        no-op context when no profiler is attached."""
+        timer = self.__dict__.get("part_timer")
+        return contextlib.nullcontext() if timer is None else timer.part(name)
+
+    def _loss_cast(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings in the dtype of the loss inputs: float32 (float64 embeddings stay float64)."""
+        return x if x.dtype == torch.float64 else x.float()
+
     def forward(self, batch: Dict[str, torch.Tensor], *, return_details: bool = False) -> Dict[str, torch.Tensor]:
-        """Loss terms for a collated batch (``egma_model.data.Collator``).
+        """Loss terms for a collated batch (``egma_model.data.Collator``): ``loss_from_embeddings(embed(batch))``.
 
         ``batch``: ``pixel_values (B,3,H,W)``, ``input_ids``/``attention_mask (N,L)``, ``cu_seqlens (B+1,)`` int32,
         optional ``gaze (N,P)`` and ``gaze_mask (B,)``.
         Returns ``{"loss", "contrastive", "gaze_mlce", "mapping", "global", "logit_scale"}`` (terms summed over
         scales with ``scale_weights``; per-scale terms as ``"<term>@<gh>x<gw>"`` when several scales).
         """
+        return self.loss_from_embeddings(self.embed(batch), batch, return_details=return_details)
+
+    def loss_from_embeddings(self, emb: Dict[str, object], batch: Dict[str, torch.Tensor], *,
+                             return_details: bool = False) -> Dict[str, torch.Tensor]:
+        """The loss terms of ``forward`` from ``embed``'s output (``batch`` gives ``cu_seqlens`` and the gaze)."""
+        with self._part("loss_forward"):
+            return self._loss(emb, batch, return_details)
+
+    def _loss(self, emb, batch, return_details):
         cfg = self.config
-        pooled = None
-        if cfg.image_global == "pooler":
-            feats, pooled = self._image_features(batch["pixel_values"], with_pooled=True)
-            patch = [proj(f.flatten(2).transpose(1, 2)) for proj, f in zip(self.image_proj, feats)]
-        else:
-            patch = self.encode_image(batch["pixel_values"], all_scales=True, normalize=False)
-        sent_raw = self.encode_sentences(batch["input_ids"], batch["attention_mask"], normalize=False).float()
+        patch, pooled = emb["patch"], emb["pooled"]
+        sent_raw = self._loss_cast(emb["sent"])
         sent = F.normalize(sent_raw, dim=-1)
         cu = batch["cu_seqlens"].to(device=sent.device, dtype=torch.int32)
         t = self.scale()
@@ -364,10 +403,10 @@ class EGMAModel(nn.Module):
             raise ValueError(f"gaze has {gaze.shape[0]} rows but the batch has {sent.shape[0]} sentences")
         sw = cfg.scale_weights or (1.0,) * len(patch)
         out: Dict[str, torch.Tensor] = {}
-        total = sent.new_zeros(())
-        sums = {k: sent.new_zeros(()) for k in ("contrastive", "gaze_mlce", "mapping")}
+        total = sent.new_zeros((), dtype=torch.promote_types(sent.dtype, torch.float32))
+        sums = {k: total.new_zeros(()) for k in ("contrastive", "gaze_mlce", "mapping")}
         for s, (p, grid) in enumerate(zip(patch, self.grids)):
-            pe = F.normalize(p.float(), dim=-1)
+            pe = F.normalize(self._loss_cast(p), dim=-1)
             g = None if gaze is None else self._gaze_for_grid(gaze.to(pe.device), grid).to(pe.dtype)
             terms = egma_kernels.fine_grained_loss(
                 pe, sent, cu, t, g, None if g is None else mask, alpha=cfg.alpha, map_threshold=cfg.map_threshold,
@@ -380,11 +419,13 @@ class EGMAModel(nn.Module):
                     out[f"{k}@{grid[0]}x{grid[1]}"] = v.detach()
             if s == 0 and return_details:
                 out["i2t"], out["t2i"] = terms.i2t, terms.t2i
-        glob = sent.new_zeros(())
+        glob = total.new_zeros(())
         if cfg.global_weight > 0:
-            img_g = patch[0].float().mean(1) if pooled is None else self.image_proj[0](pooled).float()
+            # the global CLIP term is computed in float32 (float64 for float64 embeddings) whatever loss_dtype
+            up = torch.promote_types(patch[0].dtype, torch.float32)
+            img_g = patch[0].to(up).mean(1) if pooled is None else pooled.to(up)
             img_g = F.normalize(img_g, dim=-1)
-            rep_g = F.normalize(_segment_mean(sent_raw, cu), dim=-1)
+            rep_g = F.normalize(_segment_mean(emb["sent"].to(up), cu), dim=-1)
             glob = _clip_loss(img_g, rep_g, t)
             total = total + cfg.global_weight * glob
         out.update(loss=total, **sums)

@@ -19,6 +19,7 @@ per process), logging and checkpoints on rank 0 (``docs/distributed.md``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -107,6 +108,7 @@ class TrainArgs:
     select_split: Optional[str] = None
     select_scoring: str = "fine"
     select_is_test: Optional[bool] = None  # None: decided from the manifest (split "test" or a test-set name)
+    profile_steps: int = 0  # > 0: time and memory per part of a step (egma_model.step_profile), after a warm-up step
 
 
 class _Distributed:
@@ -405,6 +407,8 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
         step = st["step"]
         history = st.get("history", [])
         _set_rng_state(st["rng"])
+    if a.profile_steps < 0:
+        raise ValueError("--profile-steps must be >= 0")
     net = model
     if ddp.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -428,8 +432,14 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
     amp_dtype = torch.float16 if a.amp == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and a.amp == "fp16")
     running: Dict[str, float] = {}
+    prof = None
+    if a.profile_steps:
+        from .step_profile import StepProfiler
+
+        prof = StepProfiler(a.profile_steps, device)
     model.train()
     t0 = time.time()
+    t_data = time.perf_counter()
     while step < total:
         epoch = step // steps_per_epoch
         ds.epoch = epoch
@@ -442,17 +452,30 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                 continue
             if step >= total or bi >= steps_per_epoch:
                 break
+            profiling = prof is not None and not prof.done
+            if profiling:
+                prof.begin_step()
+                prof.add_time("data", time.perf_counter() - t_data)
+                model.part_timer = prof
+            part = prof.part if profiling else _no_part
             batch = {k: v.to(device) for k, v in batch.items()}
+            opt.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp), loss_group(group):
                 out = net(batch)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad) if a.clip_grad > 0 else None
-            scaler.step(opt)
-            scaler.update()
+            with part("backward"):
+                scaler.scale(out["loss"]).backward()
+            with part("optimizer"):
+                scaler.unscale_(opt)
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad) if a.clip_grad > 0 else None
+                scaler.step(opt)
+                scaler.update()
             sched.step()
             step += 1
+            if profiling:
+                prof.end_step(a.batch_size * ddp.world)
+                model.part_timer = None
+                if prof.done:
+                    _report_profile(prof, a, ddp)
             rec = {"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"],
                    **ddp.mean_of({k: float(v.detach()) for k, v in out.items() if v.dim() == 0})}
             if gnorm is not None:
@@ -477,6 +500,12 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                     log.write(json.dumps({"step": step, "selection": sel}) + "\n")
                     log.flush()
                 model.train()
+            t_data = time.perf_counter()
+    if prof is not None:
+        prof.close()
+        if not prof.done and ddp.is_main:
+            print(f"egma-train: --profile-steps {a.profile_steps}: the run ended after {len(prof.records)} "
+                  f"profiled steps (plus the warm-up); nothing written", file=sys.stderr)
     if bar is not None:
         bar.close()
     if ddp.is_main:
@@ -490,6 +519,21 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
     ddp.barrier()  # every rank returns once the final model is written
     return {"steps": step, "final_loss": history[-1]["loss"] if history else None, "history": history,
             "out": a.out, "model": model, "tokenizer": tokenizer}
+
+
+def _no_part(name):
+    return contextlib.nullcontext()
+
+
+def _report_profile(prof, a: TrainArgs, ddp: _Distributed) -> None:
+    """Rank 0 prints the step profile's table and writes it as ``<out>/step_profile.json``."""
+    if not ddp.is_main:
+        return
+    from .step_profile import format_table
+
+    s = prof.write(os.path.join(a.out, "step_profile.json"), preset=a.preset, batch_size=a.batch_size,
+                   world=ddp.world, amp=a.amp)
+    print(format_table(s), file=sys.stderr)
 
 
 def _save(model, tokenizer, opt, sched, step, history, ckpt_dir):
@@ -560,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--no-global-negatives", action="store_true",
                    help="under torchrun: each process's contrastive term over its own batch only (default: over every rank's batch)")
+    p.add_argument("--profile-steps", type=int, default=d.profile_steps,
+                   help="after one warm-up step, time and peak memory of each part of N steps (image encoder, text "
+                        "encoder, loss forward, backward, optimiser) and images/s: a table on stderr and "
+                        "<out>/step_profile.json; 0 = off")
     _add_model_source_args(p)
     _add_recipe_args(p, d)
     return p
@@ -660,7 +708,7 @@ def _args_from_namespace(ns) -> TrainArgs:
         egma_compat=ns.egma_compat, sigma=ns.sigma, min_heat=ns.min_heat, raw_gaze=ns.raw_gaze, max_sentences=ns.max_sentences,
         num_workers=ns.num_workers, device=ns.device, save_every=ns.save_every, resume=ns.resume,
         progress=not ns.no_progress, backend=ns.backend, threads=ns.threads,
-        global_negatives=not ns.no_global_negatives))
+        global_negatives=not ns.no_global_negatives, profile_steps=ns.profile_steps))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
