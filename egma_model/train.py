@@ -109,6 +109,7 @@ class TrainArgs:
     select_scoring: str = "fine"
     select_is_test: Optional[bool] = None  # None: decided from the manifest (split "test" or a test-set name)
     profile_steps: int = 0  # > 0: time and memory per part of a step (egma_model.step_profile), after a warm-up step
+    grad_chunk_size: int = 0  # > 0: gradient caching, the encoders run this many images at a time (egma_model.gradcache)
 
 
 class _Distributed:
@@ -407,10 +408,16 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
         step = st["step"]
         history = st.get("history", [])
         _set_rng_state(st["rng"])
-    if a.profile_steps < 0:
-        raise ValueError("--profile-steps must be >= 0")
+    if a.grad_chunk_size < 0 or a.profile_steps < 0:
+        raise ValueError("--grad-chunk-size and --profile-steps must be >= 0")
     net = model
-    if ddp.world > 1:
+    if ddp.world > 1 and a.grad_chunk_size:
+        # gradient caching runs the encoders outside one forward call: no DDP wrapper; the parameters start
+        # equal on every rank and the gradients are averaged after each backward pass
+        from .gradcache import broadcast_parameters
+
+        broadcast_parameters(model)
+    elif ddp.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -460,10 +467,22 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
             part = prof.part if profiling else _no_part
             batch = {k: v.to(device) for k, v in batch.items()}
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp), loss_group(group):
-                out = net(batch)
-            with part("backward"):
-                scaler.scale(out["loss"]).backward()
+            if a.grad_chunk_size:
+                from .gradcache import average_gradients, grad_cache_step
+
+                with loss_group(group):
+                    out = grad_cache_step(
+                        model, batch, a.grad_chunk_size, scale_loss=scaler.scale, part=part,
+                        forward_context=lambda: torch.autocast(device_type=device.type, dtype=amp_dtype,
+                                                               enabled=use_amp))
+                if ddp.world > 1:
+                    with part("backward"):
+                        average_gradients(model.parameters())
+            else:
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp), loss_group(group):
+                    out = net(batch)
+                with part("backward"):
+                    scaler.scale(out["loss"]).backward()
             with part("optimizer"):
                 scaler.unscale_(opt)
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad) if a.clip_grad > 0 else None
@@ -532,7 +551,7 @@ def _report_profile(prof, a: TrainArgs, ddp: _Distributed) -> None:
     from .step_profile import format_table
 
     s = prof.write(os.path.join(a.out, "step_profile.json"), preset=a.preset, batch_size=a.batch_size,
-                   world=ddp.world, amp=a.amp)
+                   world=ddp.world, grad_chunk_size=a.grad_chunk_size, amp=a.amp)
     print(format_table(s), file=sys.stderr)
 
 
@@ -608,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after one warm-up step, time and peak memory of each part of N steps (image encoder, text "
                         "encoder, loss forward, backward, optimiser) and images/s: a table on stderr and "
                         "<out>/step_profile.json; 0 = off")
+    p.add_argument("--grad-chunk-size", type=int, default=d.grad_chunk_size,
+                   help="gradient caching: the encoders run K images at a time and the gradients equal the whole "
+                        "batch's (large contrastive batches in little memory, one extra encoder forward pass); 0 = off")
     _add_model_source_args(p)
     _add_recipe_args(p, d)
     return p
@@ -708,7 +730,8 @@ def _args_from_namespace(ns) -> TrainArgs:
         egma_compat=ns.egma_compat, sigma=ns.sigma, min_heat=ns.min_heat, raw_gaze=ns.raw_gaze, max_sentences=ns.max_sentences,
         num_workers=ns.num_workers, device=ns.device, save_every=ns.save_every, resume=ns.resume,
         progress=not ns.no_progress, backend=ns.backend, threads=ns.threads,
-        global_negatives=not ns.no_global_negatives, profile_steps=ns.profile_steps))
+        global_negatives=not ns.no_global_negatives, profile_steps=ns.profile_steps,
+        grad_chunk_size=ns.grad_chunk_size))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
