@@ -78,6 +78,10 @@ class EGMAConfig:
     text_pooling: ``"masked_mean"`` (default): mean of the last layer over the sentence's tokens;
         ``"last4_all"``: mean of the last 4 hidden layers, then mean over every position including padding
         (sentences are then padded to ``max_length`` so an embedding does not depend on its batch).
+    text_groups: sentences are encoded in this many groups of similar length (sorted by length, equal
+        counts), each padded only to its own longest, then put back in order (1 = one padded batch). The
+        embeddings are those of one batch to float rounding. Not with ``text_pooling="last4_all"``, whose
+        mean runs over the padding positions too (the setting is ignored there).
     temperature_clamp: ``"at_use"`` (default): ``exp(clamp(logit_scale, 0, max))`` each time, the parameter
         itself untouched (no gradient outside the range); ``"in_place"``: the parameter is clamped in place
         before each training forward, as the authors' code does.
@@ -113,6 +117,7 @@ class EGMAConfig:
     image_std: float = 0.226
     text_pooling: str = "masked_mean"
     temperature_clamp: str = "at_use"
+    text_groups: int = 4
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
@@ -120,6 +125,8 @@ class EGMAConfig:
                 raise ValueError(f"EGMAConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if not self.image_std > 0:
             raise ValueError(f"EGMAConfig.image_std must be positive, got {self.image_std}")
+        if not (isinstance(self.text_groups, int) and self.text_groups >= 1):
+            raise ValueError(f"EGMAConfig.text_groups must be an integer >= 1, got {self.text_groups!r}")
 
     def to_dict(self) -> Dict:
         d = dataclasses.asdict(self)
@@ -315,11 +322,14 @@ class EGMAModel(nn.Module):
                                  f"{len(hs) - 1}")
             pooled = torch.stack(hs[-4:]).mean(0).mean(1)
         else:
-            hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+            pooled = _grouped(self._masked_mean, input_ids, attention_mask, self.config.text_groups)
         emb = self.text_proj(pooled)
         return F.normalize(emb.float(), dim=-1) if normalize else emb
+
+    def _masked_mean(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
     def encode_reports(self, input_ids, attention_mask, cu_seqlens) -> torch.Tensor:
         """Global report embeddings ``(R, D)``: the normalised mean of each report's projected sentences."""
@@ -531,6 +541,42 @@ def _hf_image_features(enc: nn.Module, pixel_values: torch.Tensor, scales, *, pr
 _BERT_KEYS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
               "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id"}
+
+
+def text_groups(attention_mask: torch.Tensor, groups: int) -> List[Tuple[torch.Tensor, int]]:
+    """The sentences in ``groups`` groups of similar length: ``[(rows, width), ...]``, the rows of each group
+    (sorted by length, equal counts) and the columns it needs: up to its last attended position (trailing
+    padding columns are dropped; nothing else, so a sentence keeps its positions)."""
+    n, L = attention_mask.shape
+    pos = torch.arange(1, L + 1, device=attention_mask.device)
+    last = (attention_mask.ne(0) * pos).amax(1) if n else pos[:0]  # 1 + the last attended position, per row
+    order = torch.argsort(last, stable=True)
+    parts = [idx for idx in torch.tensor_split(order, min(groups, max(n, 1))) if idx.numel()]
+    if not parts:
+        return []
+    widths = torch.stack([last[idx].max() for idx in parts]).tolist()  # one host read for every group
+    return [(idx, max(1, int(w))) for idx, w in zip(parts, widths)]
+
+
+def padding_saved(attention_mask: torch.Tensor, groups: int) -> Tuple[int, int]:
+    """Token positions the text encoder computes for ``attention_mask`` as one padded batch and in
+    ``groups`` groups: ``(positions ungrouped, positions grouped)``."""
+    return attention_mask.numel(), sum(idx.numel() * w for idx, w in text_groups(attention_mask, groups))
+
+
+def _grouped(fn, input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """``fn(input_ids, attention_mask)`` -> ``(N, H)`` computed group by group (``text_groups``), rows put
+    back in the input's order."""
+    if groups <= 1 or input_ids.shape[0] <= 1:
+        return fn(input_ids, attention_mask)
+    plan = text_groups(attention_mask, groups)
+    if len(plan) == 1 and plan[0][1] == input_ids.shape[1]:
+        return fn(input_ids, attention_mask)
+    outs = [fn(input_ids[idx, :w], attention_mask[idx, :w]) for idx, w in plan]
+    rows = torch.cat([idx for idx, _ in plan])
+    inverse = torch.empty_like(rows)
+    inverse[rows] = torch.arange(rows.numel(), device=rows.device)
+    return torch.cat(outs)[inverse]
 
 
 def _segment_mean(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
