@@ -82,6 +82,10 @@ class EGMAConfig:
         counts), each padded only to its own longest, then put back in order (1 = one padded batch). The
         embeddings are those of one batch to float rounding. Not with ``text_pooling="last4_all"``, whose
         mean runs over the padding positions too (the setting is ignored there).
+    loss_dtype: the dtype of the normalised embeddings handed to the loss kernels: ``"float32"`` (default),
+        ``"bfloat16"``, ``"float16"``, or ``"auto"``: the autocast dtype when autocast is on, else float32. The
+        embeddings are normalised in float32 first; float64 embeddings stay float64; the gaze stays float32
+        and the global CLIP term runs in float32 whatever this says.
     temperature_clamp: ``"at_use"`` (default): ``exp(clamp(logit_scale, 0, max))`` each time, the parameter
         itself untouched (no gradient outside the range); ``"in_place"``: the parameter is clamped in place
         before each training forward, as the authors' code does.
@@ -118,6 +122,7 @@ class EGMAConfig:
     text_pooling: str = "masked_mean"
     temperature_clamp: str = "at_use"
     text_groups: int = 4
+    loss_dtype: str = "float32"
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
@@ -168,6 +173,7 @@ class EGMAConfig:
 
 
 _CHOICES = {"patch_norm": ("post", "pre"), "image_global": ("mean", "pooler"),
+            "loss_dtype": ("float32", "bfloat16", "float16", "auto"),
             "text_pooling": ("masked_mean", "last4_all"), "temperature_clamp": ("at_use", "in_place")}
 
 
@@ -379,9 +385,11 @@ class EGMAModel(nn.Module):
         timer = self.__dict__.get("part_timer")
         return contextlib.nullcontext() if timer is None else timer.part(name)
 
-    def _loss_cast(self, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings in the dtype of the loss inputs: float32 (float64 embeddings stay float64)."""
-        return x if x.dtype == torch.float64 else x.float()
+    def _loss_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings normalised in float32 (float64 stays float64), then in the dtype of ``loss_dtype``."""
+        if x.dtype == torch.float64:
+            return F.normalize(x, dim=-1)
+        return F.normalize(x.float(), dim=-1).to(_loss_dtype(self.config.loss_dtype, x.device))
 
     def forward(self, batch: Dict[str, torch.Tensor], *, return_details: bool = False) -> Dict[str, torch.Tensor]:
         """Loss terms for a collated batch (``egma_model.data.Collator``): ``loss_from_embeddings(embed(batch))``.
@@ -402,8 +410,7 @@ class EGMAModel(nn.Module):
     def _loss(self, emb, batch, return_details):
         cfg = self.config
         patch, pooled = emb["patch"], emb["pooled"]
-        sent_raw = self._loss_cast(emb["sent"])
-        sent = F.normalize(sent_raw, dim=-1)
+        sent = self._loss_input(emb["sent"])
         cu = batch["cu_seqlens"].to(device=sent.device, dtype=torch.int32)
         t = self.scale()
         gaze, mask = batch.get("gaze"), batch.get("gaze_mask")
@@ -416,8 +423,8 @@ class EGMAModel(nn.Module):
         total = sent.new_zeros((), dtype=torch.promote_types(sent.dtype, torch.float32))
         sums = {k: total.new_zeros(()) for k in ("contrastive", "gaze_mlce", "mapping")}
         for s, (p, grid) in enumerate(zip(patch, self.grids)):
-            pe = F.normalize(self._loss_cast(p), dim=-1)
-            g = None if gaze is None else self._gaze_for_grid(gaze.to(pe.device), grid).to(pe.dtype)
+            pe = self._loss_input(p)
+            g = None if gaze is None else self._gaze_for_grid(gaze.to(pe.device), grid).to(total.dtype)
             terms = egma_kernels.fine_grained_loss(
                 pe, sent, cu, t, g, None if g is None else mask, alpha=cfg.alpha, map_threshold=cfg.map_threshold,
                 weights=cfg.loss_weights, egma_compat=cfg.egma_compat, backend=cfg.backend, return_details=True)
@@ -541,6 +548,15 @@ def _hf_image_features(enc: nn.Module, pixel_values: torch.Tensor, scales, *, pr
 _BERT_KEYS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
               "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id"}
+
+
+def _loss_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``loss_dtype`` as a torch dtype; ``"auto"``: the autocast dtype of ``device`` when autocast is on."""
+    if name == "auto":
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return torch.float32
+    return getattr(torch, name)
 
 
 def text_groups(attention_mask: torch.Tensor, groups: int) -> List[Tuple[torch.Tensor, int]]:

@@ -110,6 +110,7 @@ class TrainArgs:
     select_is_test: Optional[bool] = None  # None: decided from the manifest (split "test" or a test-set name)
     profile_steps: int = 0  # > 0: time and memory per part of a step (egma_model.step_profile), after a warm-up step
     text_groups: Optional[int] = None  # sentences encoded in groups of similar length (None: the model's default, 4)
+    loss_dtype: Optional[str] = None  # dtype of the loss inputs (None: the model's default, float32)
     grad_chunk_size: int = 0  # > 0: gradient caching, the encoders run this many images at a time (egma_model.gradcache)
 
 
@@ -243,7 +244,7 @@ def build_model_and_tokenizer(a: TrainArgs, texts: Sequence[str]):
         kw["vocab_size"] = len(tok)
     kw.update(_model_source_kwargs(a))
     for k in ("patch_norm", "image_global", "image_mean", "image_std", "text_pooling", "max_length",
-              "temperature_clamp", "text_groups"):
+              "temperature_clamp", "text_groups", "loss_dtype"):
         if getattr(a, k) is not None:
             kw[k] = getattr(a, k)
     if a.preset == "tiny":
@@ -632,6 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encode the sentences in G groups of similar length, each padded to its own longest "
                         "(the same embeddings to float rounding, less padding; 1 = one padded batch; ignored with "
                         "--text-pooling last4_all) (default: 4)")
+    p.add_argument("--loss-dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="dtype of the normalised embeddings handed to the loss kernels; auto: the autocast dtype "
+                        "(--amp) when autocast is on; the half-precision dtypes use the kernels' half-precision paths "
+                        "at a cost in gradient accuracy measured in the README (default: float32)")
     p.add_argument("--grad-chunk-size", type=int, default=d.grad_chunk_size,
                    help="gradient caching: the encoders run K images at a time and the gradients equal the whole "
                         "batch's (large contrastive batches in little memory, one extra encoder forward pass); 0 = off")
@@ -736,7 +741,8 @@ def _args_from_namespace(ns) -> TrainArgs:
         num_workers=ns.num_workers, device=ns.device, save_every=ns.save_every, resume=ns.resume,
         progress=not ns.no_progress, backend=ns.backend, threads=ns.threads,
         global_negatives=not ns.no_global_negatives, profile_steps=ns.profile_steps,
-        grad_chunk_size=ns.grad_chunk_size, text_groups=ns.text_groups))
+        grad_chunk_size=ns.grad_chunk_size, text_groups=ns.text_groups,
+        loss_dtype=ns.loss_dtype))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
