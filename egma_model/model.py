@@ -79,9 +79,10 @@ class EGMAConfig:
         ``"last4_all"``: mean of the last 4 hidden layers, then mean over every position including padding
         (sentences are then padded to ``max_length`` so an embedding does not depend on its batch).
     text_groups: sentences are encoded in this many groups of similar length (sorted by length, equal
-        counts), each padded only to its own longest, then put back in order (1 = one padded batch). The
-        embeddings are those of one batch to float rounding. Not with ``text_pooling="last4_all"``, whose
-        mean runs over the padding positions too (the setting is ignored there).
+        counts), each padded only to its own longest, then put back in order (1, the default: one padded
+        batch). The embeddings are those of one batch to float rounding (with dropout the masks drawn
+        differ). Not with ``text_pooling="last4_all"``, whose mean runs over the padding positions too (the
+        setting is ignored there). On the CPU with short sentences it saved positions but not time (README).
     loss_dtype: the dtype of the normalised embeddings handed to the loss kernels: ``"float32"`` (default),
         ``"bfloat16"``, ``"float16"``, or ``"auto"``: the autocast dtype when autocast is on, else float32. The
         embeddings are normalised in float32 first; float64 embeddings stay float64; the gaze stays float32
@@ -121,7 +122,7 @@ class EGMAConfig:
     image_std: float = 0.226
     text_pooling: str = "masked_mean"
     temperature_clamp: str = "at_use"
-    text_groups: int = 4
+    text_groups: int = 1
     loss_dtype: str = "float32"
 
     def __post_init__(self):

@@ -109,7 +109,7 @@ class TrainArgs:
     select_scoring: str = "fine"
     select_is_test: Optional[bool] = None  # None: decided from the manifest (split "test" or a test-set name)
     profile_steps: int = 0  # > 0: time and memory per part of a step (egma_model.step_profile), after a warm-up step
-    text_groups: Optional[int] = None  # sentences encoded in groups of similar length (None: the model's default, 4)
+    text_groups: Optional[int] = None  # sentences encoded in groups of similar length (None: the model's default, 1)
     loss_dtype: Optional[str] = None  # dtype of the loss inputs (None: the model's default, float32)
     grad_chunk_size: int = 0  # > 0: gradient caching, the encoders run this many images at a time (egma_model.gradcache)
 
@@ -632,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-groups", type=int, default=None,
                    help="encode the sentences in G groups of similar length, each padded to its own longest "
                         "(the same embeddings to float rounding, less padding; 1 = one padded batch; ignored with "
-                        "--text-pooling last4_all) (default: 4)")
+                        "--text-pooling last4_all) (default: 1)")
     p.add_argument("--loss-dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
                    help="dtype of the normalised embeddings handed to the loss kernels; auto: the autocast dtype "
                         "(--amp) when autocast is on; the half-precision dtypes use the kernels' half-precision paths "
