@@ -12,6 +12,10 @@ Under ``torchrun --nproc_per_node K -m egma_model.train ...`` it trains with Dis
 ``--batch-size`` per process, the contrastive term over every rank's batch (``--no-global-negatives``:
 per process), logging and checkpoints on rank 0 (``docs/distributed.md``).
 
+``--profile-steps N`` reports the time and memory of each part of a step (``egma_model.step_profile``);
+``--grad-chunk-size K`` trains a large batch with the activation memory of K images (gradient caching,
+``egma_model.gradcache``); ``--text-groups`` and ``--loss-dtype``: see ``EGMAConfig``.
+
 ``--recipe authors-code`` / ``--recipe paper`` set every setting of the authors' code or the paper at once
 (``egma_model.recipes``, ``docs/recipes.md``); ``--print-recipe`` prints them without training.
 """
@@ -496,7 +500,7 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                 prof.end_step(a.batch_size * ddp.world)
                 model.part_timer = None
                 if prof.done:
-                    _report_profile(prof, a, ddp)
+                    _report_profile(prof, a, ddp, model.config)
             rec = {"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"],
                    **ddp.mean_of({k: float(v.detach()) for k, v in out.items() if v.dim() == 0})}
             if gnorm is not None:
@@ -546,14 +550,15 @@ def _no_part(name):
     return contextlib.nullcontext()
 
 
-def _report_profile(prof, a: TrainArgs, ddp: _Distributed) -> None:
+def _report_profile(prof, a: TrainArgs, ddp: _Distributed, config: EGMAConfig) -> None:
     """Rank 0 prints the step profile's table and writes it as ``<out>/step_profile.json``."""
     if not ddp.is_main:
         return
     from .step_profile import format_table
 
     s = prof.write(os.path.join(a.out, "step_profile.json"), preset=a.preset, batch_size=a.batch_size,
-                   world=ddp.world, grad_chunk_size=a.grad_chunk_size, amp=a.amp)
+                   world=ddp.world, grad_chunk_size=a.grad_chunk_size, amp=a.amp, text_groups=config.text_groups,
+                   loss_dtype=config.loss_dtype, image_model=config.image_model, image_size=config.image_size)
     print(format_table(s), file=sys.stderr)
 
 

@@ -80,6 +80,7 @@ def test_egma_train_profile_steps_writes_the_table(tmp_path, capsys):
     with open(os.path.join(out, "step_profile.json")) as f:
         s = json.load(f)
     assert s["steps"] == 2 and s["images_per_step"] == 4 and s["images_per_s"] > 0
+    assert s["text_groups"] == 1 and s["loss_dtype"] == "float32" and s["grad_chunk_size"] == 0
     assert {"image_encoder", "text_encoder", "loss_forward", "backward", "optimizer", "data"} == set(s["parts"])
 
 
