@@ -10,6 +10,7 @@ their configurations with random weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -77,6 +78,15 @@ class EGMAConfig:
     text_pooling: ``"masked_mean"`` (default): mean of the last layer over the sentence's tokens;
         ``"last4_all"``: mean of the last 4 hidden layers, then mean over every position including padding
         (sentences are then padded to ``max_length`` so an embedding does not depend on its batch).
+    text_groups: sentences are encoded in this many groups of similar length (sorted by length, equal
+        counts), each padded only to its own longest, then put back in order (1, the default: one padded
+        batch). The embeddings are those of one batch to float rounding (with dropout the masks drawn
+        differ). Not with ``text_pooling="last4_all"``, whose mean runs over the padding positions too (the
+        setting is ignored there). On the CPU with short sentences it saved positions but not time (README).
+    loss_dtype: the dtype of the normalised embeddings handed to the loss kernels: ``"float32"`` (default),
+        ``"bfloat16"``, ``"float16"``, or ``"auto"``: the autocast dtype when autocast is on, else float32. The
+        embeddings are normalised in float32 first; float64 embeddings stay float64; the gaze stays float32
+        and the global CLIP term runs in float32 whatever this says.
     temperature_clamp: ``"at_use"`` (default): ``exp(clamp(logit_scale, 0, max))`` each time, the parameter
         itself untouched (no gradient outside the range); ``"in_place"``: the parameter is clamped in place
         before each training forward, as the authors' code does.
@@ -112,6 +122,8 @@ class EGMAConfig:
     image_std: float = 0.226
     text_pooling: str = "masked_mean"
     temperature_clamp: str = "at_use"
+    text_groups: int = 1
+    loss_dtype: str = "float32"
 
     def __post_init__(self):
         for name, allowed in _CHOICES.items():
@@ -119,6 +131,8 @@ class EGMAConfig:
                 raise ValueError(f"EGMAConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if not self.image_std > 0:
             raise ValueError(f"EGMAConfig.image_std must be positive, got {self.image_std}")
+        if not (isinstance(self.text_groups, int) and self.text_groups >= 1):
+            raise ValueError(f"EGMAConfig.text_groups must be an integer >= 1, got {self.text_groups!r}")
 
     def to_dict(self) -> Dict:
         d = dataclasses.asdict(self)
@@ -160,6 +174,7 @@ class EGMAConfig:
 
 
 _CHOICES = {"patch_norm": ("post", "pre"), "image_global": ("mean", "pooler"),
+            "loss_dtype": ("float32", "bfloat16", "float16", "auto"),
             "text_pooling": ("masked_mean", "last4_all"), "temperature_clamp": ("at_use", "in_place")}
 
 
@@ -314,11 +329,14 @@ class EGMAModel(nn.Module):
                                  f"{len(hs) - 1}")
             pooled = torch.stack(hs[-4:]).mean(0).mean(1)
         else:
-            hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+            pooled = _grouped(self._masked_mean, input_ids, attention_mask, self.config.text_groups)
         emb = self.text_proj(pooled)
         return F.normalize(emb.float(), dim=-1) if normalize else emb
+
+    def _masked_mean(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
     def encode_reports(self, input_ids, attention_mask, cu_seqlens) -> torch.Tensor:
         """Global report embeddings ``(R, D)``: the normalised mean of each report's projected sentences."""
@@ -338,23 +356,62 @@ class EGMAModel(nn.Module):
         peak = pooled.amax(1, keepdim=True)
         return torch.where(peak > 0, pooled / peak.clamp_min(1e-30), pooled)
 
+    def embed_images(self, pixel_values: torch.Tensor) -> Dict[str, object]:
+        """The image side of ``embed``: ``{"patch": [(B, P_s, D)] per scale, "pooled": (B, D) or None}``,
+        projected, not normalised, in the encoder's dtype (``pooled`` is the projected pooled token when
+        ``image_global="pooler"``)."""
+        with self._part("image_encoder"):
+            if self.config.image_global == "pooler":
+                feats, pooled = self._image_features(pixel_values, with_pooled=True)
+                patch = [proj(f.flatten(2).transpose(1, 2)) for proj, f in zip(self.image_proj, feats)]
+                return {"patch": patch, "pooled": self.image_proj[0](pooled)}
+            return {"patch": self.encode_image(pixel_values, all_scales=True, normalize=False), "pooled": None}
+
+    def embed_sentences(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text side of ``embed``: projected, not normalised sentence embeddings ``(N, D)``."""
+        with self._part("text_encoder"):
+            return self.encode_sentences(input_ids, attention_mask, normalize=False)
+
+    def embed(self, batch: Dict[str, torch.Tensor]) -> Dict[str, object]:
+        """Everything the encoders compute for a batch, before the loss: ``{"patch": [(B, P_s, D)] per scale,
+        "pooled": (B, D) or None, "sent": (N, D)}`` (projected, not normalised). Every parameter but
+        ``logit_scale`` is used here; ``loss_from_embeddings`` uses only ``logit_scale``."""
+        emb = self.embed_images(batch["pixel_values"])
+        emb["sent"] = self.embed_sentences(batch["input_ids"], batch["attention_mask"])
+        return emb
+
+    def _part(self, name: str):
+        """The step profiler's timing context for a part of the step (``egma_model.step_profile``), or a
+        no-op context when no profiler is attached."""
+        timer = self.__dict__.get("part_timer")
+        return contextlib.nullcontext() if timer is None else timer.part(name)
+
+    def _loss_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings normalised in float32 (float64 stays float64), then in the dtype of ``loss_dtype``."""
+        if x.dtype == torch.float64:
+            return F.normalize(x, dim=-1)
+        return F.normalize(x.float(), dim=-1).to(_loss_dtype(self.config.loss_dtype, x.device))
+
     def forward(self, batch: Dict[str, torch.Tensor], *, return_details: bool = False) -> Dict[str, torch.Tensor]:
-        """Loss terms for a collated batch (``egma_model.data.Collator``).
+        """Loss terms for a collated batch (``egma_model.data.Collator``): ``loss_from_embeddings(embed(batch))``.
 
         ``batch``: ``pixel_values (B,3,H,W)``, ``input_ids``/``attention_mask (N,L)``, ``cu_seqlens (B+1,)`` int32,
         optional ``gaze (N,P)`` and ``gaze_mask (B,)``.
         Returns ``{"loss", "contrastive", "gaze_mlce", "mapping", "global", "logit_scale"}`` (terms summed over
         scales with ``scale_weights``; per-scale terms as ``"<term>@<gh>x<gw>"`` when several scales).
         """
+        return self.loss_from_embeddings(self.embed(batch), batch, return_details=return_details)
+
+    def loss_from_embeddings(self, emb: Dict[str, object], batch: Dict[str, torch.Tensor], *,
+                             return_details: bool = False) -> Dict[str, torch.Tensor]:
+        """The loss terms of ``forward`` from ``embed``'s output (``batch`` gives ``cu_seqlens`` and the gaze)."""
+        with self._part("loss_forward"):
+            return self._loss(emb, batch, return_details)
+
+    def _loss(self, emb, batch, return_details):
         cfg = self.config
-        pooled = None
-        if cfg.image_global == "pooler":
-            feats, pooled = self._image_features(batch["pixel_values"], with_pooled=True)
-            patch = [proj(f.flatten(2).transpose(1, 2)) for proj, f in zip(self.image_proj, feats)]
-        else:
-            patch = self.encode_image(batch["pixel_values"], all_scales=True, normalize=False)
-        sent_raw = self.encode_sentences(batch["input_ids"], batch["attention_mask"], normalize=False).float()
-        sent = F.normalize(sent_raw, dim=-1)
+        patch, pooled = emb["patch"], emb["pooled"]
+        sent = self._loss_input(emb["sent"])
         cu = batch["cu_seqlens"].to(device=sent.device, dtype=torch.int32)
         t = self.scale()
         gaze, mask = batch.get("gaze"), batch.get("gaze_mask")
@@ -364,11 +421,11 @@ class EGMAModel(nn.Module):
             raise ValueError(f"gaze has {gaze.shape[0]} rows but the batch has {sent.shape[0]} sentences")
         sw = cfg.scale_weights or (1.0,) * len(patch)
         out: Dict[str, torch.Tensor] = {}
-        total = sent.new_zeros(())
-        sums = {k: sent.new_zeros(()) for k in ("contrastive", "gaze_mlce", "mapping")}
+        total = sent.new_zeros((), dtype=torch.promote_types(sent.dtype, torch.float32))
+        sums = {k: total.new_zeros(()) for k in ("contrastive", "gaze_mlce", "mapping")}
         for s, (p, grid) in enumerate(zip(patch, self.grids)):
-            pe = F.normalize(p.float(), dim=-1)
-            g = None if gaze is None else self._gaze_for_grid(gaze.to(pe.device), grid).to(pe.dtype)
+            pe = self._loss_input(p)
+            g = None if gaze is None else self._gaze_for_grid(gaze.to(pe.device), grid).to(total.dtype)
             terms = egma_kernels.fine_grained_loss(
                 pe, sent, cu, t, g, None if g is None else mask, alpha=cfg.alpha, map_threshold=cfg.map_threshold,
                 weights=cfg.loss_weights, egma_compat=cfg.egma_compat, backend=cfg.backend, return_details=True)
@@ -380,11 +437,13 @@ class EGMAModel(nn.Module):
                     out[f"{k}@{grid[0]}x{grid[1]}"] = v.detach()
             if s == 0 and return_details:
                 out["i2t"], out["t2i"] = terms.i2t, terms.t2i
-        glob = sent.new_zeros(())
+        glob = total.new_zeros(())
         if cfg.global_weight > 0:
-            img_g = patch[0].float().mean(1) if pooled is None else self.image_proj[0](pooled).float()
+            # the global CLIP term is computed in float32 (float64 for float64 embeddings) whatever loss_dtype
+            up = torch.promote_types(patch[0].dtype, torch.float32)
+            img_g = patch[0].to(up).mean(1) if pooled is None else pooled.to(up)
             img_g = F.normalize(img_g, dim=-1)
-            rep_g = F.normalize(_segment_mean(sent_raw, cu), dim=-1)
+            rep_g = F.normalize(_segment_mean(emb["sent"].to(up), cu), dim=-1)
             glob = _clip_loss(img_g, rep_g, t)
             total = total + cfg.global_weight * glob
         out.update(loss=total, **sums)
@@ -490,6 +549,51 @@ def _hf_image_features(enc: nn.Module, pixel_values: torch.Tensor, scales, *, pr
 _BERT_KEYS = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
               "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id"}
+
+
+def _loss_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``loss_dtype`` as a torch dtype; ``"auto"``: the autocast dtype of ``device`` when autocast is on."""
+    if name == "auto":
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return torch.float32
+    return getattr(torch, name)
+
+
+def text_groups(attention_mask: torch.Tensor, groups: int) -> List[Tuple[torch.Tensor, int]]:
+    """The sentences in ``groups`` groups of similar length: ``[(rows, width), ...]``, the rows of each group
+    (sorted by length, equal counts) and the columns it needs: up to its last attended position (trailing
+    padding columns are dropped; nothing else, so a sentence keeps its positions)."""
+    n, L = attention_mask.shape
+    pos = torch.arange(1, L + 1, device=attention_mask.device)
+    last = (attention_mask.ne(0) * pos).amax(1) if n else pos[:0]  # 1 + the last attended position, per row
+    order = torch.argsort(last, stable=True)
+    parts = [idx for idx in torch.tensor_split(order, min(groups, max(n, 1))) if idx.numel()]
+    if not parts:
+        return []
+    widths = torch.stack([last[idx].max() for idx in parts]).tolist()  # one host read for every group
+    return [(idx, max(1, int(w))) for idx, w in zip(parts, widths)]
+
+
+def padding_saved(attention_mask: torch.Tensor, groups: int) -> Tuple[int, int]:
+    """Token positions the text encoder computes for ``attention_mask`` as one padded batch and in
+    ``groups`` groups: ``(positions ungrouped, positions grouped)``."""
+    return attention_mask.numel(), sum(idx.numel() * w for idx, w in text_groups(attention_mask, groups))
+
+
+def _grouped(fn, input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """``fn(input_ids, attention_mask)`` -> ``(N, H)`` computed group by group (``text_groups``), rows put
+    back in the input's order."""
+    if groups <= 1 or input_ids.shape[0] <= 1:
+        return fn(input_ids, attention_mask)
+    plan = text_groups(attention_mask, groups)
+    if len(plan) == 1 and plan[0][1] == input_ids.shape[1]:
+        return fn(input_ids, attention_mask)
+    outs = [fn(input_ids[idx, :w], attention_mask[idx, :w]) for idx, w in plan]
+    rows = torch.cat([idx for idx, _ in plan])
+    inverse = torch.empty_like(rows)
+    inverse[rows] = torch.arange(rows.numel(), device=rows.device)
+    return torch.cat(outs)[inverse]
 
 
 def _segment_mean(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,10 @@ Under ``torchrun --nproc_per_node K -m egma_model.train ...`` it trains with Dis
 ``--batch-size`` per process, the contrastive term over every rank's batch (``--no-global-negatives``:
 per process), logging and checkpoints on rank 0 (``docs/distributed.md``).
 
+``--profile-steps N`` reports the time and memory of each part of a step (``egma_model.step_profile``);
+``--grad-chunk-size K`` trains a large batch with the activation memory of K images (gradient caching,
+``egma_model.gradcache``); ``--text-groups`` and ``--loss-dtype``: see ``EGMAConfig``.
+
 ``--recipe authors-code`` / ``--recipe paper`` set every setting of the authors' code or the paper at once
 (``egma_model.recipes``, ``docs/recipes.md``); ``--print-recipe`` prints them without training.
 """
@@ -19,6 +23,7 @@ per process), logging and checkpoints on rank 0 (``docs/distributed.md``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -107,6 +112,10 @@ class TrainArgs:
     select_split: Optional[str] = None
     select_scoring: str = "fine"
     select_is_test: Optional[bool] = None  # None: decided from the manifest (split "test" or a test-set name)
+    profile_steps: int = 0  # > 0: time and memory per part of a step (egma_model.step_profile), after a warm-up step
+    text_groups: Optional[int] = None  # sentences encoded in groups of similar length (None: the model's default, 1)
+    loss_dtype: Optional[str] = None  # dtype of the loss inputs (None: the model's default, float32)
+    grad_chunk_size: int = 0  # > 0: gradient caching, the encoders run this many images at a time (egma_model.gradcache)
 
 
 class _Distributed:
@@ -239,7 +248,7 @@ def build_model_and_tokenizer(a: TrainArgs, texts: Sequence[str]):
         kw["vocab_size"] = len(tok)
     kw.update(_model_source_kwargs(a))
     for k in ("patch_norm", "image_global", "image_mean", "image_std", "text_pooling", "max_length",
-              "temperature_clamp"):
+              "temperature_clamp", "text_groups", "loss_dtype"):
         if getattr(a, k) is not None:
             kw[k] = getattr(a, k)
     if a.preset == "tiny":
@@ -405,8 +414,16 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
         step = st["step"]
         history = st.get("history", [])
         _set_rng_state(st["rng"])
+    if a.grad_chunk_size < 0 or a.profile_steps < 0:
+        raise ValueError("--grad-chunk-size and --profile-steps must be >= 0")
     net = model
-    if ddp.world > 1:
+    if ddp.world > 1 and a.grad_chunk_size:
+        # gradient caching runs the encoders outside one forward call: no DDP wrapper; the parameters start
+        # equal on every rank and the gradients are averaged after each backward pass
+        from .gradcache import broadcast_parameters
+
+        broadcast_parameters(model)
+    elif ddp.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -428,8 +445,14 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
     amp_dtype = torch.float16 if a.amp == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and a.amp == "fp16")
     running: Dict[str, float] = {}
+    prof = None
+    if a.profile_steps:
+        from .step_profile import StepProfiler
+
+        prof = StepProfiler(a.profile_steps, device)
     model.train()
     t0 = time.time()
+    t_data = time.perf_counter()
     while step < total:
         epoch = step // steps_per_epoch
         ds.epoch = epoch
@@ -442,17 +465,42 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                 continue
             if step >= total or bi >= steps_per_epoch:
                 break
+            profiling = prof is not None and not prof.done
+            if profiling:
+                prof.begin_step()
+                prof.add_time("data", time.perf_counter() - t_data)
+                model.part_timer = prof
+            part = prof.part if profiling else _no_part
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp), loss_group(group):
-                out = net(batch)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad) if a.clip_grad > 0 else None
-            scaler.step(opt)
-            scaler.update()
+            if a.grad_chunk_size:
+                from .gradcache import average_gradients, grad_cache_step
+
+                with loss_group(group):
+                    out = grad_cache_step(
+                        model, batch, a.grad_chunk_size, scale_loss=scaler.scale, part=part,
+                        forward_context=lambda: torch.autocast(device_type=device.type, dtype=amp_dtype,
+                                                               enabled=use_amp))
+                if ddp.world > 1:
+                    with part("backward"):
+                        average_gradients(model.parameters())
+            else:
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp), loss_group(group):
+                    out = net(batch)
+                with part("backward"):
+                    scaler.scale(out["loss"]).backward()
+            with part("optimizer"):
+                scaler.unscale_(opt)
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad) if a.clip_grad > 0 else None
+                scaler.step(opt)
+                scaler.update()
             sched.step()
             step += 1
+            if profiling:
+                prof.end_step(a.batch_size * ddp.world)
+                model.part_timer = None
+                if prof.done:
+                    _report_profile(prof, a, ddp, model.config)
             rec = {"step": step, "epoch": epoch, "lr": opt.param_groups[0]["lr"],
                    **ddp.mean_of({k: float(v.detach()) for k, v in out.items() if v.dim() == 0})}
             if gnorm is not None:
@@ -477,6 +525,12 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                     log.write(json.dumps({"step": step, "selection": sel}) + "\n")
                     log.flush()
                 model.train()
+            t_data = time.perf_counter()
+    if prof is not None:
+        prof.close()
+        if not prof.done and ddp.is_main:
+            print(f"egma-train: --profile-steps {a.profile_steps}: the run ended after {len(prof.records)} "
+                  f"profiled steps (plus the warm-up); nothing written", file=sys.stderr)
     if bar is not None:
         bar.close()
     if ddp.is_main:
@@ -490,6 +544,22 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
     ddp.barrier()  # every rank returns once the final model is written
     return {"steps": step, "final_loss": history[-1]["loss"] if history else None, "history": history,
             "out": a.out, "model": model, "tokenizer": tokenizer}
+
+
+def _no_part(name):
+    return contextlib.nullcontext()
+
+
+def _report_profile(prof, a: TrainArgs, ddp: _Distributed, config: EGMAConfig) -> None:
+    """Rank 0 prints the step profile's table and writes it as ``<out>/step_profile.json``."""
+    if not ddp.is_main:
+        return
+    from .step_profile import format_table
+
+    s = prof.write(os.path.join(a.out, "step_profile.json"), preset=a.preset, batch_size=a.batch_size,
+                   world=ddp.world, grad_chunk_size=a.grad_chunk_size, amp=a.amp, text_groups=config.text_groups,
+                   loss_dtype=config.loss_dtype, image_model=config.image_model, image_size=config.image_size)
+    print(format_table(s), file=sys.stderr)
 
 
 def _save(model, tokenizer, opt, sched, step, history, ckpt_dir):
@@ -560,6 +630,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--no-global-negatives", action="store_true",
                    help="under torchrun: each process's contrastive term over its own batch only (default: over every rank's batch)")
+    p.add_argument("--profile-steps", type=int, default=d.profile_steps,
+                   help="after one warm-up step, time and peak memory of each part of N steps (image encoder, text "
+                        "encoder, loss forward, backward, optimiser) and images/s: a table on stderr and "
+                        "<out>/step_profile.json; 0 = off")
+    p.add_argument("--text-groups", type=int, default=None,
+                   help="encode the sentences in G groups of similar length, each padded to its own longest "
+                        "(the same embeddings to float rounding, less padding; 1 = one padded batch; ignored with "
+                        "--text-pooling last4_all) (default: 1)")
+    p.add_argument("--loss-dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="dtype of the normalised embeddings handed to the loss kernels; auto: the autocast dtype "
+                        "(--amp) when autocast is on; the half-precision dtypes use the kernels' half-precision paths "
+                        "at a cost in gradient accuracy measured in the README (default: float32)")
+    p.add_argument("--grad-chunk-size", type=int, default=d.grad_chunk_size,
+                   help="gradient caching: the encoders run K images at a time and the gradients equal the whole "
+                        "batch's (large contrastive batches in little memory, one extra encoder forward pass); 0 = off")
     _add_model_source_args(p)
     _add_recipe_args(p, d)
     return p
@@ -660,7 +745,9 @@ def _args_from_namespace(ns) -> TrainArgs:
         egma_compat=ns.egma_compat, sigma=ns.sigma, min_heat=ns.min_heat, raw_gaze=ns.raw_gaze, max_sentences=ns.max_sentences,
         num_workers=ns.num_workers, device=ns.device, save_every=ns.save_every, resume=ns.resume,
         progress=not ns.no_progress, backend=ns.backend, threads=ns.threads,
-        global_negatives=not ns.no_global_negatives))
+        global_negatives=not ns.no_global_negatives, profile_steps=ns.profile_steps,
+        grad_chunk_size=ns.grad_chunk_size, text_groups=ns.text_groups,
+        loss_dtype=ns.loss_dtype))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
