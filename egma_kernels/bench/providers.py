@@ -31,6 +31,11 @@ class LossOptions:
     map_threshold: float = 2.0 / 7.0
     weights: Tuple[float, float, float] = (1.0, 1.0, 1.0)
 
+    def as_kwargs(self) -> dict:
+        """The options as ``fine_grained_loss`` keywords (``alpha=None``: its default for ``egma_compat``)."""
+        return dict(alpha=self.alpha, map_threshold=self.map_threshold, weights=self.weights,
+                    egma_compat=self.egma_compat)
+
     def resolved_alpha(self) -> float:
         if self.alpha is not None:
             return self.alpha
@@ -91,14 +96,7 @@ class BackendProvider(Provider):
 
     def loss(self, problem, options):
         return ek.fine_grained_loss(
-            **problem.loss_args(),
-            alpha=options.alpha,
-            map_threshold=options.map_threshold,
-            weights=options.weights,
-            egma_compat=options.egma_compat,
-            backend=self.name,
-            return_details=True,
-            validate=False,
+            **problem.loss_args(), **options.as_kwargs(), backend=self.name, return_details=True, validate=False,
             max_seqlen=problem.S_max,
         )
 
