@@ -1,15 +1,15 @@
 """Host (Python + dispatcher) cost of one Triton-backend loss call, measured without a GPU.
 
-    python benchmarks/host_overhead.py [--batch 40] [--patches 49] [--iters 300]
+    python benchmarks/host_overhead.py [--batch 40] [--patches 49] [--dim 512] [--iters 300]
 
-At EGMA's sizes (B=40, P=49) the loss's GPU work is a fraction of a millisecond, so what the host spends
+At EGMA's sizes (B=40, P=49, D=512) the loss's GPU work is a fraction of a millisecond, so what the host spends
 per call (validation, the custom op's dispatch and autograd, allocations, launches) sets the pace. This
 script runs the `triton` backend on CPU tensors with every kernel launch replaced by a no-op (outputs are
 left as allocated: the backend ``triton-stubbed``, registered through the public op contract of
 ``egma_kernels.fused_op``), so that it times everything except the kernels and Triton's own launcher, and
 it counts the torch ops a call dispatches (profiler events). Without a GPU the launch configuration is the
-one chosen for a GPU (TF32 precisions), the shared memory that of an H100. CPU op costs differ from CUDA launch costs: use
-it to compare versions on one machine, not as a GPU figure.
+one chosen for a GPU (TF32 precisions), the shared memory that of an H100. CPU op costs differ from CUDA
+launch costs: use it to compare versions on one machine, not as a GPU figure.
 """
 
 import argparse
@@ -54,10 +54,11 @@ def stub_kernels() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=40)
-    parser.add_argument("--patches", type=int, default=49)
-    parser.add_argument("--dim", type=int, default=64, help="embedding size (only the stubbed outputs' size depends on it)")
-    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=40, help="images B (default 40)")
+    parser.add_argument("--patches", type=int, default=49, help="patches per image P (default 49)")
+    parser.add_argument("--dim", type=int, default=512,
+                        help="embedding size D; the launch configuration depends on it (default 512)")
+    parser.add_argument("--iters", type=int, default=300, help="timed calls of each kind (default 300)")
     args = parser.parse_args()
     stub_kernels()
     torch.set_num_threads(1)

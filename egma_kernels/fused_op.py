@@ -74,6 +74,10 @@ class OpLaunchers(NamedTuple):
     backward: Callable
     saved: Callable  # the (shape, dtype) of each saved tensor, for the fake kernel
     saved_count: int
+    # check(x: OpInputs): the layout the kernels index by, checked when the ops are called (directly, or
+    # under torch.compile), before forward and backward. The public functions' eager calls skip it: their
+    # inputs passed the metadata checks of _validation and the backend's prepare().
+    check: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -114,12 +118,12 @@ def backward_may_follow(*inputs: Tensor) -> bool:
 @functools.lru_cache(maxsize=64)
 def _options(floats: Tuple[float, ...], egma_compat: bool) -> LossOptions:
     """The loss op's ``options`` list (and ``egma_compat``) as the launchers take them (``save`` dropped)."""
-    alpha, map_threshold, w_con, w_mlce, w_map = floats[:5]
+    alpha, map_threshold, w_con, w_mlce, w_map = (float(v) for v in floats)
     return LossOptions(alpha, map_threshold, (w_con, w_mlce, w_map), bool(egma_compat))
 
 
 def _op_options(options: Sequence[float], egma_compat: bool) -> Tuple[LossOptions, bool]:
-    return _options(tuple(float(v) for v in options[:5]), bool(egma_compat)), bool(options[5])
+    return _options(tuple(options[:5]), bool(egma_compat)), bool(options[5])
 
 
 class FusedOps(NamedTuple):
@@ -155,16 +159,18 @@ class _OpPair:
     through the backward op, whose autograd raises on a second derivative."""
 
     num_outputs: int  # public outputs before the saved tensors
-    patch_at: int  # where the backward op's arguments hold patch (then sent, cu, scale)
+    num_inputs: int  # the forward's leading tensors (OpInputs' fields)
+    patch_at: int  # where the backward op's arguments hold them
 
     def __init__(self, qualname: str, launchers: OpLaunchers):
         self.launchers = launchers
         n = launchers.saved_count
         saved = ", ".join(f"Tensor saved{i}" for i in range(n))
         outputs = ", ".join(["Tensor"] * (self.num_outputs + n))
-        self.forward_op = _define(qualname, f"({self.forward_args}) -> ({outputs})", self.forward, self.forward_fake)
+        self.forward_op = _define(qualname, f"({self.forward_args}) -> ({outputs})", self._checked(self.forward, 0),
+                                  self.forward_fake)
         self.backward_op = _define(qualname + "_backward", self.backward_schema.format(saved=saved),
-                                   self.backward_impl, self.backward_fake)
+                                   self._checked(self.backward_impl, self.patch_at), self.backward_fake)
         torch.library.register_autograd(self.forward_op, self.backward, setup_context=self.setup_context)
         torch.library.register_autograd(self.backward_op, _no_second_derivative(self.backward_op.name()),
                                         setup_context=_no_setup)
@@ -185,6 +191,18 @@ class _OpPair:
         Eager.__name__ = "Eager_" + qualname.replace("::", "_")
         self.eager = Eager.apply
 
+    def _checked(self, impl: Callable, at: int) -> Callable:
+        """``impl`` preceded by the launchers' layout check of the op's tensors ``args[at:at + num_inputs]``."""
+        check, n = self.launchers.check, self.num_inputs
+        if check is None:
+            return impl
+
+        def checked(*args):
+            check(OpInputs(*args[at:at + n]))
+            return impl(*args)
+
+        return checked
+
     def backward(self, ctx, *grads):
         return self.backward_with(self.backward_op, ctx, grads)
 
@@ -194,13 +212,15 @@ class _OpPair:
 
 class _LossOps(_OpPair):
     num_outputs = NUM_LOSS_OUTPUTS
+    num_inputs = 6
     patch_at = 6
     forward_args = ("Tensor patch, Tensor sent, Tensor cu, Tensor scale, Tensor? gaze, Tensor? gaze_mask, "
                     "float[] options, bool egma_compat, int max_seqlen")
     backward_schema = (
         "(Tensor? g_loss, Tensor? g_contrastive, Tensor? g_gaze_mlce, Tensor? g_mapping, Tensor? g_i2t, "
         "Tensor? g_t2i, Tensor patch, Tensor sent, Tensor cu, Tensor scale, Tensor? gaze, Tensor? gaze_mask, "
-        "Tensor i2t, Tensor t2i, {saved}, float[] options, bool egma_compat, int max_seqlen) -> (Tensor, Tensor, Tensor)"
+        "Tensor i2t, Tensor t2i, {saved}, float[] options, bool egma_compat, int max_seqlen) "
+        "-> (Tensor, Tensor, Tensor)"
     )
 
     def forward(self, patch, sent, cu, scale, gaze, gaze_mask, options, egma_compat, max_seqlen):
@@ -242,6 +262,7 @@ class _LossOps(_OpPair):
 
 class _FilipOps(_OpPair):
     num_outputs = NUM_FILIP_OUTPUTS
+    num_inputs = 4
     patch_at = 2
     forward_args = ("Tensor patch, Tensor sent, Tensor cu, Tensor scale, int max_seqlen, bool egma_compat=False, "
                     "bool save=True")

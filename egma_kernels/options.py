@@ -97,6 +97,8 @@ def resolve_loss_options(
 
     Options given as plain Python numbers (and a tuple of weights), as a training loop passes the same ones
     on every call, are resolved once and then looked up."""
+    if alpha is None and map_threshold is DEFAULT_MAP_THRESHOLD and weights is DEFAULT_WEIGHTS and egma_compat is False:
+        return _DEFAULTS
     key = _plain_key(alpha, map_threshold, weights, egma_compat)
     options = _RESOLVED.get(key) if key is not None else None
     if options is not None:
@@ -127,3 +129,6 @@ def _plain_key(alpha, map_threshold, weights, egma_compat) -> Optional[tuple]:
     if not all(type(v) in _PLAIN_TYPES for v in values):
         return None
     return tuple((type(v), v) for v in values)
+
+
+_DEFAULTS = LossOptions()

@@ -562,9 +562,12 @@ def _check_loss_inputs(x: OpInputs) -> None:
                      x.gaze, x.gaze_mask)
 
 
+def _check_filip_inputs(x: OpInputs) -> None:
+    _check_op_inputs(x.patch, x.sent, x.cu, x.scale, None)
+
+
 def _loss_forward(x: OpInputs, options: LossOptions, max_seqlen: int, save: bool) -> tuple:
     """(loss, contrastive, gaze_mlce, mapping, i2t, t2i, *LOSS_SAVED); the routes only when ``save``."""
-    _check_loss_inputs(x)
     return _launch_loss_fwd(
         *x, options.alpha, options.map_threshold, options.weights, options.egma_compat,
         _seqlen_bound(max_seqlen, x.sent.shape[0]), save,
@@ -588,11 +591,10 @@ def _loss_saved(x: OpInputs, options: LossOptions, max_seqlen: int, save: bool) 
 
 def _loss_backward(grads, x: OpInputs, i2t: Tensor, t2i: Tensor, saved: tuple, options: LossOptions,
                    max_seqlen: int) -> tuple:
-    _check_loss_inputs(x)
     (B, P, _), N = x.patch.shape, x.sent.shape[0]
     max_seqlen = _seqlen_bound(max_seqlen, N)
-    route = saved[-1]
-    shapes = [(B, N), (N, P), (K.PER_REPORT_ROWS.value, B), (N, 7), (2, B, P), (3,), (B, B, P) if route.numel() else (0,)]
+    route_shape = (B, B, P) if saved[-1].numel() else (0,)
+    shapes = [(B, N), (N, P), (K.PER_REPORT_ROWS.value, B), (N, 7), (2, B, P), (3,), route_shape]  # LOSS_SAVED
     expected = [(g, ()) for g in grads[:4]] + [(i2t, (B, B)), (t2i, (B, B))] + list(zip(saved, shapes))
     _check_saved(expected)
     if any(g is not None and g.shape != (B, B) for g in grads[4:]):
@@ -605,7 +607,6 @@ def _loss_backward(grads, x: OpInputs, i2t: Tensor, t2i: Tensor, saved: tuple, o
 
 def _filip_forward(x: OpInputs, max_seqlen: int, egma_compat: bool, save: bool) -> tuple:
     """(i2t, t2i, best patch of each sentence in each image): the best patches are written in any case."""
-    _check_op_inputs(x.patch, x.sent, x.cu, x.scale, None)
     _refuse_compat(egma_compat)
     i2t, t2i, best_patch, _ = _launch_filip_fwd(
         x.patch, x.sent, x.cu, x.scale, x.cu, _seqlen_bound(max_seqlen, x.sent.shape[0]), egma_compat=False,
@@ -620,7 +621,6 @@ def _filip_saved(x: OpInputs, max_seqlen: int, egma_compat: bool, save: bool) ->
 
 def _filip_backward(g_i2t, g_t2i, x: OpInputs, i2t: Tensor, t2i: Tensor, saved: tuple, max_seqlen: int,
                     egma_compat: bool) -> tuple:
-    _check_op_inputs(x.patch, x.sent, x.cu, x.scale, None)
     _refuse_compat(egma_compat)
     M, R = x.patch.shape[0], x.cu.shape[0] - 1
     (best_patch,) = saved
@@ -662,8 +662,8 @@ def _longest_report(cu: Tensor) -> int:
 
 
 LAUNCHERS = Launchers(
-    loss=OpLaunchers(_loss_forward, _loss_backward, _loss_saved, saved_count=len(LOSS_SAVED)),
-    filip=OpLaunchers(_filip_forward, _filip_backward, _filip_saved, saved_count=1),
+    loss=OpLaunchers(_loss_forward, _loss_backward, _loss_saved, len(LOSS_SAVED), check=_check_loss_inputs),
+    filip=OpLaunchers(_filip_forward, _filip_backward, _filip_saved, 1, check=_check_filip_inputs),
     prepare=prepare_inputs,
     max_seqlen_of=_longest_report,
 )

@@ -97,7 +97,8 @@ def test_cuda_opcheck():
     torch.library.opcheck(torch.ops.egma_kernels.loss_fwd.default, args, test_utils=kernel_checks)
     torch.library.opcheck(torch.ops.egma_kernels.extension_loss.default, (*args[:6], [*args[6:11], 1.0], False, 0))
     filip_args = (p, s, inputs["cu_seqlens"].cuda(), t)
-    torch.library.opcheck(torch.ops.egma_kernels.filip_fwd.default, (*filip_args, False, True), test_utils=kernel_checks)
+    torch.library.opcheck(torch.ops.egma_kernels.filip_fwd.default, (*filip_args, False, True),
+                          test_utils=kernel_checks)
     torch.library.opcheck(torch.ops.egma_kernels.extension_filip.default, (*filip_args, 0, False, True))
 
 

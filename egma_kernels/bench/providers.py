@@ -3,7 +3,8 @@
 * ``loop``: the original EGMA code's structure (``loop.py``), egma_compat semantics only.
 * ``reference``: the vectorised eager reference (``egma_kernels.reference``), always available.
 * ``reference-compiled``: ``torch.compile`` of the same reference functions (compiled during warm-up,
-  outside the timings; the compile time is recorded).
+  outside the timings; the compile time is recorded). Not the compiled C++/CUDA extension
+  (``egma_kernels.compiled``): that one is the ``cpu`` and ``cuda`` backends below.
 * every other backend ``egma_kernels.available_backends(device)`` reports (``triton``, ``cuda``, ``cpu``
   as they land), called through the public functions with ``backend=<name>``.
 """
@@ -109,7 +110,8 @@ class BackendProvider(Provider):
 
 class CompiledReferenceProvider(Provider):
     name = "reference-compiled"
-    description = "torch.compile of the vectorised reference (compile time outside the timings)"
+    description = ("torch.compile of the vectorised reference (compile time outside the timings; the C++/CUDA "
+                   "extension is the cpu/cuda providers)")
 
     def __init__(self):
         self._loss = None
