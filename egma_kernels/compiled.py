@@ -2,9 +2,11 @@
 
 The extension (``csrc/``, built by ``setup.py``) registers four ops with ``TORCH_LIBRARY``:
 ``torch.ops.egma_kernels.loss_fwd / loss_bwd / filip_fwd / filip_bwd``, with CPU kernels and, when built,
-CUDA kernels. This module adds what PyTorch needs around them: fake (meta) kernels so the ops trace under
-``torch.compile(fullgraph=True)``, and the autograd formula (the forward op saves argmax indices and the
-matched similarities; the backward op is one more fused call). One op runs per loss call.
+CUDA kernels. Those ops are the kernels (not differentiable by themselves; fake kernels here for direct
+callers). This module supplies the launchers around them (``fused_op.Launchers``: the forward saves the
+argmax routes, only when a backward may follow, and the matched-pair similarities; the backward is one more
+fused call); ``fused_op.py`` makes them the differentiable ops ``egma_kernels::extension_loss`` /
+``extension_filip`` with their backward ops, fake kernels and autograd. One kernel op runs per loss call.
 
 Both backends register themselves in ``egma_kernels.backends``; they report themselves unavailable when the
 extension is missing (pure-Python install) or, for ``"cuda"``, was built without CUDA kernels or no GPU is

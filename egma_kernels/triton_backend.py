@@ -3,9 +3,10 @@
 A loss call is one custom op, ``egma_kernels::triton_loss``: its kernels compute ``I2T``, ``T2I``, the
 per-report gaze-MLCE and mapping terms, the cross-entropies and the weighted total, with no torch op in
 between. Its backward is a second op (``triton_loss_backward``) that takes whichever upstream gradients
-exist (of the loss, of its terms, of the matrices) and launches only the kernels they need. Autograd and
-fake (meta) implementations are registered on the ops, so ``torch.compile(fullgraph=True)`` sees two
-opaque ops and no graph break. ``filip_similarity`` is a second pair of ops on the same kernels.
+exist (of the loss, of its terms, of the matrices) and launches only the kernels they need. This module
+supplies the launchers; ``fused_op.py`` defines the ops around them (saved state, fake kernels, autograd),
+so ``torch.compile(fullgraph=True)`` sees two opaque ops and no graph break, and eager calls run the same
+launchers without the dispatcher. ``filip_similarity`` is a second pair of ops on the same kernels.
 
 Why so few ops: at the sizes EGMA trains with (B = 40, P = 49) the GPU work of the whole loss is well
 under a millisecond, and the host's cost per launched op sets the pace.
