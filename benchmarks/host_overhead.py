@@ -1,17 +1,20 @@
 """Host (Python + dispatcher) cost of one Triton-backend loss call, measured without a GPU.
 
-    python benchmarks/host_overhead.py [--batch 40] [--patches 49] [--iters 300]
+    python benchmarks/host_overhead.py [--batch 40] [--patches 49] [--dim 512] [--iters 300]
 
-At EGMA's sizes (B=40, P=49) the loss's GPU work is a fraction of a millisecond, so what the host spends
+At EGMA's sizes (B=40, P=49, D=512) the loss's GPU work is a fraction of a millisecond, so what the host spends
 per call (validation, the custom op's dispatch and autograd, allocations, launches) sets the pace. This
 script runs the `triton` backend on CPU tensors with every kernel launch replaced by a no-op (outputs are
-left as allocated), so that it times everything except the kernels and Triton's own launcher, and it
-counts the torch ops a call dispatches (profiler events). CPU op costs differ from CUDA launch costs: use
-it to compare versions on one machine, not as a GPU figure.
+left as allocated: the backend ``triton-stubbed``, registered through the public op contract of
+``egma_kernels.fused_op``), so that it times everything except the kernels and Triton's own launcher, and
+it counts the torch ops a call dispatches (profiler events). Without a GPU the launch configuration is the
+one chosen for a GPU (TF32 precisions), the shared memory that of an H100. CPU op costs differ from CUDA
+launch costs: use it to compare versions on one machine, not as a GPU figure.
 """
 
 import argparse
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -22,7 +25,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # the real kernel objects, which this 
 import torch
 
 import egma_kernels as ek
-from egma_kernels import backends, triton_backend, triton_kernels
+from egma_kernels import backends, fused_op, triton_backend, triton_kernels
 from egma_kernels.packing import cu_seqlens_from_lengths
 
 
@@ -31,23 +34,31 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+STUBBED = "triton-stubbed"
+
+
 def stub_kernels() -> None:
+    """Register the backend ``triton-stubbed``: the Triton backend's launchers (``triton_backend.LAUNCHERS``)
+    under the op contract of ``egma_kernels.fused_op``, for CPU tensors, with every kernel launch a no-op."""
     for name in dir(triton_kernels):
         if name.endswith("_kernel"):
             setattr(triton_kernels, name, _NoLaunch())
-    triton_backend._check_device = lambda *tensors: None
-    triton_backend.interpreting = lambda: True  # CPU tensors accepted, ieee precision chosen
-    getattr(getattr(triton_backend, "launch_config", None), "cache_clear", lambda: None)()
-    entry = backends._REGISTRY["triton"]
-    backends._REGISTRY["triton"] = dataclasses.replace(entry, devices=("cpu", "cuda"), is_available=lambda: True)
+    launchers = dataclasses.replace(
+        triton_backend.LAUNCHERS, prepare=functools.partial(triton_backend.prepare_inputs, check_device=False)
+    )
+    ops = fused_op.define_ops("host_overhead", launchers)
+    backends.register_backend(backends.Backend(
+        name=STUBBED, loss=ops.loss, similarity=ops.similarity, devices=("cpu",), wants_max_seqlen=True,
+    ))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=40)
-    parser.add_argument("--patches", type=int, default=49)
-    parser.add_argument("--dim", type=int, default=64, help="embedding size (only the stubbed outputs' size depends on it)")
-    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=40, help="images B (default 40)")
+    parser.add_argument("--patches", type=int, default=49, help="patches per image P (default 49)")
+    parser.add_argument("--dim", type=int, default=512,
+                        help="embedding size D; the launch configuration depends on it (default 512)")
+    parser.add_argument("--iters", type=int, default=300, help="timed calls of each kind (default 300)")
     args = parser.parse_args()
     stub_kernels()
     torch.set_num_threads(1)
@@ -63,7 +74,7 @@ def main() -> None:
     sent.requires_grad_(True)
 
     def call():
-        return ek.fine_grained_loss(patch, sent, cu, scale, gaze, backend="triton", validate=False,
+        return ek.fine_grained_loss(patch, sent, cu, scale, gaze, backend=STUBBED, validate=False,
                                     max_seqlen=max(lengths))
 
     def forward():

@@ -51,19 +51,6 @@ def positive_gaze_in(gaze: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where((gaze > 0) & (cast == 0), torch.finfo(dtype).tiny, cast)
 
 
-def no_double_backward(op_name: str):
-    """An autograd backward for a backward op: differentiating it again raises (the fused backends compute
-    first derivatives only; the reference backend supports higher ones)."""
-
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"egma_kernels: the {op_name} op has no second derivative (a double backward / create_graph=True "
-            "was differentiated through the fused loss); use backend='reference' for higher-order gradients"
-        )
-
-    return backward
-
-
 def new_output(shape, dtype, device) -> torch.Tensor:
     """An output buffer the kernel fully overwrites: ``torch.empty`` normally, NaN-filled when poisoning."""
     if POISON_OUTPUTS:

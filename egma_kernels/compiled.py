@@ -2,9 +2,11 @@
 
 The extension (``csrc/``, built by ``setup.py``) registers four ops with ``TORCH_LIBRARY``:
 ``torch.ops.egma_kernels.loss_fwd / loss_bwd / filip_fwd / filip_bwd``, with CPU kernels and, when built,
-CUDA kernels. This module adds what PyTorch needs around them: fake (meta) kernels so the ops trace under
-``torch.compile(fullgraph=True)``, and the autograd formula (the forward op saves argmax indices and the
-matched similarities; the backward op is one more fused call). One op runs per loss call.
+CUDA kernels. Those ops are the kernels (not differentiable by themselves; fake kernels here for direct
+callers). This module supplies the launchers around them (``fused_op.Launchers``: the forward saves the
+argmax routes, only when a backward may follow, and the matched-pair similarities; the backward is one more
+fused call); ``fused_op.py`` makes them the differentiable ops ``egma_kernels::extension_loss`` /
+``extension_filip`` with their backward ops, fake kernels and autograd. One kernel op runs per loss call.
 
 Both backends register themselves in ``egma_kernels.backends``; they report themselves unavailable when the
 extension is missing (pure-Python install) or, for ``"cuda"``, was built without CUDA kernels or no GPU is
@@ -16,14 +18,16 @@ from __future__ import annotations
 import glob
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from . import _utils
 from ._validation import accumulation_dtype
 from .backends import Backend, register_backend
-from .reference import LossTerms
+from .fused_op import Launchers, OpInputs, OpLaunchers, define_ops
+from .options import LossOptions
 
 # The command that builds the extension against the torch already installed, run in the source folder
 # (add -e for an editable install). pip's default isolated build has no torch, so it cannot build it.
@@ -106,104 +110,51 @@ def cuda_kernels_built() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Fake kernels and autograd of the ops (only when the extension is loaded).
-
-if _C is not None:
-    _ops = torch.ops.egma_kernels
-
-    @torch.library.register_fake("egma_kernels::loss_fwd")
-    def _loss_fwd_fake(patch, sent, cu, scale, gaze, gaze_mask, alpha, theta, w_con, w_mlce, w_map, compat, save_idx):
-        B, P, _ = patch.shape
-        N = sent.shape[0]
-        acc = patch.dtype if patch.dtype == torch.float64 else torch.float32
-        return (
-            patch.new_empty((4,), dtype=acc),
-            patch.new_empty((B, B), dtype=acc),
-            patch.new_empty((B, B), dtype=acc),
-            patch.new_empty((B, B, P) if save_idx else (0,), dtype=torch.int32),
-            patch.new_empty((B, N) if save_idx else (0,), dtype=torch.int32),
-            patch.new_empty((N, P), dtype=acc),
-        )
-
-    @torch.library.register_fake("egma_kernels::loss_bwd")
-    def _loss_bwd_fake(g_terms, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask, i2t, t2i, i2t_arg, t2i_arg,
-                       own, alpha, theta, w_con, w_mlce, w_map, compat):
-        return torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)
-
-    @torch.library.register_fake("egma_kernels::filip_fwd")
-    def _filip_fwd_fake(patch, sent, cu, scale, compat, save_idx):
-        M, P, _ = patch.shape
-        N = sent.shape[0]
-        R = cu.shape[0] - 1
-        acc = patch.dtype if patch.dtype == torch.float64 else torch.float32
-        if save_idx:
-            i2t_arg = patch.new_empty((M, R, P), dtype=torch.int32)
-            t2i_arg = patch.new_empty((M, N), dtype=torch.int32)
-        else:
-            i2t_arg = patch.new_empty((0,), dtype=torch.int32)
-            t2i_arg = patch.new_empty((0,), dtype=torch.int32)
-        return patch.new_empty((M, R), dtype=acc), patch.new_empty((M, R), dtype=acc), i2t_arg, t2i_arg
-
-    @torch.library.register_fake("egma_kernels::filip_bwd")
-    def _filip_bwd_fake(g_i2t, g_t2i, patch, sent, cu, scale, i2t, t2i, i2t_arg, t2i_arg):
-        return torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)
-
-    def _loss_setup_context(ctx, inputs, output):
-        patch, sent, cu, scale, gaze, gaze_mask, alpha, theta, w_con, w_mlce, w_map, compat, _save_idx = inputs
-        terms, i2t, t2i, i2t_arg, t2i_arg, own = output
-        ctx.save_for_backward(patch, sent, cu, scale, gaze, gaze_mask, terms, i2t, t2i, i2t_arg, t2i_arg, own)
-        ctx.options = (alpha, theta, w_con, w_mlce, w_map, compat)
-        ctx.mark_non_differentiable(i2t_arg, t2i_arg, own)
-
-    def _loss_backward(ctx, g_terms, g_i2t, g_t2i, _g_i2t_arg, _g_t2i_arg, _g_own):
-        patch, sent, cu, scale, gaze, gaze_mask, terms, i2t, t2i, i2t_arg, t2i_arg, own = ctx.saved_tensors
-        g_terms = torch.zeros_like(terms) if g_terms is None else g_terms
-        g_i2t = torch.zeros_like(i2t) if g_i2t is None else g_i2t
-        g_t2i = torch.zeros_like(t2i) if g_t2i is None else g_t2i
-        d_patch, d_sent, d_scale = _ops.loss_bwd(
-            g_terms, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask, i2t, t2i, i2t_arg, t2i_arg, own,
-            *ctx.options,
-        )
-        return (d_patch, d_sent, None, d_scale) + (None,) * 9
-
-    torch.library.register_autograd("egma_kernels::loss_fwd", _loss_backward, setup_context=_loss_setup_context)
-
-    def _filip_setup_context(ctx, inputs, output):
-        patch, sent, cu, scale, compat, save_idx = inputs
-        i2t, t2i, i2t_arg, t2i_arg = output
-        ctx.save_for_backward(patch, sent, cu, scale, i2t, t2i, i2t_arg, t2i_arg)
-        ctx.mark_non_differentiable(i2t_arg, t2i_arg)
-
-    def _filip_backward(ctx, g_i2t, g_t2i, _g_a, _g_b):
-        patch, sent, cu, scale, i2t, t2i, i2t_arg, t2i_arg = ctx.saved_tensors
-        g_i2t = torch.zeros_like(i2t) if g_i2t is None else g_i2t
-        g_t2i = torch.zeros_like(t2i) if g_t2i is None else g_t2i
-        d_patch, d_sent, d_scale = _ops.filip_bwd(
-            g_i2t, g_t2i, patch, sent, cu, scale, i2t, t2i, i2t_arg, t2i_arg
-        )
-        return d_patch, d_sent, None, d_scale, None, None
-
-    torch.library.register_autograd("egma_kernels::filip_fwd", _filip_backward, setup_context=_filip_setup_context)
-
-    # The backward ops compute first derivatives only: differentiating them (create_graph=True, then a second
-    # backward) raises instead of torch's silent zeros with a warning.
-    def _no_setup(ctx, inputs, output):
-        pass
-
-    for _op in ("loss_bwd", "filip_bwd"):
-        torch.library.register_autograd(
-            f"egma_kernels::{_op}", _utils.no_double_backward(_op), setup_context=_no_setup
-        )
-
-    # Output poisoning for tests lives outside the op schemas: a flag inside the extension.
-    _utils.on_poison_change(_C.set_poison_outputs)
+# Launchers of the op contract (fused_op.py): the extension's ops run the kernels; the differentiable ops
+# egma_kernels::extension_loss / extension_filip (and their backward ops) are defined around them there.
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Backend functions (the signatures of reference.fine_grained_loss_ref / filip_similarity_ref).
+def _loss_saved(x: OpInputs, options: LossOptions, max_seqlen: int, save: bool) -> list:
+    """The saved tensors of ``loss_fwd``: each patch's best sentence of each report and each sentence's best
+    patch in each image (int32 routes, only when ``save``), and the matched-pair similarities (N, P)."""
+    (B, P, _), N = x.patch.shape, x.sent.shape[0]
+    acc = accumulation_dtype(x.patch.dtype)
+    return [((B, B, P) if save else (0,), torch.int32), ((B, N) if save else (0,), torch.int32), ((N, P), acc)]
 
 
-def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
+def _filip_saved(x: OpInputs, max_seqlen: int, egma_compat: bool, save: bool) -> list:
+    M, P, _ = x.patch.shape
+    N, R = x.sent.shape[0], x.cu.shape[0] - 1
+    return [((M, R, P) if save else (0,), torch.int32), ((M, N) if save else (0,), torch.int32)]
+
+
+def _loss_forward(x: OpInputs, options: LossOptions, max_seqlen: int, save: bool) -> tuple:
+    terms, i2t, t2i, *saved = _ops.loss_fwd(*x, *options.op_floats, options.egma_compat, save)
+    # The four terms as separate outputs (an op's outputs may not alias each other: one copy each).
+    return (*(t.clone() for t in terms.unbind()), i2t, t2i, *saved)
+
+
+def _loss_backward(grads, x: OpInputs, i2t: Tensor, t2i: Tensor, saved: tuple, options: LossOptions,
+                   max_seqlen: int) -> tuple:
+    zero = i2t.new_zeros(())
+    g_terms = torch.stack([g.reshape(()) if g is not None else zero for g in grads[:4]])
+    g_i2t = grads.i2t if grads.i2t is not None else torch.zeros_like(i2t)
+    g_t2i = grads.t2i if grads.t2i is not None else torch.zeros_like(t2i)
+    return _ops.loss_bwd(g_terms, g_i2t, g_t2i, *x, i2t, t2i, *saved, *options.op_floats, options.egma_compat)
+
+
+def _filip_forward(x: OpInputs, max_seqlen: int, egma_compat: bool, save: bool) -> tuple:
+    return _ops.filip_fwd(x.patch, x.sent, x.cu, x.scale, egma_compat, save)
+
+
+def _filip_backward(g_i2t, g_t2i, x: OpInputs, i2t: Tensor, t2i: Tensor, saved: tuple, max_seqlen: int,
+                    egma_compat: bool) -> tuple:
+    g_i2t = g_i2t if g_i2t is not None else torch.zeros_like(i2t)
+    g_t2i = g_t2i if g_t2i is not None else torch.zeros_like(t2i)
+    return _ops.filip_bwd(g_i2t, g_t2i, x.patch, x.sent, x.cu, x.scale, i2t, t2i, *saved)
+
+
+def _kernel_dtype(x: Tensor) -> torch.dtype:
     """The dtype the op runs in: the CPU kernels take float32/float64 (float16/bfloat16 are upcast here, and
     autograd casts the gradients back); the CUDA kernels read float16/bfloat16/float32 directly."""
     if x.dtype == torch.float64:
@@ -213,65 +164,67 @@ def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _backward_may_follow(*inputs: torch.Tensor) -> bool:
-    """Whether the forward op must save the argmax routes: grad mode on and an input that needs a gradient."""
-    return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
-
-
-def fine_grained_loss_compiled(
-    patch_emb: torch.Tensor,
-    sent_emb: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    logit_scale: torch.Tensor,
-    gaze: Optional[torch.Tensor] = None,
-    gaze_mask: Optional[torch.Tensor] = None,
-    *,
-    alpha: float = 0.5,
-    map_threshold: float = 2.0 / 7.0,
-    weights: Tuple[float, float, float] = (1.0, 1.0, 1.0),
-    egma_compat: bool = False,
-) -> LossTerms:
-    """The EGMA loss through the fused op (CPU or CUDA kernel, by the device of the inputs)."""
-    if _C is None:
-        raise RuntimeError(f"egma_kernels._C is not built: {_IMPORT_ERROR}")
-    kd = _kernel_dtype(patch_emb)
-    acc = accumulation_dtype(patch_emb.dtype)
-    patch = patch_emb.to(kd)
-    sent = sent_emb.to(kd)
-    scale = logit_scale.to(acc).reshape(())
+def _prepare(x: OpInputs) -> OpInputs:
+    """Validated inputs in the kernels' dtype (the casts are differentiable), int32 offsets, a 0-dim scale in
+    the accumulation dtype, gaze labels kept through the cast, no gaze_mask without gaze."""
+    patch, sent, cu, scale, gaze, gaze_mask = x
+    kd = _kernel_dtype(patch)
     if gaze is not None:
         gaze = _utils.positive_gaze_in(gaze, kd)
-        if gaze_mask is not None:
-            gaze_mask = gaze_mask.to(torch.bool)
+        gaze_mask = gaze_mask.to(torch.bool) if gaze_mask is not None else None
     else:
         gaze_mask = None
-    w_con, w_mlce, w_map = (float(w) for w in weights)
-    terms, i2t, t2i, _, _, _ = _ops.loss_fwd(
-        patch, sent, cu_seqlens.to(torch.int32), scale, gaze, gaze_mask, float(alpha), float(map_threshold),
-        w_con, w_mlce, w_map, bool(egma_compat), _backward_may_follow(patch, sent, scale),
-    )
-    return LossTerms(terms[0], terms[1], terms[2], terms[3], i2t, t2i)
+    scale = scale.to(accumulation_dtype(patch.dtype)).reshape(())
+    return OpInputs(patch.to(kd), sent.to(kd), cu.to(torch.int32), scale, gaze, gaze_mask)
 
 
-def filip_similarity_compiled(
-    patch_emb: torch.Tensor,
-    sent_emb: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    logit_scale: torch.Tensor,
-    egma_compat: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(I2T, T2I)`` of every image with every report through the fused op."""
-    if _C is None:
+if _C is not None:
+    _ops = torch.ops.egma_kernels
+
+    # The extension's ops are kernels, not differentiable by themselves (the extension_* ops defined below
+    # are): autograd passes through them, and their fake kernels serve direct callers and opcheck.
+    _KERNEL_LIB = torch.library.Library("egma_kernels", "IMPL")
+    for _op in ("loss_fwd", "loss_bwd", "filip_fwd", "filip_bwd"):
+        _KERNEL_LIB.impl(_op, torch.library.fallthrough_kernel, "Autograd")
+
+    @torch.library.register_fake("egma_kernels::loss_fwd")
+    def _(patch, sent, cu, scale, gaze, gaze_mask, alpha, theta, w_con, w_mlce, w_map, compat, save_idx):
+        (B, _, _), acc = patch.shape, accumulation_dtype(patch.dtype)
+        saved = _loss_saved(OpInputs(patch, sent, cu, scale), None, 0, save_idx)
+        return (patch.new_empty((4,), dtype=acc), patch.new_empty((B, B), dtype=acc),
+                patch.new_empty((B, B), dtype=acc), *(patch.new_empty(s, dtype=d) for s, d in saved))
+
+    @torch.library.register_fake("egma_kernels::filip_fwd")
+    def _(patch, sent, cu, scale, compat, save_idx):
+        M, R, acc = patch.shape[0], cu.shape[0] - 1, accumulation_dtype(patch.dtype)
+        saved = _filip_saved(OpInputs(patch, sent, cu, scale), 0, compat, save_idx)
+        return (patch.new_empty((M, R), dtype=acc), patch.new_empty((M, R), dtype=acc),
+                *(patch.new_empty(s, dtype=d) for s, d in saved))
+
+    @torch.library.register_fake("egma_kernels::loss_bwd")
+    def _(g_terms, g_i2t, g_t2i, patch, sent, cu, scale, *rest):
+        return torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)
+
+    @torch.library.register_fake("egma_kernels::filip_bwd")
+    def _(g_i2t, g_t2i, patch, sent, cu, scale, *rest):
+        return torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)
+
+    OPS = define_ops("extension", Launchers(
+        loss=OpLaunchers(_loss_forward, _loss_backward, _loss_saved, saved_count=3),
+        filip=OpLaunchers(_filip_forward, _filip_backward, _filip_saved, saved_count=2),
+        prepare=_prepare,
+        filip_compat=True,
+    ))
+    fine_grained_loss_compiled, filip_similarity_compiled = OPS.loss, OPS.similarity
+
+    # Output poisoning for tests lives outside the op schemas: a flag inside the extension.
+    _utils.on_poison_change(_C.set_poison_outputs)
+else:
+
+    def _extension_missing(*args, **kwargs):
         raise RuntimeError(f"egma_kernels._C is not built: {_IMPORT_ERROR}")
-    kd = _kernel_dtype(patch_emb)
-    acc = accumulation_dtype(patch_emb.dtype)
-    patch = patch_emb.to(kd)
-    sent = sent_emb.to(kd)
-    scale = torch.as_tensor(logit_scale, device=patch.device).to(acc).reshape(())
-    i2t, t2i, _, _ = _ops.filip_fwd(
-        patch, sent, cu_seqlens.to(torch.int32), scale, bool(egma_compat), _backward_may_follow(patch, sent, scale)
-    )
-    return i2t, t2i
+
+    fine_grained_loss_compiled = filip_similarity_compiled = _extension_missing
 
 
 def _cpu_available() -> bool:

@@ -8,6 +8,7 @@ import torch
 
 from ._validation import Scale, check_filip_inputs, check_loss_inputs
 from .backends import resolve_backend
+from .distributed import current_group, fine_grained_loss_distributed
 from .options import DEFAULT_ALPHA, DEFAULT_MAP_THRESHOLD, DEFAULT_WEIGHTS, EGMA_COMPAT_ALPHA, resolve_loss_options
 from .reference import LossTerms
 
@@ -69,12 +70,8 @@ def fine_grained_loss(
     """
     options = resolve_loss_options(alpha, map_threshold, weights, egma_compat)
     if group is None:
-        from .distributed import current_group
-
         group = current_group()
     if group is not None:
-        from .distributed import fine_grained_loss_distributed
-
         terms = fine_grained_loss_distributed(
             patch_emb, sent_emb, cu_seqlens, logit_scale, gaze, gaze_mask, group=group, **options.as_kwargs(),
             backend=backend, validate=validate, max_seqlen=max_seqlen,

@@ -35,6 +35,11 @@ class LossOptions:
     weights: Tuple[float, float, float] = DEFAULT_WEIGHTS
     egma_compat: bool = False
 
+    @property
+    def op_floats(self) -> Tuple[float, float, float, float, float]:
+        """``(alpha, map_threshold, w_con, w_mlce, w_map)``: the fused ops' ``options`` list without ``save``."""
+        return (self.alpha, self.map_threshold, *self.weights)
+
     def as_kwargs(self) -> dict:
         """The keyword arguments of the backends' loss functions."""
         return {
@@ -88,13 +93,42 @@ def resolve_loss_options(
     weights: Sequence[float] = DEFAULT_WEIGHTS,
     egma_compat: bool = False,
 ) -> LossOptions:
-    """Check the loss options and fill in the defaults (``alpha``: 0.5, or 0.8 with ``egma_compat``)."""
+    """Check the loss options and fill in the defaults (``alpha``: 0.5, or 0.8 with ``egma_compat``).
+
+    Options given as plain Python numbers (and a tuple of weights), as a training loop passes the same ones
+    on every call, are resolved once and then looked up."""
+    if alpha is None and map_threshold is DEFAULT_MAP_THRESHOLD and weights is DEFAULT_WEIGHTS and egma_compat is False:
+        return _DEFAULTS
+    key = _plain_key(alpha, map_threshold, weights, egma_compat)
+    options = _RESOLVED.get(key) if key is not None else None
+    if options is not None:
+        return options
     egma_compat = _flag("egma_compat", egma_compat)
     if alpha is None:
         alpha = EGMA_COMPAT_ALPHA if egma_compat else DEFAULT_ALPHA
-    return LossOptions(
+    options = LossOptions(
         alpha=_unit_interval("alpha", alpha),
         map_threshold=_unit_interval("map_threshold", map_threshold),
         weights=_weights(weights),
         egma_compat=egma_compat,
     )
+    if key is not None and len(_RESOLVED) < 256:
+        _RESOLVED[key] = options
+    return options
+
+
+_RESOLVED: dict = {}
+_PLAIN_TYPES = (float, int, bool, type(None))
+
+
+def _plain_key(alpha, map_threshold, weights, egma_compat) -> Optional[tuple]:
+    """A lookup key of options that are plain Python values (each with its type: True is not 1), else None."""
+    if type(weights) is not tuple:
+        return None
+    values = (alpha, map_threshold, egma_compat, *weights)
+    if not all(type(v) in _PLAIN_TYPES for v in values):
+        return None
+    return tuple((type(v), v) for v in values)
+
+
+_DEFAULTS = LossOptions()

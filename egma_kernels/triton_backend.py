@@ -3,9 +3,10 @@
 A loss call is one custom op, ``egma_kernels::triton_loss``: its kernels compute ``I2T``, ``T2I``, the
 per-report gaze-MLCE and mapping terms, the cross-entropies and the weighted total, with no torch op in
 between. Its backward is a second op (``triton_loss_backward``) that takes whichever upstream gradients
-exist (of the loss, of its terms, of the matrices) and launches only the kernels they need. Autograd and
-fake (meta) implementations are registered on the ops, so ``torch.compile(fullgraph=True)`` sees two
-opaque ops and no graph break. ``filip_similarity`` is a second pair of ops on the same kernels.
+exist (of the loss, of its terms, of the matrices) and launches only the kernels they need. This module
+supplies the launchers; ``fused_op.py`` defines the ops around them (saved state, fake kernels, autograd),
+so ``torch.compile(fullgraph=True)`` sees two opaque ops and no graph break, and eager calls run the same
+launchers without the dispatcher. ``filip_similarity`` is a second pair of ops on the same kernels.
 
 Why so few ops: at the sizes EGMA trains with (B = 40, P = 49) the GPU work of the whole loss is well
 under a millisecond, and the host's cost per launched op sets the pace.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,7 +33,8 @@ from torch import Tensor
 from . import _utils
 from ._validation import accumulation_dtype as _acc_dtype
 from .backends import Backend, register_backend
-from .reference import LossTerms
+from .fused_op import Launchers, OpInputs, OpLaunchers, define_ops
+from .options import LossOptions
 
 try:
     import triton
@@ -549,221 +551,126 @@ def _launch_loss_bwd(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Custom ops: the loss (forward, backward) and the rectangular similarity (forward, backward)
+# Launchers of the op contract (fused_op.py defines the ops, fake kernels and autograd around them)
 # ---------------------------------------------------------------------------------------------------
 
-_T = Tensor
-_OptT = Optional[Tensor]
+# The loss forward's saved tensors (after its six public outputs), in the order _launch_loss_fwd returns them.
+LOSS_SAVED = ("best_patch", "matched_sim", "per_report", "row_stats", "z1_lse", "counts", "route")
 
 
-@torch.library.custom_op("egma_kernels::triton_loss", mutates_args=())
-def _loss_op(
-    patch: _T, sent: _T, cu: _T, scale: _T, gaze: _OptT, gaze_mask: _OptT,
-    options: List[float], egma_compat: bool, max_seqlen: int,
-) -> Tuple[_T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T]:
-    """(loss, contrastive, gaze_mlce, mapping, i2t, t2i, then seven tensors saved for the backward pass).
+def _check_loss_inputs(x: OpInputs) -> None:
+    _check_op_inputs(x.patch, x.sent, x.cu, x.scale, x.patch.shape[0] if x.patch.dim() == 3 else None,
+                     x.gaze, x.gaze_mask)
 
-    ``options`` = [alpha, map_threshold, w_con, w_mlce, w_map, for_backward]: one list argument, because
-    torch's autograd wrapper of a custom op costs time per schema argument on every call. for_backward
-    (1.0 or 0.0): whether a backward pass may follow, i.e. whether to save the routes."""
-    _check_op_inputs(patch, sent, cu, scale, patch.shape[0] if patch.dim() == 3 else None, gaze, gaze_mask)
-    alpha, threshold, *weights, for_backward = options
+
+def _check_filip_inputs(x: OpInputs) -> None:
+    _check_op_inputs(x.patch, x.sent, x.cu, x.scale, None)
+
+
+def _loss_forward(x: OpInputs, options: LossOptions, max_seqlen: int, save: bool) -> tuple:
+    """(loss, contrastive, gaze_mlce, mapping, i2t, t2i, *LOSS_SAVED); the routes only when ``save``."""
     return _launch_loss_fwd(
-        patch, sent, cu, scale, gaze, gaze_mask, alpha, threshold, weights, egma_compat,
-        _seqlen_bound(max_seqlen, sent.shape[0]), bool(for_backward),
+        *x, options.alpha, options.map_threshold, options.weights, options.egma_compat,
+        _seqlen_bound(max_seqlen, x.sent.shape[0]), save,
     )
 
 
-@_loss_op.register_fake
-def _(patch, sent, cu, scale, gaze, gaze_mask, options, egma_compat, max_seqlen):
-    B, P, _ = patch.shape
-    N = sent.shape[0]
+def _loss_saved(x: OpInputs, options: LossOptions, max_seqlen: int, save: bool) -> list:
+    (B, P, _), N = x.patch.shape, x.sent.shape[0]
     max_seqlen = _seqlen_bound(max_seqlen, N)
-    acc = _acc_dtype(patch.dtype)
-    new = lambda *shape, dtype=acc: patch.new_empty(shape, dtype=dtype)
-    return (new(), new(), new(), new(), new(B, B), new(B, B), new(B, N, dtype=_index_dtype(P, patch.dtype)), new(N, P),
-            new(8, B), new(N, 7), new(2, B, P), new(3, dtype=torch.int32),
-            new(*_route_shape(patch, N, max_seqlen, bool(options[-1])), dtype=_route_dtype(max_seqlen)))
+    acc = _acc_dtype(x.patch.dtype)
+    return [
+        ((B, N), _index_dtype(P, x.patch.dtype)),  # best_patch
+        ((N, P), acc),  # matched_sim: each report's sentences against its own image's patches
+        ((K.PER_REPORT_ROWS.value, B), acc),  # per_report
+        ((N, 7), acc),  # row_stats
+        ((2, B, P), acc),  # z1_lse
+        ((3,), torch.int32),  # counts
+        (_route_shape(x.patch, N, max_seqlen, save), _route_dtype(max_seqlen)),  # route
+    ]
 
 
-@torch.library.custom_op("egma_kernels::triton_loss_backward", mutates_args=())
-def _loss_bwd_op(
-    g_loss: _OptT, g_con: _OptT, g_mlce: _OptT, g_map: _OptT, g_i2t: _OptT, g_t2i: _OptT,
-    patch: _T, sent: _T, cu: _T, scale: _T, gaze: _OptT, gaze_mask: _OptT,
-    i2t: _T, t2i: _T, best_patch: _T, own: _T, per_report: _T, row_stats: _T, z1_lse: _T, counts: _T, route: _T,
-    options: List[float], egma_compat: bool, max_seqlen: int,
-) -> Tuple[_T, _T, _T]:
-    _check_op_inputs(patch, sent, cu, scale, patch.shape[0] if patch.dim() == 3 else None, gaze, gaze_mask)
-    B, P, _ = patch.shape
-    N = sent.shape[0]
+def _loss_backward(grads, x: OpInputs, i2t: Tensor, t2i: Tensor, saved: tuple, options: LossOptions,
+                   max_seqlen: int) -> tuple:
+    (B, P, _), N = x.patch.shape, x.sent.shape[0]
     max_seqlen = _seqlen_bound(max_seqlen, N)
-    _check_saved((
-        (g_loss, ()), (g_con, ()), (g_mlce, ()), (g_map, ()), (i2t, (B, B)), (t2i, (B, B)), (best_patch, (B, N)),
-        (own, (N, P)), (per_report, (K.PER_REPORT_ROWS.value, B)), (row_stats, (N, 7)), (z1_lse, (2, B, P)),
-        (counts, (3,)), (route, (B, B, P) if route.numel() else (0,)),
-    ))
-    if g_i2t is not None and g_i2t.shape != (B, B) or g_t2i is not None and g_t2i.shape != (B, B):
+    route_shape = (B, B, P) if saved[-1].numel() else (0,)
+    shapes = [(B, N), (N, P), (K.PER_REPORT_ROWS.value, B), (N, 7), (2, B, P), (3,), route_shape]  # LOSS_SAVED
+    expected = [(g, ()) for g in grads[:4]] + [(i2t, (B, B)), (t2i, (B, B))] + list(zip(saved, shapes))
+    _check_saved(expected)
+    if any(g is not None and g.shape != (B, B) for g in grads[4:]):
         raise ValueError("egma_kernels triton backward op: the gradients of i2t and t2i must have shape (B, B)")
-    alpha, threshold, *weights, _ = options  # the forward's options: the last is for_backward
     return _launch_loss_bwd(
-        g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask,
-        i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts, route,
-        alpha, threshold, weights, egma_compat, max_seqlen,
-    )
-
-
-@_loss_bwd_op.register_fake
-def _(g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, patch, sent, cu, scale, *rest):
-    return torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)
-
-
-def _loss_setup_context(ctx, inputs, output):
-    patch, sent, cu, scale, gaze, gaze_mask, *options = inputs
-    saved = output[4:]  # i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts, route
-    ctx.mark_non_differentiable(*output[6:])
-    ctx.set_materialize_grads(False)  # absent upstream gradients stay None: the kernels skip their terms
-    ctx.save_for_backward(patch, sent, cu, scale, gaze, gaze_mask, *saved)
-    ctx.options = options
-
-
-def _loss_backward(ctx, g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *_):
-    if all(g is None for g in (g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i)):
-        return (None,) * 9
-    d_patch, d_sent, d_scale = _loss_bwd_op(
-        g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, *ctx.saved_tensors, *ctx.options
-    )
-    return (d_patch, d_sent, None, d_scale) + (None,) * 5
-
-
-torch.library.register_autograd("egma_kernels::triton_loss", _loss_backward, setup_context=_loss_setup_context)
-
-
-@torch.library.custom_op("egma_kernels::triton_filip", mutates_args=())
-def _filip_op(patch: _T, sent: _T, cu: _T, scale: _T, max_seqlen: int) -> Tuple[_T, _T, _T]:
-    """(i2t, t2i, best patch of each sentence in each image: saved for the backward pass)."""
-    _check_op_inputs(patch, sent, cu, scale, None)
-    i2t, t2i, best_patch, _ = _launch_filip_fwd(
-        patch, sent, cu, scale, cu, _seqlen_bound(max_seqlen, sent.shape[0]), egma_compat=False, write_own=False
-    )
-    return i2t, t2i, best_patch
-
-
-@_filip_op.register_fake
-def _(patch, sent, cu, scale, max_seqlen):
-    M = patch.shape[0]
-    R = cu.shape[0] - 1
-    acc = _acc_dtype(patch.dtype)
-    return (patch.new_empty(M, R, dtype=acc), patch.new_empty(M, R, dtype=acc),
-            patch.new_empty(M, sent.shape[0], dtype=_index_dtype(patch.shape[1], patch.dtype)))
-
-
-@torch.library.custom_op("egma_kernels::triton_filip_backward", mutates_args=())
-def _filip_bwd_op(
-    g_i2t: _OptT, g_t2i: _OptT, patch: _T, sent: _T, cu: _T, scale: _T, best_patch: _T, max_seqlen: int
-) -> Tuple[_T, _T, _T]:
-    _check_op_inputs(patch, sent, cu, scale, None)
-    M, R = patch.shape[0], cu.shape[0] - 1
-    _check_saved(((best_patch, (M, sent.shape[0])),))
-    if g_i2t is not None and g_i2t.shape != (M, R) or g_t2i is not None and g_t2i.shape != (M, R):
-        raise ValueError("egma_kernels triton backward op: the gradients of i2t and t2i must have shape (M, R)")
-    return _launch_filip_bwd(
-        patch, sent, cu, scale, cu, best_patch, _seqlen_bound(max_seqlen, sent.shape[0]), egma_compat=False,
-        grads=_grad_mask(i2t=g_i2t, t2i=g_t2i), g_i2t=g_i2t, g_t2i=g_t2i,
-    )
-
-
-@_filip_bwd_op.register_fake
-def _(g_i2t, g_t2i, patch, sent, cu, scale, best_patch, max_seqlen):
-    return torch.empty_like(patch), torch.empty_like(sent), torch.empty_like(scale)
-
-
-def _filip_setup_context(ctx, inputs, output):
-    patch, sent, cu, scale, max_seqlen = inputs
-    ctx.mark_non_differentiable(output[2])
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(patch, sent, cu, scale, output[2])
-    ctx.max_seqlen = max_seqlen
-
-
-def _filip_backward(ctx, g_i2t, g_t2i, _):
-    if g_i2t is None and g_t2i is None:
-        return None, None, None, None, None
-    patch, sent, cu, scale, best_patch = ctx.saved_tensors
-    d_patch, d_sent, d_scale = _filip_bwd_op(
-        g_i2t, g_t2i, patch, sent, cu, scale, best_patch, ctx.max_seqlen
-    )
-    return d_patch, d_sent, None, d_scale, None
-
-
-torch.library.register_autograd("egma_kernels::triton_filip", _filip_backward, setup_context=_filip_setup_context)
-
-
-def _no_setup(ctx, inputs, output):
-    pass
-
-
-# The backward ops compute first derivatives only (the reference backend supports higher ones).
-for _op in ("triton_loss_backward", "triton_filip_backward"):
-    torch.library.register_autograd(
-        f"egma_kernels::{_op}", _utils.no_double_backward(f"triton backend's {_op}"), setup_context=_no_setup
-    )
-
-
-# ---------------------------------------------------------------------------------------------------
-# The backend functions (validated inputs, see backends.py)
-# ---------------------------------------------------------------------------------------------------
-
-
-def _prepare(patch_emb, sent_emb, cu_seqlens, logit_scale, max_seqlen):
-    _check_device(patch_emb, sent_emb)
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host read; pass max_seqlen to avoid it
-    scale_dtype = _acc_dtype(patch_emb.dtype)
-    if logit_scale.dim() != 0 or logit_scale.dtype != scale_dtype:  # validation already makes it so
-        logit_scale = logit_scale.reshape(()).to(scale_dtype)
-    return (
-        patch_emb.contiguous(),
-        sent_emb.contiguous(),
-        cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32),
-        logit_scale,
+        *grads, *x, i2t, t2i, *saved, options.alpha, options.map_threshold, options.weights, options.egma_compat,
         max_seqlen,
     )
 
 
-def fine_grained_loss_triton(
-    patch_emb: Tensor,
-    sent_emb: Tensor,
-    cu_seqlens: Tensor,
-    logit_scale: Tensor,
-    gaze: Optional[Tensor] = None,
-    gaze_mask: Optional[Tensor] = None,
-    *,
-    alpha: float = 0.5,
-    map_threshold: float = 2.0 / 7.0,
-    weights: Tuple[float, float, float] = (1.0, 1.0, 1.0),
-    egma_compat: bool = False,
-    max_seqlen: Optional[int] = None,
-) -> LossTerms:
-    patch, sent, cu, scale, max_seqlen = _prepare(patch_emb, sent_emb, cu_seqlens, logit_scale, max_seqlen)
+def _filip_forward(x: OpInputs, max_seqlen: int, egma_compat: bool, save: bool) -> tuple:
+    """(i2t, t2i, best patch of each sentence in each image): the best patches are written in any case."""
+    _refuse_compat(egma_compat)
+    i2t, t2i, best_patch, _ = _launch_filip_fwd(
+        x.patch, x.sent, x.cu, x.scale, x.cu, _seqlen_bound(max_seqlen, x.sent.shape[0]), egma_compat=False,
+        write_own=False,
+    )
+    return i2t, t2i, best_patch
+
+
+def _filip_saved(x: OpInputs, max_seqlen: int, egma_compat: bool, save: bool) -> list:
+    return [((x.patch.shape[0], x.sent.shape[0]), _index_dtype(x.patch.shape[1], x.patch.dtype))]
+
+
+def _filip_backward(g_i2t, g_t2i, x: OpInputs, i2t: Tensor, t2i: Tensor, saved: tuple, max_seqlen: int,
+                    egma_compat: bool) -> tuple:
+    _refuse_compat(egma_compat)
+    M, R = x.patch.shape[0], x.cu.shape[0] - 1
+    (best_patch,) = saved
+    _check_saved(((best_patch, (M, x.sent.shape[0])),))
+    if g_i2t is not None and g_i2t.shape != (M, R) or g_t2i is not None and g_t2i.shape != (M, R):
+        raise ValueError("egma_kernels triton backward op: the gradients of i2t and t2i must have shape (M, R)")
+    return _launch_filip_bwd(
+        x.patch, x.sent, x.cu, x.scale, x.cu, best_patch, _seqlen_bound(max_seqlen, x.sent.shape[0]),
+        egma_compat=False, grads=_grad_mask(i2t=g_i2t, t2i=g_t2i), g_i2t=g_i2t, g_t2i=g_t2i,
+    )
+
+
+def _refuse_compat(egma_compat: bool) -> None:
+    if egma_compat:
+        raise ValueError("egma_kernels triton op: the similarity has no egma_compat variant (the distributed "
+                         "loss pads the reports itself)")
+
+
+def prepare_inputs(x: OpInputs, check_device: bool = True) -> OpInputs:
+    """Validated inputs as the ops take them: contiguous, int32 offsets, a 0-dim logit scale in the
+    accumulation dtype; on a CUDA device (or the interpreter) unless ``check_device`` is off (a benchmark
+    that stubs the kernel launches runs CPU tensors without the interpreter)."""
+    patch, sent, cu, scale, gaze, gaze_mask = x
+    if check_device:
+        _check_device(patch, sent)
+    scale_dtype = _acc_dtype(patch.dtype)
+    if scale.dim() != 0 or scale.dtype != scale_dtype:  # validation already makes it so
+        scale = scale.reshape(()).to(scale_dtype)
     if gaze is not None:
         gaze = gaze.contiguous()
         gaze_mask = gaze_mask.contiguous()
-    # Routes only where a backward pass may follow (none under no_grad, e.g. evaluation: B x B x P bytes).
-    for_backward = torch.is_grad_enabled() and (patch.requires_grad or sent.requires_grad or scale.requires_grad)
-    options = [float(alpha), float(map_threshold), *(float(w) for w in weights), float(for_backward)]
-    loss, contrastive, gaze_mlce, mapping, i2t, t2i, *_ = _loss_op(
-        patch, sent, cu.contiguous(), scale, gaze, gaze_mask, options, bool(egma_compat), int(max_seqlen)
-    )
-    return LossTerms(loss, contrastive, gaze_mlce, mapping, i2t, t2i)
+    cu = cu if cu.dtype == torch.int32 else cu.to(torch.int32)
+    return OpInputs(patch.contiguous(), sent.contiguous(), cu.contiguous(), scale, gaze, gaze_mask)
 
 
-def filip_similarity_triton(
-    patch_emb: Tensor, sent_emb: Tensor, cu_seqlens: Tensor, logit_scale: Tensor, max_seqlen: Optional[int] = None
-) -> Tuple[Tensor, Tensor]:
-    patch, sent, cu, scale, max_seqlen = _prepare(patch_emb, sent_emb, cu_seqlens, logit_scale, max_seqlen)
-    i2t, t2i, _ = _filip_op(patch, sent, cu.contiguous(), scale, int(max_seqlen))
-    return i2t, t2i
+def _longest_report(cu: Tensor) -> int:
+    """One host read; pass max_seqlen to avoid it."""
+    return int((cu[1:] - cu[:-1]).max())
 
+
+LAUNCHERS = Launchers(
+    loss=OpLaunchers(_loss_forward, _loss_backward, _loss_saved, len(LOSS_SAVED), check=_check_loss_inputs),
+    filip=OpLaunchers(_filip_forward, _filip_backward, _filip_saved, 1, check=_check_filip_inputs),
+    prepare=prepare_inputs,
+    max_seqlen_of=_longest_report,
+)
+OPS = define_ops("triton", LAUNCHERS)
+_loss_op, _filip_op = OPS.loss_op, OPS.filip_op  # egma_kernels::triton_loss, egma_kernels::triton_filip
+fine_grained_loss_triton, filip_similarity_triton = OPS.loss, OPS.similarity
 
 register_backend(
     Backend(

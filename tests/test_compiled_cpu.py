@@ -6,6 +6,7 @@ import torch
 import egma_kernels as ek
 import egma_kernels._utils as utils
 from egma_kernels import compiled
+from egma_kernels.fused_op import backward_may_follow
 from backend_cases import CASES, Case, check_backend, check_filip_backend
 from conftest import make_inputs
 
@@ -164,9 +165,17 @@ def _op_args(dtype=torch.float64, gaze="mixed", compat=False):
     return (p, s, inputs["cu_seqlens"], t, inputs["gaze"], inputs["gaze_mask"], 0.5, 2 / 7, 1.0, 1.0, 1.0, compat, True)
 
 
+# The extension's ops are the kernels (schemas and fake kernels); the backend's differentiable ops around them
+# (egma_kernels::extension_loss / extension_filip, defined by fused_op.py) get the full check.
+KERNEL_CHECKS = ("test_schema", "test_faketensor")
+
+
 @pytest.mark.parametrize("gaze,compat", [("mixed", False), ("none", True), ("all", False)])
 def test_opcheck_loss(gaze, compat):
-    torch.library.opcheck(torch.ops.egma_kernels.loss_fwd.default, _op_args(gaze=gaze, compat=compat))
+    args = _op_args(gaze=gaze, compat=compat)
+    torch.library.opcheck(torch.ops.egma_kernels.loss_fwd.default, args, test_utils=KERNEL_CHECKS)
+    torch.library.opcheck(torch.ops.egma_kernels.extension_loss.default,
+                          (*args[:6], [*args[6:11], 1.0], compat, 0))
 
 
 def test_opcheck_filip():
@@ -174,7 +183,11 @@ def test_opcheck_filip():
     p = make_inputs([1] * 4, 5, 8, seed=3, gaze="none")["patch_emb"].requires_grad_(True)
     s = inputs["sent_emb"].requires_grad_(True)
     t = inputs["logit_scale"].requires_grad_(True)
-    torch.library.opcheck(torch.ops.egma_kernels.filip_fwd.default, (p, s, inputs["cu_seqlens"], t, False, True))
+    torch.library.opcheck(torch.ops.egma_kernels.filip_fwd.default, (p, s, inputs["cu_seqlens"], t, False, True),
+                          test_utils=KERNEL_CHECKS)
+    for compat in (False, True):
+        torch.library.opcheck(torch.ops.egma_kernels.extension_filip.default,
+                              (p, s, inputs["cu_seqlens"], t, 0, compat, True))
 
 
 def test_torch_compile_fullgraph():
@@ -234,7 +247,7 @@ def test_routes_saved_only_when_a_backward_may_follow():
         assert [tuple(x.shape) for x in out[3:5]] == shapes
     p = inputs["patch_emb"].clone().requires_grad_(True)
     with torch.no_grad():
-        assert not ek.compiled._backward_may_follow(p, inputs["sent_emb"])
+        assert not backward_may_follow(p, inputs["sent_emb"])
         ek.fine_grained_loss(p, inputs["sent_emb"], inputs["cu_seqlens"], 5.0, backend="cpu")
-    assert ek.compiled._backward_may_follow(p, inputs["sent_emb"])
-    assert not ek.compiled._backward_may_follow(inputs["patch_emb"], inputs["sent_emb"])
+    assert backward_may_follow(p, inputs["sent_emb"])
+    assert not backward_may_follow(inputs["patch_emb"], inputs["sent_emb"])

@@ -91,9 +91,15 @@ def test_cuda_opcheck():
     t = inputs["logit_scale"].cuda().requires_grad_(True)
     args = (p, s, inputs["cu_seqlens"].cuda(), t, inputs["gaze"].cuda(), inputs["gaze_mask"].cuda(),
             0.5, 2 / 7, 1.0, 1.0, 1.0, False, True)
-    torch.library.opcheck(torch.ops.egma_kernels.loss_fwd.default, args)
-    torch.library.opcheck(torch.ops.egma_kernels.filip_fwd.default,
-                          (p, s, inputs["cu_seqlens"].cuda(), t, False, True))
+    # The extension's ops are the kernels (schemas, fake kernels); the differentiable ops around them
+    # (fused_op.py) get the full check.
+    kernel_checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.egma_kernels.loss_fwd.default, args, test_utils=kernel_checks)
+    torch.library.opcheck(torch.ops.egma_kernels.extension_loss.default, (*args[:6], [*args[6:11], 1.0], False, 0))
+    filip_args = (p, s, inputs["cu_seqlens"].cuda(), t)
+    torch.library.opcheck(torch.ops.egma_kernels.filip_fwd.default, (*filip_args, False, True),
+                          test_utils=kernel_checks)
+    torch.library.opcheck(torch.ops.egma_kernels.extension_filip.default, (*filip_args, 0, False, True))
 
 
 def test_cuda_torch_compile_fullgraph():

@@ -3,7 +3,8 @@
 * ``loop``: the original EGMA code's structure (``loop.py``), egma_compat semantics only.
 * ``reference``: the vectorised eager reference (``egma_kernels.reference``), always available.
 * ``reference-compiled``: ``torch.compile`` of the same reference functions (compiled during warm-up,
-  outside the timings; the compile time is recorded).
+  outside the timings; the compile time is recorded). Not the compiled C++/CUDA extension
+  (``egma_kernels.compiled``): that one is the ``cpu`` and ``cuda`` backends below.
 * every other backend ``egma_kernels.available_backends(device)`` reports (``triton``, ``cuda``, ``cpu``
   as they land), called through the public functions with ``backend=<name>``.
 """
@@ -30,6 +31,11 @@ class LossOptions:
     alpha: Optional[float] = None  # None = the default for egma_compat (0.8 with compat, else 0.5)
     map_threshold: float = 2.0 / 7.0
     weights: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def as_kwargs(self) -> dict:
+        """The options as ``fine_grained_loss`` keywords (``alpha=None``: its default for ``egma_compat``)."""
+        return dict(alpha=self.alpha, map_threshold=self.map_threshold, weights=self.weights,
+                    egma_compat=self.egma_compat)
 
     def resolved_alpha(self) -> float:
         if self.alpha is not None:
@@ -91,14 +97,7 @@ class BackendProvider(Provider):
 
     def loss(self, problem, options):
         return ek.fine_grained_loss(
-            **problem.loss_args(),
-            alpha=options.alpha,
-            map_threshold=options.map_threshold,
-            weights=options.weights,
-            egma_compat=options.egma_compat,
-            backend=self.name,
-            return_details=True,
-            validate=False,
+            **problem.loss_args(), **options.as_kwargs(), backend=self.name, return_details=True, validate=False,
             max_seqlen=problem.S_max,
         )
 
@@ -111,7 +110,8 @@ class BackendProvider(Provider):
 
 class CompiledReferenceProvider(Provider):
     name = "reference-compiled"
-    description = "torch.compile of the vectorised reference (compile time outside the timings)"
+    description = ("torch.compile of the vectorised reference (compile time outside the timings; the C++/CUDA "
+                   "extension is the cpu/cuda providers)")
 
     def __init__(self):
         self._loss = None
