@@ -10,6 +10,10 @@ from .functional import fine_grained_loss
 from .options import DEFAULT_MAP_THRESHOLD, DEFAULT_WEIGHTS, resolve_loss_options
 
 
+# The keyword options of fine_grained_loss that the module holds as attributes.
+_OPTION_NAMES = ("alpha", "map_threshold", "weights", "egma_compat", "backend", "return_details", "validate", "group")
+
+
 class FineGrainedLoss(nn.Module):
     """The EGMA loss as a module; ``forward`` takes the tensors of ``fine_grained_loss``."""
 
@@ -38,23 +42,11 @@ class FineGrainedLoss(nn.Module):
         self.group = group
 
     def forward(self, patch_emb, sent_emb, cu_seqlens, logit_scale, gaze=None, gaze_mask=None, max_seqlen=None):
-        return fine_grained_loss(
-            patch_emb,
-            sent_emb,
-            cu_seqlens,
-            logit_scale,
-            gaze,
-            gaze_mask,
-            alpha=self.alpha,
-            map_threshold=self.map_threshold,
-            weights=self.weights,
-            egma_compat=self.egma_compat,
-            backend=self.backend,
-            return_details=self.return_details,
-            validate=self.validate,
-            max_seqlen=max_seqlen,
-            group=self.group,
-        )
+        # The options are read at each call (not frozen at construction): assigning an attribute, e.g.
+        # ``loss.backend = "reference"``, takes effect at the next call.
+        options = {name: getattr(self, name) for name in _OPTION_NAMES}
+        return fine_grained_loss(patch_emb, sent_emb, cu_seqlens, logit_scale, gaze, gaze_mask,
+                                 max_seqlen=max_seqlen, **options)
 
     def extra_repr(self) -> str:
         return (
