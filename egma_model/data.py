@@ -44,6 +44,7 @@ __all__ = [
     "load_manifest",
     "split_sentences",
     "split_sentences_egma",
+    "split_sentences_medclip",
     "SPLIT_RULES",
     "load_image",
     "preprocess_image",
@@ -127,14 +128,15 @@ _NUMBERED = re.compile(r"[0-9]+\.+[^0-9]")  # "1. ", "2.The": a number, its dots
 _WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
 
 
-def split_sentences_egma(text: str) -> List[str]:
+def split_sentences_egma(text: str, min_tokens: int = 1) -> List[str]:
     r"""The authors' sentence rule (EGMA/MedCLIP code), re-implemented.
 
     Line breaks become spaces; the text is cut at numbered markers (digits, one or more dots, and the
     character after them, which is dropped) and then at ``". "``; each piece is lowercased and split into
     word and punctuation runs (``\w+`` or ``[^\w\s]+``, NLTK's ``wordpunct_tokenize`` rule), non-ASCII
-    characters are removed, and the tokens are re-joined with single spaces. Pieces of 4 tokens or fewer
-    are dropped (the authors keep "relatively long" sentences only).
+    characters are removed, and the tokens are re-joined with single spaces. Pieces with fewer than
+    ``min_tokens`` tokens are dropped: 1 keeps every piece with a token (the authors' training dataset class),
+    5 keeps pieces of more than 4 tokens only (MedCLIP's rule, in the authors' older dataset classes).
     """
     text = str(text or "").replace("\n", " ")
     out = []
@@ -142,13 +144,19 @@ def split_sentences_egma(text: str) -> List[str]:
         for sent in part.split(". "):
             toks = [t.encode("ascii", "ignore").decode("ascii") for t in _WORDPUNCT.findall(sent.lower())]
             toks = [t for t in toks if t]
-            if len(toks) > 4:
+            if toks and len(toks) >= min_tokens:
                 out.append(" ".join(toks))
     return out
 
 
-# "ours": split_sentences (case kept); "egma": split_sentences_egma (the authors' rule)
-SPLIT_RULES = {"ours": split_sentences, "egma": split_sentences_egma}
+def split_sentences_medclip(text: str) -> List[str]:
+    """``split_sentences_egma`` keeping pieces of more than 4 tokens only (MedCLIP's rule)."""
+    return split_sentences_egma(text, min_tokens=5)
+
+
+# "ours": split_sentences (case kept); "egma": split_sentences_egma, every piece with a token (the authors'
+# training dataset); "medclip": the same split, pieces of more than 4 tokens only
+SPLIT_RULES = {"ours": split_sentences, "egma": split_sentences_egma, "medclip": split_sentences_medclip}
 
 
 def _splitter(rule: str):
@@ -176,8 +184,9 @@ def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] =
 
     Rows are numbered as a user sees them: CSV data rows from 2 (row 1 is the header), JSONL lines from 1.
     ``split`` keeps only rows whose ``split`` column equals it. ``split_rule``: how ``report`` text becomes
-    sentences (``"ours"``: ``split_sentences``; ``"egma"``: ``split_sentences_egma``); a ``sentences``
-    column is taken as given, except that the ``"egma"`` rule lowercases and re-tokenises each sentence.
+    sentences (``"ours"``: ``split_sentences``; ``"egma"``: ``split_sentences_egma``; ``"medclip"``:
+    ``split_sentences_medclip``); a ``sentences`` column is taken as given, except that the ``"egma"`` and
+    ``"medclip"`` rules lowercase and re-tokenise each sentence.
     """
     splitter = _splitter(split_rule)
     if not os.path.isfile(path):
@@ -232,7 +241,7 @@ def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] =
             if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
                 raise ManifestError(f"{where}: 'sentences' must be a list of strings")
             sentences = [s.strip() for s in sentences if s.strip()]
-            if split_rule == "egma":
+            if split_rule in ("egma", "medclip"):
                 sentences = [t for s in sentences for t in splitter(s)]
         else:
             sentences = splitter(_cell(r, "report") or "")
@@ -328,7 +337,7 @@ def photometric_augment(x: torch.Tensor, generator: Optional[torch.Generator] = 
 
 def normalize_image(x: torch.Tensor, mean: float = IMAGE_MEAN, std: float = IMAGE_STD) -> torch.Tensor:
     """``(1, H, W)`` in [0, 1] -> ``(3, H, W)`` normalised for the encoders (``(x - mean) / std``; ours
-    0.449/0.226, MedCLIP's 0.5863/0.2795)."""
+    0.449/0.226, MedCLIP's 0.5862785803043838/0.27950088968644304)."""
     return ((x - mean) / std).expand(3, -1, -1).contiguous()
 
 

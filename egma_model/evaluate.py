@@ -376,6 +376,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return paper_table_main(argv)
     from egma_kernels.bench.cli import HelpFormatter  # says each option's default once
 
+    from .paper_table import add_eval_options, eval_recipe_text, resolve_eval
+
     p = argparse.ArgumentParser(prog="egma-eval", description="Evaluate an EGMA checkpoint (zero-shot, retrieval, "
                                 "linear probe)", formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default=None, help="folder written by egma-train (<out>/final) (default: none; required unless --print-recipe)")
@@ -388,22 +390,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "(default: none)")
     p.add_argument("--train-split", default=None, help="use only --train-manifest rows with this 'split' value "
                    "(default: every row)")
-    p.add_argument("--scoring", default="fine,global", help="comma-separated scorings: fine (FILIP late interaction), global (pooled)")
-    p.add_argument("--reduce", default="max", choices=["max", "mean"], help="how a class's score combines its prompts' scores")
-    p.add_argument("--split-prompts", action=argparse.BooleanOptionalAction, default=True,
-                   help="split each prompt into sentences first (ours); --no-split-prompts as the authors (default: split)")
     p.add_argument("--recipe", default=None, choices=["ours", "authors-code", "paper"],
                    help="scoring, reduce and prompt splitting of a recipe (docs/recipes.md); options given win (default: ours). "
                         "--prompts may name a built-in set: chexpert-5x200-combos, rsna-50v5, rsna-5v5, siim-5v5")
-    p.add_argument("--print-recipe", action="store_true", help="print the resolved settings and exit")
-    p.add_argument("--fractions", default="0.01,0.1,1", help="linear-probe label fractions")
-    p.add_argument("--seeds", default="0,1,2", help="linear-probe seeds")
-    p.add_argument("--batch-size", type=int, default=32, help="images per encoding batch")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--out", default=None, help="also write the results JSON to this file (default: stdout only)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_eval_options(p)  # --scoring, --reduce, --split-prompts, --print-recipe, probe and encoding options
     ns = p.parse_args(argv)
-    from .paper_table import eval_recipe_text, resolve_eval
 
     settings, source = resolve_eval(ns.recipe, p, argv)
     if ns.print_recipe:

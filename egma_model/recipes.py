@@ -36,15 +36,18 @@ RECIPES = ("ours", "authors-code", "paper")
 _AUTHORS_CODE_TRAIN = dict(
     # model (saved in the checkpoint's egma_config.json)
     preset="full", image_library="transformers", image_size=256, patch_norm="pre", image_global="pooler",
-    proj_bias=False, embed_dim=512, image_mean=0.5863, image_std=0.2795, text_pooling="last4_all", max_length=77,
+    proj_bias=False, embed_dim=512, text_pooling="last4_all", max_length=77,
+    # MedCLIP's constants (their constants.py IMG_MEAN / IMG_STD), not rounded
+    image_mean=0.5862785803043838, image_std=0.27950088968644304,
     temperature_clamp="in_place", egma_compat=True,
     # loss terms (w_con, w_mlce, w_map): the released config's loss_mix is FILIP + MLCE, no mapping term
     loss_weights=(1.0, 1.0, 0.0),
     # data
+    text_padding="longest",
     split_rule="egma", max_sentences=0, gaze_resize="bilinear_antialias", min_heat=0.0,
     # optimisation
     epochs=10, batch_size=40, lr=1e-5, weight_decay=1e-4, decay_all=True, warmup_ratio=0.1, warmup_epochs=None,
-    amp="fp16",
+    warmup_rule="transformers", amp="fp16",
     # checkpoint selection (active with --select-on)
     select_every=40, select_prompts="chexpert-5x200-combos", select_scoring="global",
 )
@@ -54,9 +57,9 @@ TRAIN: Dict[str, Dict] = {
     "ours": dict(
         preset="tiny", image_library=None, image_size=None, patch_norm=None, image_global=None, proj_bias=None,
         embed_dim=None, image_mean=None, image_std=None, text_pooling=None, max_length=None, temperature_clamp=None,
-        egma_compat=False, loss_weights=(1.0, 1.0, 1.0), split_rule="ours", max_sentences=16, gaze_resize="area", min_heat=0.1, epochs=1,
+        egma_compat=False, loss_weights=(1.0, 1.0, 1.0), text_padding="max_length", split_rule="ours", max_sentences=16, gaze_resize="area", min_heat=0.1, epochs=1,
         batch_size=16, lr=1e-4, weight_decay=0.05, decay_all=False, warmup_ratio=None, warmup_epochs=None,
-        amp="bf16", select_every=40, select_prompts=None, select_scoring="fine"),
+        warmup_rule="ours", amp="bf16", select_every=40, select_prompts=None, select_scoring="fine"),
     "authors-code": _AUTHORS_CODE_TRAIN,
     # the paper's loss has the cross-modality mapping term, the released config does not train it
     "paper": dict(_AUTHORS_CODE_TRAIN, image_size=224, epochs=50, lr=1e-6, warmup_ratio=None, warmup_epochs=10,

@@ -104,6 +104,8 @@ class TrainArgs:
     decay_all: bool = False  # weight decay on every parameter (1-D ones and the temperature too)
     warmup_ratio: Optional[float] = None  # warm-up as a fraction of all steps (overrides warmup_steps)
     warmup_epochs: Optional[float] = None  # warm-up in epochs (overrides warmup_steps)
+    warmup_rule: str = "ours"  # "ours": round(), ramp from 1/warmup; "transformers": ceil(), ramp from 0
+    text_padding: str = "max_length"  # last4_all pooling: sentences padded to max_length or to the batch's longest
     amp: str = "bf16"  # autocast on CUDA: bf16, fp16 (with a gradient scaler) or off
     keep_checkpoints: bool = False  # keep <out>/step-<n> at every --save-every
     select_on: Optional[str] = None  # a labelled manifest: keep the best zero-shot accuracy as <out>/best
@@ -206,8 +208,23 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def cosine_with_warmup(step: int, total: int, warmup: int, floor: float = 0.0) -> float:
-    """Learning-rate multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine to ``floor``."""
+def cosine_with_warmup(step: int, total: int, warmup: int, floor: float = 0.0, rule: str = "ours") -> float:
+    """Learning-rate multiplier: linear warm-up to 1 over ``warmup`` steps, then cosine to ``floor``.
+
+    ``rule="ours"``: the ramp is ``(step + 1) / warmup`` (the first step already has a learning rate).
+    ``rule="transformers"``: transformers' ``get_cosine_schedule_with_warmup``: the ramp is ``step / warmup``
+    (the first step has learning rate 0) and the cosine is ``0.5 (1 + cos(pi progress))`` with
+    ``progress = (step - warmup) / max(1, total - warmup)``, not capped (``floor`` must be 0).
+    """
+    if rule == "transformers":
+        if floor != 0.0:
+            raise ValueError("the transformers warm-up rule has no floor")
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if rule != "ours":
+        raise ValueError(f"unknown warm-up rule {rule!r}; use ours or transformers")
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -215,16 +232,29 @@ def cosine_with_warmup(step: int, total: int, warmup: int, floor: float = 0.0) -
 
 
 def resolve_warmup(a: TrainArgs, total: int, steps_per_epoch: int) -> int:
-    """Warm-up steps: ``warmup_ratio`` of all steps, or ``warmup_epochs`` epochs, else ``warmup_steps``."""
+    """Warm-up steps: ``warmup_ratio`` of all steps, or ``warmup_epochs`` epochs, else ``warmup_steps``.
+
+    A ratio or a number of epochs is rounded to the nearest step (``warmup_rule`` "ours") or up (``"transformers"``,
+    the authors' ``math.ceil(total * warmup_ratio)``)."""
+    to_int = math.ceil if a.warmup_rule == "transformers" else round
     if a.warmup_ratio is not None and a.warmup_epochs is not None:
         raise ValueError("give --warmup-ratio or --warmup-epochs, not both")
     if a.warmup_ratio is not None:
         if not 0 <= a.warmup_ratio <= 1:
             raise ValueError(f"--warmup-ratio must be in [0, 1], got {a.warmup_ratio}")
-        return int(round(a.warmup_ratio * total))
+        return int(to_int(a.warmup_ratio * total))
     if a.warmup_epochs is not None:
-        return int(round(a.warmup_epochs * steps_per_epoch))
+        return int(to_int(a.warmup_epochs * steps_per_epoch))
     return a.warmup_steps
+
+
+def pads_to_max_length(text_pooling: Optional[str], text_padding: str) -> bool:
+    """Whether the collator pads every sentence to ``max_length``: only the ``last4_all`` pooling (a mean over
+    every position, padding included) sees the padding, and then ``text_padding`` decides ("max_length": the
+    same embedding in every batch; "longest": padded to the batch's longest sentence, as the authors' collator)."""
+    if text_padding not in ("max_length", "longest"):
+        raise ValueError(f"unknown text padding {text_padding!r}; use max_length or longest")
+    return text_pooling == "last4_all" and text_padding == "max_length"
 
 
 def build_model_and_tokenizer(a: TrainArgs, texts: Sequence[str]):
@@ -389,7 +419,7 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                                               resize=a.gaze_resize), cache=cache,
                      image_mean=model.config.image_mean, image_std=model.config.image_std)
     collate = Collator(tokenizer, max_length=model.config.max_length, num_patches=gg[0] * gg[1],
-                       pad_to_max_length=model.config.text_pooling == "last4_all")
+                       pad_to_max_length=pads_to_max_length(model.config.text_pooling, a.text_padding))
     steps_per_epoch = max(1, len(ds) // (a.batch_size * ddp.world))  # full global batches only
     sampler = GlobalBatchSampler(len(ds), a.batch_size, ddp.rank, ddp.world, a.seed)
     total = a.max_steps or steps_per_epoch * a.epochs
@@ -399,7 +429,8 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=a.lr)
     warmup = resolve_warmup(a, total, steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, warmup,
+                                                                                rule=a.warmup_rule))
     selector = None
     if a.select_on and ddp.is_main:
         from .recipes import CheckpointSelector
@@ -669,8 +700,14 @@ def _add_recipe_args(p: argparse.ArgumentParser, d: TrainArgs) -> None:
                    help="sentence embedding: masked mean of the last layer (ours) or mean of the last 4 layers "
                         "over all positions (default: the recipe's, else masked_mean)")
     g.add_argument("--max-length", type=int, default=None, help="tokens per sentence (default: the recipe's, else 64)")
-    g.add_argument("--split-rule", default=d.split_rule, choices=["ours", "egma"],
-                   help="report -> sentences: ours (case kept) or egma (numbered markers and '. ', lowercased)")
+    g.add_argument("--split-rule", default=d.split_rule, choices=["ours", "egma", "medclip"],
+                   help="report -> sentences: ours (case kept), egma (numbered markers and '. ', lowercased, every "
+                        "piece with a token: the authors' training dataset) or medclip (egma keeping pieces of more "
+                        "than 4 tokens only)")
+    g.add_argument("--text-padding", default=d.text_padding, choices=["max_length", "longest"],
+                   help="with --text-pooling last4_all (a mean over every position, padding included): pad each "
+                        "sentence to --max-length (its embedding does not depend on its batch) or to the batch's "
+                        "longest sentence (the authors' collator); other poolings mask the padding")
     g.add_argument("--gaze-resize", default=d.gaze_resize, choices=["area", "bilinear_antialias"],
                    help="heatmaps onto the patch grid (labels are gaze > 0 after --min-heat)")
     g.add_argument("--temperature-clamp", default=None, choices=["at_use", "in_place"],
@@ -680,6 +717,10 @@ def _add_recipe_args(p: argparse.ArgumentParser, d: TrainArgs) -> None:
                    help="weight decay on every parameter (1-D ones and the temperature too)")
     g.add_argument("--warmup-ratio", type=float, default=None, help="warm-up as a fraction of all steps (default: --warmup-steps)")
     g.add_argument("--warmup-epochs", type=float, default=None, help="warm-up in epochs (default: --warmup-steps)")
+    g.add_argument("--warmup-rule", default=d.warmup_rule, choices=["ours", "transformers"],
+                   help="ours: a warm-up ratio or epochs rounded to the nearest step, the ramp from lr/warmup at the "
+                        "first step; transformers: rounded up, the ramp from lr 0 at the first step "
+                        "(get_cosine_schedule_with_warmup, as the authors)")
     g.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "off"], help="autocast on CUDA")
     g.add_argument("--keep-checkpoints", action="store_true",
                    help="keep every --save-every model as <out>/step-<n> (scorable later)")
@@ -696,6 +737,7 @@ def _add_recipe_args(p: argparse.ArgumentParser, d: TrainArgs) -> None:
 
 
 _RECIPE_FIELDS = ("patch_norm", "image_global", "image_mean", "image_std", "text_pooling", "max_length", "split_rule",
+                  "text_padding", "warmup_rule",
                   "gaze_resize", "temperature_clamp", "decay_all", "warmup_ratio", "warmup_epochs", "amp",
                   "keep_checkpoints", "select_on", "select_every", "select_prompts", "select_split", "select_scoring")
 

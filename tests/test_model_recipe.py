@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from egma_model import gaze as gz
-from egma_model.data import normalize_image, split_sentences, split_sentences_egma
+from egma_model.data import normalize_image, split_sentences, split_sentences_egma, split_sentences_medclip
 from egma_model.model import EGMAConfig, EGMAModel
 
 
@@ -110,14 +110,19 @@ REPORT = ("FINDINGS: 1. The lungs are clear. 2. No pleural effusion or pneumotho
 
 def test_split_rule_egma_on_a_fixed_report():
     assert split_sentences_egma(REPORT) == [
+        "findings :", "the lungs are clear", "no pleural effusion or pneumothorax",
+        "heart size is normal ; mediastinal contours unchanged since 2 . 5 cm prior",
+        "impression : no acute process !",
+    ]
+    assert split_sentences_medclip(REPORT) == [
         "no pleural effusion or pneumothorax",
         "heart size is normal ; mediastinal contours unchanged since 2 . 5 cm prior",
         "impression : no acute process !",
     ]
     # 4 tokens or fewer are dropped; non-ASCII characters removed; "3.Left" is a numbered marker
-    assert split_sentences_egma("Lungs are clear. 3.Left basilar opacity, likely atelectasis") == [
+    assert split_sentences_medclip("Lungs are clear. 3.Left basilar opacity, likely atelectasis") == [
         "eft basilar opacity , likely atelectasis"]
-    assert split_sentences_egma("Small left effusion \u2013 unchanged from before") == [
+    assert split_sentences_medclip("Small left effusion \u2013 unchanged from before") == [
         "small left effusion unchanged from before"]
 
 

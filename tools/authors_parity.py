@@ -38,18 +38,19 @@ brightness, noise; random and different by design). Both sides see the batches i
 
 Our side runs ``egma_model.train`` as ``egma-train --recipe authors-code`` does (parser, recipe resolution,
 ``train``), starting from their initial weights through ``--init-from`` (their model's state dict is in
-MedCLIP's layout). The remaining differences are each run as a variant: ``aligned`` removes all of them on
-our side (by options, or where there is no option by replacing the function in question for the run),
-``recipe`` keeps all of them, and ``only-<d>`` keeps just difference ``<d>``:
+MedCLIP's layout). ``recipe`` is ``--recipe authors-code`` as it is, with no other option and no function
+replaced. The differences the recipe used to have are now options it sets; ``only-<d>`` puts difference
+``<d>`` back by its option, to show its size:
 
-* ``padding``: ours pads every sentence to 77 tokens for the last-4 pooling; their collator pads to the
-  batch's longest sentence (``padding=True``), and the mean over positions includes the padding.
-* ``schedule``: ours warms up over ``round(0.1 * steps)`` steps starting at ``1/warmup``; theirs
-  (transformers' cosine) over ``ceil(0.1 * steps)`` steps starting at 0.
-* ``norm``: ours normalises with the rounded 0.5863 / 0.2795, theirs with 0.5862785803043838 /
-  0.27950088968644304.
-* ``mapping``: not a difference of the recipe (it sets ``--loss-weights 1,1,0``: their released ``loss_mix``
-  is FILIP + MLCE); ``only-mapping`` trains the mapping term (EGM) with weight 1 too, to show its size.
+* ``padding`` (``--text-padding max_length``): every sentence padded to 77 tokens for the last-4 pooling;
+  their collator pads to the batch's longest sentence (``padding=True``, the recipe's ``longest``), and the
+  mean over positions includes the padding.
+* ``schedule`` (``--warmup-rule ours``): a warm-up of ``round(0.1 * steps)`` steps starting at ``1/warmup``;
+  theirs (transformers' cosine, the recipe's ``transformers``) ``ceil(0.1 * steps)`` steps starting at 0.
+* ``norm`` (``--image-mean 0.5863 --image-std 0.2795``): MedCLIP's constants rounded; theirs and the
+  recipe's are 0.5862785803043838 / 0.27950088968644304.
+* ``mapping`` (``--loss-weights 1,1,1``): the mapping term (EGM) trained with weight 1 too; the recipe has
+  ``1,1,0`` as their released ``loss_mix`` (FILIP + MLCE).
 
 Writes ``--out`` (JSON: settings, versions, per-step values per variant, batch checks) and a Markdown
 summary beside it (``.md``).
@@ -82,7 +83,6 @@ AUTHORS_TRAIN_CONFIG = {
     "vision_freeze_layers": None, "text_freeze_layers": None, "loss_mix": ["filip_clip_loss", "mlce"],
     "only_gaze_loss": False, "use_eda": False, "finetuned": True, "no_decay": [],
 }
-IMG_MEAN_EXACT, IMG_STD_EXACT = 0.5862785803043838, 0.27950088968644304
 CHEXPERT_LABELS = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Lung Opacity",
                    "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
                    "Pleural Other", "Fracture", "Support Devices"]
@@ -93,14 +93,17 @@ SENTENCES = [
     "The mediastinal contours are within normal limits", "An endotracheal tube terminates above the carina",
     "Linear atelectasis is noted at the left base", "There is no pneumothorax on this frontal view",
     "Degenerative changes are seen in the thoracic spine", "A right internal jugular line ends in the cavoatrial junction",
+    # short ones (4 tokens or fewer), which the authors' training dataset keeps
+    "Heart size normal", "No effusion", "Lungs clear",
 ]
 # reports whose sentences are short show the sentence rules apart (not used for training)
 SPLIT_EXAMPLES = [
     "1. Heart size normal. 2. No effusion. 3. There is a small left pleural effusion.",
     "FINDINGS: Lungs clear. The cardiac silhouette is mildly enlarged. No pneumothorax.",
 ]
-DIFFERENCES = ("padding", "schedule", "norm")  # what --recipe authors-code still does differently
-EXTRA = ("mapping",)  # shown as only-<d> variants, not part of the recipe
+# what --recipe authors-code once did differently, each put back by an option in an only-<d> variant
+DIFFERENCES = {"padding": ["--text-padding", "max_length"], "schedule": ["--warmup-rule", "ours"],
+               "norm": ["--image-mean", "0.5863", "--image-std", "0.2795"], "mapping": ["--loss-weights", "1,1,1"]}
 
 
 # ------------------------------------------------------------------------------------------ their modules
@@ -352,21 +355,12 @@ def run_theirs(A, data: Dict, init_dir: str, a, work: str) -> Dict:
 # ------------------------------------------------------------------------------------------ our run
 
 
-def _their_schedule(step: int, total: int, warmup: int, floor: float = 0.0) -> float:
-    """transformers.get_cosine_schedule_with_warmup's multiplier (their scheduler)."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
 def run_ours(a, data: Dict, dirs: Dict, work: str, keep: set, name: str) -> Dict:
-    """``egma-train --recipe authors-code`` with every difference not in ``keep`` removed."""
+    """``egma-train --recipe authors-code`` with the differences in ``keep`` put back by their options."""
     import egma_model.data as D
     import egma_model.train as T
     from egma_model.recipes import explicit_options
 
-    total = (a.n_images // a.batch_size) * a.epochs
     out = os.path.join(work, f"ours_{name}")
     argv = ["--recipe", "authors-code", "--manifest", data["manifest"], "--out", out,
             "--image-model", dirs["swin"], "--text-model", dirs["bert"], "--tokenizer", dirs["tok"],
@@ -375,30 +369,21 @@ def run_ours(a, data: Dict, dirs: Dict, work: str, keep: set, name: str) -> Dict
             "--no-progress", "--save-every", "0", "--device", "cpu"]
     if a.gaze_ratio == 0:
         argv.append("--no-gaze")
-    if "norm" not in keep:
-        argv += ["--image-mean", repr(IMG_MEAN_EXACT), "--image-std", repr(IMG_STD_EXACT)]
-    if "schedule" not in keep:
-        argv += ["--warmup-steps", str(math.ceil(total * AUTHORS_TRAIN_CONFIG["warmup"]))]
-    if "mapping" in keep:  # the recipe's loss weights are (1, 1, 0), as their released loss_mix
-        argv += ["--loss-weights", "1,1,1"]
+    for d in sorted(keep):
+        argv += DIFFERENCES[d]
     parser = T.build_parser()
     ns = parser.parse_args(argv)
     args, source = T.apply_recipe(T.args_from_namespace(ns), explicit_options(parser, argv))
-    saved = D.photometric_augment, T.Collator, T.cosine_with_warmup, torch.optim.AdamW
+    saved = D.photometric_augment, T.Collator, torch.optim.AdamW
     first_batch = {}
     lr_used: List[float] = []
 
-    class RecordingAdamW(saved[3]):
+    class RecordingAdamW(saved[2]):
         def step(self, closure=None):
             lr_used.append(self.param_groups[0]["lr"])
             return super().step(closure)
 
-    class Collator(saved[1]):
-        def __init__(self, *aa, **kw):
-            if "padding" not in keep:
-                kw["pad_to_max_length"] = False
-            super().__init__(*aa, **kw)
-
+    class Collator(saved[1]):  # records the first batch; the padding is the recipe's (or --text-padding)
         def __call__(self, items):
             b = super().__call__(items)
             if not first_batch:
@@ -408,13 +393,11 @@ def run_ours(a, data: Dict, dirs: Dict, work: str, keep: set, name: str) -> Dict
     D.photometric_augment = lambda x, generator=None: x  # augmentation off (theirs is off too)
     T.Collator = Collator
     torch.optim.AdamW = RecordingAdamW
-    if "schedule" not in keep:
-        T.cosine_with_warmup = _their_schedule
     t0 = time.time()
     try:
         res = T.train(args)
     finally:
-        D.photometric_augment, T.Collator, T.cosine_with_warmup, torch.optim.AdamW = saved
+        D.photometric_augment, T.Collator, torch.optim.AdamW = saved
     h = res["history"]
     # "logit_scale" in our log is the scale the step's forward used
     rec = {k: [r[k] for r in h] for k in ("loss", "contrastive", "gaze_mlce", "mapping", "grad_norm", "logit_scale")}
@@ -515,10 +498,10 @@ def markdown(res: Dict) -> str:
             v = res["ours"][n]["loss"][s]
             row.append(f"{v:.9f} ({v - th['loss'][s]:+.1e})")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Per term and gradient norm, theirs vs ours `aligned`:", "",
+    lines += ["", f"Per term and gradient norm, theirs vs ours `{names[0]}`:", "",
               "| step | lr theirs / ours | contrastive theirs / ours | gaze MLCE theirs / ours | mapping ours | "
               "grad norm theirs / ours | scale theirs / ours |", "|---|---|---|---|---|---|---|"]
-    o = res["ours"]["aligned"]
+    o = res["ours"][names[0]]
     for s in range(res["steps"]):
         lines.append(f"| {s + 1} | {th['lr'][s]:.3g} / {o['lr'][s]:.3g} | {th['contrastive'][s]:.9f} / "
                      f"{o['contrastive'][s]:.9f} | {th['gaze_mlce'][s]:.9f} / {o['gaze_mlce'][s]:.9f} | "
@@ -549,7 +532,7 @@ def main(argv=None) -> int:
     p.add_argument("--swin-depths", default="2,2,2,2", help="Swin blocks per stage (default: 2,2,2,2; MedCLIP's 2,2,6,2)")
     p.add_argument("--bert-layers", type=int, default=4, help="BERT layers (default: 4, the fewest the last-4 pooling reads)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    p.add_argument("--variants", default="all", help="our variants: all, or a comma list of aligned, recipe, "
+    p.add_argument("--variants", default="all", help="our variants: all, or a comma list of recipe, "
                    "only-<difference> (default: all)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
     a = p.parse_args(argv)
@@ -588,12 +571,14 @@ def main(argv=None) -> int:
     theirs = run_theirs(A, data, init_dir, a, work)
     if a.image_size != 224 or a.gaze_ratio == 0:
         res["their_gaze_at_256"] = their_gaze_at_256(A, dirs, dict(cfg, gaze_ratio=1.0))
-    names = ["aligned", "recipe"] + [f"only-{d}" for d in DIFFERENCES + EXTRA]
+    names = ["recipe"] + [f"only-{d}" for d in DIFFERENCES]
     if a.variants != "all":
         names = a.variants.split(",")
     ours = {}
     for n in names:
-        keep = set(DIFFERENCES) if n == "recipe" else ({n[5:]} if n.startswith("only-") else set())
+        if n != "recipe" and not (n.startswith("only-") and n[5:] in DIFFERENCES):
+            p.error(f"unknown variant {n!r}: recipe or only-<{'|'.join(DIFFERENCES)}>")
+        keep = {n[5:]} if n.startswith("only-") else set()
         print(f"[parity] our run: {n}", file=sys.stderr, flush=True)
         ours[n] = run_ours(a, data, dirs, work, keep, n)
     res["batch_checks"] = batch_checks(theirs["first_batch"], ours[names[0]]["first_batch"], a.image_size)
