@@ -232,8 +232,9 @@ def launch_config(dtype, P, D, max_seqlen, num_reports, smem, float32_matmul_pre
         route_bwd_stages=1 if dtype == torch.float32 else None,
         # The forward's similarity is looped over D in chunks of fwd_BLOCK_D (16-bit: one dot over D). By ptxas
         # (sm_90 and sm_80, P=196 D=512), 3xTF32 float32 spills 12-232 B per thread at 4 warps or 64-wide
-        # chunks and none at 8 warps with 32-wide ones; one-pass TF32 spills 12-24 B at 8 warps, none at 4.
-        fwd_warps=8 if split_fp32 else 4,
+        # chunks and none at 8 warps with 32-wide ones; one-pass TF32 spills 12-24 B at 8 warps, none at 4;
+        # 64-column tiles (40-sentence reports, bf16 P=784 D=1024) spill 48-124 B at 4 warps, none at 8.
+        fwd_warps=8 if split_fp32 or fwd_group * block_s >= 64 else 4,
         fwd_BLOCK_D=min(block_d, 32),
         report_warps=8,
         report_stages=report_stages,
