@@ -58,7 +58,8 @@ LENGTH_SETS = [
 
 
 @pytest.mark.parametrize("columns", [16, 32, 64])
-@pytest.mark.parametrize("lengths", LENGTH_SETS + ["random"], ids=lambda v: v if isinstance(v, str) else f"R{len(v)}-max{max(v)}")
+@pytest.mark.parametrize("lengths", LENGTH_SETS + ["random"],
+                         ids=lambda v: v if isinstance(v, str) else f"R{len(v)}-max{max(v)}")
 def test_schedule_is_next_fit_within_the_bound(lengths, columns):
     rng = random.Random(columns)
     sets = [[rng.choice([1, 1, 2, 3, 5, columns // 2, columns]) for _ in range(rng.randint(1, 70))] for _ in range(6)] \

@@ -88,7 +88,8 @@ def main():
     text = "\n".join([
         f"Useful fraction, slots (before) -> packed tiles for: {packed}.",
         "",
-        "| size | P | longest | mean | BLOCK_S | tile columns | packed tiles of bound | forward | bwd dpatch | bwd dsent |",
+        "| size | P | longest | mean | BLOCK_S | tile columns | packed tiles of bound "
+        "| forward | bwd dpatch | bwd dsent |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])
