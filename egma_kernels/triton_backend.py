@@ -144,9 +144,10 @@ def launch_config(dtype, P, D, max_seqlen, num_reports, smem, float32_matmul_pre
     d_pad = _pow2(D)
     # Output columns per backward program (see the kernels' docstring): a [16 rows, D_OUT] accumulator in
     # the patch kernel, [BLOCK_S, D_OUT] in the sentence kernel (long reports take narrower chunks).
-    # Reports per forward program (and per step of the dpatch kernel's loop): up to 32 similarity columns
-    # (2 reports of up to 16 sentences); by ptxas, 4 reports spill at 4 warps and 8 warps hold 2 without
-    # spilling (sm_90, D=512). Untimed: benchmarks/tune_triton.py tries 1, 2, 4 and 8 on a GPU.
+    # Similarity columns per forward program in units of BLOCK_S: the packed forward's tiles are
+    # fwd_group * BLOCK_S columns of whole consecutive reports (32 columns, or one longest report), and the
+    # dpatch kernel's loop takes fwd_group report slots of BLOCK_S columns a step. By ptxas (sm_90, D=512),
+    # 64 slot columns spill at 4 warps. Untimed: benchmarks/tune_triton.py tries 1, 2, 4 and 8 on a GPU.
     fwd_group = max(1, (32 // wide) // block_s)
     # The dpatch kernel's [group columns, D_OUT] sentence operand stays within 64 KiB of shared memory.
     d_out = min(d_pad, 512 // wide, max(64, 16384 // (fwd_group * block_s)) // wide)
@@ -173,7 +174,9 @@ def launch_config(dtype, P, D, max_seqlen, num_reports, smem, float32_matmul_pre
     # about 1.75 x their bytes (float32 TF32 at D=512: 164 KiB, over an A100's 163 KiB).
     def one_dot_fits(rows, columns):
         return 7 * (rows + columns) * d_pad * in_bytes // 4 <= smem
-    fwd_block_p = min(64 // wide, _pow2(P))
+    # The packed forward's patch block: 32 rows at 4 warps, the largest without spills by ptxas (sm_90, bf16
+    # P=196 D=512: 64 rows spill 24-160 B per thread at 4 or 8 warps, the segmented scan over [rows, COLS]).
+    fwd_block_p = min(32 // wide, _pow2(P))
     # The report kernels' [BLOCK_S, BLOCK_S] and [BLOCK_S, block] operands, pipelined by Triton's default
     # 3 stages: 64-sentence reports take 104 KiB (over 99 KiB), 128-sentence ones 192 KiB (over 163 KiB);
     # one stage halves that. 128-sentence reports need 160 KiB even then (report_fits: the loss refuses).
@@ -204,9 +207,12 @@ def launch_config(dtype, P, D, max_seqlen, num_reports, smem, float32_matmul_pre
         sent_group=sent_group,
         bwd_patch_rows=16,
         bwd_sent_block_p=sent_block_p,
-        # The report kernels hold [BLOCK_S, block] tiles and [BLOCK_S, BLOCK_S] products: long reports
-        # take narrower patch blocks (shared memory stays under the 227 KiB of an H100/H200 block).
-        matched_block_p=min(64 // wide, _pow2(P), max(16, 2048 // block_s)),
+        # The report kernels hold [BLOCK_S, block] tiles, [BLOCK_S, BLOCK_S] and [block, block] products: long
+        # reports take narrower patch blocks (shared memory stays under the 227 KiB of an H100/H200 block).
+        # By ptxas (sm_90 and sm_80, 16-sentence reports): at 8 warps 32-patch blocks spill nothing (64 spill
+        # 4-16 B per thread, and 4 warps 8-212 B), except under one-pass TF32, where 64 spill nothing and 32
+        # spill 4 B.
+        matched_block_p=min(64 if precision == "tf32" else 32, _pow2(P), max(16, 2048 // block_s)),
         # The per-report loops of the loss-term kernels (reports, or a row of the B x B matrices).
         BLOCK_B=min(1024, _pow2(num_reports)),
         # The backward kernels hold a [rows, D] float32 accumulator: 8 warps halve its registers per thread.
@@ -226,8 +232,13 @@ def launch_config(dtype, P, D, max_seqlen, num_reports, smem, float32_matmul_pre
         # float32: 1, the only setting without spills by ptxas (sm_90, D=512: 3 stages spill 0.2-0.5 KB per
         # thread and take 137-205 KB of shared memory); untimed, benchmarks/tune_triton.py tries 2 and 3.
         route_bwd_stages=1 if dtype == torch.float32 else None,
-        fwd_warps=8 if fwd_group * block_s >= 32 else 4,
-        report_warps=4,
+        # The forward's similarity is looped over D in chunks of fwd_BLOCK_D (16-bit: one dot over D). By ptxas
+        # (sm_90 and sm_80, P=196 D=512), 3xTF32 float32 spills 12-232 B per thread at 4 warps or 64-wide
+        # chunks and none at 8 warps with 32-wide ones; one-pass TF32 spills 12-24 B at 8 warps, none at 4;
+        # 64-column tiles (40-sentence reports, bf16 P=784 D=1024) spill 48-124 B at 4 warps, none at 8.
+        fwd_warps=8 if split_fp32 or fwd_group * block_s >= 64 else 4,
+        fwd_BLOCK_D=min(block_d, 32),
+        report_warps=8,
         report_stages=report_stages,
         report_fits=report_fits,
         shared_memory=smem,
@@ -337,9 +348,17 @@ def _check_device(*tensors: Tensor) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _pack_tiles(num_reports: int, num_sentences: int, columns: int) -> int:
+    """An upper bound on the packed forward's tiles, from what the host knows (no read of the offsets):
+    next fit closes a tile only when the next report does not fit, so two consecutive tiles hold more than
+    ``columns`` sentences between them, and each tile holds at least one report."""
+    return max(1, min(num_reports, 2 * (num_sentences // (columns + 1)) + 1))
+
+
 def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat, write_own, route=None):
     """I2T, T2I (images x reports), each sentence's best patch, and (loss only) the own blocks X and,
-    if ``route`` is given (a (B, B, P) buffer), each patch's best sentence of each report."""
+    if ``route`` is given (a (B, B, P) buffer), each patch's best sentence of each report. With
+    ``egma_compat``, also counts[0] = the longest report."""
     num_images, P, D = patch.shape
     N = sent.shape[0]
     R = cu.shape[0] - 1
@@ -349,13 +368,20 @@ def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat
     t2i = _utils.new_output((num_images, R), acc, patch.device)
     best_patch = _utils.new_output((num_images, N), _index_dtype(P, patch.dtype), patch.device)
     own = _utils.new_output((N, P), acc, patch.device) if write_own else i2t  # i2t: an unused placeholder
-    group = cfg["fwd_group"]
+    # Packed tiles of whole consecutive reports (see _pack_schedule_kernel), scheduled on the device; the
+    # grid is sized by the host's bound and the programs of unused tiles exit.
+    columns = cfg["fwd_group"] * cfg["BLOCK_S"]
+    tiles = _pack_tiles(R, N, columns)
+    sched = _utils.new_output((tiles + 1,), torch.int32, patch.device)
+    K._pack_schedule_kernel[(1,)](
+        cu, sched, counts, R, N, tiles, LONGEST=egma_compat, COLS=columns, BLOCK_B=cfg["BLOCK_B"], num_warps=1,
+    )
     save_route = route is not None and route.numel() > 0
-    K._filip_fwd_kernel[(num_images * _cdiv(R, group),)](
-        patch, sent, cu, scale, counts, i2t, t2i, best_patch, own, route if save_route else i2t,
-        P, D, N, R, patch.stride(0), patch.stride(1), sent.stride(0),
+    K._filip_fwd_kernel[(num_images * tiles,)](
+        patch, sent, cu, scale, counts, sched, i2t, t2i, best_patch, own, route if save_route else i2t,
+        P, D, N, R, tiles, patch.stride(0), patch.stride(1), sent.stride(0),
         EGMA_COMPAT=egma_compat, WRITE_OWN=write_own, SAVE_ROUTE=save_route,
-        BLOCK_P=cfg["fwd_block_p"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"], GROUP=group,
+        BLOCK_P=cfg["fwd_block_p"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["fwd_BLOCK_D"], COLS=columns,
         SIM_ONE_DOT=cfg["fwd_SIM_ONE_DOT"], D_PAD=cfg["D_PAD"],
         ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["fwd_warps"],
     )
@@ -488,9 +514,7 @@ def _launch_loss_fwd(
     acc = _acc_dtype(patch.dtype)
     device = patch.device
     # counts: [longest report (egma_compat only), max(1, reports with gaze), max(1, reports mapped)]
-    counts = _utils.new_output((3,), torch.int32, device)
-    if egma_compat:
-        K._longest_report_kernel[(1,)](cu, counts, B, N, BLOCK_B=cfg["BLOCK_B"])
+    counts = _utils.new_output((3,), torch.int32, device)  # counts[0]: written by _launch_filip_fwd
     route = _utils.new_output(_route_shape(patch, N, max_seqlen, for_backward), _route_dtype(max_seqlen), device)
     i2t, t2i, best_patch, own = _launch_filip_fwd(
         patch, sent, cu, scale, counts, max_seqlen, egma_compat=egma_compat, write_own=True, route=route

@@ -9,11 +9,14 @@ recompute the similarity tiles to find them. With saved routes the backward pass
 times the sentences, its transpose times the patches) where recomputing costs two more.
 
 Kernels (one program per ...), in launch order:
-  _longest_report_kernel  (once, egma_compat only): the longest report, for the zero-padding rule.
-  _filip_fwd_kernel       (image a, group of GROUP reports; groups fastest): I2T[a,b], T2I[a,b], the
-                          argmax patch of each sentence, the routes, and on the matched tiles (a == b)
-                          the own block X[u, i] = A[o(u), i ; u]. A group shares every patch tile it
-                          loads (B*R/GROUP patch-block reads, not B*R).
+  _pack_schedule_kernel   (once): the forward's packed tiles, consecutive whole reports filling COLS
+                          columns (next fit), computed on the device from the offsets (the host knows B,
+                          N and max_seqlen only, and never waits for the GPU); with egma_compat also the
+                          longest report, for the zero-padding rule.
+  _filip_fwd_kernel       (image a, packed tile; tiles fastest): I2T[a,b], T2I[a,b], the argmax patch of
+                          each sentence, the routes, and on the matched tiles (a == b) the own block
+                          X[u, i] = A[o(u), i ; u]. The reports of a tile share every patch tile it loads,
+                          and its columns are the reports' sentences with no padding between them.
   _report_fwd_kernel      report k: the contrastive cross-entropies' row k (log-sum-exps of row k of
                           I2T and of column k of T2I); on X_k (n_k x P) the gaze MLCE rows/columns, the
                           mapping weights (recomputed from X and the gaze, never stored) and both mapping
@@ -41,8 +44,9 @@ Every reduction happens inside one program in a fixed order, and the partials of
 in a fixed order afterwards: results are deterministic (no atomics). The slices only add parallelism
 where there are few programs (small batches).
 
-A report is always held whole in one tile of BLOCK_S >= its length sentences (BLOCK_S comes from the
-longest report), so a segment max or log-sum-exp over a report's sentences never crosses tiles.
+A report is always held whole in one tile, so a segment max or log-sum-exp over a report's sentences never
+crosses tiles: in the forward filip kernel a packed tile of COLS >= BLOCK_S columns (the schedule never
+splits a report), elsewhere a slot of BLOCK_S >= its length columns (BLOCK_S comes from the longest report).
 """
 
 import triton
@@ -108,42 +112,114 @@ def _report_group(cu_ptr, grp, R, N, GROUP: tl.constexpr, BLOCK_S: tl.constexpr)
 
 
 @triton.jit
+def _segmented_max(v1, k1, v2, k2):
+    """Combine of a segmented running (max, argmax) scan along a tile's columns. k = column index + 2**20 if
+    the column starts a new report (one operand for both: fewer registers than three). Ties keep the
+    leftmost column (as tl.argmax(tie_break_left=True))."""
+    take2 = (k2 >= 1048576) | (v2 > v1)
+    return tl.where(take2, v2, v1), tl.where(take2, k2 & 1048575, k1 & 1048575) | ((k1 | k2) & 1048576)
+
+
+@triton.jit
+def _packed_tile(cu_ptr, sched_ptr, tile, N, COLS: tl.constexpr):
+    """Tile ``tile`` of the packed schedule (_pack_schedule_kernel): reports sched[tile] .. sched[tile+1]-1,
+    each whole and in order, side by side in COLS columns. Per report lane (COLS lanes: a tile never holds
+    more reports than columns): (report index, mask, start, length, first column); per column: (sentence
+    index, mask, report index, the column's index in its report, starts a report, ends a report).
+    A report that does not fit the columns left (only a wrong max_seqlen makes one) keeps those it gets."""
+    r0 = tl.load(sched_ptr + tile)
+    r1 = tl.load(sched_ptr + tile + 1)
+    lane = tl.arange(0, COLS)
+    reps = r0 + lane
+    rep_mask = reps < r1
+    start, n_rep = _segment(cu_ptr, reps, rep_mask, N)  # 0 sentences in an unused lane
+    pos = tl.cumsum(n_rep, 0) - n_rep
+    n_vis = tl.minimum(n_rep, tl.maximum(COLS - pos, 0))
+    j = tl.arange(0, COLS)
+    inside = (j[None, :] >= pos[:, None]) & (j[None, :] < (pos + n_vis)[:, None])  # [lanes, columns]
+    u_mask = tl.max(inside.to(tl.int32), axis=0) > 0
+    col_pos = tl.sum(tl.where(inside, pos[:, None], 0), axis=0)
+    col_end = tl.sum(tl.where(inside, (pos + n_vis)[:, None], 0), axis=0)
+    u_offs = tl.sum(tl.where(inside, (start - pos)[:, None], 0), axis=0) + j
+    u_rep = r0 + tl.sum(tl.where(inside, lane[:, None], 0), axis=0)
+    return reps, rep_mask, n_rep, inside, u_offs, u_mask, u_rep, j - col_pos, j == col_pos, u_mask & (j == col_end - 1)
+
+
+@triton.jit
+def _pack_schedule_kernel(cu_ptr, sched_ptr, counts_ptr, R, N, T_MAX,
+                          LONGEST: tl.constexpr, COLS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The packed forward's tiles (next fit, in report order): tile t holds reports sched[t] .. sched[t+1]-1,
+    as many whole consecutive reports as fit COLS columns (at least one). sched has T_MAX + 1 entries, R
+    after the last tile; T_MAX bounds the tiles of any offsets with reports of 1 to COLS sentences (the
+    host's bound, see triton_backend._pack_tiles). One program: a dependent step per tile, each a load of
+    the next COLS offsets (cached) and a prefix sum. LONGEST: also counts[0] = the longest report."""
+    if LONGEST:
+        longest = tl.zeros([BLOCK_B], dtype=tl.int32)
+        for k0 in range(0, R, BLOCK_B):
+            k = k0 + tl.arange(0, BLOCK_B)
+            _, n = _segment(cu_ptr, k, k < R, N)
+            longest = tl.maximum(longest, n)
+        tl.store(counts_ptr, tl.max(longest, axis=0))
+    lane = tl.arange(0, COLS)
+    tl.store(sched_ptr, 0)
+    s = 0
+    t = 0
+    while (s < R) & (t < T_MAX):
+        reps = s + lane
+        _, n = _segment(cu_ptr, reps, reps < R, N)
+        fits = (tl.cumsum(n, 0) <= COLS) & (reps < R)
+        s += tl.maximum(tl.sum(fits.to(tl.int32), axis=0), 1)
+        t += 1
+        tl.store(sched_ptr + t, s)
+    for t0 in range(0, T_MAX + 1, BLOCK_B):  # entries after the last tile: R (no report)
+        idx = t0 + tl.arange(0, BLOCK_B)
+        tl.store(sched_ptr + idx, tl.zeros([BLOCK_B], dtype=tl.int32) + R, mask=(idx > t) & (idx <= T_MAX))
+
+
+@triton.jit
 def _filip_fwd_kernel(
-    patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
+    patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr, sched_ptr,
     i2t_ptr, t2i_ptr, best_patch_ptr, own_ptr, route_ptr,
-    P, D, N, R,
+    P, D, N, R, T_MAX,
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, WRITE_OWN: tl.constexpr, SAVE_ROUTE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COLS: tl.constexpr,
     SIM_ONE_DOT: tl.constexpr, D_PAD: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One image against GROUP consecutive reports: each patch tile loaded serves all of them, and the
-    similarity tile is [BLOCK_P, GROUP * BLOCK_S] (report g in columns g*BLOCK_S ...). With SIM_ONE_DOT
-    the group's sentences are loaded once ([columns, D_PAD]) and each patch block is one dot over D.
+    """One image against one packed tile of whole reports (_packed_tile): the similarity tile is
+    [BLOCK_P, COLS], its columns the tile's sentences report after report with no padding between them,
+    and each patch tile loaded serves all of them. A report's max over its sentences (I2T) is a segmented
+    scan along the columns, read at the report's last column: it never crosses reports, and a report never
+    crosses tiles. With SIM_ONE_DOT the tile's sentences are loaded once ([COLS, D_PAD]) and each patch
+    block is one dot over D. A program of an unused tile (past the schedule's last) does no work.
 
-    A 1-D grid, report groups fastest: the programs in flight together share one image, whose patches
-    then come from memory once and from L2 for the other groups (image-fastest order would fetch every
-    image once per group as soon as the batch's patches outgrow L2, e.g. B=256, P=196, D=512 float32).
-    The sentences, a small fraction of the input, stay in L2 throughout.
+    A 1-D grid, tiles fastest: the programs in flight together share one image, whose patches then come
+    from memory once and from L2 for the other tiles (image-fastest order would fetch every image once per
+    tile as soon as the batch's patches outgrow L2, e.g. B=256, P=196, D=512 float32). The sentences, a
+    small fraction of the input, stay in L2 throughout.
 
     SAVE_ROUTE: also write each patch's best sentence of each report (the I2T max's argmax, an index into
     the report; BLOCK_S where egma_compat's zero padding won), so that the backward pass routes its
     gradients without recomputing the similarities."""
-    num_groups = tl.cdiv(R, GROUP)
-    img = tl.program_id(0) // num_groups
-    grp = tl.program_id(0) % num_groups
-    reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, grp, R, N, GROUP, BLOCK_S)
+    img = tl.program_id(0) // T_MAX
+    tile = tl.program_id(0) % T_MAX
+    reps, rep_mask, n_rep, inside, u_offs, u_mask, u_rep, u_index, u_first, u_last = _packed_tile(
+        cu_ptr, sched_ptr, tile, N, COLS)
     t = tl.load(scale_ptr).to(ACC)
+    u_n = tl.sum(tl.where(inside, n_rep[:, None], 0), axis=0)  # each column's report length
     if EGMA_COMPAT:
-        padded = n_rep < tl.load(smax_ptr)  # zero-padding takes part in this report's max
+        padded = u_n < tl.load(smax_ptr)  # zero-padding takes part in this column's report's max
     if SIM_ONE_DOT:
         dd = tl.arange(0, D_PAD)
         sents = _sentence_rows(sent_ptr, u_offs, u_mask, dd, D, stride_sn)
 
-    col_max = tl.full([GROUP * BLOCK_S], float("-inf"), dtype=ACC)
-    col_arg = tl.zeros([GROUP * BLOCK_S], dtype=tl.int32)
-    row_total = tl.zeros([BLOCK_P, GROUP], dtype=ACC)
-    for p0 in range(0, P, BLOCK_P):
+    col_max = tl.full([COLS], float("-inf"), dtype=ACC)
+    col_arg = tl.zeros([COLS], dtype=tl.int32)
+    row_total = tl.zeros([COLS], dtype=ACC)  # per report, at its last column: sum over patches of the max
+    p_end = tl.where(tl.max(u_mask.to(tl.int32), axis=0) > 0, P, 0)  # an unused tile skips the loop
+    # The scan's second operand: column index, + 2**20 where a report starts.
+    col_key = tl.broadcast_to((tl.arange(0, COLS) + tl.where(u_first, 1048576, 0))[None, :], [BLOCK_P, COLS])
+    for p0 in range(0, p_end, BLOCK_P):
         p_offs = p0 + tl.arange(0, BLOCK_P)
         p_mask = p_offs < P
         if SIM_ONE_DOT:
@@ -152,19 +228,21 @@ def _filip_fwd_kernel(
         else:
             sim = t * _similarity_tile(
                 patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
-                BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+                BLOCK_P, COLS, BLOCK_D, ACC, DOT_PRECISION,
             )
-        # I2T: each patch's best sentence of each report.
-        per_slot = tl.reshape(tl.where(u_mask[None, :], sim, float("-inf")), [BLOCK_P, GROUP, BLOCK_S])
-        row_max = tl.max(per_slot, axis=2)
+        # I2T: each patch's best sentence of each report, at the report's last column.
+        row_max, row_key = tl.associative_scan(
+            (tl.where(u_mask[None, :], sim, float("-inf")), col_key), 1, _segmented_max)
         if SAVE_ROUTE:
-            route = _route_from_sim(per_slot, row_max, n_rep, smax_ptr, EGMA_COMPAT, BLOCK_S)
-            route_offs = (tl.cast(img, tl.int64) * R + reps)[None, :] * P + p_offs[:, None]
+            route = (row_key & 1048575) - (tl.arange(0, COLS) - u_index)[None, :]  # an index into the report
+            if EGMA_COMPAT:
+                route = tl.where(padded[None, :] & (row_max < 0.0), BLOCK_S, route)
+            route_offs = (tl.cast(img, tl.int64) * R + u_rep)[None, :] * P + p_offs[:, None]
             tl.store(route_ptr + route_offs, route.to(route_ptr.dtype.element_ty),
-                     mask=p_mask[:, None] & rep_mask[None, :])
+                     mask=p_mask[:, None] & u_last[None, :])
         if EGMA_COMPAT:
             row_max = tl.where(padded[None, :], tl.maximum(row_max, 0.0), row_max)
-        row_total += tl.where(p_mask[:, None] & rep_mask[None, :], row_max, 0.0)
+        row_total += tl.sum(tl.where(p_mask[:, None] & u_last[None, :], row_max, 0.0), axis=0)
         # T2I: each sentence's best patch of this image, carried across patch blocks (first index on ties).
         masked = tl.where(p_mask[:, None], sim, float("-inf"))
         blk_max = tl.max(masked, axis=0)
@@ -176,10 +254,12 @@ def _filip_fwd_kernel(
             own_offs = u_offs.to(tl.int64)[None, :] * P + p_offs[:, None]
             tl.store(own_ptr + own_offs, sim, mask=p_mask[:, None] & (u_mask & (u_rep == img))[None, :])
 
+    # Per report lane: I2T from its last column, T2I the mean of its columns' maxima.
+    rep_i2t = tl.sum(tl.where(inside & u_last[None, :], row_total[None, :], 0.0), axis=1)
+    rep_t2i = tl.sum(tl.where(inside, tl.where(u_mask, col_max, 0.0)[None, :], 0.0), axis=1)
     at = tl.cast(img, tl.int64) * R + reps
-    tl.store(i2t_ptr + at, tl.sum(row_total, axis=0) / P, mask=rep_mask)
-    col_sum = tl.sum(tl.reshape(tl.where(u_mask, col_max, 0.0), [GROUP, BLOCK_S]), axis=1)
-    tl.store(t2i_ptr + at, col_sum / tl.maximum(n_rep, 1), mask=rep_mask)
+    tl.store(i2t_ptr + at, rep_i2t / P, mask=rep_mask)
+    tl.store(t2i_ptr + at, rep_t2i / tl.maximum(n_rep, 1), mask=rep_mask)
     best_ptrs = best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs
     tl.store(best_ptrs, col_arg.to(best_patch_ptr.dtype.element_ty), mask=u_mask)  # int16 when P < 2**15
 
@@ -544,18 +624,6 @@ def _row_lse(m_ptr, k, stride_row, stride_col, length, BLOCK: tl.constexpr):
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(v - new_max), axis=0)
         run_max = new_max
     return run_max + tl.log(run_sum), diag
-
-
-@triton.jit
-def _longest_report_kernel(cu_ptr, counts_ptr, B, N, BLOCK_B: tl.constexpr):
-    """counts[0] = the longest report's sentence count (the zero-padding rule of egma_compat)."""
-    longest = tl.zeros([BLOCK_B], dtype=tl.int32)
-    for k0 in range(0, B, BLOCK_B):
-        k = k0 + tl.arange(0, BLOCK_B)
-        mask = k < B
-        _, n = _segment(cu_ptr, k, mask, N)
-        longest = tl.maximum(longest, n)
-    tl.store(counts_ptr, tl.max(longest, axis=0))
 
 
 @triton.jit

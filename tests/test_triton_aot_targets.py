@@ -41,13 +41,28 @@ def test_variants_near_the_limits_fit_every_target():
     """The shapes whose shared memory is near some target's limit or whose configuration follows it,
     for every target, each against its own limit (sm_80 163 KiB, sm_86/89/120 99 KiB, sm_90/100 227 KiB).
     Variants identical on sm_80/86/89 are compiled once (same lowering). --check-code: on sm_80 and sm_90
-    every kernel with matrix products has tensor-core instructions in its SASS, and the default path's
-    filip kernels at 10-sentence reports do not spill on sm_90."""
+    every kernel with matrix products has tensor-core instructions in its SASS, and at 10-sentence reports
+    the schedule, packed forward and report kernels (and on sm_90 the backward with saved routes) do not
+    spill (the tool's must_not_spill)."""
     out = _run_tool("--arch", TARGETS, "--shapes", "limits", "--check-code")
     for arch in TARGETS.split(","):
         assert f"sm_{arch} " in out
     # 128-sentence float32 reports do not fit a 99 KiB block: the loss refuses them there, clearly
     assert "skip sm_86 _report_bwd_kernel" in out and "skip sm_80 _report" not in out
+
+
+def test_committed_report_is_complete_and_clean():
+    """benchmarks/results/compiled-code/report.md (every shape, sm_90 and sm_80) lists every kernel variant
+    with the warps and stages the configuration now picks, tensor-core SASS wherever a kernel has matrix
+    products, and no spill in the must_not_spill variants: a configuration change without a regenerated
+    report, or a regenerated report with a new spill there, fails here (no compile: seconds)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    report = os.path.join(ROOT, "benchmarks", "results", "compiled-code", "report.md")
+    result = subprocess.run([sys.executable, TOOL, "--check-report", report], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-4000:]
+    assert "complete and clean" in result.stdout
 
 
 def test_configuration_follows_the_shared_memory():

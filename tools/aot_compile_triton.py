@@ -62,14 +62,26 @@ FAMILY = {80: "mma_v2", 86: "mma_v2", 89: "mma_v2", 90: "wgmma", 100: "tcgen05",
 SM_LIMITS = {80: (65536, 167936, 2048, 32), 86: (65536, 102400, 1536, 16), 89: (65536, 102400, 1536, 24),
              90: (65536, 233472, 2048, 32), 100: (65536, 233472, 2048, 32), 120: (65536, 102400, 1536, 32)}
 # --check-code: SASS checked on these targets (the lent H100/H200s and the A100); there, every kernel with
-# matrix products must use tensor-core instructions, and on sm_90 the filip kernels of the default path
-# (forward, backward with saved routes) at 10-sentence reports must not spill (tuned so by ptxas; the
-# report kernels and longer reports spill and are listed in the committed report).
+# matrix products must use tensor-core instructions, and the variants of must_not_spill must not spill.
 CODE_CHECK_ARCHS = (80, 90)
+
+
+def must_not_spill(arch, kernel, shape):
+    """The variants tuned by ptxas to spill nothing: at 10-sentence reports (BLOCK_S 16, EGMA's size), on
+    sm_90 and sm_80, the schedule, the packed forward and both report kernels; on sm_90 also the backward
+    filip kernels with saved routes. (Longer reports, the recompute backward and sm_80's backward spill;
+    the committed report lists them.)"""
+    if arch not in CODE_CHECK_ARCHS or not shape.endswith("S10"):
+        return False
+    if kernel.startswith(("_pack_schedule", "_filip_fwd", "_report_", "_loss_terms")):
+        return True
+    return arch == 90 and kernel.startswith("_filip_bwd") and kernel.endswith(" route")
+
+
 TENSOR_CORE_SASS = re.compile(r"\b(HMMA|HGMMA|DMMA|IMMA|UTC\w*MMA|QMMA|OMMA)\b")
 
 INPUT_POINTERS = {"patch_ptr", "sent_ptr", "gaze_ptr"}
-INT_POINTERS = {"cu_ptr", "smax_ptr", "counts_ptr"}
+INT_POINTERS = {"cu_ptr", "smax_ptr", "counts_ptr", "sched_ptr"}
 INT16_POINTERS = {"best_patch_ptr"}  # int16 whenever P < 2**15 (int32 for float64)
 BOOL_POINTERS = {"gaze_mask_ptr"}
 UINT8_POINTERS = {"route_ptr"}  # uint8 while the longest report is <= 128 sentences (int16 beyond)
@@ -83,10 +95,12 @@ def kernels(cfg):
     common = dict(ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], BLOCK_S=cfg["BLOCK_S"])
     filip = dict(common, EGMA_COMPAT=True, BLOCK_D=cfg["BLOCK_D"])
     report = dict(common, HAS_GAZE=True, BLOCK_P=cfg["matched_block_p"])
+    columns = cfg["fwd_group"] * cfg["BLOCK_S"]  # the forward's packed tile (triton_backend._launch_filip_fwd)
     return [
-        (K._longest_report_kernel, dict(BLOCK_B=cfg["BLOCK_B"]), 4),
+        (K._pack_schedule_kernel, dict(LONGEST=True, COLS=columns, BLOCK_B=cfg["BLOCK_B"]), 1),
         *[(K._filip_fwd_kernel, dict(filip, WRITE_OWN=True, SAVE_ROUTE=saved, BLOCK_P=cfg["fwd_block_p"],
-                                     GROUP=cfg["fwd_group"], SIM_ONE_DOT=cfg["fwd_SIM_ONE_DOT"], D_PAD=cfg["D_PAD"]),
+                                     BLOCK_D=cfg["fwd_BLOCK_D"],
+                                     COLS=columns, SIM_ONE_DOT=cfg["fwd_SIM_ONE_DOT"], D_PAD=cfg["D_PAD"]),
            cfg["fwd_warps"]) for saved in (True, False)],
         (K._report_fwd_kernel, dict(report, EGMA_COMPAT=True, BLOCK_B=cfg["BLOCK_B"]), cfg["report_warps"],
          cfg["report_stages"]),
@@ -186,21 +200,31 @@ def signature(fn, variant):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="90", help="comma-separated compute capabilities, e.g. 80,86,89,90")
+    parser.add_argument("--arch", default="90", help="comma-separated compute capabilities, e.g. 80,86,89,90 (default: 90)")
     parser.add_argument("--shapes", default="all", choices=["all", "limits"],
-                        help="every shape, or only those near a target's shared-memory limit (LIMIT_SHAPES)")
-    parser.add_argument("--resources", action="store_true", help="print registers and spills (runs ptxas)")
-    parser.add_argument("--report", default="", help="write a Markdown table of the compiled code here")
+                        help="every shape, or only those near a target's shared-memory limit (LIMIT_SHAPES; default: all)")
+    parser.add_argument("--resources", action="store_true", help="print registers and spills (runs ptxas; default: off)")
+    parser.add_argument("--report", default="", help="write a Markdown table of the compiled code here (default: none)")
     parser.add_argument("--check-code", action="store_true",
-                        help="fail on spills, or on a kernel with matrix products but no tensor-core SASS")
+                        help="fail on spills where none are allowed, or on a kernel with matrix products but no tensor-core SASS (default: off)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a launch-configuration entry (triton_backend.CONFIG_OVERRIDES), e.g. "
-                             "--set sent_group=1; repeatable")
-    parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
+                             "--set sent_group=1; repeatable (default: none)")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --report: keep the rows of an existing report that this run did not compile "
+                             "(default: off, the report holds this run's rows only)")
+    parser.add_argument("--only", default="", help="compile only kernels whose name contains this (default: all)")
+    parser.add_argument("--shape", default="", help="compile only shapes whose name contains this (default: all)")
     parser.add_argument("--stages", type=int, default=0, help="num_stages for every kernel (default: Triton's)")
     parser.add_argument("--expect-triton", default="",
-                        help="fail unless the imported triton's version starts with this (CI's 3.6 check)")
+                        help="fail unless the imported triton's version starts with this (CI's 3.6 check; default: any)")
+    parser.add_argument("--check-report", default="", metavar="FILE",
+                        help="compile nothing: check that a committed report (--report) lists every variant of "
+                             "CODE_CHECK_ARCHS with the current warps and stages, tensor-core SASS wherever the "
+                             "kernel has products, and no spill where must_not_spill (default: none)")
     args = parser.parse_args()
+    if args.check_report:
+        sys.exit(check_report(args.check_report))
     if not triton.__version__.startswith(args.expect_triton):
         sys.exit(f"expected triton {args.expect_triton}, imported {triton.__version__} from {triton.__file__}")
     for item in args.set:
@@ -209,7 +233,7 @@ def main():
     failures = 0
     compiled_by_key = {}
     rows = []
-    shapes = [s for s in SHAPES if args.shapes == "all" or s[0] in LIMIT_SHAPES]
+    shapes = [s for s in SHAPES if (args.shapes == "all" or s[0] in LIMIT_SHAPES) and args.shape in s[0]]
     for arch in [int(a) for a in args.arch.split(",")]:
         limit = SHARED_MEMORY_LIMITS[arch]
         target = GPUTarget("cuda", arch, 32)
@@ -254,8 +278,7 @@ def main():
                         dots = uses_dot(fn)
                         tc_text = "n/a (no cuobjdump)" if tc is None else (
                             ", ".join(f"{k} x{v}" for k, v in sorted(tc.items())) or "none")
-                        spill_free = arch == 90 and name.endswith("S10") and fn.__name__.startswith("_filip") \
-                            and not (route == " recompute" and "_bwd_" in fn.__name__)
+                        spill_free = must_not_spill(arch, fn.__name__ + route, name)
                         code_bad = args.check_code and ((spill_free and spills > 0) or (dots and tc is not None and not tc))
                         bad = bad or code_bad
                         extra += f"  regs={regs} spill={spills}B occupancy={occ:.0%} tensor-core: {tc_text}"
@@ -268,12 +291,54 @@ def main():
                     failures += 1
                     print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
     if args.report:
-        write_report(args.report, rows)
+        write_report(args.report, rows, merge=args.merge)
     print(f"{failures} failed" if failures else f"all kernels compiled (triton {triton.__version__})")
     sys.exit(1 if failures else 0)
 
 
-def write_report(path, rows):
+def check_report(path):
+    """0 if the report at ``path`` is complete, current and clean for CODE_CHECK_ARCHS (see --check-report),
+    else 1, with one line per problem."""
+    with open(path) as f:
+        rows = {_row_key(line): [c.strip() for c in line.strip().strip("|").split("|")]
+                for line in f if line.startswith("| sm_")}
+    problems = []
+    for arch in CODE_CHECK_ARCHS:
+        for name, dtype, P, D, max_seqlen in SHAPES:
+            torch.set_float32_matmul_precision("high" if "tf32 " in name else "highest")
+            cfg = _config(dtype, P, D, max_seqlen, num_reports=64, smem=SHARED_MEMORY_LIMITS[arch])
+            for fn, consts, num_warps, *stages in kernels(cfg):
+                if fn.__name__.startswith("_report") and not cfg["report_fits"]:
+                    continue
+                route = {True: " route", False: " recompute"}.get(consts.get("SAVED_ROUTE", consts.get("SAVE_ROUTE")), "")
+                key = (f"sm_{arch}", fn.__name__ + route, name)
+                cells = rows.get(key)
+                if cells is None:
+                    problems.append(f"{' '.join(key)}: missing")
+                    continue
+                stage = str(stages[0]) if stages and stages[0] else "default"
+                if cells[3] != str(num_warps) or cells[4] != stage:
+                    problems.append(f"{' '.join(key)}: compiled with {cells[3]} warps, {cells[4]} stages; the "
+                                    f"configuration now has {num_warps}, {stage} (regenerate the report)")
+                if must_not_spill(arch, key[1], name) and cells[6] != "0":
+                    problems.append(f"{' '.join(key)}: spills {cells[6]} B per thread")
+                if cells[10] == "yes" and cells[11] == "none":
+                    problems.append(f"{' '.join(key)}: matrix products without tensor-core SASS")
+                if cells[12] != "ok":
+                    problems.append(f"{' '.join(key)}: {cells[12]}")
+    print("\n".join(problems) if problems else f"report {path}: complete and clean")
+    return 1 if problems else 0
+
+
+def _row_key(line):
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    return tuple(cells[:3])  # (target, kernel, shape)
+
+
+def write_report(path, rows, merge=False):
+    """The Markdown table of ``rows``; with ``merge``, the rows of the existing file at ``path`` that were not
+    compiled this time are kept (a kernel's new row replaces its old one, a kernel new to a (target, shape)
+    goes before that pair's first row, rows of kernels that no longer exist are dropped)."""
     lines = [
         f"# Compiled Triton kernels (triton {triton.__version__}, AOT, no GPU)",
         "",
@@ -286,9 +351,25 @@ def write_report(path, rows):
         "| target | kernel | shape | warps | stages | regs | spill B | shared B | limit B | occupancy | dot | tensor-core SASS | |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    table = []
     for arch, kernel, shape, warps, stages, regs, spills, shared, limit, occ, dots, tc, status in rows:
-        lines.append(f"| sm_{arch} | {kernel} | {shape} | {warps} | {stages} | {regs} | {spills} | {shared} | {limit} "
+        table.append(f"| sm_{arch} | {kernel} | {shape} | {warps} | {stages} | {regs} | {spills} | {shared} | {limit} "
                      f"| {occ:.0%} | {'yes' if dots else 'no'} | {tc} | {status} |")
+    if merge and os.path.exists(path):
+        new = {_row_key(line): line for line in table}
+        with open(path) as f:
+            old = [line.rstrip("\n") for line in f if line.startswith("| sm_")]
+        exists = {name for name in dir(K) if name.startswith("_")}
+        merged = []
+        for line in old:
+            key = _row_key(line)
+            if key[1].split()[0] not in exists:
+                continue
+            for k in [k for k in new if k[0] == key[0] and k[2] == key[2] and k not in map(_row_key, old)]:
+                merged.append(new.pop(k))
+            merged.append(new.pop(key, line))
+        table = merged + list(new.values())
+    lines += table
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
