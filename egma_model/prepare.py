@@ -67,7 +67,7 @@ import os
 import random
 import sys
 from collections import Counter, defaultdict
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["Summary", "prepare_reflacx", "prepare_egd_cxr", "prepare_mimic_eye", "prepare_chexpert_5x200",
            "prepare_chexpert",

@@ -7,7 +7,6 @@ hub's layout (``models--<org>--<name>/snapshots/<commit>/...`` and ``refs/main``
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 

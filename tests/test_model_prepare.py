@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from egma_model import EGMADataset, load_manifest
 from egma_model.prepare import main as prepare

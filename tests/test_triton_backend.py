@@ -5,10 +5,6 @@ float32 and float64, small shapes, every output buffer poisoned. On a GPU the `g
 the compiled kernels in bfloat16/float16/float32.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
