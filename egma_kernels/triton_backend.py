@@ -355,8 +355,8 @@ def _pack_tiles(num_reports: int, num_sentences: int, columns: int) -> int:
     return max(1, min(num_reports, 2 * (num_sentences // (columns + 1)) + 1))
 
 
-def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat, write_own, route=None):
-    """I2T, T2I (images x reports), each sentence's best patch, and (loss only) the own blocks X and,
+def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat, write_matched, route=None):
+    """I2T, T2I (images x reports), each sentence's best patch, and (loss only) the matched blocks X and,
     if ``route`` is given (a (B, B, P) buffer), each patch's best sentence of each report. With
     ``egma_compat``, also counts[0] = the longest report."""
     num_images, P, D = patch.shape
@@ -367,7 +367,7 @@ def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat
     i2t = _utils.new_output((num_images, R), acc, patch.device)
     t2i = _utils.new_output((num_images, R), acc, patch.device)
     best_patch = _utils.new_output((num_images, N), _index_dtype(P, patch.dtype), patch.device)
-    own = _utils.new_output((N, P), acc, patch.device) if write_own else i2t  # i2t: an unused placeholder
+    matched = _utils.new_output((N, P), acc, patch.device) if write_matched else i2t  # i2t: an unused placeholder
     # Packed tiles of whole consecutive reports (see _pack_schedule_kernel), scheduled on the device; the
     # grid is sized by the host's bound and the programs of unused tiles exit.
     columns = cfg["fwd_group"] * cfg["BLOCK_S"]
@@ -378,14 +378,14 @@ def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat
     )
     save_route = route is not None and route.numel() > 0
     K._filip_fwd_kernel[(num_images * tiles,)](
-        patch, sent, cu, scale, counts, sched, i2t, t2i, best_patch, own, route if save_route else i2t,
+        patch, sent, cu, scale, counts, sched, i2t, t2i, best_patch, matched, route if save_route else i2t,
         P, D, N, R, tiles, patch.stride(0), patch.stride(1), sent.stride(0),
-        EGMA_COMPAT=egma_compat, WRITE_OWN=write_own, SAVE_ROUTE=save_route,
+        EGMA_COMPAT=egma_compat, WRITE_MATCHED=write_matched, SAVE_ROUTE=save_route,
         BLOCK_P=cfg["fwd_block_p"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["fwd_BLOCK_D"], COLS=columns,
         SIM_ONE_DOT=cfg["fwd_SIM_ONE_DOT"], D_PAD=cfg["D_PAD"],
         ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["fwd_warps"],
     )
-    return i2t, t2i, best_patch, own
+    return i2t, t2i, best_patch, matched
 
 
 def _parallel_units(device: torch.device) -> int:
@@ -415,27 +415,27 @@ def _grad_mask(**grads) -> int:
 
 def _launch_filip_bwd(
     patch, sent, cu, scale, counts, best_patch, max_seqlen, *, egma_compat, grads, g_loss=None, g_con=None,
-    g_i2t=None, g_t2i=None, w_con=1.0, i2t=None, t2i=None, per_report=None, d_own=None, own=None, route=None,
+    g_i2t=None, g_t2i=None, w_con=1.0, i2t=None, t2i=None, per_report=None, d_matched=None, matched=None, route=None,
 ):
-    """dL/dpatch, dL/dsent, dL/dt through I2T, T2I (and the own blocks' gradient ``d_own``, if given),
-    routed by the forward's saved ``route`` when it has one (which needs ``i2t``, ``t2i`` and ``own``)."""
+    """dL/dpatch, dL/dsent, dL/dt through I2T, T2I (and the matched blocks' gradient ``d_matched``, if given),
+    routed by the forward's saved ``route`` when it has one (which needs ``i2t``, ``t2i`` and ``matched``)."""
     num_images, P, D = patch.shape
     N = sent.shape[0]
     R = cu.shape[0] - 1
     cfg = _config(patch.dtype, P, D, max_seqlen, 1, _shared_memory(patch.device))
     acc = _acc_dtype(patch.dtype)
     elem = torch.finfo(acc).bits // 8
-    unused = scale  # the pointer passed for an absent tensor; GRADS / HAS_OWN_GRAD keep it unread
+    unused = scale  # the pointer passed for an absent tensor; GRADS / HAS_MATCHED_GRAD keep it unread
     upstream = (
         i2t if i2t is not None else unused, t2i if t2i is not None else unused,
         per_report if per_report is not None else unused,
         g_loss if g_loss is not None else unused, g_con if g_con is not None else unused,
         g_i2t.contiguous() if g_i2t is not None else unused, g_t2i.contiguous() if g_t2i is not None else unused,
-        float(w_con), best_patch, d_own if d_own is not None else unused,
+        float(w_con), best_patch, d_matched if d_matched is not None else unused,
     )
     saved_route = route is not None and route.numel() > 0
     common = dict(
-        EGMA_COMPAT=egma_compat, HAS_OWN_GRAD=d_own is not None, GRADS=grads, SAVED_ROUTE=saved_route,
+        EGMA_COMPAT=egma_compat, HAS_MATCHED_GRAD=d_matched is not None, GRADS=grads, SAVED_ROUTE=saved_route,
         BLOCK_S=cfg["BLOCK_S"],
         BLOCK_D=cfg["BLOCK_D"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], GRAD_PRECISION=cfg["grad_precision"],
         num_warps=cfg["bwd_warps"],
@@ -460,7 +460,7 @@ def _launch_filip_bwd(
     chunks = cfg["D_CHUNKS"]
     d_scale_parts = _utils.new_output((slices * num_images * row_blocks * chunks,), acc, patch.device)
     K._filip_bwd_patch_kernel[(num_images, row_blocks * chunks, slices)](
-        patch, sent, cu, scale, counts, *upstream, own if own is not None else unused,
+        patch, sent, cu, scale, counts, *upstream, matched if matched is not None else unused,
         route if saved_route else unused, d_patch, d_scale_parts,
         P, D, N, R, groups_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
         BLOCK_P=block_rows, GROUP=cfg["bwd_group"], D_OUT=cfg["D_OUT"], D_CHUNKS=chunks,
@@ -516,16 +516,16 @@ def _launch_loss_fwd(
     # counts: [longest report (egma_compat only), max(1, reports with gaze), max(1, reports mapped)]
     counts = _utils.new_output((3,), torch.int32, device)  # counts[0]: written by _launch_filip_fwd
     route = _utils.new_output(_route_shape(patch, N, max_seqlen, for_backward), _route_dtype(max_seqlen), device)
-    i2t, t2i, best_patch, own = _launch_filip_fwd(
-        patch, sent, cu, scale, counts, max_seqlen, egma_compat=egma_compat, write_own=True, route=route
+    i2t, t2i, best_patch, matched = _launch_filip_fwd(
+        patch, sent, cu, scale, counts, max_seqlen, egma_compat=egma_compat, write_matched=True, route=route
     )
     has_gaze = gaze is not None
     per_report = _utils.new_output((K.PER_REPORT_ROWS.value, B), acc, device)
-    row_stats = _utils.new_output((N, 7), acc, device)
+    sent_stats = _utils.new_output((N, K.SENT_STATS.value), acc, device)
     z1_lse = _utils.new_output((2, B, P), acc, device)
     K._report_fwd_kernel[(B,)](
-        own, gaze if has_gaze else own, gaze_mask if has_gaze else cu, cu, i2t, t2i,
-        per_report, row_stats, z1_lse, B, N, P, float(threshold),
+        matched, gaze if has_gaze else matched, gaze_mask if has_gaze else cu, cu, i2t, t2i,
+        per_report, sent_stats, z1_lse, B, N, P, float(threshold),
         HAS_GAZE=has_gaze, EGMA_COMPAT=egma_compat, BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"],
         BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["report_warps"],
         **_stages(cfg["report_stages"]),
@@ -537,32 +537,32 @@ def _launch_loss_fwd(
         B, N, float(alpha), float(w_con), float(w_mlce), float(w_map),
         HAS_GAZE=has_gaze, BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"],
     )
-    return loss, con, mlce, mapping, i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts, route
+    return loss, con, mlce, mapping, i2t, t2i, best_patch, matched, per_report, sent_stats, z1_lse, counts, route
 
 
 def _launch_loss_bwd(
     g_loss, g_con, g_mlce, g_map, g_i2t, g_t2i, patch, sent, cu, scale, gaze, gaze_mask,
-    i2t, t2i, best_patch, own, per_report, row_stats, z1_lse, counts, route,
+    i2t, t2i, best_patch, matched, per_report, sent_stats, z1_lse, counts, route,
     alpha, threshold, weights, egma_compat, max_seqlen,
 ):
     grads = _grad_mask(loss=g_loss, con=g_con, mlce=g_mlce, map=g_map, i2t=g_i2t, t2i=g_t2i)
     w_con, w_mlce, w_map = weights
-    N, P = own.shape
+    N, P = matched.shape
     B = patch.shape[0]
     has_gaze = gaze is not None
     unused = scale
-    d_own = None
+    d_matched = None
     mlce_grad = has_gaze and bool(grads & (K.G_LOSS.value | K.G_MLCE.value))
     map_grad = bool(grads & (K.G_LOSS.value | K.G_MAP.value))
     if mlce_grad or map_grad:
         cfg = _config(patch.dtype, P, 16, max_seqlen, 1, _shared_memory(patch.device))
         _check_fits(cfg, max_seqlen)
-        d_own = _utils.new_output((N, P), own.dtype, own.device)
+        d_matched = _utils.new_output((N, P), matched.dtype, matched.device)
         K._report_bwd_kernel[(B,)](
-            own, gaze if has_gaze else own, gaze_mask if has_gaze else cu, cu, counts,
+            matched, gaze if has_gaze else matched, gaze_mask if has_gaze else cu, cu, counts,
             g_loss if g_loss is not None else unused, g_mlce if g_mlce is not None else unused,
             g_map if g_map is not None else unused, float(w_mlce), float(w_map), float(alpha),
-            row_stats, z1_lse, d_own, N, P, float(threshold),
+            sent_stats, z1_lse, d_matched, N, P, float(threshold),
             HAS_GAZE=has_gaze, GRADS=grads, BLOCK_P=cfg["matched_block_p"], BLOCK_S=cfg["BLOCK_S"],
             ACC=cfg["ACC"], DOT_PRECISION=cfg["DOT_PRECISION"], num_warps=cfg["report_warps"],
             **_stages(cfg["report_stages"]),
@@ -570,7 +570,7 @@ def _launch_loss_bwd(
     return _launch_filip_bwd(
         patch, sent, cu, scale, counts, best_patch, max_seqlen, egma_compat=egma_compat, grads=grads,
         g_loss=g_loss, g_con=g_con, g_i2t=g_i2t, g_t2i=g_t2i, w_con=w_con, i2t=i2t, t2i=t2i,
-        per_report=per_report, d_own=d_own, own=own, route=route,
+        per_report=per_report, d_matched=d_matched, matched=matched, route=route,
     )
 
 
@@ -579,7 +579,7 @@ def _launch_loss_bwd(
 # ---------------------------------------------------------------------------------------------------
 
 # The loss forward's saved tensors (after its six public outputs), in the order _launch_loss_fwd returns them.
-LOSS_SAVED = ("best_patch", "matched_sim", "per_report", "row_stats", "z1_lse", "counts", "route")
+LOSS_SAVED = ("best_patch", "matched_sim", "per_report", "sent_stats", "z1_lse", "counts", "route")
 
 
 def _check_loss_inputs(x: OpInputs) -> None:
@@ -607,7 +607,7 @@ def _loss_saved(x: OpInputs, options: LossOptions, max_seqlen: int, save: bool) 
         ((B, N), _index_dtype(P, x.patch.dtype)),  # best_patch
         ((N, P), acc),  # matched_sim: each report's sentences against its own image's patches
         ((K.PER_REPORT_ROWS.value, B), acc),  # per_report
-        ((N, 7), acc),  # row_stats
+        ((N, K.SENT_STATS.value), acc),  # sent_stats
         ((2, B, P), acc),  # z1_lse
         ((3,), torch.int32),  # counts
         (_route_shape(x.patch, N, max_seqlen, save), _route_dtype(max_seqlen)),  # route
@@ -619,7 +619,7 @@ def _loss_backward(grads, x: OpInputs, i2t: Tensor, t2i: Tensor, saved: tuple, o
     (B, P, _), N = x.patch.shape, x.sent.shape[0]
     max_seqlen = _seqlen_bound(max_seqlen, N)
     route_shape = (B, B, P) if saved[-1].numel() else (0,)
-    shapes = [(B, N), (N, P), (K.PER_REPORT_ROWS.value, B), (N, 7), (2, B, P), (3,), route_shape]  # LOSS_SAVED
+    shapes = [(B, N), (N, P), (K.PER_REPORT_ROWS.value, B), (N, K.SENT_STATS.value), (2, B, P), (3,), route_shape]  # LOSS_SAVED
     expected = [(g, ()) for g in grads[:4]] + [(i2t, (B, B)), (t2i, (B, B))] + list(zip(saved, shapes))
     _check_saved(expected)
     if any(g is not None and g.shape != (B, B) for g in grads[4:]):
@@ -635,7 +635,7 @@ def _filip_forward(x: OpInputs, max_seqlen: int, egma_compat: bool, save: bool) 
     _refuse_compat(egma_compat)
     i2t, t2i, best_patch, _ = _launch_filip_fwd(
         x.patch, x.sent, x.cu, x.scale, x.cu, _seqlen_bound(max_seqlen, x.sent.shape[0]), egma_compat=False,
-        write_own=False,
+        write_matched=False,
     )
     return i2t, t2i, best_patch
 

@@ -14,7 +14,7 @@ Kernels (one program per ...), in launch order:
                           N and max_seqlen only, and never waits for the GPU); with egma_compat also the
                           longest report, for the zero-padding rule.
   _filip_fwd_kernel       (image a, packed tile; tiles fastest): I2T[a,b], T2I[a,b], the argmax patch of
-                          each sentence, the routes, and on the matched tiles (a == b) the own block
+                          each sentence, the routes, and on the matched tiles (a == b) the matched block
                           X[u, i] = A[o(u), i ; u]. The reports of a tile share every patch tile it loads,
                           and its columns are the reports' sentences with no padding between them.
   _report_fwd_kernel      report k: the contrastive cross-entropies' row k (log-sum-exps of row k of
@@ -179,10 +179,10 @@ def _pack_schedule_kernel(cu_ptr, sched_ptr, counts_ptr, R, N, T_MAX,
 @triton.jit
 def _filip_fwd_kernel(
     patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr, sched_ptr,
-    i2t_ptr, t2i_ptr, best_patch_ptr, own_ptr, route_ptr,
+    i2t_ptr, t2i_ptr, best_patch_ptr, matched_ptr, route_ptr,
     P, D, N, R, T_MAX,
     stride_pb, stride_pp, stride_sn,
-    EGMA_COMPAT: tl.constexpr, WRITE_OWN: tl.constexpr, SAVE_ROUTE: tl.constexpr,
+    EGMA_COMPAT: tl.constexpr, WRITE_MATCHED: tl.constexpr, SAVE_ROUTE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COLS: tl.constexpr,
     SIM_ONE_DOT: tl.constexpr, D_PAD: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -250,9 +250,9 @@ def _filip_fwd_kernel(
         better = blk_max > col_max
         col_arg = tl.where(better, blk_arg, col_arg)
         col_max = tl.where(better, blk_max, col_max)
-        if WRITE_OWN:
-            own_offs = u_offs.to(tl.int64)[None, :] * P + p_offs[:, None]
-            tl.store(own_ptr + own_offs, sim, mask=p_mask[:, None] & (u_mask & (u_rep == img))[None, :])
+        if WRITE_MATCHED:
+            matched_offs = u_offs.to(tl.int64)[None, :] * P + p_offs[:, None]
+            tl.store(matched_ptr + matched_offs, sim, mask=p_mask[:, None] & (u_mask & (u_rep == img))[None, :])
 
     # Per report lane: I2T from its last column, T2I the mean of its columns' maxima.
     rep_i2t = tl.sum(tl.where(inside & u_last[None, :], row_total[None, :], 0.0), axis=1)
@@ -284,6 +284,16 @@ PR_LSE_T2I = tl.constexpr(5)  # log-sum-exp of column k of T2I (over the images)
 PR_CE_I2T = tl.constexpr(6)
 PR_CE_T2I = tl.constexpr(7)
 PER_REPORT_ROWS = tl.constexpr(8)
+
+# Columns of the per-sentence buffer (N, SENT_STATS) that the report kernel fills for the backward pass.
+SS_NEG_LSE = tl.constexpr(0)  # MLCE row log-sum-exp over the sentence's non-gazed patches
+SS_POS_LSE = tl.constexpr(1)  # MLCE row log-sum-exp over its gazed patches
+SS_W_LO = tl.constexpr(2)     # W_T2I row statistics (the mapping weights' normalisation)
+SS_W_HI = tl.constexpr(3)
+SS_W_TOTAL = tl.constexpr(4)
+SS_Z2_ROW = tl.constexpr(5)   # Z2 log-sum-exps: the sentence's row and column
+SS_Z2_COL = tl.constexpr(6)
+SENT_STATS = tl.constexpr(7)
 
 
 @triton.jit
@@ -355,12 +365,12 @@ def _load_route(route_ptr, img, reps, rep_mask, p_offs, p_mask, R, P, BLOCK_S: t
 @triton.jit
 def _grad_tile(
     route, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
-    best_patch_ptr, d_own_ptr,
-    HAS_OWN_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
+    best_patch_ptr, d_matched_ptr,
+    HAS_MATCHED_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """dL/dA on one image's tile against a group of reports ([BLOCK_P, GROUP * BLOCK_S], as _report_group
     lays them out): routed through each max (``route``: each row's best sentence per report, saved by the
-    forward pass or recomputed; best_patch: each sentence's best row), plus the own block's gradient."""
+    forward pass or recomputed; best_patch: each sentence's best row), plus the matched block's gradient."""
     j = tl.arange(0, BLOCK_S)
     hit = j[None, None, :] == route[:, :, None]
     d_sim = tl.where(hit & p_mask[:, None, None], (g_row / P)[None, :, None], 0.0)
@@ -368,9 +378,9 @@ def _grad_tile(
     best = tl.load(best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs, mask=u_mask, other=-1).to(tl.int32)
     col = tl.reshape(tl.broadcast_to((g_col / tl.maximum(n_rep, 1))[:, None], [GROUP, BLOCK_S]), [GROUP * BLOCK_S])
     d_sim += tl.where((p_offs[:, None] == best[None, :]) & u_mask[None, :], col[None, :], 0.0)
-    if HAS_OWN_GRAD:
-        own_offs = u_offs.to(tl.int64)[None, :] * P + p_offs[:, None]
-        d_sim += tl.load(d_own_ptr + own_offs, mask=p_mask[:, None] & (u_mask & (u_rep == img))[None, :], other=0.0)
+    if HAS_MATCHED_GRAD:
+        matched_offs = u_offs.to(tl.int64)[None, :] * P + p_offs[:, None]
+        d_sim += tl.load(d_matched_ptr + matched_offs, mask=p_mask[:, None] & (u_mask & (u_rep == img))[None, :], other=0.0)
     return d_sim
 
 
@@ -378,11 +388,11 @@ def _grad_tile(
 def _filip_bwd_patch_kernel(
     patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
     i2t_ptr, t2i_ptr, per_report_ptr, g_loss_ptr, g_con_ptr, g_i2t_ptr, g_t2i_ptr, w_con,
-    best_patch_ptr, d_own_ptr, own_ptr, route_ptr,
+    best_patch_ptr, d_matched_ptr, matched_ptr, route_ptr,
     d_patch_ptr, d_scale_part_ptr,
     P, D, N, R, groups_per_slice,
     stride_pb, stride_pp, stride_sn,
-    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr, SAVED_ROUTE: tl.constexpr,
+    EGMA_COMPAT: tl.constexpr, HAS_MATCHED_GRAD: tl.constexpr, GRADS: tl.constexpr, SAVED_ROUTE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, SIM_ONE_DOT: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
@@ -390,7 +400,7 @@ def _filip_bwd_patch_kernel(
     """dL/dpatch rows of one image (and a partial of dL/dt): for every group of reports, the gradient
     tile dL/dA [rows, group columns] times the group's sentences. With SAVED_ROUTE the tile comes from the
     forward's routes alone (no similarity, so a D chunk loads only its own columns) and dL/dt from I2T,
-    T2I and the own block (sum dA * A / t = sum g_I2T I2T + g_T2I T2I + dX X, all over t); otherwise the
+    T2I and the matched block (sum dA * A / t = sum g_I2T I2T + g_T2I T2I + dX X, all over t); otherwise the
     similarity tile is recomputed to find the routes."""
     img = tl.program_id(0)
     pblk = tl.program_id(1) // D_CHUNKS  # axis 1: (block of patch rows, chunk of D_OUT output columns)
@@ -432,7 +442,7 @@ def _filip_bwd_patch_kernel(
             route = _route_from_sim(per_slot, tl.max(per_slot, axis=2), n_rep, smax_ptr, EGMA_COMPAT, BLOCK_S)
         d_sim = _grad_tile(
             route, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
-            best_patch_ptr, d_own_ptr, HAS_OWN_GRAD, BLOCK_P, GROUP, BLOCK_S,
+            best_patch_ptr, d_matched_ptr, HAS_MATCHED_GRAD, BLOCK_P, GROUP, BLOCK_S,
         ).to(ACC)
         if not SAVED_ROUTE:
             scale_acc += tl.sum(d_sim * sim, axis=1)
@@ -442,18 +452,18 @@ def _filip_bwd_patch_kernel(
     tl.store(out, t * acc, mask=p_mask[:, None] & (dd[None, :] < D))
     # dL/dt = sum dA * A / t, one partial per program, summed afterwards in a fixed order. Only the first
     # chunk's counts (the others write 0); with SAVED_ROUTE the matrices' part only in the first row block
-    # and the own block's part only in the first slice.
+    # and the matched block's part only in the first slice.
     scale_part = tl.sum(scale_acc, axis=0)
     if SAVED_ROUTE:
         scale_part = tl.where(pblk == 0, tl.sum(matrix_scale, axis=0), 0.0)
-        if HAS_OWN_GRAD:
+        if HAS_MATCHED_GRAD:
             own_start, own_len = _segment(cu_ptr, img, img >= 0, N)
             j = tl.arange(0, BLOCK_S)
             u_own = own_start + j
-            own_mask = (j < own_len)[:, None] & p_mask[None, :] & (part == 0)
-            own_offs = u_own.to(tl.int64)[:, None] * P + p_offs[None, :]
-            x = tl.load(own_ptr + own_offs, mask=own_mask, other=0.0).to(ACC)
-            scale_part += tl.sum(tl.sum(x * tl.load(d_own_ptr + own_offs, mask=own_mask, other=0.0), axis=1), axis=0)
+            matched_mask = (j < own_len)[:, None] & p_mask[None, :] & (part == 0)
+            matched_offs = u_own.to(tl.int64)[:, None] * P + p_offs[None, :]
+            x = tl.load(matched_ptr + matched_offs, mask=matched_mask, other=0.0).to(ACC)
+            scale_part += tl.sum(tl.sum(x * tl.load(d_matched_ptr + matched_offs, mask=matched_mask, other=0.0), axis=1), axis=0)
     slot = (part * num_images + img) * tl.num_programs(1) + tl.program_id(1)
     tl.store(d_scale_part_ptr + slot, tl.where(chunk == 0, scale_part / t, 0.0))
 
@@ -462,11 +472,11 @@ def _filip_bwd_patch_kernel(
 def _filip_bwd_sent_kernel(
     patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
     i2t_ptr, t2i_ptr, per_report_ptr, g_loss_ptr, g_con_ptr, g_i2t_ptr, g_t2i_ptr, w_con,
-    best_patch_ptr, d_own_ptr, route_ptr,
+    best_patch_ptr, d_matched_ptr, route_ptr,
     d_sent_ptr,
     num_images, P, D, N, R, images_per_slice,
     stride_pb, stride_pp, stride_sn,
-    EGMA_COMPAT: tl.constexpr, HAS_OWN_GRAD: tl.constexpr, GRADS: tl.constexpr, SAVED_ROUTE: tl.constexpr,
+    EGMA_COMPAT: tl.constexpr, HAS_MATCHED_GRAD: tl.constexpr, GRADS: tl.constexpr, SAVED_ROUTE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, SIM_ONE_DOT: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
@@ -508,7 +518,7 @@ def _filip_bwd_sent_kernel(
                 route = _route_from_sim(per_slot, tl.max(per_slot, axis=2), n_rep, smax_ptr, EGMA_COMPAT, BLOCK_S)
             d_sim = _grad_tile(
                 route, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
-                best_patch_ptr, d_own_ptr, HAS_OWN_GRAD, BLOCK_P, GROUP, BLOCK_S,
+                best_patch_ptr, d_matched_ptr, HAS_MATCHED_GRAD, BLOCK_P, GROUP, BLOCK_S,
             ).to(ACC)
             acc = tl.dot(tl.trans(d_sim), patches.to(ACC), acc, input_precision=GRAD_PRECISION, out_dtype=ACC)
     out = d_sent_ptr + (tl.cast(part, tl.int64) * N + u_offs.to(tl.int64))[:, None] * D + dd[None, :]
@@ -516,7 +526,7 @@ def _filip_bwd_sent_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Matched blocks: gaze MLCE and gaze-guided mapping, on X_k = own[c_k : c_k + n_k, :] (n_k x P).
+# Matched blocks: gaze MLCE and gaze-guided mapping, on X_k = matched[c_k : c_k + n_k, :] (n_k x P).
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -530,10 +540,10 @@ def _smallest_normal(ACC: tl.constexpr):
 
 
 @triton.jit
-def _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE: tl.constexpr, ACC: tl.constexpr):
+def _load_block(matched_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE: tl.constexpr, ACC: tl.constexpr):
     offs = u_offs.to(tl.int64)[:, None] * P + p_offs[None, :]
     mask = u_mask[:, None] & p_mask[None, :]
-    x = tl.load(own_ptr + offs, mask=mask, other=0.0).to(ACC)
+    x = tl.load(matched_ptr + offs, mask=mask, other=0.0).to(ACC)
     if HAS_GAZE:
         # The labels come from the gaze as given (gaze > 0): a positive value too small for ACC (a float64
         # 1e-50 with float32 inputs) becomes ACC's smallest normal number, not 0.
@@ -575,7 +585,7 @@ def _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total):
 
 
 @triton.jit
-def _z2(own_ptr, gaze_ptr, u_offs, u_mask, P, add_gaze, threshold, row_lo, row_hi, row_total,
+def _z2(matched_ptr, gaze_ptr, u_offs, u_mask, P, add_gaze, threshold, row_lo, row_hi, row_total,
         HAS_GAZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """Z2 = W_T2I X_k^T (n_k x n_k), accumulated over patch blocks (the weights recomputed on the way)."""
@@ -583,7 +593,7 @@ def _z2(own_ptr, gaze_ptr, u_offs, u_mask, P, add_gaze, threshold, row_lo, row_h
     for p0 in range(0, P, BLOCK_P):
         p_offs = p0 + tl.arange(0, BLOCK_P)
         p_mask = p_offs < P
-        x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
+        x, heat, mask = _load_block(matched_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
         w2 = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, row_total)
         z2 = tl.dot(w2, tl.trans(x), z2, input_precision=DOT_PRECISION, out_dtype=ACC)
     return z2
@@ -673,8 +683,8 @@ def _loss_terms_kernel(
 
 @triton.jit
 def _report_fwd_kernel(
-    own_ptr, gaze_ptr, gaze_mask_ptr, cu_ptr, i2t_ptr, t2i_ptr,
-    per_report_ptr, row_stats_ptr, z1_lse_ptr,
+    matched_ptr, gaze_ptr, gaze_mask_ptr, cu_ptr, i2t_ptr, t2i_ptr,
+    per_report_ptr, sent_stats_ptr, z1_lse_ptr,
     B, N, P, threshold,
     HAS_GAZE: tl.constexpr, EGMA_COMPAT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -711,7 +721,7 @@ def _report_fwd_kernel(
     for p0 in range(0, P, BLOCK_P):
         p_offs = p0 + tl.arange(0, BLOCK_P)
         p_mask = p_offs < P
-        x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
+        x, heat, mask = _load_block(matched_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
         positive = heat > 0.0
         neg = tl.where(mask & ~positive, x, NEG_INF)
         pos = tl.where(mask & positive, -x, NEG_INF)
@@ -735,11 +745,11 @@ def _report_fwd_kernel(
     for p0 in range(0, P, BLOCK_P):
         p_offs = p0 + tl.arange(0, BLOCK_P)
         p_mask = p_offs < P
-        x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
+        x, heat, mask = _load_block(matched_ptr, gaze_ptr, u_offs, u_mask, p_offs, p_mask, P, HAS_GAZE, ACC)
         one = tl.full([BLOCK_S], 1.0, dtype=ACC)
         w_raw = _w_t2i_block(x, heat, mask, add_gaze, threshold, row_lo, row_hi, one)
         row_total += tl.sum(w_raw, axis=1)
-    z2 = _z2(own_ptr, gaze_ptr, u_offs, u_mask, P, add_gaze, threshold, row_lo, row_hi, row_total,
+    z2 = _z2(matched_ptr, gaze_ptr, u_offs, u_mask, P, add_gaze, threshold, row_lo, row_hi, row_total,
              HAS_GAZE, BLOCK_P, BLOCK_S, ACC, DOT_PRECISION)
     pair_mask = u_mask[:, None] & u_mask[None, :]
     z2m = tl.where(pair_mask, z2, NEG_INF)
@@ -751,21 +761,21 @@ def _report_fwd_kernel(
     clip_s = 0.5 * tl.sum(tl.where(u_mask, z2_row + z2_col - 2.0 * z2_diag, 0.0), axis=0) / n_rep
     tl.store(out + PR_CLIP_S * B, clip_s)
     # Saved for the backward pass: the MLCE row log-sum-exps, W_T2I row stats, Z2 log-sum-exps.
-    stats = row_stats_ptr + u_offs.to(tl.int64) * 7
-    tl.store(stats + 0, neg_m + tl.log(neg_s), mask=u_mask)
-    tl.store(stats + 1, pos_m + tl.log(pos_s), mask=u_mask)
-    tl.store(stats + 2, row_lo, mask=u_mask)
-    tl.store(stats + 3, row_hi, mask=u_mask)
-    tl.store(stats + 4, row_total, mask=u_mask)
-    tl.store(stats + 5, z2_row, mask=u_mask)
-    tl.store(stats + 6, z2_col, mask=u_mask)
+    stats = sent_stats_ptr + u_offs.to(tl.int64) * SENT_STATS
+    tl.store(stats + SS_NEG_LSE, neg_m + tl.log(neg_s), mask=u_mask)
+    tl.store(stats + SS_POS_LSE, pos_m + tl.log(pos_s), mask=u_mask)
+    tl.store(stats + SS_W_LO, row_lo, mask=u_mask)
+    tl.store(stats + SS_W_HI, row_hi, mask=u_mask)
+    tl.store(stats + SS_W_TOTAL, row_total, mask=u_mask)
+    tl.store(stats + SS_Z2_ROW, z2_row, mask=u_mask)
+    tl.store(stats + SS_Z2_COL, z2_col, mask=u_mask)
 
     # Pass 3: log-sum-exp of the rows and of the columns of Z1 = W_I2T^T X (P x P), block by block.
     z1_total = tl.zeros([BLOCK_P], dtype=ACC)
     for outer in range(0, P, BLOCK_P):
         o_offs = outer + tl.arange(0, BLOCK_P)
         o_mask = o_offs < P
-        xo, ho, mo = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, o_offs, o_mask, P, HAS_GAZE, ACC)
+        xo, ho, mo = _load_block(matched_ptr, gaze_ptr, u_offs, u_mask, o_offs, o_mask, P, HAS_GAZE, ACC)
         w1o = _w_i2t_block(xo, ho, mo, add_gaze, threshold)
         r_m = tl.full([BLOCK_P], NEG_INF, dtype=ACC)
         r_s = tl.zeros([BLOCK_P], dtype=ACC)
@@ -774,7 +784,7 @@ def _report_fwd_kernel(
         for inner in range(0, P, BLOCK_P):
             i_offs = inner + tl.arange(0, BLOCK_P)
             i_mask = i_offs < P
-            xi, hi, mi = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, i_offs, i_mask, P, HAS_GAZE, ACC)
+            xi, hi, mi = _load_block(matched_ptr, gaze_ptr, u_offs, u_mask, i_offs, i_mask, P, HAS_GAZE, ACC)
             w1i = _w_i2t_block(xi, hi, mi, add_gaze, threshold)
             # rows of Z1 in the outer block: Z1[o, i] = sum_j W1[j, o] X[j, i]
             z_rows = tl.dot(tl.trans(w1o), xi, input_precision=DOT_PRECISION, out_dtype=ACC)
@@ -793,10 +803,10 @@ def _report_fwd_kernel(
 
 @triton.jit
 def _report_bwd_kernel(
-    own_ptr, gaze_ptr, gaze_mask_ptr, cu_ptr, counts_ptr,
+    matched_ptr, gaze_ptr, gaze_mask_ptr, cu_ptr, counts_ptr,
     g_loss_ptr, g_mlce_ptr, g_map_ptr, w_mlce, w_map, alpha,
-    row_stats_ptr, z1_lse_ptr,
-    d_own_ptr,
+    sent_stats_ptr, z1_lse_ptr,
+    d_matched_ptr,
     N, P, threshold,
     HAS_GAZE: tl.constexpr, GRADS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -821,18 +831,18 @@ def _report_bwd_kernel(
         g_clip_p = 0.25 * c_map / P
         g_clip_s = 0.25 * c_map / n_rep
 
-    stats = row_stats_ptr + u_offs.to(tl.int64) * 7
-    neg_lse = tl.load(stats + 0, mask=u_mask, other=0.0)
-    pos_lse = tl.load(stats + 1, mask=u_mask, other=0.0)
-    row_lo = tl.load(stats + 2, mask=u_mask, other=0.0)
-    row_hi = tl.load(stats + 3, mask=u_mask, other=0.0)
-    row_total = tl.load(stats + 4, mask=u_mask, other=1.0)
-    z2_row = tl.load(stats + 5, mask=u_mask, other=0.0)
-    z2_col = tl.load(stats + 6, mask=u_mask, other=0.0)
+    stats = sent_stats_ptr + u_offs.to(tl.int64) * SENT_STATS
+    neg_lse = tl.load(stats + SS_NEG_LSE, mask=u_mask, other=0.0)
+    pos_lse = tl.load(stats + SS_POS_LSE, mask=u_mask, other=0.0)
+    row_lo = tl.load(stats + SS_W_LO, mask=u_mask, other=0.0)
+    row_hi = tl.load(stats + SS_W_HI, mask=u_mask, other=0.0)
+    row_total = tl.load(stats + SS_W_TOTAL, mask=u_mask, other=1.0)
+    z2_row = tl.load(stats + SS_Z2_ROW, mask=u_mask, other=0.0)
+    z2_col = tl.load(stats + SS_Z2_COL, mask=u_mask, other=0.0)
 
     if MAP_GRAD:
         # dZ2 from the saved log-sum-exps (Z2 recomputed: it is n_k x n_k).
-        z2 = _z2(own_ptr, gaze_ptr, u_offs, u_mask, P, add_gaze, threshold, row_lo, row_hi, row_total,
+        z2 = _z2(matched_ptr, gaze_ptr, u_offs, u_mask, P, add_gaze, threshold, row_lo, row_hi, row_total,
                  HAS_GAZE, BLOCK_P, BLOCK_S, ACC, DOT_PRECISION)
         pair_mask = u_mask[:, None] & u_mask[None, :]
         eye = j[:, None] == j[None, :]
@@ -842,7 +852,7 @@ def _report_bwd_kernel(
     for c0 in range(0, P, BLOCK_P):
         c_offs = c0 + tl.arange(0, BLOCK_P)
         c_mask = c_offs < P
-        x, heat, mask = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, c_offs, c_mask, P, HAS_GAZE, ACC)
+        x, heat, mask = _load_block(matched_ptr, gaze_ptr, u_offs, u_mask, c_offs, c_mask, P, HAS_GAZE, ACC)
         d_x = tl.zeros([BLOCK_S, BLOCK_P], dtype=ACC)
         if MLCE_GRAD:
             # MLCE: rows (sentence over patches) from saved log-sum-exps, columns computed here.
@@ -866,7 +876,7 @@ def _report_bwd_kernel(
             for o0 in range(0, P, BLOCK_P):
                 o_offs = o0 + tl.arange(0, BLOCK_P)
                 o_mask = o_offs < P
-                xo, ho, mo = _load_block(own_ptr, gaze_ptr, u_offs, u_mask, o_offs, o_mask, P, HAS_GAZE, ACC)
+                xo, ho, mo = _load_block(matched_ptr, gaze_ptr, u_offs, u_mask, o_offs, o_mask, P, HAS_GAZE, ACC)
                 w1o = _w_i2t_block(xo, ho, mo, add_gaze, threshold)
                 r_lse = tl.load(z1_row_lse_ptr + k.to(tl.int64) * P + o_offs, mask=o_mask, other=0.0)
                 z1 = tl.dot(tl.trans(w1o), x, input_precision=DOT_PRECISION, out_dtype=ACC)
@@ -875,4 +885,4 @@ def _report_bwd_kernel(
                 d_z1 = tl.where(o_mask[:, None] & c_mask[None, :], g_clip_p * d_z1, 0.0)
                 d_x += tl.dot(w1o, d_z1, input_precision=DOT_PRECISION, out_dtype=ACC)
         offs = u_offs.to(tl.int64)[:, None] * P + c_offs[None, :]
-        tl.store(d_own_ptr + offs, d_x, mask=mask)
+        tl.store(d_matched_ptr + offs, d_x, mask=mask)

@@ -98,7 +98,7 @@ def kernels(cfg):
     columns = cfg["fwd_group"] * cfg["BLOCK_S"]  # the forward's packed tile (triton_backend._launch_filip_fwd)
     return [
         (K._pack_schedule_kernel, dict(LONGEST=True, COLS=columns, BLOCK_B=cfg["BLOCK_B"]), 1),
-        *[(K._filip_fwd_kernel, dict(filip, WRITE_OWN=True, SAVE_ROUTE=saved, BLOCK_P=cfg["fwd_block_p"],
+        *[(K._filip_fwd_kernel, dict(filip, WRITE_MATCHED=True, SAVE_ROUTE=saved, BLOCK_P=cfg["fwd_block_p"],
                                      BLOCK_D=cfg["fwd_BLOCK_D"],
                                      COLS=columns, SIM_ONE_DOT=cfg["fwd_SIM_ONE_DOT"], D_PAD=cfg["D_PAD"]),
            cfg["fwd_warps"]) for saved in (True, False)],
@@ -113,7 +113,7 @@ def kernels(cfg):
 
 
 def backward_kernels(cfg, filip, saved_route):
-    bwd = dict(filip, HAS_OWN_GRAD=True, GRADS=K.G_LOSS.value, SAVED_ROUTE=saved_route,
+    bwd = dict(filip, HAS_MATCHED_GRAD=True, GRADS=K.G_LOSS.value, SAVED_ROUTE=saved_route,
                GRAD_PRECISION=cfg["grad_precision"])
     stages = cfg["route_bwd_stages"] if saved_route else None
     return [
