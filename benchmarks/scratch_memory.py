@@ -27,7 +27,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host_overhead import stub_kernels  # noqa: E402
+from host_overhead import STUBBED, stub_kernels  # noqa: E402
 
 import egma_kernels as ek  # noqa: E402
 from egma_kernels import triton_backend  # noqa: E402
@@ -69,12 +69,13 @@ def main() -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--sms", type=int, default=132, help="streaming multiprocessors of the GPU to size for")
     parser.add_argument("--max-slices", type=int, help="override the triton backward's max_slices (default: its config)")
-    parser.add_argument("--backends", default="reference,triton,cpu")
+    parser.add_argument("--backends", default=f"reference,{STUBBED},cpu",
+                        help=f"backends to measure; {STUBBED} is the triton backend with its kernels stubbed (default %(default)s)")
     parser.add_argument("--out", type=Path, help="write scratch_<size>.json and .md here")
     args = parser.parse_args()
 
     stub_kernels()
-    triton_backend._parallel_units = lambda device: args.sms
+    triton_backend.CONFIG_OVERRIDES["parallel_units"] = args.sms  # documented override (triton_backend)
     if args.max_slices is not None:
         triton_backend.CONFIG_OVERRIDES["max_slices"] = args.max_slices
     size = Size("scratch", "loss", B=args.batch, P=args.patches, D=args.dim,
@@ -105,7 +106,7 @@ def main() -> int:
         if ref is not None:
             ratio = f"{ref['forward_backward_bytes'] / max(1, r['forward_backward_bytes']):.1f}x"
             ratio_net = f"{(ref['forward_backward_bytes'] - ref['gradient_bytes']) / max(1, net):.1f}x"
-        lines.append(f"| {r['backend']}{' (kernels stubbed)' if r['backend'] == 'triton' else ''} | "
+        lines.append(f"| {r['backend']}{' (the triton backend, kernels stubbed)' if r['backend'] == STUBBED else ''} | "
                      f"{r['forward_bytes'] / MiB:.2f} | {r['forward_backward_bytes'] / MiB:.2f} | "
                      f"{r['gradient_bytes'] / MiB:.2f} | {net / MiB:.2f} | {ratio} | {ratio_net} |")
     print("\n".join(lines))

@@ -390,7 +390,10 @@ def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat
 
 def _parallel_units(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; under the interpreter a "device" of 2 units keeps the
-    sliced backward path tested (benchmarks/scratch_memory.py sets a GPU's count to size its buffers)."""
+    sliced backward path tested. ``CONFIG_OVERRIDES["parallel_units"]`` replaces the count (as
+    benchmarks/scratch_memory.py does, to size the buffers for a given GPU without one)."""
+    if "parallel_units" in CONFIG_OVERRIDES:
+        return int(CONFIG_OVERRIDES["parallel_units"])
     if device.type != "cuda":
         return 2
     return _device_limits(device.index if device.index is not None else torch.cuda.current_device())[1]
