@@ -64,7 +64,8 @@ def test_the_model_times_its_own_parts():
     assert torch.isfinite(m(_batch([1, 2], P=49, image_size=112))["loss"])
 
 
-def test_egma_train_profile_steps_writes_the_table(tmp_path, capsys):
+def _train_tiny(tmp_path, max_steps: int, profile_steps: int) -> str:
+    """egma-train on a tiny manifest with --profile-steps; returns the output folder."""
     from egma_model.train import main
 
     from test_model_eval import _tiny_manifest
@@ -73,8 +74,13 @@ def test_egma_train_profile_steps_writes_the_table(tmp_path, capsys):
     m, _ = _tiny_manifest(d)
     out = os.path.join(d, "run")
     assert main(["--manifest", m, "--split", "train", "--out", out, "--image-model", "vit_base_patch16_224",
-                 "--image-size", "112", "--batch-size", "4", "--max-steps", "3", "--profile-steps", "2",
-                 "--no-progress", "--threads", "1"]) == 0
+                 "--image-size", "112", "--batch-size", "4", "--max-steps", str(max_steps),
+                 "--profile-steps", str(profile_steps), "--no-progress", "--threads", "1"]) == 0
+    return out
+
+
+def test_egma_train_profile_steps_writes_the_table(tmp_path, capsys):
+    out = _train_tiny(tmp_path, max_steps=3, profile_steps=2)
     err = capsys.readouterr().err
     assert "step profile: 2 steps after 1 warm-up" in err and "images/s" in err
     with open(os.path.join(out, "step_profile.json")) as f:
@@ -85,15 +91,6 @@ def test_egma_train_profile_steps_writes_the_table(tmp_path, capsys):
 
 
 def test_too_few_steps_to_profile_says_so(tmp_path, capsys):
-    from egma_model.train import main
-
-    from test_model_eval import _tiny_manifest
-
-    d = str(tmp_path)
-    m, _ = _tiny_manifest(d)
-    out = os.path.join(d, "run")
-    assert main(["--manifest", m, "--split", "train", "--out", out, "--image-model", "vit_base_patch16_224",
-                 "--image-size", "112", "--batch-size", "4", "--max-steps", "1", "--profile-steps", "2",
-                 "--no-progress", "--threads", "1"]) == 0
+    out = _train_tiny(tmp_path, max_steps=1, profile_steps=2)
     assert "nothing written" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(out, "step_profile.json"))
