@@ -145,20 +145,21 @@ def launch_config(dtype, P, D, max_seqlen, num_reports, smem, float32_matmul_pre
     # Output columns per backward program (see the kernels' docstring): a [16 rows, D_OUT] accumulator in
     # the patch kernel, [BLOCK_S, D_OUT] in the sentence kernel (long reports take narrower chunks).
     # Similarity columns per forward program in units of BLOCK_S: the packed forward's tiles are
-    # fwd_group * BLOCK_S columns of whole consecutive reports (32 columns, or one longest report), and the
-    # dpatch kernel's loop takes fwd_group report slots of BLOCK_S columns a step. By ptxas (sm_90, D=512),
-    # 64 slot columns spill at 4 warps. Untimed: benchmarks/tune_triton.py tries 1, 2, 4 and 8 on a GPU.
+    # fwd_group * BLOCK_S columns of whole consecutive reports (32 columns, or one longest report), and so
+    # are the dpatch kernel's (bwd_group). By ptxas (sm_90, D=512), 64 columns spill at 4 warps. Untimed: benchmarks/tune_triton.py tries 1, 2, 4 and 8 on a GPU.
     fwd_group = max(1, (32 // wide) // block_s)
     # The dpatch kernel's [group columns, D_OUT] sentence operand stays within 64 KiB of shared memory.
     d_out = min(d_pad, 512 // wide, max(64, 16384 // (fwd_group * block_s)) // wide)
-    # Reports per program of the dsent kernel (each patch tile it loads serves all their sentences): one,
-    # since two already spill 0.7-1.3 KB per thread at D=512 (ptxas, sm_90, [32, 512] accumulator);
-    # benchmarks/tune_triton.py tries 2 and 4 on a GPU, where reuse may outweigh the spills at large B.
+    # The dsent kernel's packed tiles, in units of BLOCK_S columns (each patch tile it loads serves all
+    # their sentences): one, since two already spill 0.7-1.3 KB per thread at D=512 (ptxas, sm_90, [32, 512]
+    # accumulator); benchmarks/tune_triton.py tries 2 and 4 on a GPU, where reuse may outweigh the spills.
     sent_group = 1
     sent_d_out = min(d_pad, max(64, 8192 // (sent_group * block_s)) // wide)
     # The [patch block, D] operand of the sentence-gradient kernel lives in shared memory: keep it
-    # near 64 KiB (H100/H200 allow 227 KiB per block).
-    sent_block_p = max(16, min(64, 16384 // (sent_d_out * wide)))
+    # near 64 KiB (H100/H200 allow 227 KiB per block). Its [patch block, columns] gradient tile and route
+    # gather stay within 2048 entries: by ptxas (sm_90, bf16, 64-column tiles of 40-sentence reports) 64 rows
+    # spill 264 B per thread with saved routes and 480 B recomputing, 32 rows 0 and 12 B.
+    sent_block_p = max(16, min(64, 16384 // (sent_d_out * wide), 2048 // (sent_group * block_s)))
     # The backward kernels' similarity as one dot over the whole D (see the kernels' docstring): only when
     # D is not chunked, and not for 3xTF32 float32 operands (ptxas: 3 and 15 KB spilled per thread).
     split_fp32 = precision == "tf32x3" and dtype == torch.float32
@@ -203,10 +204,14 @@ def launch_config(dtype, P, D, max_seqlen, num_reports, smem, float32_matmul_pre
         sent_SIM_ONE_DOT=sent_d_out == d_pad and not split_fp32 and one_dot_fits(sent_block_p, sent_group * block_s),
         fwd_block_p=fwd_block_p,
         fwd_group=fwd_group,
-        bwd_group=fwd_group,  # reports per step of the dpatch kernel's loop
+        bwd_group=fwd_group,  # the dpatch kernel's packed tiles, in units of BLOCK_S columns
         sent_group=sent_group,
         bwd_patch_rows=16,
         bwd_sent_block_p=sent_block_p,
+        # Recomputing its routes (segmented scans over [rows, columns] beside the similarity), the float32
+        # 3xTF32 dsent kernel takes 16-row blocks: by ptxas (sm_90, P=196 D=512) 32 rows spill 232 B per
+        # thread, 16 rows 40 B.
+        bwd_sent_recompute_block_p=16 if split_fp32 else sent_block_p,
         # The report kernels hold [BLOCK_S, block] tiles, [BLOCK_S, BLOCK_S] and [block, block] products: long
         # reports take narrower patch blocks (shared memory stays under the 227 KiB of an H100/H200 block).
         # By ptxas (sm_90 and sm_80, 16-sentence reports): at 8 warps 32-patch blocks spill nothing (64 spill
@@ -239,6 +244,10 @@ def launch_config(dtype, P, D, max_seqlen, num_reports, smem, float32_matmul_pre
         fwd_warps=8 if split_fp32 or fwd_group * block_s >= 64 else 4,
         fwd_BLOCK_D=min(block_d, 32),
         report_warps=8,
+        # The backward's schedule also lays out each tile's columns ([COLS, COLS] per tile, _tile_layout): by
+        # ptxas (sm_90 and sm_80) 8 warps spill nothing up to 128-column tiles, 1 warp 444-3504 B there and 4
+        # warps 8 B for float64 at 16 columns.
+        bwd_schedule_warps=8,
         report_stages=report_stages,
         report_fits=report_fits,
         shared_memory=smem,
@@ -372,9 +381,10 @@ def _launch_filip_fwd(patch, sent, cu, scale, counts, max_seqlen, *, egma_compat
     # grid is sized by the host's bound and the programs of unused tiles exit.
     columns = cfg["fwd_group"] * cfg["BLOCK_S"]
     tiles = _pack_tiles(R, N, columns)
-    sched = _utils.new_output((tiles + 1,), torch.int32, patch.device)
+    sched = _utils.new_output((tiles + 2,), torch.int32, patch.device)
     K._pack_schedule_kernel[(1,)](
-        cu, sched, counts, R, N, tiles, LONGEST=egma_compat, COLS=columns, BLOCK_B=cfg["BLOCK_B"], num_warps=1,
+        cu, sched, sched, sched, sched, counts, R, N, tiles, tiles, LONGEST=egma_compat, COLS=columns, COLS2=columns,
+        BLOCK_B=cfg["BLOCK_B"], COLMAP=False, num_warps=1,
     )
     save_route = route is not None and route.numel() > 0
     K._filip_fwd_kernel[(num_images * tiles,)](
@@ -447,15 +457,28 @@ def _launch_filip_bwd(
         common["num_stages"] = cfg["route_bwd_stages"]
     # Partial buffers of a sliced loop: at most partial_budget x the gradients' bytes, and 256 MiB.
     budget = min(256 << 20, int(cfg["partial_budget"] * (patch.numel() + sent.numel()) * patch.element_size()))
-    # dpatch: one program per (image, block of patch rows, slice of the reports); 16 rows keep the
+    # Packed tiles of whole consecutive reports, as the forward's (see _pack_schedule_kernel): the dpatch
+    # kernel's of the forward's width, the dsent kernel's of sent_group * BLOCK_S columns (its [columns, D]
+    # accumulator), both from one launch (one program each; one schedule where the widths agree), each
+    # with its column map (tiles, 2, columns): the kernels read their tiles' columns from it.
+    cols_patch = cfg["bwd_group"] * cfg["BLOCK_S"]
+    cols_sent = cfg["sent_group"] * cfg["BLOCK_S"]
+    tiles_patch = _pack_tiles(R, N, cols_patch)
+    tiles_sent = _pack_tiles(R, N, cols_sent)
+    two = cols_sent != cols_patch
+    sizes = [tiles_patch + 2, tiles_patch * 2 * cols_patch] + ([tiles_sent + 2, tiles_sent * 2 * cols_sent] if two else [])
+    sched, colmap, *second = _utils.new_output((sum(sizes),), torch.int32, patch.device).split(sizes)
+    sched_sent, colmap_sent = second if two else (sched, colmap)
+    K._pack_schedule_kernel[(2 if two else 1,)](
+        cu, sched, sched_sent, colmap, colmap_sent, counts, R, N, tiles_patch, tiles_sent, LONGEST=False,
+        COLS=cols_patch, COLS2=cols_sent, BLOCK_B=cfg["BLOCK_B"], COLMAP=True, num_warps=cfg["bwd_schedule_warps"],
+    )
+    # dpatch: one program per (image, block of patch rows, slice of the tiles); 16 rows keep the
     # [rows, D] accumulator small. One slice writes the gradient in the input dtype directly.
     block_rows = cfg["bwd_patch_rows"]
     row_blocks = _cdiv(P, block_rows)
-    groups = _cdiv(R, cfg["bwd_group"])
-    slices = _num_slices(num_images * row_blocks, groups, num_images * P * D * elem, budget, patch.device,
+    slices = _num_slices(num_images * row_blocks, tiles_patch, num_images * P * D * elem, budget, patch.device,
                          cfg["max_slices"])
-    groups_per_slice = _cdiv(groups, slices)
-    slices = _cdiv(groups, groups_per_slice)
     if slices == 1:
         d_patch = _utils.new_output((num_images, P, D), patch.dtype, patch.device)
     else:
@@ -463,27 +486,27 @@ def _launch_filip_bwd(
     chunks = cfg["D_CHUNKS"]
     d_scale_parts = _utils.new_output((slices * num_images * row_blocks * chunks,), acc, patch.device)
     K._filip_bwd_patch_kernel[(num_images, row_blocks * chunks, slices)](
-        patch, sent, cu, scale, counts, *upstream, matched if matched is not None else unused,
+        patch, sent, cu, scale, counts, sched, colmap, *upstream, matched if matched is not None else unused,
         route if saved_route else unused, d_patch, d_scale_parts,
-        P, D, N, R, groups_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
-        BLOCK_P=block_rows, GROUP=cfg["bwd_group"], D_OUT=cfg["D_OUT"], D_CHUNKS=chunks,
+        P, D, N, R, tiles_patch, patch.stride(0), patch.stride(1), sent.stride(0),
+        BLOCK_P=block_rows, COLS=cols_patch, D_OUT=cfg["D_OUT"], D_CHUNKS=chunks,
         SIM_ONE_DOT=cfg["SIM_ONE_DOT"], **common,
     )
     if slices > 1:  # summed before the dsent kernel allocates its partials: the two never coexist
         d_patch = d_patch.sum(dim=0).to(patch.dtype)
-    # dsent: one program per (group of reports, slice of the images).
-    sent_groups = _cdiv(R, cfg["sent_group"])
-    slices_s = _num_slices(sent_groups, num_images, N * D * elem, budget, patch.device, cfg["max_slices"])
+    # dsent: one program per (packed tile, slice of the images); programs of unused tiles exit.
+    slices_s = _num_slices(tiles_sent, num_images, N * D * elem, budget, patch.device, cfg["max_slices"])
     images_per_slice = _cdiv(num_images, slices_s)
     slices_s = _cdiv(num_images, images_per_slice)
     if slices_s == 1:
         d_sent = _utils.new_output((N, D), sent.dtype, sent.device)
     else:
         d_sent = _utils.new_output((slices_s, N, D), acc, patch.device)
-    K._filip_bwd_sent_kernel[(sent_groups, slices_s * cfg["sent_D_CHUNKS"])](
-        patch, sent, cu, scale, counts, *upstream, route if saved_route else unused, d_sent,
-        num_images, P, D, N, R, images_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
-        BLOCK_P=cfg["bwd_sent_block_p"], GROUP=cfg["sent_group"], D_OUT=cfg["sent_D_OUT"],
+    K._filip_bwd_sent_kernel[(tiles_sent, slices_s * cfg["sent_D_CHUNKS"])](
+        patch, sent, cu, scale, counts, sched_sent, colmap_sent, *upstream, route if saved_route else unused, d_sent,
+        num_images, P, D, N, R, tiles_sent, images_per_slice, patch.stride(0), patch.stride(1), sent.stride(0),
+        BLOCK_P=cfg["bwd_sent_block_p" if saved_route else "bwd_sent_recompute_block_p"], COLS=cols_sent,
+        D_OUT=cfg["sent_D_OUT"],
         D_CHUNKS=cfg["sent_D_CHUNKS"],
         SIM_ONE_DOT=cfg["sent_SIM_ONE_DOT"], **common,
     )

@@ -24,10 +24,12 @@ Kernels (one program per ...), in launch order:
                           since X_k = t * S_k P_k^T, the mapped features never need to be formed.
   _loss_terms_kernel      (once): the three terms and the loss, summed over the reports in a fixed order.
   _report_bwd_kernel      report k: dL/dX_k from the MLCE and mapping terms.
-  _filip_bwd_patch_kernel (image a, patch block, slice of the reports, in groups as the forward kernel's):
-                          dL/dpatch and dL/dt partials.
-  _filip_bwd_sent_kernel  (group of GROUP reports, slice of the images): dL/dsent partials; a group
-                          shares every patch tile it loads.
+  _pack_schedule_kernel   (once, two programs): the backward's packed tiles, of the forward's width for
+                          the dpatch kernel and of a narrower one for the dsent kernel, with each tile's
+                          column map (sentence and report per column).
+  _filip_bwd_patch_kernel (image a, patch block, slice of the packed tiles): dL/dpatch and dL/dt partials.
+  _filip_bwd_sent_kernel  (packed tile, slice of the images): dL/dsent partials; the tile's reports share
+                          every patch tile it loads.
                           Both hold a [rows, D] float32 accumulator; for D > 512 (256 in float64) the
                           output columns are split into chunks across programs, so that the accumulator
                           stays in registers (without saved routes each chunk recomputes the similarity
@@ -45,8 +47,11 @@ in a fixed order afterwards: results are deterministic (no atomics). The slices 
 where there are few programs (small batches).
 
 A report is always held whole in one tile, so a segment max or log-sum-exp over a report's sentences never
-crosses tiles: in the forward filip kernel a packed tile of COLS >= BLOCK_S columns (the schedule never
-splits a report), elsewhere a slot of BLOCK_S >= its length columns (BLOCK_S comes from the longest report).
+crosses tiles: in the filip kernels (forward and backward) a packed tile of COLS >= BLOCK_S columns (the
+schedule never splits a report), in the report kernels a slot of BLOCK_S >= its length columns (BLOCK_S
+comes from the longest report). Inside a packed tile, per-report maxima are segmented scans along the
+columns (forward: running max and argmax; backward without saved routes: the same, its result at each
+report's last column carried back to the report's columns by a reverse scan).
 """
 
 import triton
@@ -97,21 +102,6 @@ def _segment(cu_ptr, k, mask, N):
 
 
 @triton.jit
-def _report_group(cu_ptr, grp, R, N, GROUP: tl.constexpr, BLOCK_S: tl.constexpr):
-    """GROUP consecutive reports as GROUP slots of BLOCK_S columns: per report (index, mask, start,
-    length) and per column (sentence index, mask, report index), flattened slot by slot. A report longer
-    than BLOCK_S (a wrong max_seqlen) keeps its first BLOCK_S sentences."""
-    reps = grp * GROUP + tl.arange(0, GROUP)
-    rep_mask = reps < R
-    start, n_rep = _segment(cu_ptr, reps, rep_mask, N)  # 0 sentences for a slot past the last report
-    j = tl.arange(0, BLOCK_S)
-    u_offs = tl.reshape(start[:, None] + j[None, :], [GROUP * BLOCK_S])
-    u_mask = tl.reshape(j[None, :] < n_rep[:, None], [GROUP * BLOCK_S])
-    u_rep = tl.reshape(tl.broadcast_to(reps[:, None], [GROUP, BLOCK_S]), [GROUP * BLOCK_S])
-    return reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep
-
-
-@triton.jit
 def _segmented_max(v1, k1, v2, k2):
     """Combine of a segmented running (max, argmax) scan along a tile's columns. k = column index + 2**20 if
     the column starts a new report (one operand for both: fewer registers than three). Ties keep the
@@ -121,14 +111,12 @@ def _segmented_max(v1, k1, v2, k2):
 
 
 @triton.jit
-def _packed_tile(cu_ptr, sched_ptr, tile, N, COLS: tl.constexpr):
-    """Tile ``tile`` of the packed schedule (_pack_schedule_kernel): reports sched[tile] .. sched[tile+1]-1,
-    each whole and in order, side by side in COLS columns. Per report lane (COLS lanes: a tile never holds
-    more reports than columns): (report index, mask, start, length, first column); per column: (sentence
-    index, mask, report index, the column's index in its report, starts a report, ends a report).
-    A report that does not fit the columns left (only a wrong max_seqlen makes one) keeps those it gets."""
-    r0 = tl.load(sched_ptr + tile)
-    r1 = tl.load(sched_ptr + tile + 1)
+def _tile_layout(cu_ptr, r0, r1, N, COLS: tl.constexpr):
+    """Reports r0 .. r1-1, each whole and in order, side by side in COLS columns. Per report lane (COLS
+    lanes: a tile never holds more reports than columns): (report index, mask, start, length, first column);
+    per column: (sentence index, mask, report index, the column's index in its report, starts a report,
+    ends a report). A report that does not fit the columns left (only a wrong max_seqlen makes one) keeps
+    those it gets."""
     lane = tl.arange(0, COLS)
     reps = r0 + lane
     rep_mask = reps < r1
@@ -146,20 +134,38 @@ def _packed_tile(cu_ptr, sched_ptr, tile, N, COLS: tl.constexpr):
 
 
 @triton.jit
-def _pack_schedule_kernel(cu_ptr, sched_ptr, counts_ptr, R, N, T_MAX,
-                          LONGEST: tl.constexpr, COLS: tl.constexpr, BLOCK_B: tl.constexpr):
-    """The packed forward's tiles (next fit, in report order): tile t holds reports sched[t] .. sched[t+1]-1,
-    as many whole consecutive reports as fit COLS columns (at least one). sched has T_MAX + 1 entries, R
-    after the last tile; T_MAX bounds the tiles of any offsets with reports of 1 to COLS sentences (the
-    host's bound, see triton_backend._pack_tiles). One program: a dependent step per tile, each a load of
-    the next COLS offsets (cached) and a prefix sum. LONGEST: also counts[0] = the longest report."""
-    if LONGEST:
-        longest = tl.zeros([BLOCK_B], dtype=tl.int32)
-        for k0 in range(0, R, BLOCK_B):
-            k = k0 + tl.arange(0, BLOCK_B)
-            _, n = _segment(cu_ptr, k, k < R, N)
-            longest = tl.maximum(longest, n)
-        tl.store(counts_ptr, tl.max(longest, axis=0))
+def _packed_tile(cu_ptr, sched_ptr, tile, N, COLS: tl.constexpr):
+    """Tile ``tile`` of the packed schedule (_pack_schedule_kernel): reports sched[tile] .. sched[tile+1]-1,
+    laid out by _tile_layout."""
+    return _tile_layout(cu_ptr, tl.load(sched_ptr + tile), tl.load(sched_ptr + tile + 1), N, COLS)
+
+
+@triton.jit
+def _tile_columns(colmap_ptr, cu_ptr, tile, used, N, COLS: tl.constexpr):
+    """Per column of packed tile ``tile`` (the backward's, from the column map the schedule kernel wrote:
+    [sentence index or -1, report index] per column): (sentence index, mask, report index, index in its
+    report, starts a report, ends a report, its report's length). Loading the map costs the backward
+    kernels two [COLS] loads a tile instead of _tile_layout's [COLS, COLS] work (and its registers)."""
+    j = tl.arange(0, COLS)
+    base = colmap_ptr + tl.cast(tile, tl.int64) * 2 * COLS
+    u = tl.load(base + j, mask=used, other=-1)
+    u_mask = u >= 0
+    u_rep = tl.load(base + COLS + j, mask=used & u_mask, other=0)
+    start, u_n = _segment(cu_ptr, u_rep, u_mask, N)
+    u_offs = tl.where(u_mask, u, 0)
+    u_index = u_offs - start
+    return u_offs, u_mask, u_rep, u_index, u_mask & (u_index == 0), u_mask & (u_index == u_n - 1), u_n
+
+
+@triton.jit
+def _next_fit(cu_ptr, sched_ptr, colmap_ptr, R, N, T_MAX, COLS: tl.constexpr, BLOCK_B: tl.constexpr,
+              COLMAP: tl.constexpr):
+    """Writes sched[0 .. T_MAX + 1]: tile t holds reports sched[t] .. sched[t+1]-1, as many whole consecutive
+    reports as fit COLS columns (at least one, at most COLS), R after the last tile, and sched[T_MAX + 1]
+    = the number of tiles. A dependent step per tile, each a load of the next COLS offsets (cached) and a
+    prefix sum. Stops at T_MAX tiles (only offsets the host's bound does not cover, i.e. malformed ones,
+    reach it: their last reports are then in no tile). COLMAP: also each tile's column map (T_MAX, 2, COLS)
+    for _tile_columns: per column its sentence index (-1 where unused), then its report index."""
     lane = tl.arange(0, COLS)
     tl.store(sched_ptr, 0)
     s = 0
@@ -168,12 +174,42 @@ def _pack_schedule_kernel(cu_ptr, sched_ptr, counts_ptr, R, N, T_MAX,
         reps = s + lane
         _, n = _segment(cu_ptr, reps, reps < R, N)
         fits = (tl.cumsum(n, 0) <= COLS) & (reps < R)
-        s += tl.maximum(tl.sum(fits.to(tl.int32), axis=0), 1)
+        s_next = s + tl.maximum(tl.sum(fits.to(tl.int32), axis=0), 1)
+        if COLMAP:
+            _, _, _, _, u_offs, u_mask, u_rep, _, _, _ = _tile_layout(cu_ptr, s, s_next, N, COLS)
+            row = colmap_ptr + tl.cast(t, tl.int64) * 2 * COLS + lane
+            tl.store(row, tl.where(u_mask, u_offs, -1))
+            tl.store(row + COLS, u_rep)
+        s = s_next
         t += 1
         tl.store(sched_ptr + t, s)
     for t0 in range(0, T_MAX + 1, BLOCK_B):  # entries after the last tile: R (no report)
         idx = t0 + tl.arange(0, BLOCK_B)
         tl.store(sched_ptr + idx, tl.zeros([BLOCK_B], dtype=tl.int32) + R, mask=(idx > t) & (idx <= T_MAX))
+    tl.store(sched_ptr + T_MAX + 1, t)
+
+
+@triton.jit
+def _pack_schedule_kernel(cu_ptr, sched_ptr, sched2_ptr, colmap_ptr, colmap2_ptr, counts_ptr, R, N, T_MAX, T_MAX2,
+                          LONGEST: tl.constexpr, COLS: tl.constexpr, COLS2: tl.constexpr, BLOCK_B: tl.constexpr,
+                          COLMAP: tl.constexpr):
+    """Packed tiles (next fit, in report order, _next_fit) of COLS columns into sched (T_MAX + 2 entries;
+    T_MAX bounds the tiles of any offsets with reports of 1 to COLS sentences, see
+    triton_backend._pack_tiles) and, by a second program where the grid has two, of COLS2 columns into
+    sched2 (T_MAX2 + 2 entries): the backward pass's two kernels take tiles of different widths. COLMAP
+    (the backward's): also their column maps (colmap, colmap2). LONGEST (first program): also counts[0] =
+    the longest report."""
+    if tl.program_id(0) == 0:
+        if LONGEST:
+            longest = tl.zeros([BLOCK_B], dtype=tl.int32)
+            for k0 in range(0, R, BLOCK_B):
+                k = k0 + tl.arange(0, BLOCK_B)
+                _, n = _segment(cu_ptr, k, k < R, N)
+                longest = tl.maximum(longest, n)
+            tl.store(counts_ptr, tl.max(longest, axis=0))
+        _next_fit(cu_ptr, sched_ptr, colmap_ptr, R, N, T_MAX, COLS, BLOCK_B, COLMAP)
+    else:
+        _next_fit(cu_ptr, sched2_ptr, colmap2_ptr, R, N, T_MAX2, COLS2, BLOCK_B, COLMAP)
 
 
 @triton.jit
@@ -344,64 +380,83 @@ def _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, num_reports, GRADS: t
 
 
 @triton.jit
-def _route_from_sim(per_slot, row_max, n_rep, smax_ptr, EGMA_COMPAT: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Each patch's best sentence of each report of a group ([rows, GROUP], an index into the report),
-    from the [rows, GROUP, BLOCK_S] similarities (-inf outside the reports) and their row maxima; BLOCK_S
-    (no sentence) where egma_compat's zero padding won the max: that entry passes no gradient."""
-    route = tl.argmax(per_slot, axis=2, tie_break_left=True).to(tl.int32)
+def _saved_hits(route_ptr, img, u_rep, u_index, u_mask, p_offs, p_mask, R, P):
+    """[rows, columns] of a packed tile: True where the column is the row's best sentence of its report, by
+    the forward's saved routes (route[img, report, row] is an index into the report; an index no column has,
+    BLOCK_S, where egma_compat's zero padding won the max). Each column reads its own report's route."""
+    mask = p_mask[:, None] & u_mask[None, :]
+    r0 = tl.min(tl.where(u_mask, u_rep, R), axis=0)  # the tile's first report: int32 offsets from it
+    base = route_ptr + (tl.cast(img, tl.int64) * R + r0) * P
+    route = tl.load(base + ((u_rep - r0)[None, :] * P + p_offs[:, None]), mask=mask, other=0).to(tl.int32)
+    return mask & (route == u_index[None, :])
+
+
+@triton.jit
+def _segment_first(k1, k2):
+    """Combine of a segmented scan that carries each segment's first element (the flag bit 2**20 marks
+    where a segment starts): along the reverse direction, each report's last column."""
+    return tl.where(k2 >= 1048576, k2, k1 | (k2 & 1048576))
+
+
+@triton.jit
+def _recomputed_hits(sim, p_mask, u_mask, u_first, u_last, padded, EGMA_COMPAT: tl.constexpr, COLS: tl.constexpr):
+    """As _saved_hits, from the recomputed similarity tile [rows, COLS]: each row's best sentence of each
+    report, found as the forward finds it (a segmented running max and argmax along the columns, whose
+    value at the report's last column is the report's leftmost maximum), then carried back to every column
+    of the report by a reverse segmented scan of that one int. With egma_compat, no column where the
+    report's zero padding won (a report shorter than the longest, whose maximum is negative)."""
+    v = tl.where(u_mask[None, :], sim, float("-inf"))
+    col = tl.arange(0, COLS)
+    first_key = tl.broadcast_to((col + tl.where(u_first, 1048576, 0))[None, :], sim.shape)
+    _, best = tl.associative_scan((v, first_key), 1, _segmented_max)
+    best = (best & 1048575) | tl.where(u_last, 1048576, 0)[None, :]
+    best = tl.associative_scan(best, 1, _segment_first, reverse=True)
+    hit = ((best & 1048575) == col[None, :]) & u_mask[None, :] & p_mask[:, None]
     if EGMA_COMPAT:
-        padded = n_rep < tl.load(smax_ptr)
-        route = tl.where(padded[None, :] & (row_max < 0.0), BLOCK_S, route)
-    return route
+        hit = hit & ~(padded[None, :] & (v < 0.0))
+    return hit
 
 
 @triton.jit
-def _load_route(route_ptr, img, reps, rep_mask, p_offs, p_mask, R, P, BLOCK_S: tl.constexpr):
-    """The saved routes of one image's patch rows to a group of reports, [rows, GROUP] (BLOCK_S: none)."""
-    offs = (tl.cast(img, tl.int64) * R + reps)[None, :] * P + p_offs[:, None]
-    return tl.load(route_ptr + offs, mask=p_mask[:, None] & rep_mask[None, :], other=BLOCK_S).to(tl.int32)
-
-
-@triton.jit
-def _grad_tile(
-    route, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
-    best_patch_ptr, d_matched_ptr,
-    HAS_MATCHED_GRAD: tl.constexpr, BLOCK_P: tl.constexpr, GROUP: tl.constexpr, BLOCK_S: tl.constexpr,
+def _packed_grad_tile(
+    hit, img, p_offs, p_mask, u_offs, u_mask, u_rep, u_n, P, N, g_row, g_col, best_patch_ptr, d_matched_ptr,
+    HAS_MATCHED_GRAD: tl.constexpr,
 ):
-    """dL/dA on one image's tile against a group of reports ([BLOCK_P, GROUP * BLOCK_S], as _report_group
-    lays them out): routed through each max (``route``: each row's best sentence per report, saved by the
-    forward pass or recomputed; best_patch: each sentence's best row), plus the matched block's gradient."""
-    j = tl.arange(0, BLOCK_S)
-    hit = j[None, None, :] == route[:, :, None]
-    d_sim = tl.where(hit & p_mask[:, None, None], (g_row / P)[None, :, None], 0.0)
-    d_sim = tl.reshape(d_sim, [BLOCK_P, GROUP * BLOCK_S])
+    """dL/dA on one image's rows against a packed tile [rows, columns]: dL/dI2T[img, report] / P at each
+    row's best sentence of each report (``hit``), dL/dT2I[img, report] / n at each sentence's best row (the
+    forward's best_patch), plus the matched block's gradient where the report is the image's own.
+    ``g_row``, ``g_col``: per column, its report's dL/dI2T and dL/dT2I."""
+    d_sim = tl.where(hit, (g_row / P)[None, :], 0.0)
     best = tl.load(best_patch_ptr + tl.cast(img, tl.int64) * N + u_offs, mask=u_mask, other=-1).to(tl.int32)
-    col = tl.reshape(tl.broadcast_to((g_col / tl.maximum(n_rep, 1))[:, None], [GROUP, BLOCK_S]), [GROUP * BLOCK_S])
-    d_sim += tl.where((p_offs[:, None] == best[None, :]) & u_mask[None, :], col[None, :], 0.0)
+    d_sim += tl.where((p_offs[:, None] == best[None, :]) & u_mask[None, :],
+                      (g_col / tl.maximum(u_n, 1))[None, :], 0.0)
     if HAS_MATCHED_GRAD:
         matched_offs = u_offs.to(tl.int64)[None, :] * P + p_offs[:, None]
-        d_sim += tl.load(d_matched_ptr + matched_offs, mask=p_mask[:, None] & (u_mask & (u_rep == img))[None, :], other=0.0)
+        d_sim += tl.load(d_matched_ptr + matched_offs, mask=p_mask[:, None] & (u_mask & (u_rep == img))[None, :],
+                         other=0.0)
     return d_sim
 
 
 @triton.jit
 def _filip_bwd_patch_kernel(
-    patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
+    patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr, sched_ptr, colmap_ptr,
     i2t_ptr, t2i_ptr, per_report_ptr, g_loss_ptr, g_con_ptr, g_i2t_ptr, g_t2i_ptr, w_con,
     best_patch_ptr, d_matched_ptr, matched_ptr, route_ptr,
     d_patch_ptr, d_scale_part_ptr,
-    P, D, N, R, groups_per_slice,
+    P, D, N, R, T_MAX,
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, HAS_MATCHED_GRAD: tl.constexpr, GRADS: tl.constexpr, SAVED_ROUTE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COLS: tl.constexpr,
     D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, SIM_ONE_DOT: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
 ):
-    """dL/dpatch rows of one image (and a partial of dL/dt): for every group of reports, the gradient
-    tile dL/dA [rows, group columns] times the group's sentences. With SAVED_ROUTE the tile comes from the
-    forward's routes alone (no similarity, so a D chunk loads only its own columns) and dL/dt from I2T,
-    T2I and the matched block (sum dA * A / t = sum g_I2T I2T + g_T2I T2I + dX X, all over t); otherwise the
-    similarity tile is recomputed to find the routes."""
+    """dL/dpatch rows of one image (and a partial of dL/dt): for every packed tile of whole reports
+    (sched, COLS columns, as the forward's), the gradient tile dL/dA [rows, COLS] times the tile's
+    sentences. Slice ``part`` of the S slices (grid axis 2) takes tiles part, part + S, ... of the schedule's
+    (balanced whatever the bound on the tiles). With SAVED_ROUTE the tile comes from the forward's routes
+    alone (no similarity, so a D chunk loads only its own columns) and dL/dt from I2T, T2I and the matched
+    block (sum dA * A / t = sum g_I2T I2T + g_T2I T2I + dX X, all over t); otherwise the similarity tile is
+    recomputed to find the routes."""
     img = tl.program_id(0)
     pblk = tl.program_id(1) // D_CHUNKS  # axis 1: (block of patch rows, chunk of D_OUT output columns)
     chunk = tl.program_id(1) % D_CHUNKS
@@ -413,36 +468,36 @@ def _filip_bwd_patch_kernel(
     dd = chunk * D_OUT + tl.arange(0, D_OUT)
     acc = tl.zeros([BLOCK_P, D_OUT], dtype=ACC)
     scale_acc = tl.zeros([BLOCK_P], dtype=ACC)
-    matrix_scale = tl.zeros([GROUP], dtype=ACC)  # SAVED_ROUTE: sum g_I2T I2T + g_T2I T2I of this image
+    matrix_scale = tl.zeros([COLS], dtype=ACC)  # SAVED_ROUTE: sum g_I2T I2T + g_T2I T2I of this image
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
+    longest = 0
+    if EGMA_COMPAT:
+        longest = tl.load(smax_ptr)
     if SIM_ONE_DOT and not SAVED_ROUTE:  # the whole D fits one program: load the patch rows once
         rows = _patch_rows(patch_ptr, img, p_offs, p_mask, dd, D, stride_pb, stride_pp)
-    grp_lo = part * groups_per_slice
-    grp_hi = tl.minimum(grp_lo + groups_per_slice, tl.cdiv(R, GROUP))
-    for grp in range(grp_lo, grp_hi):  # GROUP reports at a time (see _filip_fwd_kernel)
-        reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, grp, R, N, GROUP, BLOCK_S)
+    for tile in range(part, tl.load(sched_ptr + T_MAX + 1), tl.num_programs(2)):
+        u_offs, u_mask, u_rep, u_index, u_first, u_last, u_n = _tile_columns(colmap_ptr, cu_ptr, tile, True, N, COLS)
         sents = _sentence_rows(sent_ptr, u_offs, u_mask, dd, D, stride_sn)
         g_row, g_col = _matrix_grads(
-            img, reps, rep_mask, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr, EGMA_COMPAT, GRADS
+            img, u_rep, u_mask, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr, EGMA_COMPAT, GRADS
         )
         if SAVED_ROUTE:
-            route = _load_route(route_ptr, img, reps, rep_mask, p_offs, p_mask, R, P, BLOCK_S)
-            at = tl.cast(img, tl.int64) * R + reps
-            matrix_scale += g_row * tl.load(i2t_ptr + at, mask=rep_mask, other=0.0) \
-                + g_col * tl.load(t2i_ptr + at, mask=rep_mask, other=0.0)
+            hit = _saved_hits(route_ptr, img, u_rep, u_index, u_mask, p_offs, p_mask, R, P)
+            at = tl.cast(img, tl.int64) * R + u_rep  # each report once: at its first column
+            matrix_scale += g_row * tl.load(i2t_ptr + at, mask=u_first, other=0.0) \
+                + g_col * tl.load(t2i_ptr + at, mask=u_first, other=0.0)
         else:
             if SIM_ONE_DOT:  # one dot over the whole D, from the tiles the gradient product uses too
                 sim = t * tl.dot(rows, tl.trans(sents), input_precision=DOT_PRECISION, out_dtype=ACC)
             else:
                 sim = t * _similarity_tile(
                     patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp, stride_sn,
-                    BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+                    BLOCK_P, COLS, BLOCK_D, ACC, DOT_PRECISION,
                 )
-            per_slot = tl.reshape(tl.where(u_mask[None, :], sim, float("-inf")), [BLOCK_P, GROUP, BLOCK_S])
-            route = _route_from_sim(per_slot, tl.max(per_slot, axis=2), n_rep, smax_ptr, EGMA_COMPAT, BLOCK_S)
-        d_sim = _grad_tile(
-            route, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
-            best_patch_ptr, d_matched_ptr, HAS_MATCHED_GRAD, BLOCK_P, GROUP, BLOCK_S,
+            hit = _recomputed_hits(sim, p_mask, u_mask, u_first, u_last, u_n < longest, EGMA_COMPAT, COLS)
+        d_sim = _packed_grad_tile(
+            hit, img, p_offs, p_mask, u_offs, u_mask, u_rep, u_n, P, N, g_row, g_col, best_patch_ptr, d_matched_ptr,
+            HAS_MATCHED_GRAD,
         ).to(ACC)
         if not SAVED_ROUTE:
             scale_acc += tl.sum(d_sim * sim, axis=1)
@@ -470,55 +525,59 @@ def _filip_bwd_patch_kernel(
 
 @triton.jit
 def _filip_bwd_sent_kernel(
-    patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr,
+    patch_ptr, sent_ptr, cu_ptr, scale_ptr, smax_ptr, sched_ptr, colmap_ptr,
     i2t_ptr, t2i_ptr, per_report_ptr, g_loss_ptr, g_con_ptr, g_i2t_ptr, g_t2i_ptr, w_con,
     best_patch_ptr, d_matched_ptr, route_ptr,
     d_sent_ptr,
-    num_images, P, D, N, R, images_per_slice,
+    num_images, P, D, N, R, T_MAX, images_per_slice,
     stride_pb, stride_pp, stride_sn,
     EGMA_COMPAT: tl.constexpr, HAS_MATCHED_GRAD: tl.constexpr, GRADS: tl.constexpr, SAVED_ROUTE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, COLS: tl.constexpr,
     D_OUT: tl.constexpr, D_CHUNKS: tl.constexpr, SIM_ONE_DOT: tl.constexpr, ACC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
 ):
-    """dL/dsent rows of a group of reports: for every image, the transposed gradient tile times the
-    image's patch rows (the routes saved by the forward pass, or recomputed from the similarity tile)."""
+    """dL/dsent rows of one packed tile of whole reports (sched, COLS columns; the [COLS, D_OUT]
+    accumulator bounds COLS): for every image, the transposed gradient tile times the image's patch rows
+    (the routes saved by the forward pass, or recomputed from the similarity tile). Every patch tile loaded
+    serves all the tile's sentences. A program of an unused tile (past the schedule's last) does no work."""
     part = tl.program_id(1) // D_CHUNKS  # axis 1: (slice of the images, chunk of D_OUT output columns)
     chunk = tl.program_id(1) % D_CHUNKS
     t = tl.load(scale_ptr).to(ACC)
-    # GROUP reports per program (see _report_group): every patch tile loaded serves all their sentences;
-    # the [GROUP * BLOCK_S, D_OUT] accumulator bounds GROUP.
-    reps, rep_mask, start, n_rep, u_offs, u_mask, u_rep = _report_group(cu_ptr, tl.program_id(0), R, N, GROUP, BLOCK_S)
+    tile = tl.program_id(0)
+    used = tile < tl.load(sched_ptr + T_MAX + 1)
+    u_offs, u_mask, u_rep, u_index, u_first, u_last, u_n = _tile_columns(colmap_ptr, cu_ptr, tile, used, N, COLS)
     dd = chunk * D_OUT + tl.arange(0, D_OUT)
-    acc = tl.zeros([GROUP * BLOCK_S, D_OUT], dtype=ACC)
+    acc = tl.zeros([COLS, D_OUT], dtype=ACC)
     c_con = _contrastive_coefficient(g_loss_ptr, g_con_ptr, w_con, R, GRADS)
+    longest = 0
+    if EGMA_COMPAT:
+        longest = tl.load(smax_ptr)
     if SIM_ONE_DOT and not SAVED_ROUTE:  # the whole D fits one program: load the sentences once
         sents = _sentence_rows(sent_ptr, u_offs, u_mask, dd, D, stride_sn)
     img_lo = part * images_per_slice
-    img_hi = tl.minimum(img_lo + images_per_slice, num_images)
+    img_hi = tl.where(used, tl.minimum(img_lo + images_per_slice, num_images), img_lo)  # an unused tile: no loop
     for img in range(img_lo, img_hi):
         g_row, g_col = _matrix_grads(
-            img, reps, rep_mask, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr, EGMA_COMPAT, GRADS
+            img, u_rep, u_mask, R, c_con, i2t_ptr, t2i_ptr, per_report_ptr, g_i2t_ptr, g_t2i_ptr, EGMA_COMPAT, GRADS
         )
         for p0 in range(0, P, BLOCK_P):
             p_offs = p0 + tl.arange(0, BLOCK_P)
             p_mask = p_offs < P
             patches = _patch_rows(patch_ptr, img, p_offs, p_mask, dd, D, stride_pb, stride_pp)
             if SAVED_ROUTE:
-                route = _load_route(route_ptr, img, reps, rep_mask, p_offs, p_mask, R, P, BLOCK_S)
+                hit = _saved_hits(route_ptr, img, u_rep, u_index, u_mask, p_offs, p_mask, R, P)
             else:
                 if SIM_ONE_DOT:  # one dot over the whole D, from the tiles the gradient product uses too
                     sim = t * tl.dot(patches, tl.trans(sents), input_precision=DOT_PRECISION, out_dtype=ACC)
                 else:
                     sim = t * _similarity_tile(
                         patch_ptr, sent_ptr, img, p_offs, p_mask, u_offs, u_mask, D, stride_pb, stride_pp,
-                        stride_sn, BLOCK_P, GROUP * BLOCK_S, BLOCK_D, ACC, DOT_PRECISION,
+                        stride_sn, BLOCK_P, COLS, BLOCK_D, ACC, DOT_PRECISION,
                     )
-                per_slot = tl.reshape(tl.where(u_mask[None, :], sim, float("-inf")), [BLOCK_P, GROUP, BLOCK_S])
-                route = _route_from_sim(per_slot, tl.max(per_slot, axis=2), n_rep, smax_ptr, EGMA_COMPAT, BLOCK_S)
-            d_sim = _grad_tile(
-                route, img, n_rep, p_offs, p_mask, u_offs, u_mask, u_rep, P, N, g_row, g_col,
-                best_patch_ptr, d_matched_ptr, HAS_MATCHED_GRAD, BLOCK_P, GROUP, BLOCK_S,
+                hit = _recomputed_hits(sim, p_mask, u_mask, u_first, u_last, u_n < longest, EGMA_COMPAT, COLS)
+            d_sim = _packed_grad_tile(
+                hit, img, p_offs, p_mask, u_offs, u_mask, u_rep, u_n, P, N, g_row, g_col, best_patch_ptr,
+                d_matched_ptr, HAS_MATCHED_GRAD,
             ).to(ACC)
             acc = tl.dot(tl.trans(d_sim), patches.to(ACC), acc, input_precision=GRAD_PRECISION, out_dtype=ACC)
     out = d_sent_ptr + (tl.cast(part, tl.int64) * N + u_offs.to(tl.int64))[:, None] * D + dd[None, :]

@@ -53,11 +53,18 @@ def test_report_groups_in_float64(case, groups, monkeypatch):
     check_filip_backend("triton", 3, (2, 1, 4, 3, 1), P=6, D=16, device=DEVICE, dtype=torch.float64)
 
 
+SLICED_CASES = [  # few images (few programs) and reports filling two or three packed tiles: loops to slice
+    Case((9, 8, 10, 7, 6), P=7, D=16, gaze="mixed", egma_compat=True, seed=13),
+    Case((17, 3, 1, 12, 9, 14), P=3, D=16, gaze="all", seed=14),
+]
+
+
 @pytest.mark.parametrize("budget", [0.0, 100.0], ids=["unsliced", "sliced"])
-@pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=str)
+@pytest.mark.parametrize("case", SLICED_CASES, ids=str)
 def test_backward_slices(case, budget, monkeypatch):
     """The backward kernels with and without their loops split into slices (partial gradient buffers summed
-    afterwards): a budget of 0 bytes forbids slicing, a large one lets both kernels slice."""
+    afterwards): a budget of 0 bytes forbids slicing, a large one lets both kernels slice (the dpatch
+    kernel's slices take every S-th packed tile, the dsent kernel's a range of images)."""
     from egma_kernels import triton_backend as tb
 
     monkeypatch.setattr(tb, "CONFIG_OVERRIDES", {"partial_budget": budget})

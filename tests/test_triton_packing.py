@@ -1,6 +1,7 @@
-"""The Triton forward's packed report tiles: the device-side schedule against a plain next-fit packing, and
-the packed forward (with the unchanged backward) against the float64 reference on batches whose tiles hold
-several reports, one long report among short ones, one-sentence reports, and tiles just one report wide.
+"""The Triton kernels' packed report tiles: the device-side schedule against a plain next-fit packing, and
+the packed forward and backward against the float64 reference on batches whose tiles hold several reports,
+one long report among short ones, one-sentence reports, and tiles just one report wide; the backward with
+saved and with recomputed routes, which must agree on exact ties.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1)."""
 
@@ -11,6 +12,7 @@ import torch
 
 import egma_kernels as ek
 from backend_cases import Case, check_backend, check_filip_backend
+from conftest import make_inputs
 
 pytest.importorskip("triton")
 ON_GPU = torch.cuda.is_available()
@@ -39,10 +41,10 @@ def run_schedule(lengths, columns, longest=True):
     R, N = len(lengths), sum(lengths)
     cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
     tiles = tb._pack_tiles(R, N, columns)
-    sched = torch.full((tiles + 1,), -7, dtype=torch.int32, device=DEVICE)
+    sched = torch.full((tiles + 2,), -7, dtype=torch.int32, device=DEVICE)
     counts = torch.full((3,), -7, dtype=torch.int32, device=DEVICE)
-    K._pack_schedule_kernel[(1,)](cu, sched, counts, R, N, tiles, LONGEST=longest, COLS=columns, BLOCK_B=16,
-                                  num_warps=1)
+    K._pack_schedule_kernel[(1,)](cu, sched, sched, sched, sched, counts, R, N, tiles, tiles, LONGEST=longest,
+                                  COLS=columns, COLS2=columns, BLOCK_B=16, COLMAP=False, num_warps=1)
     return sched.cpu().tolist(), counts.cpu().tolist(), tiles
 
 
@@ -70,8 +72,40 @@ def test_schedule_is_next_fit_within_the_bound(lengths, columns):
         sched, counts, tiles = run_schedule(lens, columns)
         want = next_fit(lens, columns)
         assert len(want) <= tiles, (lens, columns, want, tiles)  # the host's bound holds
-        assert sched == want + [len(lens)] * (tiles + 1 - len(want)), (lens, columns)
+        assert sched == want + [len(lens)] * (tiles + 1 - len(want)) + [len(want)], (lens, columns)  # + tile count
         assert counts[0] == max(lens) and counts[1:] == [-7, -7]
+
+
+def test_two_schedules_from_one_launch():
+    """The backward's launch: the first program writes the tiles of one width, the second of another, each
+    with its tile count after it and its column map; the second never touches counts."""
+    from egma_kernels import triton_backend as tb
+    from egma_kernels import triton_kernels as K
+
+    lengths = [3, 1, 4, 2, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 1, 1, 16]
+    R, N = len(lengths), sum(lengths)
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    t32, t16 = tb._pack_tiles(R, N, 32), tb._pack_tiles(R, N, 16)
+    sched = torch.full((t32 + 2,), -7, dtype=torch.int32, device=DEVICE)
+    sched2 = torch.full((t16 + 2,), -7, dtype=torch.int32, device=DEVICE)
+    counts = torch.full((3,), -7, dtype=torch.int32, device=DEVICE)
+    maps = [torch.full((t * 2 * c,), -7, dtype=torch.int32, device=DEVICE) for t, c in ((t32, 32), (t16, 16))]
+    K._pack_schedule_kernel[(2,)](cu, sched, sched2, *maps, counts, R, N, t32, t16, LONGEST=False, COLS=32,
+                                  COLS2=16, BLOCK_B=16, COLMAP=True, num_warps=1)
+    for got, colmap, columns, tiles in ((sched, maps[0], 32, t32), (sched2, maps[1], 16, t16)):
+        want = next_fit(lengths, columns)
+        assert got.cpu().tolist() == want + [R] * (tiles + 1 - len(want)) + [len(want)], columns
+        # the column map: per tile, each column's sentence (-1 where unused), then its report
+        colmap = colmap.view(tiles, 2, columns).cpu()
+        for t, first in enumerate(want):
+            reports = range(first, (want + [R])[t + 1])
+            sentences = [u for k in reports for u in range(sum(lengths[:k]), sum(lengths[:k + 1]))]
+            owners = [k for k in reports for _ in range(lengths[k])]
+            unused = columns - len(sentences)
+            assert colmap[t, 0].tolist() == sentences + [-1] * unused, (columns, t)
+            assert colmap[t, 1, :len(owners)].tolist() == owners, (columns, t)
+        assert (colmap[len(want):] == -7).all()  # tiles past the last are left alone
+    assert counts.cpu().tolist() == [-7, -7, -7]
 
 
 def test_schedule_without_longest_leaves_counts():
@@ -108,3 +142,63 @@ def test_packed_tile_widths(case, fwd_group, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_packed_filip_similarity(dtype):
     check_filip_backend("triton", 3, (1, 2, 1, 3, 20, 1, 1, 2, 4, 1, 1), P=6, D=16, device=DEVICE, dtype=dtype)
+
+
+# The backward on packed tiles: the dpatch kernel's tiles (bwd_group x BLOCK_S columns) and the dsent
+# kernel's (sent_group x BLOCK_S), with the forward's saved routes or with the similarity recomputed, where
+# segmented scans along the columns find each row's best sentence of each report.
+
+
+@pytest.mark.parametrize("case, dtype", [(PACKED_CASES[1], torch.float64), (PACKED_CASES[3], torch.float32)],
+                         ids=lambda v: str(v) if isinstance(v, Case) else str(v).replace("torch.", ""))
+def test_packed_backward_recomputing_routes(case, dtype, monkeypatch):
+    """The routes recomputed by segmented scans (the other packed tests take the saved ones at their sizes)."""
+    from egma_kernels import triton_backend as tb
+
+    monkeypatch.setattr(tb, "CONFIG_OVERRIDES", {"save_route": False})
+    check_backend("triton", case, device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("save_route", [True, False], ids=["saved", "recomputed"])
+@pytest.mark.parametrize("case, bwd_group, sent_group", [(PACKED_CASES[0], 2, 1), (PACKED_CASES[2], 4, 2)],
+                         ids=["long-tail-2x1", "one-sentence-4x2"])
+def test_packed_backward_tile_widths(case, bwd_group, sent_group, save_route, monkeypatch):
+    """In float64, tile widths other than the defaults (which the other tests take): 2 x / 1 x BLOCK_S
+    columns (dpatch / dsent) on a long-tailed batch (the 30-sentence report fills a dsent tile alone), and
+    4 x / 2 x BLOCK_S on one-sentence reports (a dpatch tile holds up to 64 reports)."""
+    from egma_kernels import triton_backend as tb
+
+    monkeypatch.setattr(tb, "CONFIG_OVERRIDES", {"bwd_group": bwd_group, "sent_group": sent_group,
+                                                 "save_route": save_route})
+    check_backend("triton", case, device=DEVICE, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("compat", [False, True], ids=["plain", "compat"])
+def test_ties_take_the_same_route_saved_or_recomputed(compat, monkeypatch):
+    """Exact ties (repeated sentences inside reports): the recomputed route (a forward segmented argmax and
+    a reverse segmented max) must pick the forward's saved one, the leftmost maximum, so that both paths
+    give the same patch and sentence gradients. (The reference splits a tie's gradient evenly, so this
+    compares the two Triton paths.) A route picking another column, or two, changes the gradients."""
+    from egma_kernels import triton_backend as tb
+
+    lengths = [3, 1, 4, 2, 5, 6, 1, 3]
+    inputs = make_inputs(lengths, 7, 16, seed=40, gaze="mixed")
+    sent = inputs["sent_emb"].clone()
+    start = 0
+    for n in lengths:  # every sentence of a report repeats the report's first or second sentence
+        for j in range(1, n):
+            sent[start + j] = sent[start + (j % 2)]
+        start += n
+    inputs["sent_emb"] = sent
+
+    def grads(save_route):
+        monkeypatch.setattr(tb, "CONFIG_OVERRIDES", {"save_route": save_route})
+        patch = inputs["patch_emb"].clone().requires_grad_(True)
+        sent = inputs["sent_emb"].clone().requires_grad_(True)
+        args = dict(inputs, patch_emb=patch, sent_emb=sent)
+        ek.fine_grained_loss(**args, backend="triton", egma_compat=compat).backward()
+        return patch.grad, sent.grad
+
+    saved, recomputed = grads(True), grads(False)
+    for a, b in zip(saved, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)

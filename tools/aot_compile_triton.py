@@ -81,7 +81,7 @@ def must_not_spill(arch, kernel, shape):
 TENSOR_CORE_SASS = re.compile(r"\b(HMMA|HGMMA|DMMA|IMMA|UTC\w*MMA|QMMA|OMMA)\b")
 
 INPUT_POINTERS = {"patch_ptr", "sent_ptr", "gaze_ptr"}
-INT_POINTERS = {"cu_ptr", "smax_ptr", "counts_ptr", "sched_ptr"}
+INT_POINTERS = {"cu_ptr", "smax_ptr", "counts_ptr", "sched_ptr", "sched2_ptr", "colmap_ptr", "colmap2_ptr"}
 INT16_POINTERS = {"best_patch_ptr"}  # int16 whenever P < 2**15 (int32 for float64)
 BOOL_POINTERS = {"gaze_mask_ptr"}
 UINT8_POINTERS = {"route_ptr"}  # uint8 while the longest report is <= 128 sentences (int16 beyond)
@@ -97,7 +97,8 @@ def kernels(cfg):
     report = dict(common, HAS_GAZE=True, BLOCK_P=cfg["matched_block_p"])
     columns = cfg["fwd_group"] * cfg["BLOCK_S"]  # the forward's packed tile (triton_backend._launch_filip_fwd)
     return [
-        (K._pack_schedule_kernel, dict(LONGEST=True, COLS=columns, BLOCK_B=cfg["BLOCK_B"]), 1),
+        (K._pack_schedule_kernel, dict(LONGEST=True, COLS=columns, COLS2=columns, BLOCK_B=cfg["BLOCK_B"],
+                                       COLMAP=False), 1),
         *[(K._filip_fwd_kernel, dict(filip, WRITE_MATCHED=True, SAVE_ROUTE=saved, BLOCK_P=cfg["fwd_block_p"],
                                      BLOCK_D=cfg["fwd_BLOCK_D"],
                                      COLS=columns, SIM_ONE_DOT=cfg["fwd_SIM_ONE_DOT"], D_PAD=cfg["D_PAD"]),
@@ -106,10 +107,26 @@ def kernels(cfg):
          cfg["report_stages"]),
         (K._loss_terms_kernel, dict(HAS_GAZE=True, BLOCK_B=cfg["BLOCK_B"], ACC=cfg["ACC"]), 4),
         (K._report_bwd_kernel, dict(report, GRADS=K.G_LOSS.value), cfg["report_warps"], cfg["report_stages"]),
+        backward_schedule(cfg),
         # saved routes: not for float64 (see triton_backend._route_shape)
         *[kernel for saved in (True, False) if not (saved and cfg["ACC"] == tl.float64)
           for kernel in backward_kernels(cfg, filip, saved)],
     ]
+
+
+def variant_label(consts):
+    """What tells a kernel's variants apart in the report: ' route' / ' recompute' (saved or recomputed
+    routes), ' backward' for the backward's schedule (two widths and column maps)."""
+    if consts.get("COLMAP"):
+        return " backward"
+    return {True: " route", False: " recompute"}.get(consts.get("SAVED_ROUTE", consts.get("SAVE_ROUTE")), "")
+
+
+def backward_schedule(cfg):
+    """The backward's _pack_schedule_kernel launch (triton_backend._launch_filip_bwd)."""
+    columns = (cfg["bwd_group"] * cfg["BLOCK_S"], cfg["sent_group"] * cfg["BLOCK_S"])
+    return (K._pack_schedule_kernel, dict(LONGEST=False, COLS=columns[0], COLS2=columns[1], BLOCK_B=cfg["BLOCK_B"],
+                                          COLMAP=True), cfg["bwd_schedule_warps"])
 
 
 def backward_kernels(cfg, filip, saved_route):
@@ -117,10 +134,11 @@ def backward_kernels(cfg, filip, saved_route):
                GRAD_PRECISION=cfg["grad_precision"])
     stages = cfg["route_bwd_stages"] if saved_route else None
     return [
-        (K._filip_bwd_patch_kernel, dict(bwd, BLOCK_P=cfg["bwd_patch_rows"], GROUP=cfg["bwd_group"],
+        (K._filip_bwd_patch_kernel, dict(bwd, BLOCK_P=cfg["bwd_patch_rows"], COLS=cfg["bwd_group"] * cfg["BLOCK_S"],
                                          D_OUT=cfg["D_OUT"], D_CHUNKS=cfg["D_CHUNKS"],
                                          SIM_ONE_DOT=cfg["SIM_ONE_DOT"]), cfg["bwd_warps"], stages),
-        (K._filip_bwd_sent_kernel, dict(bwd, BLOCK_P=cfg["bwd_sent_block_p"], GROUP=cfg["sent_group"],
+        (K._filip_bwd_sent_kernel, dict(bwd, BLOCK_P=cfg["bwd_sent_block_p" if saved_route else "bwd_sent_recompute_block_p"],
+                                        COLS=cfg["sent_group"] * cfg["BLOCK_S"],
                                         D_OUT=cfg["sent_D_OUT"],
                                         D_CHUNKS=cfg["sent_D_CHUNKS"], SIM_ONE_DOT=cfg["sent_SIM_ONE_DOT"]),
          cfg["bwd_warps"], stages),
@@ -244,7 +262,7 @@ def main():
             for fn, consts, num_warps, *stages in kernels(cfg):
                 if args.only not in fn.__name__:
                     continue
-                route = {True: " route", False: " recompute"}.get(consts.get("SAVED_ROUTE", consts.get("SAVE_ROUTE")), "")
+                route = variant_label(consts)
                 label = f"sm_{arch} {fn.__name__ + route:36s} {name:22s}"
                 if fn.__name__.startswith("_report") and not cfg["report_fits"]:
                     print(f"skip {label} refused at launch on this target (report_fits=False)")
@@ -310,8 +328,7 @@ def check_report(path):
             for fn, consts, num_warps, *stages in kernels(cfg):
                 if fn.__name__.startswith("_report") and not cfg["report_fits"]:
                     continue
-                route = {True: " route", False: " recompute"}.get(consts.get("SAVED_ROUTE", consts.get("SAVE_ROUTE")), "")
-                key = (f"sm_{arch}", fn.__name__ + route, name)
+                key = (f"sm_{arch}", fn.__name__ + variant_label(consts), name)
                 cells = rows.get(key)
                 if cells is None:
                     problems.append(f"{' '.join(key)}: missing")

@@ -13,6 +13,8 @@ Two layouts of the report columns:
           at least 16), GROUP reports per tile: a tile of GROUP * BLOCK_S columns;
   packed  tiles of COLS = GROUP * BLOCK_S columns holding consecutive whole reports (next fit, the schedule
           _pack_schedule_kernel computes on the device): only the columns a tile leaves empty are padding.
+          The forward and dpatch kernels take tiles of fwd_group * BLOCK_S columns, the dsent kernel of
+          sent_group * BLOCK_S (its [columns, D] accumulator).
 The packed grid is sized by the host's bound on the tiles (triton_backend._pack_tiles); the programs of
 unused tiles exit before any product and issue no tensor-core work (their count is listed).
 """
@@ -30,8 +32,8 @@ from egma_kernels.bench.problems import draw_lengths  # noqa: E402
 from egma_kernels.bench.sweeps import SIZES  # noqa: E402
 from egma_kernels.triton_backend import _config, _pack_tiles  # noqa: E402
 
-# Which products run on packed tiles (the others on slots).
-PACKED = {"forward": True, "dpatch": False, "dsent": False}
+# Which products run on packed tiles (all of them now; the slot layout is the "before" column).
+PACKED = {"forward": True, "dpatch": True, "dsent": True}
 
 
 def _pad(x, block):
@@ -61,7 +63,7 @@ def useful_fractions(lengths, P, D=512, dtype=torch.bfloat16, packed=None):
             return next_fit_tiles(lengths, group * S) * group * S
         return math.ceil(B / group) * group * S
 
-    out = dict(BLOCK_S=S, GROUP=cfg["fwd_group"], COLS=cfg["fwd_group"] * S,
+    out = dict(BLOCK_S=S, GROUP=cfg["fwd_group"], COLS=cfg["fwd_group"] * S, COLS_SENT=cfg["sent_group"] * S,
                tiles=next_fit_tiles(lengths, cfg["fwd_group"] * S), tile_bound=_pack_tiles(B, N, cfg["fwd_group"] * S))
     out["forward"] = useful / (_pad(P, cfg["fwd_block_p"]) * columns(cfg["fwd_group"], packed["forward"]))
     out["dpatch"] = useful / (_pad(P, cfg["bwd_patch_rows"]) * columns(cfg["bwd_group"], packed["dpatch"]))
@@ -83,12 +85,12 @@ def main():
         after = useful_fractions(lengths, size.P, size.D)
         cells = " | ".join(f"{before[k]:.0%} -> {after[k]:.0%}" for k in ("forward", "dpatch", "dsent"))
         rows.append(f"| {label} | {size.P} | {max(lengths)} | {sum(lengths) / len(lengths):.1f} | {after['BLOCK_S']} "
-                    f"| {after['COLS']} | {after['tiles']} of {after['tile_bound']} | {cells} |")
+                    f"| {after['COLS']} / {after['COLS_SENT']} | {after['tiles']} of {after['tile_bound']} | {cells} |")
     packed = ", ".join(k for k, v in PACKED.items() if v) or "none"
     text = "\n".join([
         f"Useful fraction, slots (before) -> packed tiles for: {packed}.",
         "",
-        "| size | P | longest | mean | BLOCK_S | tile columns | packed tiles of bound "
+        "| size | P | longest | mean | BLOCK_S | tile columns (fwd, dpatch / dsent) | fwd packed tiles of bound "
         "| forward | bwd dpatch | bwd dsent |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
