@@ -191,6 +191,11 @@ def test_ties_take_the_same_route_saved_or_recomputed(compat, monkeypatch):
         start += n
     inputs["sent_emb"] = sent
 
+    # float32 on a GPU (Triton cannot lower the float64 kernels with saved routes for sm_90)
+    dtype = torch.float32 if ON_GPU else torch.float64
+    inputs = {k: v.to(DEVICE, dtype=dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+              for k, v in inputs.items()}
+
     def grads(save_route):
         monkeypatch.setattr(tb, "CONFIG_OVERRIDES", {"save_route": save_route})
         patch = inputs["patch_emb"].clone().requires_grad_(True)
@@ -201,4 +206,4 @@ def test_ties_take_the_same_route_saved_or_recomputed(compat, monkeypatch):
 
     saved, recomputed = grads(True), grads(False)
     for a, b in zip(saved, recomputed):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(a, b, rtol=1e-13 if dtype == torch.float64 else 1e-5, atol=1e-15)
