@@ -146,7 +146,8 @@ def launch_config(dtype, P, D, max_seqlen, num_reports, smem, float32_matmul_pre
     # the patch kernel, [BLOCK_S, D_OUT] in the sentence kernel (long reports take narrower chunks).
     # Similarity columns per forward program in units of BLOCK_S: the packed forward's tiles are
     # fwd_group * BLOCK_S columns of whole consecutive reports (32 columns, or one longest report), and so
-    # are the dpatch kernel's (bwd_group). By ptxas (sm_90, D=512), 64 columns spill at 4 warps. Untimed: benchmarks/tune_triton.py tries 1, 2, 4 and 8 on a GPU.
+    # are the dpatch kernel's (bwd_group). By ptxas (sm_90, D=512), 64 columns spill at 4 warps.
+    # Untimed: benchmarks/tune_triton.py tries 1, 2, 4 and 8 on a GPU.
     fwd_group = max(1, (32 // wide) // block_s)
     # The dpatch kernel's [group columns, D_OUT] sentence operand stays within 64 KiB of shared memory.
     d_out = min(d_pad, 512 // wide, max(64, 16384 // (fwd_group * block_s)) // wide)
