@@ -1,0 +1,87 @@
+"""The preparation cache (egma_model.prepared): what it feeds equals the originals' path, a cache built with
+other settings is refused naming them, an interrupted build resumes, and the EGMADataset reads it."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+
+import data_path  # noqa: E402  (the benchmark's generator writes files in the published layouts)
+from egma_model import prepared  # noqa: E402
+from egma_model.data import EGMADataset, GazeOptions, load_image, load_manifest, preprocess_image  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("dp"))
+    manifest = data_path.generate(root, images=2, width=230, height=300, reflacx_readings=3, fixations_per_reading=40,
+                                  sentences_per_reading=3, egd_readings=4, egd_rows=200)
+    return root, manifest
+
+
+def test_cache_equals_originals(tree):
+    _, manifest = tree
+    s = prepared.build_cache(manifest, progress=False, rebuild=True)
+    cache = prepared.PreparedCache(s["cache"])
+    recs = load_manifest(manifest)
+    ds = EGMADataset(recs, max_sentences=0)
+    assert s["rows"] == len(recs) and s["bytes"] > 0
+    for i, rec in enumerate(recs):
+        assert torch.equal(cache.image(i), preprocess_image(load_image(rec.image), 224))
+        s1, g1 = ds.sentences_and_gaze(i)
+        s2, g2 = cache.sentences_and_gaze(i)
+        assert s1 == s2
+        assert (g1 is None) == (g2 is None)
+        if g1 is not None:
+            assert torch.equal(g1, g2)
+    rows = load_manifest(s["manifest"])
+    assert [r.extra["cache_row"] for r in rows] == [str(i) for i in range(len(recs))]
+
+
+def test_cache_refuses_other_settings(tree):
+    _, manifest = tree
+    s = prepared.build_cache(manifest, progress=False)
+    cache = prepared.PreparedCache(s["cache"])
+    ok = prepared.cache_settings(image_size=224, grid=(7, 7), gaze_options=GazeOptions(), use_gaze=True,
+                                 split_rule="ours")
+    cache.check(ok)
+    other = prepared.cache_settings(image_size=256, grid=(7, 7), gaze_options=GazeOptions(sigma=100.0),
+                                    use_gaze=True, split_rule="ours")
+    with pytest.raises(prepared.CacheMismatchError) as e:
+        cache.check(other)
+    assert "image_size: cache 224, this run 256" in str(e.value)
+    assert "gaze_options.sigma: cache 150.0, this run 100.0" in str(e.value)
+
+
+def test_interrupted_build_resumes(tree, monkeypatch, tmp_path):
+    _, manifest = tree
+    folder = str(tmp_path / "c")
+    monkeypatch.setattr(prepared, "CHUNK_ROWS", 2)
+    import egma_model.data as data
+
+    real, calls = data.load_image, []
+
+    def failing(path):
+        calls.append(path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # a kill in the second chunk
+        return real(path)
+
+    monkeypatch.setattr(data, "load_image", failing)
+    with pytest.raises(KeyboardInterrupt):
+        prepared.build_cache(manifest, folder, progress=False)
+    assert not os.path.isfile(os.path.join(folder, "cache.json"))
+    with pytest.raises(prepared.CacheMismatchError, match="not a finished"):
+        prepared.PreparedCache(folder)
+    calls.clear()
+    monkeypatch.setattr(data, "load_image", lambda p: (calls.append(p), real(p))[1])
+    s = prepared.build_cache(manifest, folder, progress=False)
+    n = len(load_manifest(manifest))
+    assert len(calls) == n - 2  # the first chunk (2 rows) was not redone
+    fresh = prepared.build_cache(manifest, str(tmp_path / "fresh"), progress=False)
+    a, b = prepared.PreparedCache(s["cache"]), prepared.PreparedCache(fresh["cache"])
+    assert torch.equal(torch.from_numpy(a.images[:]), torch.from_numpy(b.images[:]))
+    assert torch.equal(torch.from_numpy(a.gaze[:]), torch.from_numpy(b.gaze[:]))
