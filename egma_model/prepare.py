@@ -12,35 +12,51 @@ and why)::
     egma-prepare rsna       --root rsna-pneumonia/                              --out data/rsna.csv
     egma-prepare siim       --root siim-acr/                                    --out data/siim.csv
 
-Layouts and columns, and where they come from:
+Layouts and columns, and where they come from (docs/datasets.md has a table per dataset). Every CSV is read by
+``egma_model.textio`` (strict UTF-8, a byte-order mark skipped) and also under its gzipped name ``<name>.gz``, as
+PhysioNet distributes several of them. Splits are spelled ``train``/``valid``/``test`` everywhere (MIMIC-CXR's
+``validate`` is mapped to ``valid``); the gaze sets take MIMIC-CXR's official split, and a row without one is
+left with an empty split and counted in the summary's notes (never put in ``train``). Fixations go through the
+readers' one rule (``egma_model.gaze.apply_reader_rules``): those off the image or not finite are dropped and
+counted in the summary's ``gaze_rules``; a reading left without a usable fixation is written without gaze (image
+and report only). A reading listed twice (same reading id, or same image and transcript) is kept once and counted.
 
 * MIMIC-CXR-JPG (PhysioNet ``mimic-cxr-jpg`` 2.0.0/2.1.0): ``files/p<XX>/p<subject_id>/s<study_id>/<dicom_id>.jpg``,
-  ``mimic-cxr-2.0.0-metadata.csv`` (``dicom_id``, ``Rows``, ``Columns``: the DICOM's size) and
-  ``mimic-cxr-2.0.0-split.csv`` (``dicom_id``, ``split``). Images are looked up by ``dicom_id`` over the whole
+  ``mimic-cxr-2.0.0-metadata.csv.gz`` (``dicom_id``, ``Rows``, ``Columns``: the DICOM's size) and
+  ``mimic-cxr-2.0.0-split.csv.gz`` (``dicom_id``, ``split``: ``train``/``validate``/``test``), gzipped as
+  published (plain names are read too). Images are looked up by ``dicom_id`` over the whole
   ``files/`` tree, so a path that differs between a gaze set and the JPG release (``.dcm`` vs ``.jpg``, a
   ``physionet.org/files/mimic-cxr/2.0.0/`` prefix, another version folder) still finds its image.
 * REFLACX (PhysioNet ``reflacx-xray-localization`` 1.0.0; its documentation and its authors' readers in the
   ``ricbl/eyetracking`` repository): ``main_data/metadata_phase_<1|2|3>.csv`` (``id``, ``dicom_id``,
   ``subject_id``, ``image`` (the MIMIC-CXR DICOM path), ``split``, ``eye_tracking_data_discarded``,
   ``image_size_x``, ``image_size_y``) and one folder per reading ``main_data/<id>/`` (``fixations.csv``,
-  ``timestamps_transcription.csv``, ``transcription.txt``). Fixations are in pixels of the DICOM, whose size is
+  ``timestamps_transcription.csv``, ``transcription.txt``; the raw samples are in ``gaze_data/<id>/gaze.csv``
+  beside ``main_data/``). The split is MIMIC-CXR's (its split file, else REFLACX's ``split`` column). Fixations are in pixels of the DICOM, whose size is
   ``image_size_x/y``: that size goes to the manifest (``image_width/height``) so the gaze is mapped onto the JPG
   through the DICOM frame; a JPG whose aspect ratio differs from it is skipped and reported.
 * EGD-CXR (PhysioNet ``egd-cxr`` 1.0.0; the ``cxr-eye-gaze/eye-gaze-dataset`` repository): ``master_sheet.csv``
   (``dicom_id``, ``path``, ``study_id``, ``patient_id``, the condition columns ``Normal``, ``CHF``,
   ``pneumonia``), ``fixations.csv`` (``DICOM_ID``, ``X_ORIGINAL``, ``Y_ORIGINAL``, ...: DICOM pixels) and
-  ``audio_segmentation_transcripts/<dicom_id>/transcript.json``. The DICOM size comes from MIMIC-CXR-JPG's
+  ``audio_segmentation_transcripts/<dicom_id>/transcript.json``. ``X_ORIGINAL``/``Y_ORIGINAL`` hold a negative
+  placeholder for looks outside the image (dropped by the reader rule). The split is MIMIC-CXR's. The DICOM size comes from MIMIC-CXR-JPG's
   metadata (``Rows``/``Columns``) when given, else from the JPG (same pixels in MIMIC-CXR-JPG).
 * MIMIC-EYE (PhysioNet ``mimic-eye-multimodal-datasets`` 1.0.0; the ``ChihchengHsieh/MIMIC-Eye`` repository's
   path constants): ``patient_<subject_id>/CXR-JPG/s<study_id>/<dicom_id>.jpg``, ``CXR-JPG/cxr_meta.csv``
   (``dicom_id``, ``Rows``, ``Columns``), ``CXR-DICOM/s<study_id>.txt`` (the MIMIC-CXR report),
   ``EyeGaze/fixations.csv`` + ``EyeGaze/audio_segmentation_transcripts/<dicom_id>/transcript.json`` (EGD-CXR's
-  columns), ``REFLACX/metadata.csv`` + ``REFLACX/<id>/`` (or ``REFLACX/main_data/<id>/``; REFLACX's files).
-* CheXpert 5x200 (CheXpert-v1.0 ``train.csv``: ``Path``, ``Frontal/Lateral`` and the 14 label columns; the
-  selection of GLoRIA's ``gloria/datasets/preprocess_datasets.py``, also used by MedCLIP and MGCA): frontal
-  images, blank labels read as 0, and for each of Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural
-  Effusion, 200 images sampled (seeded) that are positive (1) for it and 0 for every other label except
-  ``No Finding``. ``--loose`` only asks the other four competition labels not to be positive.
+  columns), ``REFLACX/metadata.csv`` + ``REFLACX/main_data/<id>/`` and ``REFLACX/gaze_data/<id>/`` (REFLACX's
+  files; ``REFLACX/<id>/`` is accepted too), and ``CXR-JPG/cxr_split.csv`` (``dicom_id``, ``split``: MIMIC-CXR's
+  official split, also in ``spreadsheets/CXR-JPG/cxr_split.csv``) for the split of both kinds of reading.
+* CheXpert 5x200: ``--selection FILE`` reads a published list as released: MedCLIP's
+  ``chexpert-5x200-meta.csv`` (``imgpath``, the 14 label columns; it includes lateral views) or GLoRIA's
+  ``chexpert_5x200.csv`` (``Path``, the label columns). Without it, our seeded selection from CheXpert-v1.0
+  ``train.csv`` (``Path``, ``Frontal/Lateral`` and the 14 label columns) by the rule of GLoRIA's
+  ``gloria/datasets/preprocess_datasets.py`` (GLoRIA samples unseeded, so its images are not reproducible):
+  frontal images, blank labels read as 0, and for each of Atelectasis, Cardiomegaly, Consolidation, Edema,
+  Pleural Effusion, 200 images sampled (seeded) that are positive (1) for it and 0 for every other label except
+  ``No Finding``. ``--loose`` only asks the other four competition labels not to be positive. Which set a
+  paper's numbers come from matters: see docs/datasets.md.
   ``chexpert`` (for the linear probe): the other frontal ``train.csv`` images as ``train`` and the frontal
   ``valid.csv`` images as ``test``, the five findings as labels with GLoRIA's uncertain-label mapping.
 * RSNA Pneumonia (Kaggle ``rsna-pneumonia-detection-challenge``): ``stage_2_train_labels.csv`` (``patientId``,
@@ -54,8 +70,9 @@ Layouts and columns, and where they come from:
 RSNA and SIIM split 70/15/15 into train/valid/test as GLoRIA's preprocessing does (its split is sklearn's
 ``train_test_split`` with ``random_state=0``; ours is a seeded permutation of the same sizes, so the same
 proportions, not the same images). DICOM images are converted once to 8-bit PNG under ``<out dir>/images/``
-with ``pydicom`` (not a dependency: ``pip install pydicom``; without it those rows are skipped and the summary
-says so); a PNG/JPEG already next to the DICOM (same name) is used as is.
+with ``pydicom`` (in the ``model`` extra; without it those rows are skipped and the summary says so) by
+``dicom_to_uint8`` (rescale, window, MONOCHROME1 inversion); a PNG/JPEG already next to the DICOM (same name) is
+used as is.
 """
 
 from __future__ import annotations
