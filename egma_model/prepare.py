@@ -329,7 +329,7 @@ def _egd_transcript(path: str) -> Tuple[Optional[str], Optional[str]]:
     return str(tj.get("full_text") or " ".join(str(p.get("phrase", "")) for p in tj["time_stamped_text"])), None
 
 
-def _egd_fixations(fixations_csv: str) -> Dict[str, "object"]:
+def _egd_fixations(fixations_csv: str) -> Dict:
     """``DICOM_ID`` -> fixations as written, read once per file (a malformed cell is a PrepareError)."""
     try:
         return gz.read_egd_fixations(fixations_csv)
