@@ -470,8 +470,10 @@ def read_reflacx(case_dir: str, *, image_size: Optional[Tuple[int, int]] = None,
         header, rows = _read_csv(ts_path)
         _need(ts_path, header, ["word", "timestamp_start_word", "timestamp_end_word"])
         for i, r in enumerate(rows):
-            words.append((r["word"], _float(ts_path, i + 2, r, "timestamp_start_word"),
-                          _float(ts_path, i + 2, r, "timestamp_end_word")))
+            start = _float(ts_path, i + 2, r, "timestamp_start_word")
+            end = _float(ts_path, i + 2, r, "timestamp_end_word")
+            if math.isfinite(start) and math.isfinite(end):  # a word without a time cannot place a sentence
+                words.append((r["word"], start, end))
     transcript = None
     tr_path = os.path.join(case_dir, "transcription.txt")
     if os.path.isfile(tr_path):
