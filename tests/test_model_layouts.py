@@ -318,3 +318,18 @@ def test_rsna_dicom_rows_are_converted(tmp_path):
         with Image.open(r["image"]) as im:
             assert im.mode == "L"
     assert pydicom
+
+
+def test_reading_without_usable_fixations_is_written_without_gaze(tmp_path):
+    make_mimic_cxr_jpg(str(tmp_path / "jpg"), MIMIC_ITEMS)
+    make_reflacx(str(tmp_path / "reflacx"), MIMIC_ITEMS)
+    # a header-only fixations.csv: the reading has no usable gaze, but its image and report are still good
+    write_csv(str(tmp_path / "reflacx" / "main_data" / "P100R000" / "fixations.csv"),
+              ["timestamp_start_fixation", "timestamp_end_fixation", "x_position", "y_position"], [])
+    out, s = _prepare(str(tmp_path / "out"), "reflacx", "--root", str(tmp_path / "reflacx"),
+                      "--mimic-cxr-jpg", str(tmp_path / "jpg"))
+    rows = {r["source_id"]: r for r in _manifest_rows(out)}
+    assert rows["P100R000"]["gaze_format"] == "" and rows["P100R000"]["gaze"] == ""
+    assert rows["P100R000"]["report"] == " ".join(REPORT)
+    assert rows["P101R001"]["gaze_format"] == "reflacx"
+    assert s["images_with_gaze"] == 1 and s["gaze_rules"]["readings_without_usable_fixations"] == 1
