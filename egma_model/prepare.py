@@ -32,15 +32,17 @@ and report only). A reading listed twice (same reading id, or same image and tra
   ``subject_id``, ``image`` (the MIMIC-CXR DICOM path), ``split``, ``eye_tracking_data_discarded``,
   ``image_size_x``, ``image_size_y``) and one folder per reading ``main_data/<id>/`` (``fixations.csv``,
   ``timestamps_transcription.csv``, ``transcription.txt``; the raw samples are in ``gaze_data/<id>/gaze.csv``
-  beside ``main_data/``). The split is MIMIC-CXR's (its split file, else REFLACX's ``split`` column). Fixations are in pixels of the DICOM, whose size is
-  ``image_size_x/y``: that size goes to the manifest (``image_width/height``) so the gaze is mapped onto the JPG
-  through the DICOM frame; a JPG whose aspect ratio differs from it is skipped and reported.
+  beside ``main_data/``). The split is MIMIC-CXR's (its split file, else REFLACX's ``split`` column).
+  Fixations are in pixels of the DICOM, whose size is ``image_size_x/y``: that size goes to the manifest
+  (``image_width/height``) so the gaze is mapped onto the JPG through the DICOM frame; a JPG whose aspect ratio
+  differs from it is skipped and reported.
 * EGD-CXR (PhysioNet ``egd-cxr`` 1.0.0; the ``cxr-eye-gaze/eye-gaze-dataset`` repository): ``master_sheet.csv``
   (``dicom_id``, ``path``, ``study_id``, ``patient_id``, the condition columns ``Normal``, ``CHF``,
   ``pneumonia``), ``fixations.csv`` (``DICOM_ID``, ``X_ORIGINAL``, ``Y_ORIGINAL``, ...: DICOM pixels) and
   ``audio_segmentation_transcripts/<dicom_id>/transcript.json``. ``X_ORIGINAL``/``Y_ORIGINAL`` hold a negative
-  placeholder for looks outside the image (dropped by the reader rule). The split is MIMIC-CXR's. The DICOM size comes from MIMIC-CXR-JPG's
-  metadata (``Rows``/``Columns``) when given, else from the JPG (same pixels in MIMIC-CXR-JPG).
+  placeholder for looks outside the image (dropped by the reader rule). The split is MIMIC-CXR's. The DICOM size
+  comes from MIMIC-CXR-JPG's metadata (``Rows``/``Columns``) when given, else from the JPG (same pixels in
+  MIMIC-CXR-JPG).
 * MIMIC-EYE (PhysioNet ``mimic-eye-multimodal-datasets`` 1.0.0; the ``ChihchengHsieh/MIMIC-Eye`` repository's
   path constants): ``patient_<subject_id>/CXR-JPG/s<study_id>/<dicom_id>.jpg``, ``CXR-JPG/cxr_meta.csv``
   (``dicom_id``, ``Rows``, ``Columns``), ``CXR-DICOM/s<study_id>.txt`` (the MIMIC-CXR report),
@@ -89,7 +91,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from . import gaze as gz
 from .textio import TextDecodeError, find_published, read_csv_rows, read_text
 
-__all__ = ["Summary", "dicom_to_uint8", "read_chexpert_selection", "split_name", "prepare_reflacx", "prepare_egd_cxr", "prepare_mimic_eye", "prepare_chexpert_5x200",
+__all__ = ["Summary", "dicom_to_uint8", "read_chexpert_selection", "split_name", "prepare_reflacx", "prepare_egd_cxr",
+           "prepare_mimic_eye", "prepare_chexpert_5x200",
            "prepare_chexpert",
            "prepare_rsna", "prepare_siim", "write_manifest", "main"]
 
