@@ -18,22 +18,25 @@ centred square before resizing (``egma_model.data.preprocess_image``); the heatm
 same square frame so that gaze stays aligned with the pixels.
 
 Readers (``read_reflacx``, ``read_egd_cxr``, ``read_mimic_eye_egd``) turn the public datasets' files into a
-``GazeRecord``; their docstrings list the files and columns they use.
+``GazeRecord``; their docstrings list the files and columns they use. Every text file goes through
+``egma_model.textio`` (strict UTF-8, ``.gz`` accepted). Every reader ends with ``apply_reader_rules``, the one
+place that decides which fixations are usable (see ``READER_RULES_VERSION``).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .textio import find_published, read_csv_rows, read_text
 
 __all__ = [
     "GazeRecord",
@@ -46,6 +49,10 @@ __all__ = [
     "read_reflacx_metadata",
     "read_egd_cxr",
     "read_mimic_eye_egd",
+    "read_egd_fixations",
+    "reflacx_raw_gaze_path",
+    "apply_reader_rules",
+    "READER_RULES_VERSION",
     "GazeFormatError",
 ]
 
@@ -62,6 +69,9 @@ class GazeRecord:
     words: list of ``(text, start_s, end_s)``: words or phrases of the dictation, in order.
     image_size: ``(width, height)`` of the original image in pixels.
     transcript: the dictated report text, when the dataset gives it.
+    dropped_off_image, dropped_non_finite: fixations of the file that ``apply_reader_rules`` discarded.
+    A reading whose every fixation was dropped (or whose fixations file has no row) has ``F == 0``: it
+    carries no gaze, and ``egma-prepare`` counts it as a reading without gaze.
     """
 
     fixations: np.ndarray
@@ -69,6 +79,8 @@ class GazeRecord:
     image_size: Tuple[int, int] = (0, 0)
     transcript: Optional[str] = None
     source: str = ""
+    dropped_off_image: int = 0
+    dropped_non_finite: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -304,16 +316,59 @@ def gaze_for_sentences(
 
 
 # ----------------------------------------------------------------------------------------------------
+# the readers' rule for usable fixations
+
+# Bump when ``apply_reader_rules`` or what a reader passes to it changes: a cache of gaze built from the
+# readers' output must be keyed on this string so that it is rebuilt.
+READER_RULES_VERSION = "1"
+
+
+def apply_reader_rules(fixations: np.ndarray, image_size: Tuple[int, int]) -> Tuple[np.ndarray, int, int]:
+    """The usable fixations of a reading: ``(kept (F', 4), n_off_image, n_non_finite)``.
+
+    A fixation ``start_s, end_s, x_px, y_px`` is dropped, and counted, when
+      * any of its four values is NaN or infinite (``n_non_finite``): an empty cell in a dataset's CSV is
+        read as NaN (that is how pandas, which wrote these files, saves a missing value); or
+      * its position is outside ``[0, width) x [0, height)`` of the original image (``n_off_image``). EGD-CXR
+        writes a negative placeholder (``int(-1 * scale)``, about -2) into ``X_ORIGINAL``/``Y_ORIGINAL`` when
+        the radiologist looked outside the displayed image and its own heatmap code skips those rows
+        (cxr-eye-gaze/eye-gaze-dataset, DataProcessing/DataPostProcessing/
+        map_eye_gaze_from_screen_to_image_coordinates.py and create_heatmap_images_and_or_videos.py);
+        REFLACX's positions are rounded screen-to-image mappings that are not clipped to the image, and
+        its authors' example filter keeps fixations on the image (ricbl/eyetracking,
+        examples_and_paper_numbers/filter_fixations.py).
+    Text that is not a number is not covered here: the readers refuse it, naming file, row and column.
+    """
+    fix = np.asarray(fixations, dtype=np.float64).reshape(-1, 4)
+    finite = np.isfinite(fix).all(axis=1)
+    w, h = image_size
+    x, y = fix[:, 2], fix[:, 3]
+    with np.errstate(invalid="ignore"):
+        on_image = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    keep = finite & on_image
+    return fix[keep], int((finite & ~on_image).sum()), int((~finite).sum())
+
+
+def _record(fixations: np.ndarray, words, image_size, transcript, source) -> GazeRecord:
+    size = (int(image_size[0]), int(image_size[1]))
+    kept, off, non_finite = apply_reader_rules(fixations, size)
+    return GazeRecord(kept, words, size, transcript, source=source, dropped_off_image=off,
+                      dropped_non_finite=non_finite)
+
+
+# ----------------------------------------------------------------------------------------------------
 # readers
+
+
+def _published(folder: str, name: str) -> str:
+    """``folder/name`` as published or gzipped (the plain path when neither exists, for the error message)."""
+    return find_published(folder, name) or os.path.join(folder, name)
 
 
 def _read_csv(path: str) -> Tuple[List[str], List[dict]]:
     if not os.path.isfile(path):
         raise GazeFormatError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
+    return read_csv_rows(path)
 
 
 def _need(path: str, header: List[str], cols: Sequence[str]) -> None:
@@ -323,8 +378,12 @@ def _need(path: str, header: List[str], cols: Sequence[str]) -> None:
 
 
 def _float(path: str, row_no: int, row: dict, col: str) -> float:
+    """A number cell; an empty cell is NaN (a missing value as pandas writes it), text is an error."""
+    v = row.get(col)
+    if v is not None and v.strip() == "":
+        return float("nan")
     try:
-        return float(row[col])
+        return float(v)
     except (TypeError, ValueError):
         raise GazeFormatError(f"{path}: row {row_no}: column {col!r} is not a number: {row.get(col)!r}") from None
 
@@ -346,44 +405,59 @@ def read_reflacx_metadata(path: str) -> List[dict]:
     return keep
 
 
+def reflacx_raw_gaze_path(case_dir: str) -> str:
+    """``gaze.csv`` of a REFLACX reading ``.../main_data/<id>``: REFLACX 1.0.0 publishes it as
+    ``gaze_data/<id>/gaze.csv`` beside ``main_data/`` (the REFLACX PhysioNet page's file list; MIMIC-EYE keeps the
+    same ``REFLACX/gaze_data/<id>/`` and ``REFLACX/main_data/<id>/`` pair). A ``gaze.csv`` inside the reading's
+    own folder is used when there is one (a copy arranged by hand)."""
+    case_dir = os.path.normpath(case_dir)
+    own = find_published(case_dir, "gaze.csv")
+    if own:
+        return own
+    reading = os.path.basename(case_dir)
+    beside = os.path.join(os.path.dirname(os.path.dirname(case_dir)), "gaze_data", reading)
+    return _published(beside, "gaze.csv")
+
+
+def _reflacx_raw_fixations(case_dir: str, ivt) -> np.ndarray:
+    gz_path = reflacx_raw_gaze_path(case_dir)
+    header, rows = _read_csv(gz_path)
+    _need(gz_path, header, ["timestamp_sample", "x_position", "y_position"])
+    cols = ("timestamp_sample", "x_position", "y_position")
+    t, x, y = ([_float(gz_path, i + 2, r, c) for i, r in enumerate(rows)] for c in cols)
+    ppd = 1.0
+    if "angular_resolution_x_pixels_per_degree" in header:
+        c = "angular_resolution_x_pixels_per_degree"
+        vals = [v for v in (_float(gz_path, i + 2, r, c) for i, r in enumerate(rows)) if math.isfinite(v)]
+        if vals:
+            ppd = float(np.median(vals))
+    return detect_fixations(t, x, y, pixels_per_degree=ppd, **ivt)
+
+
 def read_reflacx(case_dir: str, *, image_size: Optional[Tuple[int, int]] = None, use_raw_gaze: bool = False,
                  **ivt) -> GazeRecord:
     """One REFLACX reading: the folder ``main_data/<id>/`` of REFLACX v1.0.0.
 
-    Files and columns used:
+    Files and columns used (each also accepted gzipped, ``<name>.gz``):
       * ``fixations.csv``: ``timestamp_start_fixation``, ``timestamp_end_fixation`` (seconds),
         ``x_position``, ``y_position`` (pixels of the original image).
-      * ``gaze.csv`` (only with ``use_raw_gaze=True``, then run through ``detect_fixations``):
-        ``timestamp_sample``, ``x_position``, ``y_position`` and, when present,
-        ``angular_resolution_x_pixels_per_degree`` (median used as pixels per degree).
-      * ``timestamps_transcription.csv``: ``word``, ``timestamp_start_word``, ``timestamp_end_word``.
+      * ``gaze_data/<id>/gaze.csv`` beside ``main_data/`` (only with ``use_raw_gaze=True``, then run through
+        ``detect_fixations``; see ``reflacx_raw_gaze_path``): ``timestamp_sample``, ``x_position``,
+        ``y_position`` and, when present, ``angular_resolution_x_pixels_per_degree`` (median used as pixels
+        per degree).
+      * ``timestamps_transcription.csv``: ``word``, ``timestamp_start_word``, ``timestamp_end_word``
+        (punctuation marks are rows of their own; they carry no token and match nothing).
       * ``transcription.txt``: the dictated report (optional).
     ``image_size`` (width, height) comes from the metadata's ``image_size_x``/``image_size_y``; without it the
-    extent of ``xmax_shown_from_image``/``ymax_shown_from_image`` in ``fixations.csv`` is used.
+    extent of ``xmax_shown_from_image``/``ymax_shown_from_image`` in ``fixations.csv`` is used. Fixations go
+    through ``apply_reader_rules``.
     """
-    fx_path = os.path.join(case_dir, "fixations.csv")
-    ts_path = os.path.join(case_dir, "timestamps_transcription.csv")
+    fx_header: List[str] = []
+    fx_rows: List[dict] = []
     if use_raw_gaze:
-        gz_path = os.path.join(case_dir, "gaze.csv")
-        header, rows = _read_csv(gz_path)
-        _need(gz_path, header, ["timestamp_sample", "x_position", "y_position"])
-
-        def val(i, r, c):
-            v = r.get(c, "")
-            return float("nan") if v in ("", "nan", "NaN", None) else _float(gz_path, i, r, c)
-
-        t = [val(i + 2, r, "timestamp_sample") for i, r in enumerate(rows)]
-        x = [val(i + 2, r, "x_position") for i, r in enumerate(rows)]
-        y = [val(i + 2, r, "y_position") for i, r in enumerate(rows)]
-        ppd = 1.0
-        if "angular_resolution_x_pixels_per_degree" in header:
-            vals = [float(r["angular_resolution_x_pixels_per_degree"]) for r in rows
-                    if r["angular_resolution_x_pixels_per_degree"] not in ("", None)]
-            if vals:
-                ppd = float(np.median(vals))
-        fixations = detect_fixations(t, x, y, pixels_per_degree=ppd, **ivt)
-        fx_header, fx_rows = [], []
+        fixations = _reflacx_raw_fixations(case_dir, ivt)
     else:
+        fx_path = _published(case_dir, "fixations.csv")
         fx_header, fx_rows = _read_csv(fx_path)
         cols = ["timestamp_start_fixation", "timestamp_end_fixation", "x_position", "y_position"]
         _need(fx_path, fx_header, cols)
@@ -391,24 +465,62 @@ def read_reflacx(case_dir: str, *, image_size: Optional[Tuple[int, int]] = None,
             [[_float(fx_path, i + 2, r, c) for c in cols] for i, r in enumerate(fx_rows)], dtype=np.float64
         ).reshape(-1, 4)
     words: List[Tuple[str, float, float]] = []
+    ts_path = _published(case_dir, "timestamps_transcription.csv")
     if os.path.isfile(ts_path):
         header, rows = _read_csv(ts_path)
         _need(ts_path, header, ["word", "timestamp_start_word", "timestamp_end_word"])
         for i, r in enumerate(rows):
-            words.append((r["word"], _float(ts_path, i + 2, r, "timestamp_start_word"),
-                          _float(ts_path, i + 2, r, "timestamp_end_word")))
+            start = _float(ts_path, i + 2, r, "timestamp_start_word")
+            end = _float(ts_path, i + 2, r, "timestamp_end_word")
+            if math.isfinite(start) and math.isfinite(end):  # a word without a time cannot place a sentence
+                words.append((r["word"], start, end))
     transcript = None
     tr_path = os.path.join(case_dir, "transcription.txt")
     if os.path.isfile(tr_path):
-        with open(tr_path, encoding="utf-8") as f:
-            transcript = f.read().strip()
+        transcript = read_text(tr_path).strip()
     if image_size is None:
         if fx_rows and "xmax_shown_from_image" in fx_header and "ymax_shown_from_image" in fx_header:
             image_size = (int(max(float(r["xmax_shown_from_image"]) for r in fx_rows)),
                           int(max(float(r["ymax_shown_from_image"]) for r in fx_rows)))
         else:
             raise GazeFormatError(f"{case_dir}: image_size not given and not derivable from fixations.csv")
-    return GazeRecord(fixations, words, (int(image_size[0]), int(image_size[1])), transcript, source=case_dir)
+    return _record(fixations, words, image_size, transcript, case_dir)
+
+
+EGD_FIXATION_COLUMNS = ["DICOM_ID", "Time (in secs)", "FPOGD", "X_ORIGINAL", "Y_ORIGINAL"]
+
+
+def read_egd_fixations(fixations_csv: str) -> Dict[str, np.ndarray]:
+    """Every reading's fixations in an EGD-CXR ``fixations.csv``: ``DICOM_ID`` -> ``(F, 4)`` ``start_s, end_s,
+    x_px, y_px`` as written (before ``apply_reader_rules``). Stray spaces around the IDs are removed."""
+    header, rows = _read_csv(fixations_csv)
+    _need(fixations_csv, header, EGD_FIXATION_COLUMNS)
+    out: Dict[str, List[Tuple[float, float, float, float]]] = {}
+    for i, r in enumerate(rows):
+        t = _float(fixations_csv, i + 2, r, "Time (in secs)")
+        d = _float(fixations_csv, i + 2, r, "FPOGD")
+        out.setdefault(r["DICOM_ID"].strip(), []).append(
+            (t - d, t, _float(fixations_csv, i + 2, r, "X_ORIGINAL"), _float(fixations_csv, i + 2, r, "Y_ORIGINAL")))
+    return {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in out.items()}
+
+
+def _egd_words(transcript_json: str) -> Tuple[List[Tuple[str, float, float]], Optional[str]]:
+    if not os.path.isfile(transcript_json):
+        raise GazeFormatError(f"{transcript_json}: file not found")
+    try:
+        tj = json.loads(read_text(transcript_json))
+    except json.JSONDecodeError as e:
+        raise GazeFormatError(f"{transcript_json}: not valid JSON ({e})") from None
+    if not isinstance(tj, dict) or not isinstance(tj.get("time_stamped_text"), list):
+        raise GazeFormatError(f"{transcript_json}: no 'time_stamped_text' list")
+    words = []
+    for i, p in enumerate(tj["time_stamped_text"]):
+        try:
+            words.append((str(p["phrase"]), float(p["begin_time"]), float(p["end_time"])))
+        except (KeyError, TypeError, ValueError):
+            raise GazeFormatError(
+                f"{transcript_json}: time_stamped_text[{i}] needs phrase, begin_time, end_time") from None
+    return words, tj.get("full_text")
 
 
 def read_egd_cxr(fixations_csv: str, dicom_id: str, transcript_json: Optional[str] = None, *,
@@ -416,57 +528,39 @@ def read_egd_cxr(fixations_csv: str, dicom_id: str, transcript_json: Optional[st
     """One reading of EGD-CXR (Karargyris et al., PhysioNet ``egd-cxr`` 1.0.0; also as MIMIC-EYE's ``EyeGaze``).
 
     Files and columns used:
-      * ``fixations.csv`` (all readings in one file, or one patient's in MIMIC-EYE): ``DICOM_ID`` (rows of
-        other images are ignored), ``Time (in secs)`` (time of the row since the reading began, taken as
-        the end of the fixation), ``FPOGD`` (fixation duration, s), ``X_ORIGINAL``, ``Y_ORIGINAL``
-        (fixation position in pixels of the original image). Fixation start = ``Time - FPOGD``.
+      * ``fixations.csv`` (all readings in one file, or one patient's in MIMIC-EYE; ``fixations.csv.gz`` too):
+        ``DICOM_ID`` (rows of other images are ignored), ``Time (in secs)`` (time of the row since the reading
+        began, taken as the end of the fixation), ``FPOGD`` (fixation duration, s), ``X_ORIGINAL``,
+        ``Y_ORIGINAL`` (fixation position in pixels of the original image; a negative placeholder when the
+        radiologist looked outside the image, dropped by ``apply_reader_rules``). Start = ``Time - FPOGD``.
       * ``audio_segmentation_transcripts/<dicom_id>/transcript.json``: ``full_text`` and
         ``time_stamped_text``: a list of ``{"phrase", "begin_time", "end_time"}`` (seconds).
     ``image_size`` (width, height): the DICOM's size (EGD-CXR does not repeat it); without it, the largest
-    ``X_ORIGINAL``/``Y_ORIGINAL`` seen bounds it (a rough fallback).
+    finite ``X_ORIGINAL``/``Y_ORIGINAL`` seen bounds it (a rough fallback).
     """
-    header, rows = _read_csv(fixations_csv)
-    _need(fixations_csv, header, ["DICOM_ID", "Time (in secs)", "FPOGD", "X_ORIGINAL", "Y_ORIGINAL"])
-    fix = []
-    for i, r in enumerate(rows):
-        if r["DICOM_ID"].strip() != dicom_id.strip():  # stray spaces in the ID cells
-            continue
-        t = _float(fixations_csv, i + 2, r, "Time (in secs)")
-        d = _float(fixations_csv, i + 2, r, "FPOGD")
-        fix.append((t - d, t, _float(fixations_csv, i + 2, r, "X_ORIGINAL"), _float(fixations_csv, i + 2, r, "Y_ORIGINAL")))
-    if not fix:
+    if not os.path.isfile(fixations_csv) and not fixations_csv.endswith(".gz"):
+        fixations_csv = _published(os.path.dirname(fixations_csv), os.path.basename(fixations_csv))
+    fixations = read_egd_fixations(fixations_csv).get(dicom_id.strip())
+    if fixations is None:
         raise GazeFormatError(f"{fixations_csv}: no rows with DICOM_ID {dicom_id!r}")
-    fixations = np.asarray(fix, dtype=np.float64)
     words: List[Tuple[str, float, float]] = []
     transcript = None
     if transcript_json is not None:
-        if not os.path.isfile(transcript_json):
-            raise GazeFormatError(f"{transcript_json}: file not found")
-        try:
-            with open(transcript_json, encoding="utf-8") as f:
-                tj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise GazeFormatError(f"{transcript_json}: not valid JSON ({e})") from None
-        if "time_stamped_text" not in tj:
-            raise GazeFormatError(f"{transcript_json}: no 'time_stamped_text' list")
-        for i, p in enumerate(tj["time_stamped_text"]):
-            try:
-                words.append((str(p["phrase"]), float(p["begin_time"]), float(p["end_time"])))
-            except (KeyError, TypeError, ValueError):
-                raise GazeFormatError(
-                    f"{transcript_json}: time_stamped_text[{i}] needs phrase, begin_time, end_time") from None
-        transcript = tj.get("full_text")
+        words, transcript = _egd_words(transcript_json)
     if image_size is None:
-        image_size = (int(np.ceil(fixations[:, 2].max())) + 1, int(np.ceil(fixations[:, 3].max())) + 1)
-    return GazeRecord(fixations, words, (int(image_size[0]), int(image_size[1])), transcript,
-                      source=f"{fixations_csv}#{dicom_id}")
+        xy = fixations[:, 2:][np.isfinite(fixations[:, 2:]).all(axis=1)]
+        xy = xy[(xy >= 0).all(axis=1)]
+        if len(xy) == 0:
+            raise GazeFormatError(f"{fixations_csv}: image_size not given and no on-image fixation of {dicom_id!r}")
+        image_size = (int(np.ceil(xy[:, 0].max())) + 1, int(np.ceil(xy[:, 1].max())) + 1)
+    return _record(fixations, words, image_size, transcript, f"{fixations_csv}#{dicom_id}")
 
 
 def read_mimic_eye_egd(patient_dir: str, dicom_id: str, *, image_size: Optional[Tuple[int, int]] = None) -> GazeRecord:
     """EGD-CXR as packaged in MIMIC-EYE: ``patient_<subject_id>/EyeGaze/fixations.csv`` and
     ``patient_<subject_id>/EyeGaze/audio_segmentation_transcripts/<dicom_id>/transcript.json``
-    (same columns as ``read_egd_cxr``)."""
+    (same columns and rules as ``read_egd_cxr``)."""
     eg = os.path.join(patient_dir, "EyeGaze")
     tj = os.path.join(eg, "audio_segmentation_transcripts", dicom_id, "transcript.json")
-    return read_egd_cxr(os.path.join(eg, "fixations.csv"), dicom_id, tj if os.path.isfile(tj) else None,
+    return read_egd_cxr(_published(eg, "fixations.csv"), dicom_id, tj if os.path.isfile(tj) else None,
                         image_size=image_size)

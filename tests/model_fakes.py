@@ -90,11 +90,12 @@ def _img(path, w=64, h=80, seed=0, fmt=None):
 
 
 def write_csv(path, header, rows):
-    """Write a CSV file (header row, then rows), making its folder."""
+    """Write a CSV file (header row, then rows), making its folder; a ``.gz`` path is written gzipped."""
     import csv
+    import gzip
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with (gzip.open(path, "wt", newline="") if path.endswith(".gz") else open(path, "w", newline="")) as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
@@ -103,27 +104,51 @@ def write_csv(path, header, rows):
 REPORT = ["the heart is enlarged.", "there is no pleural effusion.", "clear lungs."]
 
 
-def _reflacx_reading(case_dir, dicom_size, seed=0):
-    """fixations.csv, timestamps_transcription.csv and transcription.txt of one REFLACX reading."""
+# REFLACX fixations off the image: rounded screen-to-image positions are not clipped to the image (left of it, and
+# below it), both within the first sentence's time span
+REFLACX_OFF_IMAGE = [(0.3, 1.4, -40.0, 10.0), (0.5, 1.6, 60.0, 9999.0)]
+
+
+def _reflacx_reading(case_dir, dicom_size, seed=0, raw_gaze_dir=None):
+    """fixations.csv, timestamps_transcription.csv and transcription.txt of one REFLACX reading, as REFLACX 1.0.0
+    writes them: punctuation marks are word rows of their own, two fixations are off the image. ``raw_gaze_dir``:
+    where ``gaze.csv`` goes (REFLACX publishes it as ``gaze_data/<id>/gaze.csv`` beside ``main_data/``)."""
     W, H = dicom_size
     words, t = [], 0.0
     for s in REPORT:
-        for wd in s.split():
+        for wd in s.rstrip(".").split() + ["."]:
             words.append((wd, t, t + 0.4))
             t += 0.5
     write_csv(os.path.join(case_dir, "timestamps_transcription.csv"), ["word", "timestamp_start_word", "timestamp_end_word"],
          words)
     fx = [(0.2 + i, 0.6 + i, W * (0.2 + 0.15 * ((i + seed) % 5)), H * (0.3 + 0.1 * (i % 4)), W, H) for i in range(6)]
+    fx += [f + (W, H) for f in REFLACX_OFF_IMAGE]
     write_csv(os.path.join(case_dir, "fixations.csv"), ["timestamp_start_fixation", "timestamp_end_fixation", "x_position",
                                                   "y_position", "xmax_shown_from_image", "ymax_shown_from_image"], fx)
     with open(os.path.join(case_dir, "transcription.txt"), "w") as f:
         f.write(" ".join(REPORT))
+    if raw_gaze_dir:
+        # 100 Hz samples resting on each in-image fixation, an empty cell (track loss) between them
+        rows = []
+        for (s, e, x, y, _, _) in fx[:6]:
+            rows += [(f"{s + 0.01 * k:.2f}", x, y, 30.0) for k in range(int(round((e - s) / 0.01)))]
+            rows.append((f"{e + 0.05:.2f}", "", "", 30.0))
+        write_csv(os.path.join(raw_gaze_dir, "gaze.csv"), ["timestamp_sample", "x_position", "y_position",
+                                                          "angular_resolution_x_pixels_per_degree"], rows)
 
 
-def _egd_fixation_rows(dicom_id, dicom_size, seed=0):
+# EGD-CXR's placeholder for a look outside the displayed image: int(-1 * image/screen scale), about -2
+EGD_OFF_IMAGE = (-2, -2)
+
+
+def _egd_fixation_rows(dicom_id, dicom_size, seed=0, off_image=2, on_image=6):
+    """Fixation rows of one reading; ``off_image`` long rows with the off-image placeholder fall inside the first
+    sentence's span (as a radiologist looking at the worklist while dictating)."""
     W, H = dicom_size
-    return [(dicom_id, f"{0.5 + i:.2f}", "0.3", f"{W * (0.25 + 0.1 * ((i + seed) % 5)):.1f}",
-             f"{H * (0.3 + 0.1 * (i % 4)):.1f}") for i in range(6)]
+    rows = [(dicom_id, f"{0.5 + i:.2f}", "0.3", f"{W * (0.25 + 0.1 * ((i + seed) % 5)):.1f}",
+             f"{H * (0.3 + 0.1 * (i % 4)):.1f}") for i in range(on_image)]
+    rows += [(dicom_id, f"{0.9 + 0.2 * k:.2f}", "0.9", *EGD_OFF_IMAGE) for k in range(off_image)]
+    return rows
 
 
 def _egd_transcript(path, bad=False):
@@ -142,16 +167,26 @@ def _egd_transcript(path, bad=False):
 EGD_FIX_HEADER = ["DICOM_ID", "Time (in secs)", "FPOGD", "X_ORIGINAL", "Y_ORIGINAL"]
 
 
-def make_mimic_cxr_jpg(root, items):
-    """items: (subject_id, study_id, dicom_id); JPG 64x80, the 'DICOM' 128x160 in the metadata."""
+MIMIC_SPLITS = {0: "test", 1: "validate", 3: "test", 4: "validate"}  # MIMIC-CXR's spelling; the rest "train"
+
+
+def mimic_split(i):
+    return MIMIC_SPLITS.get(i, "train")
+
+
+def make_mimic_cxr_jpg(root, items, split_file=True):
+    """items: (subject_id, study_id, dicom_id); JPG 64x80, the 'DICOM' 128x160 in the metadata. The metadata and
+    split files are gzipped, as PhysioNet distributes them; ``split_file=False`` leaves the split file out."""
     meta, split = [], []
     for i, (sub, study, dicom) in enumerate(items):
         _img(os.path.join(root, "files", f"p{sub[:2]}", f"p{sub}", f"s{study}", f"{dicom}.jpg"), seed=i)
         meta.append((dicom, sub, study, "PA", 160, 128))
-        split.append((dicom, study, sub, "train"))
-    write_csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv"),
+        split.append((dicom, study, sub, mimic_split(i)))
+    write_csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv.gz"),
          ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"], meta)
-    write_csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv"), ["dicom_id", "study_id", "subject_id", "split"], split)
+    if split_file:
+        write_csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv.gz"), ["dicom_id", "study_id", "subject_id", "split"],
+                  split)
 
 
 def make_reflacx(root, mimic_items):
@@ -161,8 +196,8 @@ def make_reflacx(root, mimic_items):
     rows = []
     for i, (sub, study, dicom) in enumerate(mimic_items[:3]):
         rid = f"P10{i}R00{i}"
-        _reflacx_reading(os.path.join(md, rid), (128, 160), seed=i)
-        rows.append((rid, "train" if i else "test", "True" if i == 2 else "False",
+        _reflacx_reading(os.path.join(md, rid), (128, 160), seed=i, raw_gaze_dir=os.path.join(root, "gaze_data", rid))
+        rows.append((rid, mimic_split(i), "True" if i == 2 else "False",
                      f"physionet.org/files/mimic-cxr/2.0.0/files/p{sub[:2]}/p{sub}/s{study}/{dicom}.dcm", dicom, sub,
                      128, 160))
     rows.append(("P109R009", "train", "False", "x.dcm", mimic_items[3][2], mimic_items[3][0], 128, 160))  # no folder
@@ -173,20 +208,27 @@ def make_reflacx(root, mimic_items):
 
 
 def make_egd_cxr(root, mimic_items):
-    """EGD-CXR readings of the MIMIC images 4..6: one with a broken transcript.json."""
+    """EGD-CXR readings of the MIMIC images 4..7: one with a broken transcript.json, one (image 7) whose every
+    fixation is off the image; image 4 is listed twice in master_sheet.csv."""
     fx, rows = [], []
-    for i, (sub, study, dicom) in enumerate(mimic_items[3:6]):
-        fx += _egd_fixation_rows(dicom, (128, 160), seed=i)
+    for i, (sub, study, dicom) in enumerate(mimic_items[3:7]):
+        fx += _egd_fixation_rows(dicom, (128, 160), seed=i, on_image=0 if i == 3 else 6)
         _egd_transcript(os.path.join(root, "audio_segmentation_transcripts", dicom, "transcript.json"), bad=i == 2)
         rows.append((dicom, f"files/p{sub[:2]}/p{sub}/s{study}/{dicom}.dcm", study, sub, int(i == 0), int(i == 1), 0))
+    rows.append(rows[0])
     write_csv(os.path.join(root, "fixations.csv"), EGD_FIX_HEADER, fx)
     write_csv(os.path.join(root, "master_sheet.csv"), ["dicom_id", "path", "study_id", "patient_id", "Normal", "CHF",
                                                  "pneumonia"], rows)
 
 
+# MIMIC-EYE's per-patient CXR-JPG/cxr_split.csv (patient 0 only): the official split, MIMIC-CXR's spelling
+MIMIC_EYE_SPLITS = {"d0a": "test", "d0b": "validate"}
+
+
 def make_mimic_eye(root):
-    """Two patients: one with a REFLACX reading (REFLACX/<id>/) and an EyeGaze reading, one with an EyeGaze
-    reading whose transcript is missing and a REFLACX row whose folder is missing."""
+    """Two patients: one with a REFLACX reading (REFLACX/main_data/<id>/, gaze in REFLACX/gaze_data/<id>/), an
+    EyeGaze reading and CXR-JPG/cxr_split.csv; one without cxr_split.csv, with an EyeGaze reading whose transcript
+    is missing, a usable EyeGaze reading and a REFLACX row whose folder is missing."""
     for pi, sub in enumerate(["10000001", "10000002"]):
         pdir = os.path.join(root, f"patient_{sub}")
         dicoms = [f"d{pi}a", f"d{pi}b"]
@@ -199,15 +241,22 @@ def make_mimic_eye(root):
                 f.write("FINDINGS: " + " ".join(REPORT))
         write_csv(os.path.join(pdir, "CXR-JPG", "cxr_meta.csv"), ["dicom_id", "subject_id", "study_id", "Rows", "Columns"],
              meta)
+        if pi == 0:
+            write_csv(os.path.join(pdir, "CXR-JPG", "cxr_split.csv"), ["dicom_id", "study_id", "subject_id", "split"],
+                      [(d, f"5{pi}{j}", sub, MIMIC_EYE_SPLITS[d]) for j, d in enumerate(dicoms)])
         rid = f"P20{pi}R00{pi}"
         if pi == 0:
-            _reflacx_reading(os.path.join(pdir, "REFLACX", rid), (128, 160))
-        # no image_size_x/y here: the DICOM size comes from CXR-JPG/cxr_meta.csv
+            _reflacx_reading(os.path.join(pdir, "REFLACX", "main_data", rid), (128, 160),
+                             raw_gaze_dir=os.path.join(pdir, "REFLACX", "gaze_data", rid))
+        # no image_size_x/y here: the DICOM size comes from CXR-JPG/cxr_meta.csv; REFLACX's own split column says
+        # "train", the official cxr_split.csv "test"
         write_csv(os.path.join(pdir, "REFLACX", "metadata.csv"), ["id", "split", "eye_tracking_data_discarded", "dicom_id",
                                                             "subject_id"], [(rid, "train", "False", dicoms[0], sub)])
-        write_csv(os.path.join(pdir, "EyeGaze", "fixations.csv"), EGD_FIX_HEADER, _egd_fixation_rows(dicoms[1], (128, 160)))
-        if pi == 0:
-            _egd_transcript(os.path.join(pdir, "EyeGaze", "audio_segmentation_transcripts", dicoms[1], "transcript.json"))
+        fx = _egd_fixation_rows(dicoms[1], (128, 160))
+        if pi == 1:
+            fx += _egd_fixation_rows(dicoms[0], (128, 160))  # d1a: no transcript
+        write_csv(os.path.join(pdir, "EyeGaze", "fixations.csv"), EGD_FIX_HEADER, fx)
+        _egd_transcript(os.path.join(pdir, "EyeGaze", "audio_segmentation_transcripts", dicoms[1], "transcript.json"))
 
 
 CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum",
@@ -290,7 +339,7 @@ def make_siim(root):
     write_csv(os.path.join(root, "train-rle.csv"), ["ImageId", " EncodedPixels"], rows)
 
 
-MIMIC_ITEMS = [(f"1{i}000001", f"5{i}00000{i}", f"dicom-{i}") for i in range(6)]
+MIMIC_ITEMS = [(f"1{i}000001", f"5{i}00000{i}", f"dicom-{i}") for i in range(7)]
 
 
 def make_all(root):

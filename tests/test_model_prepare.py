@@ -8,7 +8,8 @@ import pytest
 
 from egma_model import EGMADataset, load_manifest
 from egma_model.prepare import main as prepare
-from model_fakes import make_all
+from egma_model.prepare import DUPLICATE
+from model_fakes import REPORT, make_all
 
 
 @pytest.fixture(scope="module")
@@ -46,27 +47,40 @@ def test_reflacx(trees, capsys):
     assert s["skipped"] == {"eye_tracking_data_discarded is True (REFLACX's own quality flag)": 1,
                             "REFLACX reading folder not found": 1,
                             "dicom_id not found in the MIMIC-CXR-JPG images": 1}
-    assert s["splits"] == {"test": 1, "train": 1}
+    assert s["splits"] == {"test": 1, "valid": 1}  # MIMIC-CXR's official split, "validate" spelled "valid"
     recs = _gaze_ok(out, 2)
     assert recs[0].gaze_size == (128, 160)  # the DICOM size the fixations refer to, not the JPG's 64x80
+    # two fixations of each reading are off the image: dropped and counted
+    assert s["gaze_rules"] == {"version": "1", "fixations_kept": 12, "fixations_dropped_off_image": 4,
+                               "fixations_dropped_non_finite": 0, "readings_without_usable_fixations": 0}
 
 
 def test_egd_cxr(trees):
     out, s = _run(trees, "egd-cxr", "--root", trees["egd-cxr"], "--mimic-cxr-jpg", trees["mimic-cxr-jpg"])
-    assert s["rows"] == 2 and s["images_with_gaze"] == 2
-    assert s["skipped"] == {"transcript.json is not valid JSON": 1}
+    # dicom-6's fixations are all off the image: its row is written without gaze (image + report)
+    assert s["rows"] == 3 and s["images_with_gaze"] == 2
+    assert s["skipped"] == {"transcript.json is not valid JSON": 1, DUPLICATE: 1}
     assert s["labels"] == {"Normal": 1, "CHF": 1}
+    assert s["splits"] == {"test": 1, "valid": 1, "train": 1}
+    assert s["gaze_rules"] == {"version": "1", "fixations_kept": 12, "fixations_dropped_off_image": 6,
+                               "fixations_dropped_non_finite": 0, "readings_without_usable_fixations": 1}
     recs = _gaze_ok(out, 2)
     assert recs[0].gaze_size == (128, 160) and recs[0].gaze_format == "egd"
+    no_gaze = [r for r in recs if not r.gaze_format]
+    assert [r.extra["source_id"] for r in no_gaze] == ["dicom-6"] and no_gaze[0].sentences == REPORT
 
 
 def test_mimic_eye(trees):
     out, s = _run(trees, "mimic-eye", "--root", trees["mimic-eye"])
-    assert s["rows"] == 2 and s["images_with_gaze"] == 2
+    assert s["rows"] == 3 and s["images_with_gaze"] == 3
     assert s["skipped"] == {"REFLACX reading folder not found": 1, "no transcript.json": 1}
-    recs = _gaze_ok(out, 2)
-    assert sorted(r.gaze_format for r in recs) == ["mimic_eye", "reflacx"]
+    recs = _gaze_ok(out, 3)
+    assert sorted(r.gaze_format for r in recs) == ["mimic_eye", "mimic_eye", "reflacx"]
     assert all(r.gaze_size == (128, 160) for r in recs)  # DICOM Columns x Rows from cxr_meta.csv, not the JPG's
+    # the official split of patient 0 (cxr_split.csv); patient 1 has none: said in the summary, not "train"
+    assert {r.dicom_id: r.split for r in recs} == {"d0a": "test", "d0b": "valid", "d1b": ""}
+    assert any("1 rows have no split" in n for n in s["notes"])
+    assert s["gaze_rules"]["fixations_dropped_off_image"] == 2 + 2 + 2
 
 
 def test_chexpert_5x200(trees):
