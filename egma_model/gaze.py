@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -490,9 +491,34 @@ def read_reflacx(case_dir: str, *, image_size: Optional[Tuple[int, int]] = None,
 EGD_FIXATION_COLUMNS = ["DICOM_ID", "Time (in secs)", "FPOGD", "X_ORIGINAL", "Y_ORIGINAL"]
 
 
+# Parsed EGD-CXR fixations files, newest last: EGD-CXR puts all 1,083 readings in one ``fixations.csv`` (about
+# 200,000 rows), so each file is parsed once per process, not once per reading. Keyed by the file's path, size
+# and modification time, so an edited file is parsed again.
+_EGD_PARSED: "OrderedDict[Tuple[str, int, int], Dict[str, np.ndarray]]" = OrderedDict()
+_EGD_PARSED_FILES = 4  # MIMIC-EYE has one small file per patient: keep a few, not all
+
+
 def read_egd_fixations(fixations_csv: str) -> Dict[str, np.ndarray]:
     """Every reading's fixations in an EGD-CXR ``fixations.csv``: ``DICOM_ID`` -> ``(F, 4)`` ``start_s, end_s,
-    x_px, y_px`` as written (before ``apply_reader_rules``). Stray spaces around the IDs are removed."""
+    x_px, y_px`` as written (before ``apply_reader_rules``; read-only arrays). Stray spaces around the IDs are
+    removed. Parsed once per process and file (see ``_EGD_PARSED``)."""
+    try:
+        st = os.stat(fixations_csv)
+        key = (os.path.realpath(fixations_csv), st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None  # missing: _read_csv names the file
+    if key is not None and key in _EGD_PARSED:
+        _EGD_PARSED.move_to_end(key)
+        return _EGD_PARSED[key]
+    parsed = _parse_egd_fixations(fixations_csv)
+    if key is not None:
+        _EGD_PARSED[key] = parsed
+        while len(_EGD_PARSED) > _EGD_PARSED_FILES:
+            _EGD_PARSED.popitem(last=False)
+    return parsed
+
+
+def _parse_egd_fixations(fixations_csv: str) -> Dict[str, np.ndarray]:
     header, rows = _read_csv(fixations_csv)
     _need(fixations_csv, header, EGD_FIXATION_COLUMNS)
     out: Dict[str, List[Tuple[float, float, float, float]]] = {}
@@ -501,7 +527,10 @@ def read_egd_fixations(fixations_csv: str) -> Dict[str, np.ndarray]:
         d = _float(fixations_csv, i + 2, r, "FPOGD")
         out.setdefault(r["DICOM_ID"].strip(), []).append(
             (t - d, t, _float(fixations_csv, i + 2, r, "X_ORIGINAL"), _float(fixations_csv, i + 2, r, "Y_ORIGINAL")))
-    return {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in out.items()}
+    parsed = {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in out.items()}
+    for a in parsed.values():
+        a.flags.writeable = False  # shared by every later read of the file
+    return parsed
 
 
 def _egd_words(transcript_json: str) -> Tuple[List[Tuple[str, float, float]], Optional[str]]:

@@ -85,3 +85,28 @@ def test_interrupted_build_resumes(tree, monkeypatch, tmp_path):
     a, b = prepared.PreparedCache(s["cache"]), prepared.PreparedCache(fresh["cache"])
     assert torch.equal(torch.from_numpy(a.images[:]), torch.from_numpy(b.images[:]))
     assert torch.equal(torch.from_numpy(a.gaze[:]), torch.from_numpy(b.gaze[:]))
+
+
+def test_egd_fixations_file_parsed_once_per_process(tree, monkeypatch):
+    import egma_model.gaze as gz
+
+    root, manifest = tree
+    egd = [r for r in load_manifest(manifest) if r.gaze_format == "egd"]
+    assert len(egd) >= 2
+    gz._EGD_PARSED.clear()
+    parses = []
+    real = gz._parse_egd_fixations
+    monkeypatch.setattr(gz, "_parse_egd_fixations", lambda p: (parses.append(p), real(p))[1])
+    first = [gz.read_egd_cxr(r.gaze, r.dicom_id, r.gaze_transcript, image_size=r.gaze_size) for r in egd]
+    again = [gz.read_egd_cxr(r.gaze, r.dicom_id, r.gaze_transcript, image_size=r.gaze_size) for r in egd]
+    assert len(parses) == 1
+    for a, b in zip(first, again):
+        assert (a.fixations == b.fixations).all()
+    # an edited file (new size and time) is parsed again, and its new rows are seen
+    path = egd[0].gaze
+    with open(path, "a") as f:
+        f.write(f"{egd[0].dicom_id},x.jpg,99.0,0.5,0.5,98.9,0.1,999,1,10.0,10.0\n")
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    rec = gz.read_egd_cxr(path, egd[0].dicom_id, egd[0].gaze_transcript, image_size=egd[0].gaze_size)
+    assert len(parses) == 2
+    assert len(rec.fixations) == len(first[0].fixations) + 1
