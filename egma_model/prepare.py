@@ -901,7 +901,49 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--selection", default=None, help="the published 5x200 list to leave out (as chexpert-5x200)")
     add("rsna", "RSNA Pneumonia (stage_2_train_labels.csv)", seed=True)
     add("siim", "SIIM-ACR Pneumothorax (train-rle.csv)", seed=True)
+    _add_cache_parser(sub)
     return p
+
+
+def _add_cache_parser(sub) -> None:
+    from .data import GazeOptions
+
+    d = GazeOptions()
+    q = sub.add_parser("cache", help="prepare a manifest once for fast training: images at the training size, "
+                       "sentences and gaze on the patch grid (egma_model/prepared.py); resumable")
+    q.add_argument("--manifest", required=True, help="a manifest written by the other subcommands (or your own)")
+    q.add_argument("--out", default=None, help="cache folder (default: <manifest>.cache); the manifest that "
+                   "points to it is written as <manifest>.cached.csv")
+    q.add_argument("--image-size", type=int, default=224, help="the image encoder's input size")
+    q.add_argument("--grid", default="7x7", help="the image encoder's patch grid, HxW (egma-train prints it)")
+    q.add_argument("--sigma", type=float, default=d.sigma, help="gaze Gaussian width, px of the original image")
+    q.add_argument("--min-heat", type=float, default=d.min_heat, help="as egma-train --min-heat")
+    q.add_argument("--gaze-resize", default=d.resize, choices=["area", "bilinear_antialias"])
+    q.add_argument("--raw-gaze", action="store_true", help="as egma-train --raw-gaze")
+    q.add_argument("--no-gaze", action="store_true", help="as egma-train --no-gaze")
+    q.add_argument("--split-rule", default="ours", help="as egma-train --split-rule")
+    q.add_argument("--rebuild", action="store_true", help="start again instead of resuming")
+    q.add_argument("--no-progress", action="store_true")
+
+
+def run_cache(ns) -> Dict:
+    from .data import GazeOptions
+    from .prepared import build_cache
+
+    try:
+        grid = tuple(int(v) for v in ns.grid.lower().split("x"))
+        assert len(grid) == 2 and min(grid) > 0
+    except (ValueError, AssertionError):
+        raise PrepareError(f"--grid {ns.grid!r}: expected HxW, e.g. 7x7") from None
+    opts = GazeOptions(sigma=ns.sigma, min_heat=ns.min_heat, use_raw_gaze=ns.raw_gaze, resize=ns.gaze_resize)
+    return build_cache(ns.manifest, ns.out, image_size=ns.image_size, grid=grid, gaze_options=opts,
+                       use_gaze=not ns.no_gaze, split_rule=ns.split_rule, progress=not ns.no_progress,
+                       rebuild=ns.rebuild)
+
+
+def format_cache_summary(d: Dict) -> str:
+    return (f"prepared {d['rows']} rows in {d['seconds']:.1f} s: {d['bytes'] / 2**20:.1f} MiB in {d['cache']}\n"
+            f"train and evaluate with --manifest {d['manifest']}")
 
 
 def run(ns) -> Dict:
@@ -928,10 +970,17 @@ def run(ns) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .data import ManifestError
+    from .prepared import CacheMismatchError
+
     ns = build_parser().parse_args(argv)
     try:
+        if ns.dataset == "cache":
+            print(format_cache_summary(run_cache(ns)))
+            return 0
         d = run(ns)
-    except (PrepareError, TextDecodeError) as e:  # a missing file, a bad column, bytes that are not UTF-8
+    except (PrepareError, TextDecodeError, ManifestError, CacheMismatchError) as e:
+        # a missing file, a bad column or row, bytes that are not UTF-8
         print(f"egma-prepare: error: {e}", file=sys.stderr)
         return 2
     print(format_summary(d))

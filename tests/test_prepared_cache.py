@@ -110,3 +110,16 @@ def test_egd_fixations_file_parsed_once_per_process(tree, monkeypatch):
     rec = gz.read_egd_cxr(path, egd[0].dicom_id, egd[0].gaze_transcript, image_size=egd[0].gaze_size)
     assert len(parses) == 2
     assert len(rec.fixations) == len(first[0].fixations) + 1
+
+
+def test_egma_prepare_cache_cli(tree, tmp_path, capsys):
+    from egma_model.prepare import main
+
+    _, manifest = tree
+    out = str(tmp_path / "cli-cache")
+    assert main(["cache", "--manifest", manifest, "--out", out, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "prepared" in printed and "cached.csv" in printed
+    assert prepared.PreparedCache(out).meta["settings"]["grid"] == [7, 7]
+    assert main(["cache", "--manifest", manifest, "--out", out, "--grid", "7"]) == 2
+    assert "expected HxW" in capsys.readouterr().err
