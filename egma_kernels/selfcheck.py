@@ -21,8 +21,10 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -386,6 +388,23 @@ def _cache_path(key: dict) -> str:
     return os.path.join(cache_dir(), f"{key['backend']}-{digest}.json")
 
 
+def _plain(value):
+    """``value`` as strict JSON takes it: floats to 4 significant digits, a non-finite one as a string."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}") if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_json(payload: dict) -> str:
+    """Indented JSON with each ``[error, bound]`` pair on one line (a report stays a few hundred lines)."""
+    text = json.dumps(_plain(payload), indent=1, sort_keys=True)
+    return re.sub(r"\[\s+([^\[\]{},\s]+),\s+([^\[\]{},\s]+)\s+\]", r"[\1, \2]", text) + "\n"
+
+
 def write_json_atomically(path: str, payload: dict) -> None:
     """Write ``payload`` to ``path`` through a temporary file in the same folder and a rename: a reader (another
     rank, another process) sees the old file or the whole new one, never half of it."""
@@ -394,8 +413,7 @@ def write_json_atomically(path: str, payload: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1, sort_keys=True)
-            f.write("\n")
+            f.write(to_json(payload))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -530,7 +548,8 @@ def full_check(device: torch.device, backends: Optional[List[str]] = None, timin
             except Exception as exc:
                 result["timing"] = {"error": f"{type(exc).__name__}: {exc}"}
         result["verdict"] = "PASS" if result["passed"] else "FAIL"
-        result["cache_file"] = save_verdict(result, device, "full")
+        path = save_verdict(result, device, "full")
+        result["cache_file"] = os.path.basename(path) if path else None  # the folder: selfcheck.cache_dir()
         report["backends"][name] = result
     report["seconds"] = round(time.perf_counter() - start, 3)
     report["passed"] = all(r["passed"] for r in report["backends"].values())
