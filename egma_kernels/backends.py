@@ -152,6 +152,7 @@ def _available_for(device_type: str, auto: bool = False) -> List[str]:
 # cached on disk and, after the first call, held here, so that the loss's hot path does one dict lookup.
 
 _VERDICTS: Dict[tuple, bool] = {}  # (backend, device type, device index) -> trusted by backend=None
+_FAILED: Dict[tuple, dict] = {}  # the verdicts behind the False entries of _VERDICTS
 _WARNED: Dict[tuple, bool] = {}  # (backend, device type, device index) of a by-name choice already warned about
 _CHECKING = [0]  # > 0 while a self-check runs: its by-name calls are neither checked nor warned about
 
@@ -169,6 +170,7 @@ def self_check_running():
 def reset_first_use_state() -> None:
     """Forget this process's verdicts and warnings (the disk cache stays): the next call looks again."""
     _VERDICTS.clear()
+    _FAILED.clear()
     _WARNED.clear()
 
 
@@ -191,6 +193,7 @@ def _trusted(name: str, device: torch.device) -> bool:
         result = selfcheck.first_use_check(name, device)
     _VERDICTS[key] = bool(result.get("passed"))
     if not _VERDICTS[key]:
+        _FAILED[key] = result
         warnings.warn(_failed_message(name, device, result, chosen_instead=True), SelfCheckWarning, stacklevel=4)
     return _VERDICTS[key]
 
@@ -206,7 +209,10 @@ def _warn_if_unchecked(name: str, device: torch.device) -> None:
 
     if not selfcheck.first_use_check_enabled():
         return
-    verdict = selfcheck.load_verdict(name, device)
+    if key in _VERDICTS:  # checked (or its check turned off) when backend=None considered it
+        verdict = _FAILED.get(key, {"passed": True})
+    else:
+        verdict = selfcheck.load_verdict(name, device)
     if verdict is None:
         warnings.warn(
             f"egma_kernels: backend {name!r} has not been self-checked on this {device.type} device with these "

@@ -248,7 +248,7 @@ def _run(x: dict, backend: str, dtype: torch.dtype, device: torch.device, case: 
 def _perturbed(out: Dict[str, torch.Tensor], what: Optional[str]) -> Dict[str, torch.Tensor]:
     if what is not None and out.get(what) is not None:
         t = out[what]
-        out = dict(out, **{what: t + 0.05 * (1.0 + t.detach().abs().max())})
+        out = dict(out, **{what: t + 0.25 * (1.0 + t.detach().abs().max())})  # 5x the loosest tolerance
     return out
 
 
