@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -332,10 +333,16 @@ def kernel_source_hash(backend: str) -> str:
     for pattern in _SOURCES.get(backend, ()):
         for path in sorted(glob.glob(os.path.join(_PACKAGE, pattern))):
             if path.endswith((".so", ".pyd")) or not pattern.endswith("*"):
-                h.update(os.path.basename(path).encode() + b"\0")
-                with open(path, "rb") as f:
-                    h.update(f.read())
+                stat = os.stat(path)
+                h.update(os.path.basename(path).encode() + b"\0" + _file_digest(path, stat.st_size, stat.st_mtime_ns))
     return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    """SHA-256 of a file, read once per (path, size, modification time): the extension is megabytes."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).digest()
 
 
 def _cpu_model() -> str:
