@@ -542,8 +542,8 @@ def full_check(device: torch.device, backends: Optional[List[str]] = None, timin
     report = {"format": "egma-kernels-selfcheck/1", "environment": environment(device),
               "tolerances": {"rtol": {str(k).replace("torch.", ""): v for k, v in tolerances.RTOL.items()},
                              "same_dtype_factor": tolerances.SAME_DTYPE_FACTOR,
-                             "same_dtype_floor": {str(k).replace("torch.", ""): v
-                                                  for k, v in tolerances.SAME_DTYPE_FLOOR.items()}},
+                             "same_dtype_floor": tolerances.SAME_DTYPE_FLOOR,
+                             "same_dtype_floor_tf32": tolerances.SAME_DTYPE_FLOOR_TF32},
               "perturbed": os.environ.get(ENV_PERTURB) or None, "backends": {}, "unavailable": missing}
     for name in names:
         if progress:

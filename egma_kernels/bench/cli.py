@@ -163,13 +163,14 @@ def _selfcheck(args, device) -> int:
     """``--selfcheck``: the verdict per backend on stdout, the report in ``--report``; 1 when a backend fails."""
     from .. import selfcheck
 
-    names, _ = selfcheck.backends_to_check(device)
+    names, missing = selfcheck.backends_to_check(device)
     wanted = _csv(args.providers)
     if wanted is not None:
         unknown = [n for n in wanted if n not in names]
         if unknown:
+            why = "; ".join(f"{n}: {missing[n]}" for n in unknown if n in missing)
             print(f"egma-bench: --selfcheck: {', '.join(unknown)} not available on {device.type} "
-                  f"(fused backends here: {', '.join(names) or 'none'})", file=sys.stderr)
+                  f"(fused backends here: {', '.join(names) or 'none'}){f'. {why}' if why else ''}", file=sys.stderr)
             return 2
         names = wanted
     progress = None if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
