@@ -291,6 +291,22 @@ def worst(record: dict) -> str:
     return f"{record['case']} {record['dtype']}: {name} error {err:.3e} > bound {bound:.3e}"
 
 
+@contextlib.contextmanager
+def _neutral_settings():
+    """The check's own settings whatever the caller's (the first-use check runs inside the user's first loss
+    call, which may be under no_grad, inference_mode or autocast, with TF32 allowed): autograd on, no
+    autocast, float32 matmuls in full precision (the tolerances' setting), the launch configuration and
+    output poisoning restored afterwards."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), \
+                torch.autocast("cuda", enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def run_cases(backend: str, device: torch.device, cases: Iterable[CheckCase], dtypes=None) -> dict:
     """Every case in every dtype of ``check_dtypes`` (or ``dtypes``): ``{"backend", "device", "passed",
     "cases": [...], "notes": [...], "seconds"}``."""
@@ -299,11 +315,12 @@ def run_cases(backend: str, device: torch.device, cases: Iterable[CheckCase], dt
     dtypes = chosen if dtypes is None else [d for d in dtypes if d in chosen]
     start = time.perf_counter()
     records = []
-    for case in cases:
-        if case.gpu_only and device.type != "cuda":
-            continue
-        for dtype in dtypes:
-            records.append(run_case(backend, case, dtype, device))
+    with _neutral_settings():
+        for case in cases:
+            if case.gpu_only and device.type != "cuda":
+                continue
+            for dtype in dtypes:
+                records.append(run_case(backend, case, dtype, device))
     result = {"backend": backend, "device": device.type, "passed": all(r["ok"] for r in records) and bool(records),
               "cases": records, "notes": [note] if note else [], "seconds": round(time.perf_counter() - start, 3)}
     if not records:
@@ -515,7 +532,8 @@ def time_backend(backend: str, device: torch.device, repeats: int = 5) -> dict:
         for _ in range(repeats + 1):  # the first run compiles / warms up
             _sync(device)
             t0 = time.perf_counter()
-            _run(x, name, torch.float32, device, case)
+            with _neutral_settings():
+                _run(x, name, torch.float32, device, case)
             _sync(device)
             best = min(best, time.perf_counter() - t0) if _ else best
         out[f"{name}_ms" if name == "reference" else "backend_ms"] = round(best * 1e3, 3)

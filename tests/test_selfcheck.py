@@ -296,3 +296,30 @@ def test_the_report_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert json.loads(path.read_text()) == {"a": 1.0}
     assert os.listdir(tmp_path) == ["r.json"]  # no temporary file left
     assert json.loads(selfcheck.to_json({"e": float("inf")})) == {"e": "inf"}  # strict JSON
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast"])
+def test_a_first_call_without_autograd_still_checks_properly(context, first_use, check_runs):
+    """The first loss call may be an evaluation (no_grad, inference_mode) or under autocast: the check inside it
+    still runs its backward passes in full precision, and the backend passes."""
+    enter = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+             "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[context]
+    x = make_inputs([3, 1, 2], 5, 16, seed=3, gaze="mixed", dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with enter():
+            ek.fine_grained_loss(**x)
+    assert _self_warnings(caught) == [] and check_runs == ["cpu"]
+    assert backends.resolve_backend(None, CPU).name == "cpu"
+    assert torch.is_grad_enabled()
+
+
+def test_a_check_that_cannot_run_warns_and_trusts(first_use, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("no home folder")
+
+    monkeypatch.setattr(selfcheck, "first_use_check", broken)
+    name = ek.available_backends("cpu", auto=True)[0]
+    with pytest.warns(backends.SelfCheckWarning, match="could not run .OSError: no home folder"):
+        assert backends.resolve_backend(None, CPU).name == name
