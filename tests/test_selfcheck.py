@@ -323,3 +323,19 @@ def test_a_check_that_cannot_run_warns_and_trusts(first_use, monkeypatch):
     name = ek.available_backends("cpu", auto=True)[0]
     with pytest.warns(backends.SelfCheckWarning, match="could not run .OSError: no home folder"):
         assert backends.resolve_backend(None, CPU).name == name
+
+
+def test_a_case_refused_by_design_is_skipped_not_failed(monkeypatch):
+    """A smaller GPU (99 KiB of shared memory per block) refuses the triton backend's 70-sentence reports with a
+    clear error: the self-check says so and does not fail the backend for it."""
+    tb = pytest.importorskip("egma_kernels.triton_backend")
+    if tb.triton is None:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(tb, "_shared_memory", lambda device: 99 * 1024)
+    long_case = [c for c in selfcheck.FULL_CASES if c.name == "long report (70)"][0]
+    cuda = torch.device("cuda")
+    assert "refused by design" in selfcheck.beyond_limits("triton", long_case, torch.bfloat16, cuda)
+    assert selfcheck.beyond_limits("triton", selfcheck.FULL_CASES[0], torch.bfloat16, cuda) is None
+    assert selfcheck.beyond_limits("cuda", long_case, torch.bfloat16, cuda) is None
+    record = selfcheck.run_case("triton", long_case, torch.bfloat16, cuda)  # nothing runs: no GPU needed
+    assert record["ok"] and "refused by design" in record["skipped"]
