@@ -326,9 +326,9 @@ def _neutral_settings():
         torch.set_float32_matmul_precision(precision)
 
 
-def run_cases(backend: str, device: torch.device, cases: Iterable[CheckCase], dtypes=None) -> dict:
+def run_cases(backend: str, device: torch.device, cases: Iterable[CheckCase], dtypes=None, on_record=None) -> dict:
     """Every case in every dtype of ``check_dtypes`` (or ``dtypes``): ``{"backend", "device", "passed",
-    "cases": [...], "notes": [...], "seconds"}``."""
+    "cases": [...], "notes": [...], "seconds"}``; ``on_record(records)`` after each case."""
     device = torch.device(device)
     chosen, note = check_dtypes(backend, device)
     dtypes = chosen if dtypes is None else [d for d in dtypes if d in chosen]
@@ -340,6 +340,8 @@ def run_cases(backend: str, device: torch.device, cases: Iterable[CheckCase], dt
                 continue
             for dtype in dtypes:
                 records.append(run_case(backend, case, dtype, device))
+                if on_record is not None:
+                    on_record(records)
     result = {"backend": backend, "device": device.type, "passed": all(r["ok"] for r in records) and bool(records),
               "cases": records, "notes": [note] if note else [], "seconds": round(time.perf_counter() - start, 3)}
     if not records:
@@ -569,8 +571,10 @@ def backends_to_check(device: torch.device) -> Tuple[List[str], Dict[str, str]]:
 
 
 def full_check(device: torch.device, backends: Optional[List[str]] = None, timing: bool = True,
-               progress=None) -> dict:
-    """The self-check of every fused backend on ``device`` (or ``backends``): the report as a dict."""
+               progress=None, on_update=None) -> dict:
+    """The self-check of every fused backend on ``device`` (or ``backends``): the report as a dict.
+    ``progress(text)`` hears of each case; ``on_update(report)`` receives the report so far after each case
+    (``"complete": False``), so that a run cut short (a time limit) still leaves the cases it ran."""
     device = torch.device(device)
     names, missing = backends_to_check(device)
     if backends is not None:
@@ -581,11 +585,23 @@ def full_check(device: torch.device, backends: Optional[List[str]] = None, timin
                              "same_dtype_factor": tolerances.SAME_DTYPE_FACTOR,
                              "same_dtype_floor": tolerances.SAME_DTYPE_FLOOR,
                              "same_dtype_floor_tf32": tolerances.SAME_DTYPE_FLOOR_TF32},
-              "perturbed": os.environ.get(ENV_PERTURB) or None, "backends": {}, "unavailable": missing}
+              "perturbed": os.environ.get(ENV_PERTURB) or None, "backends": {}, "unavailable": missing,
+              "complete": False}
     for name in names:
         if progress:
             progress(f"checking {name} on {device.type} ...")
-        result = run_cases(name, device, FULL_CASES)
+
+        def on_record(records, name=name):
+            last = records[-1]
+            if progress:
+                state = "skipped" if "skipped" in last else "ok" if last["ok"] else "FAILED " + worst(last)
+                progress(f"  {name} {last['case']} {last['dtype']}: {state}")
+            if on_update is not None:
+                report["backends"][name] = {"backend": name, "device": device.type, "verdict": "RUNNING",
+                                            "cases": list(records)}
+                on_update(report)
+
+        result = run_cases(name, device, FULL_CASES, on_record=on_record)
         if timing and result["passed"]:
             try:
                 result["timing"] = time_backend(name, device)
@@ -597,6 +613,7 @@ def full_check(device: torch.device, backends: Optional[List[str]] = None, timin
         report["backends"][name] = result
     report["seconds"] = round(time.perf_counter() - start, 3)
     report["passed"] = all(r["passed"] for r in report["backends"].values())
+    report["complete"] = True
     return report
 
 

@@ -339,3 +339,32 @@ def test_a_case_refused_by_design_is_skipped_not_failed(monkeypatch):
     assert selfcheck.beyond_limits("cuda", long_case, torch.bfloat16, cuda) is None
     record = selfcheck.run_case("triton", long_case, torch.bfloat16, cuda)  # nothing runs: no GPU needed
     assert record["ok"] and "refused by design" in record["skipped"]
+
+
+@needs_cpu_backend
+def test_a_run_cut_short_leaves_the_cases_it_checked(tmp_path, monkeypatch):
+    """The report is rewritten after each case: a self-check stopped midway (a time limit) leaves a readable
+    report of what it ran, marked incomplete."""
+    report = tmp_path / "report.json"
+    run_case = selfcheck.run_case
+    calls = []
+
+    def stop_at_the_fourth(*args):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(args)
+        return run_case(*args)
+
+    monkeypatch.setattr(selfcheck, "run_case", stop_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--selfcheck", "--device", "cpu", "--providers", "cpu", "--report", str(report), "--quiet"])
+    partial = json.loads(report.read_text())
+    assert partial["complete"] is False
+    assert partial["backends"]["cpu"]["verdict"] == "RUNNING" and len(partial["backends"]["cpu"]["cases"]) == 3
+
+
+def test_an_unwritable_report_is_refused_before_checking(tmp_path, capsys, check_runs):
+    (tmp_path / "file").write_text("")
+    rc = cli.main(["--selfcheck", "--device", "cpu", "--report", str(tmp_path / "file" / "r.json")])
+    assert rc == 2 and "cannot write the report" in capsys.readouterr().err
+    assert check_runs == []

@@ -174,15 +174,18 @@ def _selfcheck(args, device) -> int:
             return 2
         names = wanted
     progress = None if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        selfcheck.write_json_atomically(args.report, {"format": "egma-kernels-selfcheck/1", "complete": False})
+    except OSError as exc:  # before the minute of checking, not after it
+        print(f"egma-bench: cannot write the report {args.report}: {exc}", file=sys.stderr)
+        return 2
     with warnings.catch_warnings():
         # The poisoned (NaN) output buffers make Triton's interpreter warn about NaN arithmetic.
         warnings.simplefilter("ignore", RuntimeWarning)
-        report = selfcheck.full_check(device, names, progress=progress)
-    try:
-        selfcheck.write_json_atomically(args.report, report)
-    except OSError as exc:
-        print(f"egma-bench: cannot write the report {args.report}: {exc}", file=sys.stderr)
-        return 2
+        # The report is rewritten after each case: a run stopped by a time limit leaves what it checked.
+        report = selfcheck.full_check(device, names, progress=progress,
+                                      on_update=lambda partial: selfcheck.write_json_atomically(args.report, partial))
+    selfcheck.write_json_atomically(args.report, report)
     env = report["environment"]
     print(f"egma-kernels self-check on {env['name']} ({env['arch']}), torch {env['torch']}, "
           f"triton {env['triton'] or 'not installed'}, CUDA {env['torch_cuda'] or 'none'}"
