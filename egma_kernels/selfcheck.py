@@ -480,8 +480,12 @@ def load_verdict(backend: str, device: torch.device) -> Optional[dict]:
 
 
 def save_verdict(result: dict, device: torch.device, kind: str) -> Optional[str]:
-    """Cache ``result`` (``run_cases``' summary) as the verdict of its backend; returns the file (None when the
-    cache folder cannot be written: the verdict then lives for this process only)."""
+    """Cache ``result`` (``run_cases``' summary) as the verdict of its backend; returns the file. Not cached
+    (None: the verdict lives for this process only) when the folder cannot be written, or when a case raised
+    instead of computing: that may pass (memory taken by another process, a full disk for Triton's cache),
+    so the next process checks again, where a wrong number would stay wrong."""
+    if any("error" in r for r in result["cases"]):
+        return None
     key = cache_key(result["backend"], device)
     failed = [worst(r) for r in result["cases"] if not r["ok"]]
     verdict = {"key": key, "passed": result["passed"], "kind": kind, "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",

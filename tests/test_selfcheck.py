@@ -368,3 +368,23 @@ def test_an_unwritable_report_is_refused_before_checking(tmp_path, capsys, check
     rc = cli.main(["--selfcheck", "--device", "cpu", "--report", str(tmp_path / "file" / "r.json")])
     assert rc == 2 and "cannot write the report" in capsys.readouterr().err
     assert check_runs == []
+
+
+@needs_cpu_backend
+def test_a_check_whose_backend_raised_is_not_cached(first_use, check_runs, tmp_path, monkeypatch):
+    """A case that raised (out of memory, say) fails the check for this process only: the next checks again."""
+    run = selfcheck._run
+
+    def out_of_memory(x, name, *args):
+        if name == "cpu":
+            raise RuntimeError("out of memory")
+        return run(x, name, *args)
+
+    monkeypatch.setattr(selfcheck, "_run", out_of_memory)
+    with pytest.warns(backends.SelfCheckWarning, match="raised RuntimeError: out of memory"):
+        assert backends.resolve_backend(None, CPU).name == "reference"
+    assert not (tmp_path / "cache" / "selfcheck").exists() or not os.listdir(tmp_path / "cache" / "selfcheck")
+    monkeypatch.setattr(selfcheck, "_run", run)
+    backends.reset_first_use_state()
+    assert backends.resolve_backend(None, CPU).name == "cpu"
+    assert check_runs == ["cpu", "cpu"]
