@@ -193,9 +193,9 @@ def _trusted(name: str, device: torch.device) -> bool:
         with self_check_running():
             result = selfcheck.first_use_check(name, device)
     except Exception as exc:  # the check's own failure (not a kernel's: run_case records those) trusts the backend
-        warnings.warn(f"egma_kernels: the first-use self-check of backend {name!r} could not run ({type(exc).__name__}: "
-                      f"{exc}); the backend is used unchecked. Run `egma-bench --selfcheck` (docs/selfcheck.md).",
-                      SelfCheckWarning, stacklevel=4)
+        warnings.warn(f"egma_kernels: the first-use self-check of backend {name!r} could not run "
+                      f"({type(exc).__name__}: {exc}); the backend is used unchecked. Run `egma-bench --selfcheck` "
+                      f"(docs/selfcheck.md).", SelfCheckWarning, stacklevel=4)
         result = {"passed": True}
     _VERDICTS[key] = bool(result.get("passed"))
     if not _VERDICTS[key]:

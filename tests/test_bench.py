@@ -321,6 +321,7 @@ def test_triton_unavailability_says_why(monkeypatch):
     monkeypatch.setattr(tb, "_TRITON_IMPORT_ERROR", missing)
     assert "Triton is not installed" in backends.unavailable_backends()["triton"]
     monkeypatch.setattr(tb, "_TRITON_IMPORT_ERROR", ImportError("libcuda.so.1: cannot open shared object file"))
-    assert ob.triton_why_unavailable() == "Triton failed to import (ImportError: libcuda.so.1: cannot open shared object file)"
+    why = ob.triton_why_unavailable()
+    assert why == "Triton failed to import (ImportError: libcuda.so.1: cannot open shared object file)"
     monkeypatch.setattr(tb, "triton", type("FakeTriton", (), {"__version__": "3.1.0"}))
     assert ob.triton_why_unavailable() == "Triton 3.1.0 is too old; the kernels need Triton >= 3.6"
