@@ -232,10 +232,11 @@ def _failed_message(name: str, device: torch.device, verdict: dict, chosen_inste
     from . import selfcheck
 
     failures = verdict.get("failures") or ["(no case detail)"]
+    more = verdict.get("failed_cases", len(failures)) - 1
     action = (f"backend=None will not choose it on this device (another backend, at worst 'reference', runs "
               f"instead)" if chosen_instead else "it runs because it was asked for by name")
     return (f"egma_kernels: backend {name!r} FAILED its self-check on this {device.type} device "
-            f"({failures[0]}{f'; {len(failures) - 1} more' if len(failures) > 1 else ''}); {action}. Its results "
+            f"({failures[0]}{f'; {more} more failed case(s)' if more > 0 else ''}); {action}. Its results "
             f"may be wrong. Please run `egma-bench --selfcheck --report selfcheck.json` and attach selfcheck.json "
             f"to a bug report (docs/selfcheck.md). The verdict is cached under {selfcheck.cache_dir()}; "
             f"{selfcheck.ENV_FIRST_USE}=0 turns the check off.")

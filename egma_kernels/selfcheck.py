@@ -492,7 +492,8 @@ def save_verdict(result: dict, device: torch.device, kind: str) -> Optional[str]
     key = cache_key(result["backend"], device)
     failed = [worst(r) for r in result["cases"] if not r["ok"]]
     verdict = {"key": key, "passed": result["passed"], "kind": kind, "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-               time.gmtime()), "seconds": result["seconds"], "cases": len(result["cases"]), "failures": failed[:5]}
+               time.gmtime()), "seconds": result["seconds"], "cases": len(result["cases"]), "failed_cases": len(failed),
+               "failures": failed[:5]}
     path = _cache_path(key)
     try:
         write_json_atomically(path, verdict)
@@ -510,8 +511,8 @@ def first_use_check(backend: str, device: torch.device) -> dict:
     path = save_verdict(result, device, "first-use")
     verdict = load_verdict(backend, device) if path else None
     if verdict is None:  # not cached: keep it for this process
-        verdict = {"passed": result["passed"], "kind": "first-use",
-                   "failures": [worst(r) for r in result["cases"] if not r["ok"]][:5]}
+        failed = [worst(r) for r in result["cases"] if not r["ok"]]
+        verdict = {"passed": result["passed"], "kind": "first-use", "failed_cases": len(failed), "failures": failed[:5]}
     verdict["ran_now_s"] = result["seconds"]
     return verdict
 
