@@ -7,15 +7,18 @@
 # starts with less than 15 s left of the TOTAL_S budget (default 460 s). The sweep gets whatever the build
 # and the GPU tests left (less OTHER_TESTS_S), and its own --budget stops it in time to write its results.
 #
-# Order: environment -> build (pip install --no-build-isolation --no-deps -e .) -> import check ->
+# Order: environment -> self-check of the triton backend (egma-bench --selfcheck: the verdict in the first
+# minute, before anything is built; report in $OUT/selfcheck_triton.json) -> build (pip install
+# --no-build-isolation --no-deps -e .) -> import check -> self-check of the cuda backend
+# ($OUT/selfcheck_cuda.json) ->
 # the fused backends' test files on the GPU (test_compiled_cuda.py, test_triton_backend.py: their
 # device-generic tests run on CUDA tensors there) -> the other files' GPU-marked tests -> Triton tile
 # tuning (only with TUNE_S > 0; otherwise run benchmarks/tune_triton.py as a second call) -> egma-bench
 # GPU sweep -> the other tests (they also run in CPU CI, so they come last).
-# Each step's exit code goes to $OUT/steps.tsv; the script itself exits 0 unless the build or the GPU
-# tests failed, so that partial results always come back.
+# Each step's exit code goes to $OUT/steps.tsv; the script itself exits 0 unless a self-check, the build or
+# the GPU tests failed, so that partial results always come back.
 #
-# Knobs (environment): OUT, TOTAL_S, BUILD_S, GPU_TESTS_S, GPU_OTHER_S, TUNE_S (0 skips it), SWEEP_MAX_S, OTHER_TESTS_S, BENCH_ARGS (replaces
+# Knobs (environment): OUT, TOTAL_S, SELFCHECK_S, BUILD_S, GPU_TESTS_S, GPU_OTHER_S, TUNE_S (0 skips it), SWEEP_MAX_S, OTHER_TESTS_S, BENCH_ARGS (replaces
 # the sweep's arguments), OTHER_TESTS_ARGS, SKIP_BUILD=1, PYTHON (default python3). A dry run on a machine without a GPU:
 #     SKIP_BUILD=1 BENCH_ARGS="--smoke --no-compile" OTHER_TESTS_ARGS="tests/test_bench.py" OUT=/tmp/g bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -25,6 +28,7 @@ OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
 TOTAL_S="${TOTAL_S:-460}"
+SELFCHECK_S="${SELFCHECK_S:-150}"  # each self-check: about a minute, most of it compiling the Triton kernels
 BUILD_S="${BUILD_S:-150}"
 GPU_TESTS_S="${GPU_TESTS_S:-240}"  # Triton compiles each kernel variant the tests use (cold cache; saved-route and recompute variants)
 SWEEP_MAX_S="${SWEEP_MAX_S:-300}"   # the sweep gets what is left, less OTHER_TESTS_S, up to this
@@ -92,6 +96,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
 unset TRITON_INTERPRET
 echo "CUDA_HOME=${CUDA_HOME:-unset} TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS"
 
+# --- self-check, first: is the triton backend (backend=None's choice on a GPU) right on this card? ----
+# It needs nothing built: the package is imported from this checkout (the extension missing is intended
+# here, hence EGMA_KERNELS_SKIP_EXTENSION). The verdicts are cached under $OUT/selfcheck-cache.
+export EGMA_KERNELS_CACHE="$OUT/selfcheck-cache"
+SELFCHECK_RC=0
+step selfcheck-triton "$SELFCHECK_S" selfcheck_triton.log env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+  EGMA_KERNELS_SKIP_EXTENSION=1 "$PYTHON" -m egma_kernels.bench.cli --selfcheck --providers triton \
+  --report "$OUT/selfcheck_triton.json" || { rc=$?; (( rc == 2 )) || SELFCHECK_RC=$rc; }
+
 # --- build -------------------------------------------------------------------------------------------
 BUILD_RC=0
 if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
@@ -107,6 +120,10 @@ print('egma_kernels', ek.__version__, 'from', ek.__file__)
 print('known', ek.known_backends())
 print('available on cuda', ek.available_backends('cuda'), 'on cpu', ek.available_backends('cpu'))
 "
+# The cuda backend's self-check, once the extension is built (rc 2, not counted, when it is not; likewise
+# the triton one above without a GPU).
+step selfcheck-cuda "$SELFCHECK_S" selfcheck_cuda.log "$PYTHON" -m egma_kernels.bench.cli --selfcheck \
+  --providers cuda --report "$OUT/selfcheck_cuda.json" || { rc=$?; (( rc == 2 )) || SELFCHECK_RC=$rc; }
 
 # --- GPU tests ---------------------------------------------------------------------------------------
 GPU_RC=0
@@ -152,5 +169,5 @@ step other-tests "$OTHER_TESTS_S" pytest_other.log "$PYTHON" -m pytest -q -x -m 
 echo "=== steps (name, rc, seconds) ==="
 cat "$STEPS"
 echo "total $(elapsed)s"
-if (( BUILD_RC != 0 )) || (( GPU_RC != 0 && GPU_RC != 5 )); then exit 1; fi
+if (( BUILD_RC != 0 || SELFCHECK_RC != 0 )) || (( GPU_RC != 0 && GPU_RC != 5 )); then exit 1; fi
 exit 0

@@ -3,7 +3,7 @@
 See ``docs/loss.md`` for the exact function and the README for usage.
 """
 
-from .backends import available_backends, known_backends
+from .backends import SelfCheckWarning, available_backends, known_backends, unavailable_backends
 from .functional import fine_grained_loss, filip_similarity
 from .modules import FineGrainedLoss
 from .packing import cu_seqlens_from_lengths, pack_sentences, unpack_sentences
@@ -24,6 +24,8 @@ __all__ = [
     "cu_seqlens_from_lengths",
     "available_backends",
     "known_backends",
+    "unavailable_backends",
+    "SelfCheckWarning",
     "fine_grained_loss_ref",
     "filip_similarity_ref",
     "__version__",

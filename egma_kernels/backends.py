@@ -8,6 +8,8 @@ A backend is a pair of functions with the signatures of ``reference.fine_grained
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -111,7 +113,10 @@ def resolve_backend(name: Optional[str], device: torch.device) -> Backend:
         candidates = _available_for(device.type, auto=True)
         if not candidates:
             raise RuntimeError(f"no egma_kernels backend can run on {device.type} tensors")
-        return _REGISTRY[candidates[0]]
+        for candidate in candidates:
+            if _trusted(candidate, device):
+                return _REGISTRY[candidate]
+        return _REGISTRY["reference"]
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string or None, got {type(name).__name__}")
     if name not in _REGISTRY:
@@ -130,6 +135,7 @@ def resolve_backend(name: Optional[str], device: torch.device) -> Backend:
             + (f": {why}" if why else "")
             + f"; available for {device.type} tensors: {', '.join(_available_for(device.type)) or 'none'}"
         )
+    _warn_if_unchecked(name, device)
     return backend
 
 
@@ -138,3 +144,103 @@ def _available_for(device_type: str, auto: bool = False) -> List[str]:
         return available_backends(device_type, auto=auto)
     except ValueError:
         return []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# First-use check (selfcheck.py, docs/selfcheck.md): ``backend=None`` chooses a fused backend only once it
+# has passed the self-check on this device (kernel sources, torch and Triton versions); the verdict is
+# cached on disk and, after the first call, held here, so that the loss's hot path does one dict lookup.
+
+_VERDICTS: Dict[tuple, bool] = {}  # (backend, device type, device index) -> trusted by backend=None
+_FAILED: Dict[tuple, dict] = {}  # the verdicts behind the False entries of _VERDICTS
+_WARNED: Dict[tuple, bool] = {}  # (backend, device type, device index) of a by-name choice already warned about
+_CHECKING = [0]  # > 0 while a self-check runs: its by-name calls are neither checked nor warned about
+
+
+@contextmanager
+def self_check_running():
+    """Inside: by-name choices skip the first-use bookkeeping (the self-check's own calls)."""
+    _CHECKING[0] += 1
+    try:
+        yield
+    finally:
+        _CHECKING[0] -= 1
+
+
+def reset_first_use_state() -> None:
+    """Forget this process's verdicts and warnings (the disk cache stays): the next call looks again."""
+    _VERDICTS.clear()
+    _FAILED.clear()
+    _WARNED.clear()
+
+
+def _trusted(name: str, device: torch.device) -> bool:
+    """Whether ``backend=None`` may choose ``name`` for tensors on ``device``."""
+    key = (name, device.type, device.index)
+    verdict = _VERDICTS.get(key)
+    if verdict is not None:
+        return verdict
+    if name == "reference" or _CHECKING[0]:
+        return True
+    from . import selfcheck
+
+    if torch.compiler.is_compiling():
+        return True  # not recorded: the first eager call checks (a check cannot run inside a traced graph)
+    if not selfcheck.first_use_check_enabled():
+        _VERDICTS[key] = True
+        return True
+    try:
+        with self_check_running():
+            result = selfcheck.first_use_check(name, device)
+    except Exception as exc:  # the check's own failure (not a kernel's: run_case records those) trusts the backend
+        warnings.warn(f"egma_kernels: the first-use self-check of backend {name!r} could not run "
+                      f"({type(exc).__name__}: {exc}); the backend is used unchecked. Run `egma-bench --selfcheck` "
+                      f"(docs/selfcheck.md).", SelfCheckWarning, stacklevel=4)
+        result = {"passed": True}
+    _VERDICTS[key] = bool(result.get("passed"))
+    if not _VERDICTS[key]:
+        _FAILED[key] = result
+        warnings.warn(_failed_message(name, device, result, chosen_instead=True), SelfCheckWarning, stacklevel=4)
+    return _VERDICTS[key]
+
+
+def _warn_if_unchecked(name: str, device: torch.device) -> None:
+    """One warning per (backend, device) when a backend chosen by name failed its self-check here or was
+    never checked (with the first-use check on)."""
+    key = (name, device.type, device.index)
+    if name == "reference" or _CHECKING[0] or key in _WARNED:
+        return
+    _WARNED[key] = True
+    from . import selfcheck
+
+    if not selfcheck.first_use_check_enabled():
+        return
+    if key in _VERDICTS:  # checked (or its check turned off) when backend=None considered it
+        verdict = _FAILED.get(key, {"passed": True})
+    else:
+        verdict = selfcheck.load_verdict(name, device)
+    if verdict is None:
+        warnings.warn(
+            f"egma_kernels: backend {name!r} has not been self-checked on this {device.type} device with these "
+            f"kernel sources and versions; it runs as asked. Run `egma-bench --selfcheck` once to check it "
+            f"(docs/selfcheck.md), or set {selfcheck.ENV_FIRST_USE}=0 after you have.", SelfCheckWarning, stacklevel=4)
+    elif not verdict.get("passed"):
+        warnings.warn(_failed_message(name, device, verdict, chosen_instead=False), SelfCheckWarning, stacklevel=4)
+
+
+def _failed_message(name: str, device: torch.device, verdict: dict, chosen_instead: bool) -> str:
+    from . import selfcheck
+
+    failures = verdict.get("failures") or ["(no case detail)"]
+    more = verdict.get("failed_cases", len(failures)) - 1
+    action = (f"backend=None will not choose it on this device (another backend, at worst 'reference', runs "
+              f"instead)" if chosen_instead else "it runs because it was asked for by name")
+    return (f"egma_kernels: backend {name!r} FAILED its self-check on this {device.type} device "
+            f"({failures[0]}{f'; {more} more failed case(s)' if more > 0 else ''}); {action}. Its results "
+            f"may be wrong. Please run `egma-bench --selfcheck --report selfcheck.json` and attach selfcheck.json "
+            f"to a bug report (docs/selfcheck.md). The verdict is cached under {selfcheck.cache_dir()}; "
+            f"{selfcheck.ENV_FIRST_USE}=0 turns the check off.")
+
+
+class SelfCheckWarning(RuntimeWarning):
+    """A fused backend failed its self-check on this device, or was chosen by name without one."""

@@ -1,10 +1,16 @@
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# The first-use self-check (egma_kernels/selfcheck.py) is off for the suite, which calls the backends
+# constantly; tests/test_selfcheck.py turns it on where it tests it, with verdicts in a throwaway folder.
+os.environ.setdefault("EGMA_KERNELS_FIRST_USE_CHECK", "0")
+os.environ.setdefault("EGMA_KERNELS_CACHE", tempfile.mkdtemp(prefix="egma-kernels-test-cache-"))
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The variable is read when
 # the kernels are decorated, so it must be set before egma_kernels is imported (test modules import it

@@ -289,3 +289,39 @@ def test_heartbeat_while_a_step_runs():
     time.sleep(1.5)
     progress.close()
     assert re.search(r"still running after \d+ s: egma float32 reference-compiled", stream.getvalue())
+
+
+def test_held_back_warning_line_is_cut_at_a_word_boundary():
+    import io
+    import warnings
+
+    from egma_kernels.bench.harness import Progress
+
+    message = "TensorFloat32 tensor cores for float32 matrix multiplication available but not enabled. Consider setting"
+    stream = io.StringIO()
+    with cli._library_messages_held(Progress(1, stream=stream)):
+        warnings.warn(message + " `torch.set_float32_matmul_precision('high')`", UserWarning)
+    line = stream.getvalue().strip().splitlines()[-1]
+    shown = line.split("first: UserWarning: ", 1)[1]
+    assert shown.endswith(" ...")
+    assert message.startswith(shown[: -len(" ...")]) and message[len(shown) - len(" ...")] == " "
+
+
+def test_triton_unavailability_says_why(monkeypatch):
+    """unavailable_backends() names the cause for triton: no CUDA device, Triton missing or too old, import error."""
+    from egma_kernels import _optional_backends as ob, backends
+
+    tb = pytest.importorskip("egma_kernels.triton_backend")
+    monkeypatch.setattr(tb, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if tb.triton is not None:
+        assert "no CUDA device is visible" in backends.unavailable_backends()["triton"]
+    missing = ModuleNotFoundError("No module named 'triton'", name="triton")
+    monkeypatch.setattr(tb, "triton", None)
+    monkeypatch.setattr(tb, "_TRITON_IMPORT_ERROR", missing)
+    assert "Triton is not installed" in backends.unavailable_backends()["triton"]
+    monkeypatch.setattr(tb, "_TRITON_IMPORT_ERROR", ImportError("libcuda.so.1: cannot open shared object file"))
+    why = ob.triton_why_unavailable()
+    assert why == "Triton failed to import (ImportError: libcuda.so.1: cannot open shared object file)"
+    monkeypatch.setattr(tb, "triton", type("FakeTriton", (), {"__version__": "3.1.0"}))
+    assert ob.triton_why_unavailable() == "Triton 3.1.0 is too old; the kernels need Triton >= 3.6"

@@ -6,6 +6,7 @@
     egma-bench --plot --out results/ # JSON lines, the table and PNG charts in results/
     egma-bench --list                # sizes, sweeps and the providers available here
     egma-bench --render results/results.jsonl   # the table of saved results (no measuring)
+    egma-bench --selfcheck           # every fused backend here against the float64 reference; a report file
 """
 
 from __future__ import annotations
@@ -114,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="write PNG charts (time and memory against size) into --out, "
                    "or egma-bench-plots without it (needs matplotlib, checked first)")
     p.add_argument("--quiet", action="store_true", help="no progress display on stderr")
+    p.add_argument("--selfcheck", action="store_true", help="measure nothing: check every fused backend available "
+                   "on the device against the float64 reference (forward and backward, float32/bfloat16/float16, the "
+                   "kernels' code paths; docs/selfcheck.md), print a verdict per backend and write --report. About a "
+                   "minute on a GPU. Exit status 1 when a backend fails. Run it first on a new card")
+    p.add_argument("--report", default="egma-selfcheck.json",
+                   help="the --selfcheck report file (JSON: device, driver, versions, kernel source hash, every case's "
+                   "error against its tolerance) to attach to a bug report")
     p.add_argument("--list", action="store_true", help="list sizes, sweeps and available providers, then exit")
     p.add_argument("--render", metavar="JSONL", help="measure nothing: print the table of saved JSON lines, with "
                    "--plot also charts into --out (default: measure)")
@@ -149,6 +157,46 @@ def _render(args) -> int:
             print(f"egma-bench: {exc}", file=sys.stderr)
             return 1
     return 0
+
+
+def _selfcheck(args, device) -> int:
+    """``--selfcheck``: the verdict per backend on stdout, the report in ``--report``; 1 when a backend fails."""
+    from .. import selfcheck
+
+    names, missing = selfcheck.backends_to_check(device)
+    wanted = _csv(args.providers)
+    if wanted is not None:
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            why = "; ".join(f"{n}: {missing[n]}" for n in unknown if n in missing)
+            print(f"egma-bench: --selfcheck: {', '.join(unknown)} not available on {device.type} "
+                  f"(fused backends here: {', '.join(names) or 'none'}){f'. {why}' if why else ''}", file=sys.stderr)
+            return 2
+        names = wanted
+    progress = None if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        selfcheck.write_json_atomically(args.report, {"format": "egma-kernels-selfcheck/1", "complete": False})
+    except OSError as exc:  # before the minute of checking, not after it
+        print(f"egma-bench: cannot write the report {args.report}: {exc}", file=sys.stderr)
+        return 2
+    with warnings.catch_warnings():
+        # The poisoned (NaN) output buffers make Triton's interpreter warn about NaN arithmetic.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        # The report is rewritten after each case: a run stopped by a time limit leaves what it checked.
+        report = selfcheck.full_check(device, names, progress=progress,
+                                      on_update=lambda partial: selfcheck.write_json_atomically(args.report, partial))
+    selfcheck.write_json_atomically(args.report, report)
+    env = report["environment"]
+    print(f"egma-kernels self-check on {env['name']} ({env['arch']}), torch {env['torch']}, "
+          f"triton {env['triton'] or 'not installed'}, CUDA {env['torch_cuda'] or 'none'}"
+          + (f", driver {env['driver']}" if env.get("driver") else ""))
+    for line in selfcheck.verdict_lines(report):
+        print(line)
+    if not report["backends"]:
+        print(f"no fused backend to check on {device.type}")
+    verdict = "PASS" if report["passed"] else "FAIL: attach the report file to a bug report (docs/selfcheck.md)"
+    print(f"{verdict}; report written to {args.report} ({report['seconds']:.1f} s)")
+    return 0 if report["passed"] else 1
 
 
 def _idle_cores(sample_s: float = 0.5) -> Optional[float]:
@@ -217,6 +265,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     if args.list:
         return _list(device)
+    if args.selfcheck:
+        return _selfcheck(args, device)
     if args.threads is not None and args.threads < 1:
         print("egma-bench: --threads must be at least 1", file=sys.stderr)
         return 2
@@ -377,8 +427,18 @@ def _library_messages_held(progress):
             for n, level in saved.items():
                 logging.getLogger(n).setLevel(level)
     if caught:
-        kinds = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:100]}" for w in caught})
+        kinds = sorted({f"{w.category.__name__}: {_first_words(str(w.message), 100)}" for w in caught})
         progress.note(f"{len(caught)} library warning(s) held back, {len(kinds)} distinct; first: {kinds[0]}")
+
+
+def _first_words(text: str, width: int) -> str:
+    """The first line of ``text``, cut at a word boundary to at most ``width`` characters (then " ...")."""
+    lines = text.strip().splitlines()
+    line = lines[0] if lines else ""
+    if len(line) <= width:
+        return line
+    cut = line.rfind(" ", 0, width + 1)
+    return (line[:cut] if cut > 0 else line[:width]).rstrip() + " ..."
 
 
 if __name__ == "__main__":
