@@ -124,6 +124,7 @@ def write(path: str, fill: Callable[[str], None], *, step: Optional[int] = None,
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         os.makedirs(parent, exist_ok=True)
+        _remove_stale_temporaries(parent, os.path.basename(path))
         os.makedirs(tmp)
         fill(tmp)
         fault_point("before_manifest")
@@ -140,6 +141,14 @@ def write(path: str, fill: Callable[[str], None], *, step: Optional[int] = None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale_temporaries(parent: str, name: str) -> None:
+    """Temporary folders of saves that were killed (one writer per checkpoint folder at a time)."""
+    prefix = f".{name}.tmp-"
+    for entry in os.listdir(parent):
+        if entry.startswith(prefix):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def _keep_note(path: str) -> str:

@@ -528,6 +528,11 @@ def _truncate_log(log_path: str, step: int) -> None:
     os.replace(tmp, log_path)
 
 
+# What every rank compares at start-up (_agree).
+_FACTS = ("rows", "steps per epoch", "total steps", "vocabulary size", "model config (crc32)", "options (crc32)",
+          "resumed")
+
+
 def _agree(ddp: _Distributed, error: Optional[BaseException], facts: Dict[str, int]) -> None:
     """Under torchrun: every rank compares its start-up facts (data size, steps, vocabulary, options' digest)
     and its start-up status with the others', and every rank stops with one message if they differ or if a
@@ -601,11 +606,10 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
         steps_per_epoch = max(1, len(records) // (a.batch_size * ddp.world))  # full global batches only
         total = a.max_steps or steps_per_epoch * a.epochs
         args = {k: v for k, v in _jsonable(a).items() if k not in ("device", "threads")}
-        facts = {"rows": len(records), "steps per epoch": steps_per_epoch, "total steps": total,
-                 "vocabulary size": len(tokenizer), "model config (crc32)": _crc(model.config.to_dict()),
-                 "options (crc32)": _crc(args), "resumed": int(src is not None)}
+        facts = dict(zip(_FACTS, (len(records), steps_per_epoch, total, len(tokenizer), _crc(model.config.to_dict()),
+                                  _crc(args), int(src is not None))))
     else:
-        facts = {}
+        facts = dict.fromkeys(_FACTS, 0)  # the same row length on every rank; the failure flag says why
     if ddp.world > 1:
         _agree(ddp, error, facts)
     if total <= 0:
