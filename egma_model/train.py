@@ -125,7 +125,7 @@ class TrainArgs:
     text_groups: Optional[int] = None  # sentences encoded in groups of similar length (None: the model's default, 1)
     loss_dtype: Optional[str] = None  # dtype of the loss inputs (None: the model's default, float32)
     grad_chunk_size: int = 0  # > 0: gradient caching, the encoders run this many images at a time (egma_model.gradcache)
-    skip_nonfinite_batches: bool = False  # a batch whose loss or gradient is NaN/inf is skipped instead of stopping the run
+    skip_nonfinite: bool = False  # a batch whose loss or gradient is NaN/inf is skipped instead of stopping the run
     dist_timeout: float = 600.0  # seconds a collective may wait for the other ranks (the process group's timeout)
 
 
@@ -436,7 +436,7 @@ def _set_rng_state(s: Dict, device: torch.device) -> None:
 
 # Options a resumed run may change: how long it runs, where and how it reports, how fast it computes.
 _FREE_ON_RESUME = {"out", "resume", "epochs", "max_steps", "save_every", "progress", "num_workers", "device",
-                   "threads", "keep_checkpoints", "profile_steps", "backend", "dist_timeout", "skip_nonfinite_batches",
+                   "threads", "keep_checkpoints", "profile_steps", "backend", "dist_timeout", "skip_nonfinite",
                    "select_on", "select_every", "select_prompts", "select_split", "select_scoring", "select_is_test",
                    "manifest"}  # the manifest's content is compared through its digest, not its path
 # Options that change the model, the data or its order: a resumed run with another value is refused.
@@ -754,9 +754,9 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                 skipped_why = None
                 if not ddp.all_true(not bad):
                     skipped_why = _nonfinite_message(step + 1, bad)
-                    if not a.skip_nonfinite_batches:
+                    if not a.skip_nonfinite:
                         raise TrainError(f"{skipped_why}; stopped before the optimiser step, nothing saved from it "
-                                         f"(--skip-nonfinite-batches skips such batches instead)")
+                                         f"(--skip-nonfinite skips such batches instead)")
                 if skipped_why is None:
                     scaler.step(opt)
                     scaler.update()
@@ -945,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-chunk-size", type=int, default=d.grad_chunk_size,
                    help="gradient caching: the encoders run K images at a time and the gradients equal the whole "
                         "batch's (large contrastive batches in little memory, one extra encoder forward pass); 0 = off")
-    p.add_argument("--skip-nonfinite-batches", action="store_true",
+    p.add_argument("--skip-nonfinite", action="store_true",
                    help="a batch whose loss or gradient norm is NaN/inf is skipped (counted as a step without an "
                         "update, logged) instead of stopping the run")
     p.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
@@ -1063,7 +1063,7 @@ def _args_from_namespace(ns) -> TrainArgs:
         progress=not ns.no_progress, backend=ns.backend, threads=ns.threads,
         global_negatives=not ns.no_global_negatives, profile_steps=ns.profile_steps,
         grad_chunk_size=ns.grad_chunk_size, text_groups=ns.text_groups,
-        loss_dtype=ns.loss_dtype, skip_nonfinite_batches=ns.skip_nonfinite_batches, dist_timeout=ns.dist_timeout))
+        loss_dtype=ns.loss_dtype, skip_nonfinite=ns.skip_nonfinite, dist_timeout=ns.dist_timeout))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

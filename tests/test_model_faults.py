@@ -288,12 +288,12 @@ def test_nonfinite_loss_stops_the_run_without_saving_nan_weights(data, tmp_path,
     assert [r["step"] for r in _log(out)] == [1]
 
 
-def test_skip_nonfinite_batches_goes_on(data, tmp_path, capsys, monkeypatch):
+def test_skip_nonfinite_goes_on(data, tmp_path, capsys, monkeypatch):
     from egma_model.model import EGMAModel
 
     _nan_from_call(monkeypatch, 3)
     out = str(tmp_path / "run")
-    rc, err = _main(_args(data, out, "--skip-nonfinite-batches"), capsys)
+    rc, err = _main(_args(data, out, "--skip-nonfinite"), capsys)
     assert rc == 0 and "step 3: non-finite loss=nan" in err and "batch skipped" in err, err
     log = _log(out)
     assert [r["step"] for r in log] == [1, 2, 3] and "skipped_batch" in log[2] and "skipped_batch" not in log[1]
@@ -354,3 +354,17 @@ def test_ranks_that_disagree_stop_together(data, tmp_path):
     line = _one_line_error(res[0][1]["err"])
     assert res[0][1]["rc"] == 2 and "rank(s) [1] failed at start-up" in line, line
     assert not os.path.exists(os.path.join(outs[0], "final"))
+
+
+# ------------------------------------------------------------------------------------ the loss library
+
+
+def test_triton_refuses_reports_longer_than_its_largest_block():
+    """A report of more than 1024 sentences is refused with the limit named, before any kernel compiles
+    (its [BLOCK_S, BLOCK_S] tiles would exceed Triton's largest block)."""
+    pytest.importorskip("triton")
+    from egma_kernels import triton_backend
+
+    assert triton_backend._config(torch.float32, 49, 64, 1024)["BLOCK_S"] == 1024
+    with pytest.raises(ValueError, match=r"at most 1024 sentences; the longest report \(max_seqlen\) has 1025"):
+        triton_backend._config(torch.float32, 49, 64, 1025)
