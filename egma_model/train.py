@@ -1066,6 +1066,14 @@ def _args_from_namespace(ns) -> TrainArgs:
         loss_dtype=ns.loss_dtype, skip_nonfinite=ns.skip_nonfinite, dist_timeout=ns.dist_timeout))
 
 
+def _dist_errors() -> tuple:
+    """The exceptions of torch.distributed's failures (timeouts, lost peers), where this torch has them."""
+    import torch.distributed as dist
+
+    err = getattr(dist, "DistError", None) if dist.is_available() else None
+    return (err,) if err is not None else ()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -1091,6 +1099,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res = train(a)
     except (ManifestError, FileNotFoundError, TrainError, CheckpointError, TextDecodeError) as e:
         print(f"egma-train: error: {e}", file=sys.stderr)
+        return 2
+    except _dist_errors() as e:  # a rank stopped or hung: the collective gave up after --dist-timeout
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"egma-train: error: the process group failed (a rank stopped, or did not answer within "
+              f"--dist-timeout {a.dist_timeout:g} s): {first}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"steps": res["steps"], "final_loss": res["final_loss"],

@@ -368,3 +368,29 @@ def test_triton_refuses_reports_longer_than_its_largest_block():
     assert triton_backend._config(torch.float32, 49, 64, 1024)["BLOCK_S"] == 1024
     with pytest.raises(ValueError, match=r"at most 1024 sentences; the longest report \(max_seqlen\) has 1025"):
         triton_backend._config(torch.float32, 49, 64, 1025)
+
+
+def _lonely_worker(rank, world, port, outdir, argv):
+    """Rank 0 runs egma-train (which sets up the process group); rank 1 never joins (a dead rank)."""
+    if rank == 1:
+        return
+    os.environ.update(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from egma_model.train import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    with open(os.path.join(outdir, "rank0.json"), "w") as f:
+        json.dump({"rc": rc, "err": err.getvalue()}, f)
+
+
+def test_a_rank_that_never_answers_stops_the_run_after_dist_timeout(data, tmp_path):
+    out = str(tmp_path / "run")
+    argv = _args(data, out, "--dist-timeout", "3")
+    spawn_bounded(_lonely_worker, (2, free_port(), str(tmp_path), argv), 2, 60, "egma-train with a dead rank")
+    with open(tmp_path / "rank0.json") as f:
+        res = json.load(f)
+    line = _one_line_error(res["err"])
+    assert res["rc"] == 2 and "process group failed" in line and "--dist-timeout 3 s" in line, line
