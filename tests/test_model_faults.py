@@ -89,7 +89,8 @@ def _one_line_error(err):
 # ------------------------------------------------------------------------------------ kills and full disks
 
 
-@pytest.mark.parametrize("point", ["after_weights", "before_manifest", "before_swap", "mid_swap"])
+@pytest.mark.parametrize("point", ["after_weights", pytest.param("before_manifest", marks=pytest.mark.slow),
+                                   pytest.param("before_swap", marks=pytest.mark.slow), "mid_swap"])
 def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(data, point, capsys):
     """SIGKILL during the second save (step 2): the step-1 checkpoint survives (in place, or as
     ``checkpoint.previous`` when the kill fell between the two renames), and ``--resume`` continues from it
