@@ -439,8 +439,10 @@ _FREE_ON_RESUME = {"out", "resume", "epochs", "max_steps", "save_every", "progre
                    "threads", "keep_checkpoints", "profile_steps", "backend", "dist_timeout", "skip_nonfinite",
                    "select_on", "select_every", "select_prompts", "select_split", "select_scoring", "select_is_test",
                    "manifest"}  # the manifest's content is compared through its digest, not its path
-# Options that change the model, the data or its order: a resumed run with another value is refused.
-_FIXED_ON_RESUME = {"split", "preset", "image_model", "image_size", "image_weights", "text_model", "tokenizer", "scales",
+# Options that change the model, the data or its order, or that the restored optimiser and scheduler state
+# would silently override (learning rate, weight decay and its parameter groups): a resumed run with another
+# value is refused. The others (warm-up, clipping, autocast, ...) take effect from the resumed step, reported.
+_FIXED_ON_RESUME = {"lr", "weight_decay", "decay_all", "split", "preset", "image_model", "image_size", "image_weights", "text_model", "tokenizer", "scales",
                     "embed_dim", "batch_size", "seed", "no_gaze", "loss_weights", "global_weight", "alpha",
                     "egma_compat", "sigma", "min_heat", "raw_gaze", "max_sentences", "image_library",
                     "image_pretrained", "proj_bias", "init_from", "recipe", "patch_norm", "image_global", "image_mean",
@@ -485,7 +487,7 @@ def check_resume(a: TrainArgs, saved: Dict, data: Dict, ckpt: str) -> List[str]:
     elif was.get("rows") != data["rows"]:
         fixed.append(f"rows used {was.get('rows')} -> {data['rows']}")
     if fixed:
-        raise TrainError(f"--resume: {ckpt} was trained with other model/data options: {'; '.join(fixed)}; give the "
+        raise TrainError(f"--resume: {ckpt} was trained with other model/data/optimiser options: {'; '.join(fixed)}; give the "
                          f"checkpoint's options (in {os.path.join(ckpt, RUN_NAME)}) or train into a new --out")
     return other
 
@@ -622,7 +624,8 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
         saved_run, saved_state = _load_training_state(src)
         for w in check_resume(a, saved_run, data, src):
             if ddp.is_main:
-                print(f"egma-train: warning: --resume with a changed option: {w}", file=sys.stderr)
+                print(f"egma-train: warning: --resume with a changed option, in effect from step {saved_state['step'] + 1}: "
+                      f"{w}", file=sys.stderr)
     model.to(device)
     gg = model.gaze_grid
     ds = EGMADataset(records, image_size=model.config.image_size, grid=gg, train=True,
