@@ -18,6 +18,13 @@ per process), logging and checkpoints on rank 0 (``docs/distributed.md``).
 
 ``--recipe authors-code`` / ``--recipe paper`` set every setting of the authors' code or the paper at once
 (``egma_model.recipes``, ``docs/recipes.md``); ``--print-recipe`` prints them without training.
+
+Faults: checkpoints are atomic, self-checking folders (``egma_model.checkpoint``); ``--resume`` without a
+checkpoint, or with options that change the model, the data or the optimiser, is an error, and a resumed
+run repeats the uninterrupted run's steps exactly (data position, every RNG, scheduler, scaler); a NaN/inf
+loss or gradient norm stops the run before the optimiser step (``--skip-nonfinite``: skip the batch); under
+torchrun the ranks compare their data size, steps, vocabulary and options at start-up and stop together,
+and a collective waits at most ``--dist-timeout`` seconds.
 """
 
 from __future__ import annotations
