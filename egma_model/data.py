@@ -446,8 +446,10 @@ class EGMADataset(Dataset):
                     o = self.gaze_options
                     g = gz.gaze_for_sentences(gr, sentences, self.grid, sigma=o.sigma, resolution=o.resolution,
                                               min_heat=o.min_heat, lead=o.lead, resize=o.resize)
-            except gz.GazeFormatError as e:
+            except (gz.GazeFormatError, TextDecodeError) as e:  # the readers' files: bad layout or not UTF-8
                 raise ManifestError(f"{rec.where}: {e}") from None
+            except UnicodeDecodeError as e:  # a reader that decodes without textio's rule names no file
+                raise ManifestError(f"{rec.where}: a gaze file under {rec.gaze} is not valid UTF-8 ({e})") from None
         if not sentences:
             raise ManifestError(f"{rec.where}: no sentences")
         if self.max_sentences and len(sentences) > self.max_sentences:

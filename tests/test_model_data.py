@@ -176,3 +176,18 @@ def test_manifest_text_rule_and_empty_split(tmp_path):
     assert len(dm.load_manifest(os.path.join(d, "bom.csv"), split="train")) == 1
     with pytest.raises(dm.ManifestError, match=r"bom\.csv: no row has split 'val' \(splits present: \['train'\]\)"):
         dm.load_manifest(os.path.join(d, "bom.csv"), split="val")
+
+
+def test_gaze_file_that_is_not_utf8_names_the_row(tmp_path):
+    """A reader's text file with non-UTF-8 bytes: one error naming the manifest row, not a traceback."""
+    d = str(tmp_path)
+    _png(os.path.join(d, "a.png"))
+    m = _write(os.path.join(d, "m.csv"), "image,report,gaze_format,gaze\na.png,Heart normal.,reflacx,a.png\n")
+    ds = dm.EGMADataset(dm.load_manifest(m), image_size=32, grid=(7, 7))
+
+    def bad_reader(rec):
+        return b"transcript \xff".decode("utf-8")
+
+    ds._gaze_record = bad_reader
+    with pytest.raises(dm.ManifestError, match=r"m\.csv: row 2: .*not valid UTF-8"):
+        ds[0]
