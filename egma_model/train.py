@@ -703,7 +703,7 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
         if not ddp.all_true(err is None):
             raise err or TrainError(f"rank 0 could not write the checkpoint at step {at} (see its error)")
 
-    log = open(log_path, "a" if saved_state is not None else "w", encoding="utf-8") if ddp.is_main else None
+    log = _Log(log_path, fresh=saved_state is None) if ddp.is_main else None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
@@ -791,8 +791,7 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
             rec["time_s"] = round(time.time() - t0, 3)
             history.append(rec)
             if log is not None:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                log.append(rec)
             for k in ("loss", "contrastive", "gaze_mlce", "mapping"):
                 running[k] = rec[k] if k not in running else 0.9 * running[k] + 0.1 * rec[k]
             if bar is not None:
@@ -805,8 +804,7 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
             if selector is not None and (step % a.select_every == 0 or step == total):
                 sel = selector.check(model, step, device)
                 if log is not None:
-                    log.write(json.dumps({"step": step, "selection": sel}) + "\n")
-                    log.flush()
+                    log.append({"step": step, "selection": sel})
                 model.train()
             t_data = time.perf_counter()
         if not batches:
@@ -819,8 +817,6 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                   f"profiled steps (plus the warm-up); nothing written", file=sys.stderr)
     if bar is not None:
         bar.close()
-    if log is not None:
-        log.close()
     save(step)
     if ddp.is_main:
         model.save_pretrained(os.path.join(a.out, "final"), tokenizer=tokenizer, step=step)
@@ -831,6 +827,20 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
     ddp.barrier()  # every rank returns once the final model is written
     return {"steps": step, "final_loss": history[-1]["loss"] if history else None, "history": history,
             "out": a.out, "model": model, "tokenizer": tokenizer, "skipped_batches": skipped}
+
+
+class _Log:
+    """``<out>/log.jsonl``, one JSON record a line, each appended and closed at once (a run stopped by an
+    error leaves no open file and every record written)."""
+
+    def __init__(self, path: str, fresh: bool):
+        self.path = path
+        if fresh:
+            open(path, "w", encoding="utf-8").close()
+
+    def append(self, record: Dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def _nonfinite(out: Dict[str, torch.Tensor], gnorm: Optional[torch.Tensor]) -> List[str]:
