@@ -36,7 +36,8 @@ import signal
 import uuid
 from typing import Callable, Dict, Optional
 
-__all__ = ["CheckpointError", "MANIFEST_NAME", "FORMAT", "write", "verify", "resolve", "copy", "fault_point"]
+__all__ = ["CheckpointError", "MANIFEST_NAME", "FORMAT", "write", "verify", "resolve", "copy", "fault_point",
+           "save_tensors", "save_torch"]
 
 MANIFEST_NAME = "checkpoint.json"
 FORMAT = "egma-checkpoint"
@@ -70,6 +71,32 @@ def fault_point(name: str) -> None:
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     raise ValueError(f"{_FAULT_ENV}={spec!r}: the action must be kill or enospc")
+
+
+def write_bytes(path: str, data) -> None:
+    """``data`` written to ``path`` through Python's file I/O, so that a full disk raises ``OSError(ENOSPC)``."""
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def save_tensors(tensors: Dict, path: str, metadata: Optional[Dict[str, str]] = None) -> None:
+    """A safetensors file. Serialised in memory first: safetensors' own file writer and torch.save's report a
+    full disk as their internal errors (``SafetensorError``, ``RuntimeError: unexpected pos``), Python's
+    file I/O as ``OSError(ENOSPC)``; the cost is one serialised copy in host memory while it is written."""
+    from safetensors.torch import save
+
+    write_bytes(path, save(tensors, metadata=metadata))
+
+
+def save_torch(obj, path: str) -> None:
+    """``torch.save(obj)`` to ``path``, serialised in memory first (see ``save_tensors``)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getbuffer())
 
 
 def _sha256(path: str) -> str:

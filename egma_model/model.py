@@ -469,13 +469,11 @@ class EGMAModel(nn.Module):
         checkpoint.write(path, fill, step=step, kind="model" if extra is None else "training")
 
     def _write_files(self, folder: str, tokenizer=None) -> None:
-        from safetensors.torch import save_file
-
         with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(self._saved_config(), f, indent=2)
         # tensors that share memory would be refused by safetensors: each is saved as its own copy
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(_unshared(state), os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+        checkpoint.save_tensors(_unshared(state), os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
         checkpoint.fault_point("after_weights")
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))

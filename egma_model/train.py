@@ -881,8 +881,9 @@ def _save(model, tokenizer, opt, sched, scaler, step, history, ckpt_dir, run_inf
     options and data digest (``egma_model.checkpoint``)."""
 
     def extra(folder: str) -> None:
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                    "step": step, "history": history, "rng": _rng_state(device)}, os.path.join(folder, STATE_NAME))
+        checkpoint.save_torch({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                               "scaler": scaler.state_dict(), "step": step, "history": history,
+                               "rng": _rng_state(device)}, os.path.join(folder, STATE_NAME))
         with open(os.path.join(folder, RUN_NAME), "w", encoding="utf-8") as f:
             json.dump(run_info, f, indent=2)
 

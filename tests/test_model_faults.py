@@ -114,20 +114,20 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(da
 def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(data, capsys, monkeypatch):
     """The weights' write raises ENOSPC at the second save: one line naming the checkpoint and the cause,
     exit 2, the step-1 checkpoint intact and nothing half-written beside it; the resume is exact."""
-    import safetensors.torch
-
     from egma_model import checkpoint
 
     calls = {"n": 0}
-    real = safetensors.torch.save_file
+    real = checkpoint.write_bytes
 
-    def save_file(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def write_bytes(path, blob):
+        calls["n"] += 1 if path.endswith("model.safetensors") else 0
+        if calls["n"] == 2 and path.endswith("model.safetensors"):
+            with open(path, "wb") as f:  # part of the file, then the disk is full
+                f.write(bytes(blob)[:100])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(*args, **kw)
+        return real(path, blob)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(checkpoint, "write_bytes", write_bytes)
     out = os.path.join(data["dir"], "enospc")
     rc, err = _main(_args(data, out), capsys)
     line = _one_line_error(err)
@@ -136,10 +136,42 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(d
     assert checkpoint.verify(os.path.join(out, "checkpoint"))["step"] == 1
     assert not os.path.exists(os.path.join(out, "final"))
     assert not [e for e in os.listdir(out) if ".tmp-" in e]
-    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    monkeypatch.setattr(checkpoint, "write_bytes", real)
     rc, err = _main(_args(data, out, "--resume"), capsys)
     assert rc == 0, err
     assert _losses(_log(out)) == _losses(data["log"])
+
+
+@contextlib.contextmanager
+def _small_disk(path, size):
+    """A tmpfs of ``size`` mounted at ``path`` (skips the test where mounting is not allowed)."""
+    os.makedirs(path)
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"cannot mount a small tmpfs here: {e}")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)  # lazy: even while a file is open
+
+
+def test_a_real_full_disk_keeps_the_previous_checkpoint(data, tmp_path, capsys):
+    """A 3.5 MB file system: the first training checkpoint (about 2.3 MB) fits, the second does not beside
+    it. The run stops with one line naming the cause; the first checkpoint is intact, no temporary folder
+    is left behind."""
+    from egma_model import checkpoint
+
+    with _small_disk(str(tmp_path / "disk"), "3500k") as disk:
+        out = os.path.join(disk, "run")
+        rc, err = _main(_args(data, out), capsys)
+        line = _one_line_error(err)
+        assert rc == 2 and "No space left on device" in line and "previous checkpoint there is kept" in line, err
+        assert checkpoint.verify(os.path.join(out, "checkpoint"))["step"] == 1
+        assert not [e for e in os.listdir(out) if ".tmp-" in e]
 
 
 # ------------------------------------------------------------------------------------ checkpoints on load
