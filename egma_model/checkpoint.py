@@ -179,7 +179,11 @@ def _remove_stale_temporaries(parent: str, name: str) -> None:
 
 
 def _keep_note(path: str) -> str:
-    return "; the previous checkpoint there is kept" if os.path.isdir(path) else ""
+    if os.path.isdir(path):
+        return "; the previous checkpoint there is kept"
+    if os.path.isdir(path + PREVIOUS_SUFFIX):
+        return f"; the previous checkpoint is kept as {path + PREVIOUS_SUFFIX}"
+    return ""
 
 
 def _swap_into_place(tmp: str, path: str) -> None:
