@@ -6,8 +6,10 @@ the ranks' batches concatenated in rank order. See ``docs/distributed.md`` for t
 
 What travels (never the patch embeddings, ``B x P x D``, the large tensor):
 
-1. one ``all_gather`` of a small int64 row per rank (sizes, counts, flags), read on the host once: the
-   only host synchronisation of the call (besides the value checks of ``validate``, as without a group);
+1. one ``all_gather`` of a small int64 row per rank (sizes, counts, flags, and the loss options ``alpha``,
+   ``map_threshold``, ``weights`` and ``logit_scale`` as float64 bits: every rank must use the same ones),
+   read on the host once: the only host synchronisation of the call (besides the value checks of
+   ``validate``, as without a group);
 2. ``all_gather`` of the report lengths (int64, padded to the largest local batch);
 3. ``all_gather`` of the sentence embeddings, padded to the largest local ``N``, with autograd;
 4. ``all_gather`` of this rank's ``T2I`` rows (``B_local x B``), with autograd, for the column-wise
@@ -43,9 +45,13 @@ from .reference import LossTerms
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Fields of the row each rank contributes to the size exchange.
-_STATUS, _B, _N, _P, _D, _DTYPE, _LONGEST, _AT_LONGEST, _GAZE, _MAPPED, _COMPAT, _SENT_GRAD, _ANY_GRAD = range(13)
-_FIELDS = 13
+# Fields of the row each rank contributes to the size exchange; the loss options travel as the bit patterns
+# of their float64 values (every rank must use the same ones; max_seqlen is each rank's own bound and may differ).
+(_STATUS, _B, _N, _P, _D, _DTYPE, _LONGEST, _AT_LONGEST, _GAZE, _MAPPED, _COMPAT, _SENT_GRAD, _ANY_GRAD,
+ _ALPHA, _THRESHOLD, _W_CON, _W_MLCE, _W_MAP, _SCALE) = range(19)
+_FIELDS = 19
+_OPTIONS = ((_ALPHA, "alpha"), (_THRESHOLD, "map_threshold"), (_W_CON, "weights[0] (w_con)"),
+            (_W_MLCE, "weights[1] (w_mlce)"), (_W_MAP, "weights[2] (w_map)"), (_SCALE, "logit_scale"))
 _OK, _FAILED, _EMPTY = 0, 1, 2
 
 
@@ -191,8 +197,17 @@ def _zero_padded_reports(
     return augmented, cu, new_lengths.to(torch.float64) / lengths.to(torch.float64)
 
 
-def _sizes_row(checked, egma_compat: bool, device: torch.device) -> torch.Tensor:
-    """This rank's row of the size exchange, built on the device (no host read)."""
+def _float_bits(values: List[float]) -> List[int]:
+    return torch.tensor(values, dtype=torch.float64).view(torch.int64).tolist()
+
+
+def _bits_float(bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int64).view(torch.float64).item()
+
+
+def _sizes_row(checked, egma_compat: bool, device: torch.device, options: List[float]) -> torch.Tensor:
+    """This rank's row of the size exchange, built on the device (no host read): the host values, then
+    ``logit_scale``'s float64 bits from the device."""
     B, P, D = checked.patch_emb.shape
     N = checked.sent_emb.shape[0]
     cu = checked.cu_seqlens.to(torch.int64)
@@ -208,7 +223,9 @@ def _sizes_row(checked, egma_compat: bool, device: torch.device) -> torch.Tensor
         device,
     )
     counts = torch.stack([longest, (lengths == longest).sum(), gaze.to(torch.int64), (lengths >= 2).sum()])
-    return torch.cat([known[:_LONGEST], counts.to(torch.int64), known[_LONGEST:]])
+    opts = _host_to_device(_float_bits(options), device)
+    scale = checked.logit_scale.detach().to(torch.float64).reshape(1).view(torch.int64)
+    return torch.cat([known[:_LONGEST], counts.to(torch.int64), known[_LONGEST:], opts, scale])
 
 
 def _host_to_device(values: List[int], device: torch.device) -> torch.Tensor:
@@ -228,9 +245,10 @@ def _exchange_device(patch_emb, group) -> torch.device:
     return torch.device("cpu")
 
 
-def _refuse_mismatch(rows: List[List[int]], field: int, what: str, show=str) -> None:
+def _refuse_mismatch(rows: List[List[int]], field: int, what: str, show=str, key=None) -> None:
     values = [row[field] for row in rows]
-    if any(v != values[0] for v in values):
+    keys = values if key is None else [key(v) for v in values]
+    if any(k != keys[0] for k in keys):
         per_rank = ", ".join(f"rank {r}: {show(v)}" for r, v in enumerate(values))
         raise ValueError(f"fine_grained_loss over a group needs the same {what} on every rank; got {per_rank}")
 
@@ -275,7 +293,7 @@ def fine_grained_loss_distributed(
             error = exc
     device = checked.patch_emb.device if checked is not None else _exchange_device(patch_emb, group)
     if checked is not None and error is None:
-        row = _sizes_row(checked, egma_compat, device)
+        row = _sizes_row(checked, egma_compat, device, [float(alpha), float(map_threshold), *map(float, weights)])
     else:
         row = torch.zeros(_FIELDS, dtype=torch.int64, device=device)
         row[_STATUS] = _EMPTY if empty else _FAILED
@@ -304,6 +322,8 @@ def fine_grained_loss_distributed(
     _refuse_mismatch(rows, _DTYPE, "embedding dtype", lambda v: str(_DTYPES[v]))
     _refuse_mismatch(rows, _P, "number of patches P")
     _refuse_mismatch(rows, _COMPAT, "egma_compat", lambda v: str(bool(v)))
+    for field, name in _OPTIONS:
+        _refuse_mismatch(rows, field, name, lambda v: repr(_bits_float(v)), key=_bits_float)
     _refuse_mismatch(rows, _SENT_GRAD, "sent_emb.requires_grad (under grad mode)", lambda v: str(bool(v)))
     _refuse_mismatch(rows, _ANY_GRAD, "need of a backward pass (inputs requiring grad, grad mode)",
                      lambda v: str(bool(v)))

@@ -102,6 +102,11 @@ def _shared_memory(device: torch.device) -> int:
     return _device_limits(device.index if device.index is not None else torch.cuda.current_device())[0]
 
 
+# The report kernels' [BLOCK_S, BLOCK_S] tiles (BLOCK_S: the power of two >= the longest report) must stay
+# within Triton's largest block of 2**20 elements: BLOCK_S = 1024 at most.
+MAX_REPORT_SENTENCES = 1024
+
+
 def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int, num_reports: int = 1,
             smem: int = DEFAULT_SHARED_MEMORY) -> dict:
     """Tile sizes and precision of every kernel for one problem shape on a device whose blocks may use
@@ -109,6 +114,10 @@ def _config(dtype: torch.dtype, P: int, D: int, max_seqlen: int, num_reports: in
 
     Cached (it runs on every call): treat the returned dict as read-only. ``CONFIG_OVERRIDES`` (empty
     unless ``benchmarks/tune_triton.py`` is trying tile sizes) replaces entries of it."""
+    if max_seqlen > MAX_REPORT_SENTENCES:
+        raise ValueError(
+            f"the triton backend takes reports of at most {MAX_REPORT_SENTENCES} sentences; the longest report "
+            f"(max_seqlen) has {max_seqlen}. Use backend='cuda' or 'reference', or split the report")
     cfg = launch_config(dtype, P, D, max_seqlen, num_reports, smem, torch.get_float32_matmul_precision())
     return {**cfg, **CONFIG_OVERRIDES} if CONFIG_OVERRIDES else cfg
 

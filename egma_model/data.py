@@ -25,7 +25,6 @@ EGD-CXR ``full_text``) gives the sentences.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -37,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import gaze as gz
+from .textio import TextDecodeError, read_csv_rows, read_text
 
 __all__ = [
     "ManifestError",
@@ -192,28 +192,7 @@ def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] =
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: manifest not found")
     base = os.path.dirname(os.path.abspath(path))
-    rows: List[Tuple[int, dict]] = []
-    if path.endswith(".jsonl") or path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ManifestError(f"{path}: row {n}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise ManifestError(f"{path}: row {n}: expected a JSON object")
-                rows.append((n, obj))
-    else:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "image" not in reader.fieldnames:
-                raise ManifestError(f"{path}: row 1: the header needs an 'image' column, found {reader.fieldnames}")
-            for n, r in enumerate(reader, start=2):
-                if None in r:
-                    raise ManifestError(f"{path}: row {n}: more cells than header columns")
-                rows.append((n, r))
+    rows = _manifest_rows(path)
     if not rows:
         raise ManifestError(f"{path}: no rows")
 
@@ -221,6 +200,9 @@ def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] =
         return p if os.path.isabs(p) else os.path.join(base, p)
 
     records = []
+    if split is not None and not any(str(_cell(r, "split") or "") == split for _, r in rows):
+        present = sorted({str(_cell(r, "split") or "") for _, r in rows})
+        raise ManifestError(f"{path}: no row has split {split!r} (splits present: {present})")
     for n, r in rows:
         where = f"{path}: row {n}"
         if split is not None and str(_cell(r, "split") or "") != split:
@@ -292,6 +274,40 @@ def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] =
     return records
 
 
+def _manifest_rows(path: str) -> List[Tuple[int, dict]]:
+    """The rows of a manifest with the numbers a user sees, read under the one text rule
+    (``egma_model.textio``: strict UTF-8, the error naming the file and byte)."""
+    try:
+        if path.endswith(".jsonl") or path.endswith(".json"):
+            return _jsonl_rows(path, read_text(path))
+        header, rows = read_csv_rows(path)
+    except TextDecodeError as e:
+        raise ManifestError(str(e)) from None
+    if not header or "image" not in header:
+        raise ManifestError(f"{path}: row 1: the header needs an 'image' column, found {header or None}")
+    out = []
+    for n, r in enumerate(rows, start=2):
+        if None in r:
+            raise ManifestError(f"{path}: row {n}: more cells than header columns")
+        out.append((n, r))
+    return out
+
+
+def _jsonl_rows(path: str, text: str) -> List[Tuple[int, dict]]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}: row {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ManifestError(f"{path}: row {n}: expected a JSON object")
+        rows.append((n, obj))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- images
 
 
@@ -301,6 +317,9 @@ def load_image(path: str) -> np.ndarray:
         a = np.load(path).astype(np.float32)
         if a.ndim == 3:
             a = a.mean(-1)
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:  # min/max would be NaN and the whole image silently black
+            raise ValueError(f"{path}: {bad} non-finite pixel value(s) (NaN or inf)")
         lo, hi = float(a.min()), float(a.max())
         return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
     from PIL import Image
@@ -427,13 +446,19 @@ class EGMADataset(Dataset):
                     o = self.gaze_options
                     g = gz.gaze_for_sentences(gr, sentences, self.grid, sigma=o.sigma, resolution=o.resolution,
                                               min_heat=o.min_heat, lead=o.lead, resize=o.resize)
-            except gz.GazeFormatError as e:
+            except (gz.GazeFormatError, TextDecodeError) as e:  # the readers' files: bad layout or not UTF-8
                 raise ManifestError(f"{rec.where}: {e}") from None
+            except UnicodeDecodeError as e:  # a reader that decodes without textio's rule names no file
+                raise ManifestError(f"{rec.where}: a gaze file under {rec.gaze} is not valid UTF-8 ({e})") from None
         if not sentences:
             raise ManifestError(f"{rec.where}: no sentences")
         if self.max_sentences and len(sentences) > self.max_sentences:
             sentences = sentences[: self.max_sentences]
             g = None if g is None else g[: self.max_sentences]
+        if g is not None and not bool(g.any()):
+            # no usable gaze (no fixation left after the readers' rules, none on the image): the image has
+            # no gaze, rather than all-zero labels under a gaze flag
+            g = None
         self._cache[i] = (sentences, g)
         return sentences, g
 

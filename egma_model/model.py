@@ -16,7 +16,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,10 +24,13 @@ import torch.nn.functional as F
 
 import egma_kernels
 
+from . import checkpoint
+
 __all__ = ["EGMAConfig", "EGMAModel", "TINY_SWIN", "TINY_HF_SWIN", "TINY_VIT", "TINY_BERT", "BIO_CLINICAL_BERT_CONFIG"]
 
 CONFIG_NAME = "egma_config.json"
-WEIGHTS_NAME = "egma_model.pt"
+WEIGHTS_NAME = "model.safetensors"
+LEGACY_WEIGHTS_NAME = "egma_model.pt"  # before checkpoints had a manifest: a pickle, read with weights_only
 
 # Bio_ClinicalBERT has the bert-base-cased architecture (vocabulary 28996); used when no local weights are given.
 BIO_CLINICAL_BERT_CONFIG = dict(vocab_size=28996, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -452,9 +455,30 @@ class EGMAModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, path: str, tokenizer=None) -> None:
-        """Write ``egma_config.json`` and ``egma_model.pt`` (and the tokenizer under ``tokenizer/``) to ``path``."""
-        os.makedirs(path, exist_ok=True)
+    def save_pretrained(self, path: str, tokenizer=None, *, step: Optional[int] = None,
+                        extra: Optional[Callable[[str], None]] = None) -> None:
+        """Write the checkpoint folder ``path`` atomically (``egma_model.checkpoint``): ``egma_config.json``,
+        the weights as ``model.safetensors``, the tokenizer under ``tokenizer/``, whatever ``extra(folder)``
+        writes (the trainer's state), and the manifest. A failed or killed save leaves the previous folder."""
+
+        def fill(folder: str) -> None:
+            self._write_files(folder, tokenizer)
+            if extra is not None:
+                extra(folder)
+
+        checkpoint.write(path, fill, step=step, kind="model" if extra is None else "training")
+
+    def _write_files(self, folder: str, tokenizer=None) -> None:
+        with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self._saved_config(), f, indent=2)
+        # tensors that share memory would be refused by safetensors: each is saved as its own copy
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        checkpoint.save_tensors(_unshared(state), os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+        checkpoint.fault_point("after_weights")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+
+    def _saved_config(self) -> Dict:
         cfg = self.config.to_dict()
         # a checkpoint is self-contained: the encoders are rebuilt from their configs, then loaded
         cfg["image_weights"] = None
@@ -467,21 +491,28 @@ class EGMAModel(nn.Module):
                               if k in _BERT_KEYS}
         cfg["text_config"]["model_type"] = self.text_encoder.config.model_type
         cfg["vocab_size"] = self.text_encoder.config.vocab_size
-        with open(os.path.join(path, CONFIG_NAME), "w") as f:
-            json.dump(cfg, f, indent=2)
-        torch.save(self.state_dict(), os.path.join(path, WEIGHTS_NAME))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+        return cfg
 
     @classmethod
     def from_pretrained(cls, path: str, map_location="cpu", **overrides) -> "EGMAModel":
-        """Load a checkpoint written by ``save_pretrained`` (local directory; ``overrides`` change config fields)."""
+        """Load a checkpoint written by ``save_pretrained`` (local directory; ``overrides`` change config fields).
+
+        The folder is checked against its manifest first (``egma_model.checkpoint.verify``): a torn, altered
+        or foreign checkpoint raises ``checkpoint.CheckpointError`` naming what is wrong. Weights load from
+        safetensors (no pickled code runs); a folder written before checkpoints had a manifest
+        (``egma_model.pt``) loads through ``torch.load(weights_only=True)``."""
         cfg_path = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(cfg_path):
+        legacy = not os.path.isfile(os.path.join(path, checkpoint.MANIFEST_NAME))
+        if legacy and not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{path}: not an EGMA checkpoint (no {CONFIG_NAME}); for encoder weights use "
                                     f"EGMAConfig(text_model=<dir>, image_weights=<file>)")
-        with open(cfg_path) as f:
-            d = json.load(f)
+        if not legacy:
+            checkpoint.verify(path)
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise checkpoint.CheckpointError(f"{cfg_path}: unreadable model configuration ({e})") from None
         d.update(overrides)
         tc = dict(d.get("text_config") or {})
         mt = tc.pop("model_type", "bert")
@@ -489,9 +520,35 @@ class EGMAModel(nn.Module):
             raise ValueError(f"{cfg_path}: text encoder type {mt!r} is rebuilt as BERT only; load it via text_model=<dir>")
         d["text_config"] = tc
         model = cls(EGMAConfig.from_dict(d))
-        state = torch.load(os.path.join(path, WEIGHTS_NAME), map_location=map_location, weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(_read_weights(path, legacy, map_location))
         return model
+
+
+def _unshared(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state`` with a private copy of every tensor whose memory another one already uses."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        out[k] = v.clone() if key is not None and key in seen else v
+        seen.add(key)
+    return out
+
+
+def _read_weights(path: str, legacy: bool, map_location) -> Dict[str, torch.Tensor]:
+    if not legacy:
+        from safetensors.torch import load_file
+
+        device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+        return load_file(os.path.join(path, WEIGHTS_NAME), device=device)
+    weights = os.path.join(path, LEGACY_WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise checkpoint.CheckpointError(f"{path}: torn checkpoint: no {WEIGHTS_NAME} (nor the older "
+                                         f"{LEGACY_WEIGHTS_NAME})")
+    try:
+        return torch.load(weights, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: torch's unpickler errors vary
+        raise checkpoint.CheckpointError(f"{weights}: unreadable weights (truncated or not a state dict: "
+                                         f"{type(e).__name__})") from None
 
 
 def _hf_config_dict(config) -> Dict:

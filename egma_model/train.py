@@ -18,6 +18,13 @@ per process), logging and checkpoints on rank 0 (``docs/distributed.md``).
 
 ``--recipe authors-code`` / ``--recipe paper`` set every setting of the authors' code or the paper at once
 (``egma_model.recipes``, ``docs/recipes.md``); ``--print-recipe`` prints them without training.
+
+Faults: checkpoints are atomic, self-checking folders (``egma_model.checkpoint``); ``--resume`` without a
+checkpoint, or with options that change the model, the data or the optimiser, is an error, and a resumed
+run repeats the uninterrupted run's steps exactly (data position, every RNG, scheduler, scaler); a NaN/inf
+loss or gradient norm stops the run before the optimiser step (``--skip-nonfinite``: skip the batch); under
+torchrun the ranks compare their data size, steps, vocabulary and options at start-up and stop together,
+and a collective waits at most ``--dist-timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -32,19 +39,26 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data import Collator, EGMADataset, GazeOptions, load_manifest
+from . import checkpoint
+from .data import Collator, EGMADataset, GazeOptions, ManifestError, load_manifest
 from .model import EGMAConfig, EGMAModel
 from .tokenizer import build_word_tokenizer, load_tokenizer
 
-__all__ = ["TrainArgs", "train", "main", "cosine_with_warmup", "set_seed"]
+__all__ = ["TrainArgs", "TrainError", "train", "main", "cosine_with_warmup", "set_seed"]
 
-STATE_NAME = "trainer_state.pt"
+STATE_NAME = "trainer_state.pt"  # optimiser, scheduler, scaler, RNG states, history: read with weights_only=True
+RUN_NAME = "run.json"  # the resolved options and the data's digest, compared on --resume
+
+
+class TrainError(ValueError):
+    """A run that cannot start or go on (no checkpoint to resume, options that differ from the checkpoint's,
+    no data, ranks that disagree, a non-finite loss); the message says what and where."""
 
 
 @dataclass
@@ -118,6 +132,8 @@ class TrainArgs:
     text_groups: Optional[int] = None  # sentences encoded in groups of similar length (None: the model's default, 1)
     loss_dtype: Optional[str] = None  # dtype of the loss inputs (None: the model's default, float32)
     grad_chunk_size: int = 0  # > 0: gradient caching, the encoders run this many images at a time (egma_model.gradcache)
+    skip_nonfinite: bool = False  # a batch whose loss or gradient is NaN/inf is skipped instead of stopping the run
+    dist_timeout: float = 600.0  # seconds a collective may wait for the other ranks (the process group's timeout)
 
 
 class _Distributed:
@@ -146,7 +162,10 @@ class _Distributed:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+                from datetime import timedelta
+
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                        timeout=timedelta(seconds=a.dist_timeout))
                 self.owns_group = True
             self.group = dist.group.WORLD
         self.is_main = self.rank == 0
@@ -160,6 +179,27 @@ class _Distributed:
         t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return dict(zip(values, (t / self.world).tolist()))
+
+    def all_true(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (one all_reduce), so that the ranks stop together."""
+        if self.world == 1:
+            return ok
+        import torch.distributed as dist
+
+        t = torch.tensor([0 if ok else 1], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t)
+        return int(t.item()) == 0
+
+    def gather_ints(self, values: List[int]) -> List[List[int]]:
+        """Every rank's ``values`` (the same length on every rank), in rank order."""
+        if self.world == 1:
+            return [list(values)]
+        import torch.distributed as dist
+
+        local = torch.tensor(values, dtype=torch.int64, device=self.device)
+        out = torch.empty(self.world * len(values), dtype=torch.int64, device=self.device)
+        dist.all_gather_into_tensor(out, local)
+        return out.view(self.world, len(values)).tolist()
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -179,27 +219,35 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     the same on every rank): global batch ``s`` is ``perm[s*G:(s+1)*G]`` with ``G = batch * world``, and
     rank ``r`` takes its ``r``-th slice of ``batch``. Concatenated in rank order, the ranks' batches are
     exactly the batches of one process with ``batch * world``. Full global batches only (as ``drop_last``),
-    except one process with fewer samples than a batch, which gets them all. ``set_epoch`` reshuffles."""
+    except one process with fewer samples than a batch, which gets them all. ``set_epoch`` reshuffles;
+    its ``start_batch`` skips the epoch's first batches (a resumed run continues mid-epoch without loading them)."""
 
     def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
         if world > 1 and n < batch * world:
             raise ValueError(f"{n} training samples are fewer than the global batch ({batch} x {world} processes)")
         self.n, self.batch, self.rank, self.world, self.seed, self.epoch = n, batch, rank, world, seed, 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch * batch_of(self)
 
     def __len__(self) -> int:
-        return (self.n // (self.batch * self.world)) * self.batch if self.n >= self.batch * self.world else self.n
+        full = (self.n // (self.batch * self.world)) * self.batch if self.n >= self.batch * self.world else self.n
+        return max(0, full - self.start)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
         perm = torch.randperm(self.n, generator=g)
         G = self.batch * self.world
         if self.n < G:
-            return iter(perm.tolist())
+            return iter(perm.tolist()[self.start:])
         mine = perm[: (self.n // G) * G].view(-1, self.world, self.batch)[:, self.rank]
-        return iter(mine.reshape(-1).tolist())
+        return iter(mine.reshape(-1).tolist()[self.start:])
+
+
+def batch_of(sampler: GlobalBatchSampler) -> int:
+    """Indices per batch of this rank (the whole dataset when one process has fewer samples than a batch)."""
+    return sampler.batch if sampler.n >= sampler.batch * sampler.world else sampler.n
 
 
 def set_seed(seed: int) -> None:
@@ -372,14 +420,152 @@ def _with_model_source(ns, a: TrainArgs) -> TrainArgs:
                                init_from=ns.init_from)
 
 
-def _rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _rng_state(device: torch.device) -> Dict:
+    """Every random source a step draws from, in a form ``torch.load(weights_only=True)`` reads back."""
+    version, keys, gauss = random.getstate()
+    name, np_keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": [version, list(keys), gauss], "numpy": [name, np_keys.tolist(), pos, has_gauss, cached],
+          "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
 
 
-def _set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+def _set_rng_state(s: Dict, device: torch.device) -> None:
+    version, keys, gauss = s["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, np_keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.asarray(np_keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+# Options a resumed run may change: how long it runs, where and how it reports, how fast it computes.
+_FREE_ON_RESUME = {"out", "resume", "epochs", "max_steps", "save_every", "progress", "num_workers", "device",
+                   "threads", "keep_checkpoints", "profile_steps", "backend", "dist_timeout", "skip_nonfinite",
+                   "select_on", "select_every", "select_prompts", "select_split", "select_scoring", "select_is_test",
+                   "manifest"}  # the manifest's content is compared through its digest, not its path
+# Options that change the model, the data or its order, or that the restored optimiser and scheduler state
+# would silently override (learning rate, weight decay and its parameter groups): a resumed run with another
+# value is refused. The others (warm-up, clipping, autocast, ...) take effect from the resumed step, reported.
+_FIXED_ON_RESUME = {"lr", "weight_decay", "decay_all", "split", "preset", "image_model", "image_size", "image_weights", "text_model", "tokenizer", "scales",
+                    "embed_dim", "batch_size", "seed", "no_gaze", "loss_weights", "global_weight", "alpha",
+                    "egma_compat", "sigma", "min_heat", "raw_gaze", "max_sentences", "image_library",
+                    "image_pretrained", "proj_bias", "init_from", "recipe", "patch_norm", "image_global", "image_mean",
+                    "image_std", "text_pooling", "max_length", "split_rule", "gaze_resize", "temperature_clamp",
+                    "text_padding", "text_groups", "loss_dtype", "global_negatives"}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _jsonable(a: TrainArgs) -> Dict:
+    return json.loads(json.dumps(dataclasses.asdict(a), default=list))
+
+
+def data_digest(a: TrainArgs, records) -> Dict:
+    """What identifies the training data: the manifest file's SHA-256 (its bytes, wherever it lies), the
+    split and the number of rows kept."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if a.manifest and os.path.isfile(a.manifest):
+        with open(a.manifest, "rb") as f:
+            h.update(f.read())
+    return {"manifest_sha256": h.hexdigest(), "split": a.split, "rows": len(records)}
+
+
+def check_resume(a: TrainArgs, saved: Dict, data: Dict, ckpt: str) -> List[str]:
+    """Refuse a resume whose model or data options, or whose data, differ from the checkpoint's
+    (``TrainError`` naming each option with both values); returns warnings for the other changed options
+    (learning rate, warm-up, ...), which a resumed run may change."""
+    old, new = saved.get("args", {}), _jsonable(a)
+    fixed, other = [], []
+    for k in sorted(set(old) | set(new)):
+        if k in _FREE_ON_RESUME or old.get(k) == new.get(k):
+            continue
+        (fixed if k in _FIXED_ON_RESUME else other).append(f"{_option(k)} {old.get(k)!r} -> {new.get(k)!r}")
+    was = saved.get("data", {})
+    if was.get("manifest_sha256") != data["manifest_sha256"]:
+        fixed.append(f"--manifest: its content differs from the checkpoint's (SHA-256 {data['manifest_sha256'][:12]}, "
+                     f"was {str(was.get('manifest_sha256'))[:12]})")
+    elif was.get("rows") != data["rows"]:
+        fixed.append(f"rows used {was.get('rows')} -> {data['rows']}")
+    if fixed:
+        raise TrainError(f"--resume: {ckpt} was trained with other model/data/optimiser options: {'; '.join(fixed)}; give the "
+                         f"checkpoint's options (in {os.path.join(ckpt, RUN_NAME)}) or train into a new --out")
+    return other
+
+
+def _find_resume_checkpoint(ckpt_dir: str) -> str:
+    """The verified checkpoint folder to resume from (``checkpoint.resolve``); ``TrainError`` when there is
+    none, ``CheckpointError`` when it is torn, foreign or from before checkpoints had a manifest."""
+    if not os.path.isdir(ckpt_dir) and not os.path.isdir(ckpt_dir + checkpoint.PREVIOUS_SUFFIX):
+        raise TrainError(f"--resume: no checkpoint in {ckpt_dir}; train without --resume to start a new run")
+    if (os.path.isfile(os.path.join(ckpt_dir, STATE_NAME))
+            and not os.path.isfile(os.path.join(ckpt_dir, checkpoint.MANIFEST_NAME))
+            and not os.path.isdir(ckpt_dir + checkpoint.PREVIOUS_SUFFIX)):
+        raise checkpoint.CheckpointError(
+            f"{ckpt_dir}: written by an older egma-train (no {checkpoint.MANIFEST_NAME}); it cannot be resumed "
+            f"exactly. Start a new run (its weights load with EGMAModel.from_pretrained)")
+    src = checkpoint.resolve(ckpt_dir)
+    if not os.path.isfile(os.path.join(src, STATE_NAME)):
+        raise checkpoint.CheckpointError(f"{src}: a model checkpoint, not a training one (no {STATE_NAME}); "
+                                         f"--resume needs <out>/checkpoint")
+    return src
+
+
+def _load_training_state(src: str) -> Tuple[Dict, Dict]:
+    with open(os.path.join(src, RUN_NAME), encoding="utf-8") as f:
+        run = json.load(f)
+    state = torch.load(os.path.join(src, STATE_NAME), map_location="cpu", weights_only=True)
+    return run, state
+
+
+def _truncate_log(log_path: str, step: int) -> None:
+    """Keep the log's records up to ``step`` (a run killed after its last checkpoint logged steps that the
+    resumed run does again)."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = log_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(tmp, log_path)
+
+
+# What every rank compares at start-up (_agree).
+_FACTS = ("rows", "steps per epoch", "total steps", "vocabulary size", "model config (crc32)", "options (crc32)",
+          "resumed")
+
+
+def _agree(ddp: _Distributed, error: Optional[BaseException], facts: Dict[str, int]) -> None:
+    """Under torchrun: every rank compares its start-up facts (data size, steps, vocabulary, options' digest)
+    and its start-up status with the others', and every rank stops with one message if they differ or if a
+    rank failed (that rank raises its own error)."""
+    names = ["failed"] + list(facts)
+    rows = ddp.gather_ints([int(error is not None)] + [int(facts[k]) for k in facts])
+    if error is not None:
+        raise error
+    failed = [r for r, row in enumerate(rows) if row[0]]
+    if failed:
+        raise TrainError(f"rank(s) {failed} failed at start-up (see the error there); every rank stops")
+    diffs = []
+    for i, name in enumerate(names[1:], start=1):
+        values = [row[i] for row in rows]
+        if any(v != values[0] for v in values):
+            diffs.append(f"{name}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
+    if diffs:
+        raise TrainError("the ranks disagree (every rank needs the same data and options): " + "; ".join(diffs))
+
+
+def _crc(obj) -> int:
+    import zlib
+
+    return zlib.crc32(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
 def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, tokenizer=None,
@@ -399,18 +585,54 @@ def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, toke
         ddp.close()
 
 
-def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) -> Dict:
-    device = ddp.device
-    os.makedirs(a.out, exist_ok=True)
+def _setup(a: TrainArgs, ddp: _Distributed, records, model, tokenizer):
+    """Records, model, tokenizer and the checkpoint to resume from (``None``: a new run)."""
     ckpt_dir = os.path.join(a.out, "checkpoint")
-    resuming = a.resume and os.path.isfile(os.path.join(ckpt_dir, STATE_NAME))
+    src = _find_resume_checkpoint(ckpt_dir) if a.resume else None
     if records is None:
         records = load_manifest(a.manifest, split=a.split, split_rule=a.split_rule)
-    if resuming:
-        model = EGMAModel.from_pretrained(ckpt_dir)
-        tokenizer = load_tokenizer(os.path.join(ckpt_dir, "tokenizer"))
+    if not records:
+        raise ManifestError(f"{a.manifest}: no rows to train on")
+    if src is not None:
+        model = EGMAModel.from_pretrained(src)
+        tokenizer = load_tokenizer(os.path.join(src, "tokenizer"))
     elif model is None or tokenizer is None:
         model, tokenizer = build_model_and_tokenizer(a, [s for r in records for s in r.sentences])
+    return records, model, tokenizer, src
+
+
+def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) -> Dict:
+    device = ddp.device
+    ckpt_dir = os.path.join(a.out, "checkpoint")
+    error, src = None, None
+    try:
+        records, model, tokenizer, src = _setup(a, ddp, records, model, tokenizer)
+    except Exception as e:  # raised after the ranks' start-up exchange, so that no rank waits for it
+        if ddp.world == 1:
+            raise
+        error = e
+    if error is None:
+        steps_per_epoch = max(1, len(records) // (a.batch_size * ddp.world))  # full global batches only
+        total = a.max_steps or steps_per_epoch * a.epochs
+        args = {k: v for k, v in _jsonable(a).items() if k not in ("device", "threads")}
+        facts = dict(zip(_FACTS, (len(records), steps_per_epoch, total, len(tokenizer), _crc(model.config.to_dict()),
+                                  _crc(args), int(src is not None))))
+    else:
+        facts = dict.fromkeys(_FACTS, 0)  # the same row length on every rank; the failure flag says why
+    if ddp.world > 1:
+        _agree(ddp, error, facts)
+    if total <= 0:
+        raise TrainError(f"--max-steps/--epochs give {total} steps; nothing to train")
+    os.makedirs(a.out, exist_ok=True)
+    data = data_digest(a, records)
+    run_info = {"args": _jsonable(a), "data": data}
+    saved_state = None
+    if src is not None:
+        saved_run, saved_state = _load_training_state(src)
+        for w in check_resume(a, saved_run, data, src):
+            if ddp.is_main:
+                print(f"egma-train: warning: --resume with a changed option, in effect from step {saved_state['step'] + 1}: "
+                      f"{w}", file=sys.stderr)
     model.to(device)
     gg = model.gaze_grid
     ds = EGMADataset(records, image_size=model.config.image_size, grid=gg, train=True,
@@ -420,9 +642,7 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                      image_mean=model.config.image_mean, image_std=model.config.image_std)
     collate = Collator(tokenizer, max_length=model.config.max_length, num_patches=gg[0] * gg[1],
                        pad_to_max_length=pads_to_max_length(model.config.text_pooling, a.text_padding))
-    steps_per_epoch = max(1, len(ds) // (a.batch_size * ddp.world))  # full global batches only
     sampler = GlobalBatchSampler(len(ds), a.batch_size, ddp.rank, ddp.world, a.seed)
-    total = a.max_steps or steps_per_epoch * a.epochs
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if (p.ndim < 2 or n == "logit_scale") and not a.decay_all else decay).append(p)
@@ -431,6 +651,11 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
     warmup = resolve_warmup(a, total, steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, total, warmup,
                                                                                 rule=a.warmup_rule))
+    if a.amp not in ("bf16", "fp16", "off"):
+        raise ValueError(f"amp must be bf16, fp16 or off, got {a.amp!r}")
+    use_amp = device.type == "cuda" and a.amp != "off"
+    amp_dtype = torch.float16 if a.amp == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and a.amp == "fp16")
     selector = None
     if a.select_on and ddp.is_main:
         from .recipes import CheckpointSelector
@@ -438,13 +663,17 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
         selector = CheckpointSelector(a, tokenizer)
     step = 0
     history: List[Dict] = []
-    if resuming:
-        st = torch.load(os.path.join(ckpt_dir, STATE_NAME), map_location="cpu", weights_only=False)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        step = st["step"]
-        history = st.get("history", [])
-        _set_rng_state(st["rng"])
+    log_path = os.path.join(a.out, "log.jsonl")
+    if saved_state is not None:
+        opt.load_state_dict(saved_state["optimizer"])
+        sched.load_state_dict(saved_state["scheduler"])
+        if saved_state.get("scaler"):
+            scaler.load_state_dict(saved_state["scaler"])
+        step = int(saved_state["step"])
+        history = list(saved_state.get("history", []))
+        _set_rng_state(saved_state["rng"], device)
+        if ddp.is_main:
+            _truncate_log(log_path, step)
     if a.grad_chunk_size < 0 or a.profile_steps < 0:
         raise ValueError("--grad-chunk-size and --profile-steps must be >= 0")
     net = model
@@ -462,19 +691,25 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
     from egma_kernels.distributed import loss_group
 
     group = ddp.group if a.global_negatives else None
-    log_path = os.path.join(a.out, "log.jsonl")
-    log = open(log_path, "a" if resuming else "w") if ddp.is_main else None
+
+    def save(at: int) -> None:
+        """The training checkpoint at step ``at`` (rank 0 writes; every rank stops if it could not)."""
+        err = None
+        if ddp.is_main:
+            try:
+                _save(model, tokenizer, opt, sched, scaler, at, history, ckpt_dir, run_info, device)
+            except checkpoint.CheckpointError as e:
+                err = e
+        if not ddp.all_true(err is None):
+            raise err or TrainError(f"rank 0 could not write the checkpoint at step {at} (see its error)")
+
+    log = _Log(log_path, fresh=saved_state is None) if ddp.is_main else None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
     bar = (tqdm(total=total, initial=step, desc="egma-train", disable=not a.progress, dynamic_ncols=True)
            if tqdm and ddp.is_main else None)
-    if a.amp not in ("bf16", "fp16", "off"):
-        raise ValueError(f"amp must be bf16, fp16 or off, got {a.amp!r}")
-    use_amp = device.type == "cuda" and a.amp != "off"
-    amp_dtype = torch.float16 if a.amp == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and a.amp == "fp16")
     running: Dict[str, float] = {}
     prof = None
     if a.profile_steps:
@@ -484,18 +719,20 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
     model.train()
     t0 = time.time()
     t_data = time.perf_counter()
+    skipped = 0
     while step < total:
         epoch = step // steps_per_epoch
         ds.epoch = epoch
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
+        # the loader's own generator: creating it draws nothing from the global RNG, which a resumed run
+        # restores to the state after its last step
         loader = DataLoader(ds, batch_size=a.batch_size, sampler=sampler, collate_fn=collate,
-                            num_workers=a.num_workers)
-        skip = step - epoch * steps_per_epoch
-        for bi, batch in enumerate(loader):
-            if bi < skip:
-                continue
-            if step >= total or bi >= steps_per_epoch:
+                            num_workers=a.num_workers, generator=torch.Generator().manual_seed(a.seed + epoch))
+        batches = 0
+        for batch in loader:
+            if step >= total or step - epoch * steps_per_epoch >= steps_per_epoch:
                 break
+            batches += 1
             profiling = prof is not None and not prof.done
             if profiling:
                 prof.begin_step()
@@ -523,8 +760,21 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
             with part("optimizer"):
                 scaler.unscale_(opt)
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad) if a.clip_grad > 0 else None
-                scaler.step(opt)
-                scaler.update()
+                bad = _nonfinite(out, None if scaler.is_enabled() else gnorm)
+                skipped_why = None
+                if not ddp.all_true(not bad):
+                    skipped_why = _nonfinite_message(step + 1, bad)
+                    if not a.skip_nonfinite:
+                        raise TrainError(f"{skipped_why}; stopped before the optimiser step, nothing saved from it "
+                                         f"(--skip-nonfinite skips such batches instead)")
+                if skipped_why is None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:  # the batch counts as a step (the data order and schedule go on) without an update
+                    opt.zero_grad(set_to_none=True)
+                    skipped += 1
+                    if ddp.is_main:
+                        print(f"egma-train: warning: {skipped_why}; batch skipped", file=sys.stderr)
             sched.step()
             step += 1
             if profiling:
@@ -536,27 +786,30 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                    **ddp.mean_of({k: float(v.detach()) for k, v in out.items() if v.dim() == 0})}
             if gnorm is not None:
                 rec["grad_norm"] = float(gnorm)
+            if skipped_why is not None:
+                rec["skipped_batch"] = skipped_why
             rec["time_s"] = round(time.time() - t0, 3)
             history.append(rec)
             if log is not None:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                log.append(rec)
             for k in ("loss", "contrastive", "gaze_mlce", "mapping"):
                 running[k] = rec[k] if k not in running else 0.9 * running[k] + 0.1 * rec[k]
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k[:4]: f"{v:.3f}" for k, v in running.items()}, refresh=False)
-            if a.save_every and step % a.save_every == 0 and step < total and ddp.is_main:
-                _save(model, tokenizer, opt, sched, step, history, ckpt_dir)
-                if a.keep_checkpoints:
-                    model.save_pretrained(os.path.join(a.out, f"step-{step}"), tokenizer=tokenizer)
+            if a.save_every and step % a.save_every == 0 and step < total:
+                save(step)
+                if a.keep_checkpoints and ddp.is_main:
+                    model.save_pretrained(os.path.join(a.out, f"step-{step}"), tokenizer=tokenizer, step=step)
             if selector is not None and (step % a.select_every == 0 or step == total):
                 sel = selector.check(model, step, device)
                 if log is not None:
-                    log.write(json.dumps({"step": step, "selection": sel}) + "\n")
-                    log.flush()
+                    log.append({"step": step, "selection": sel})
                 model.train()
             t_data = time.perf_counter()
+        if not batches:
+            raise TrainError(f"epoch {epoch} gave no batch ({len(ds)} rows, batch size {a.batch_size}); nothing to "
+                             f"train on")
     if prof is not None:
         prof.close()
         if not prof.done and ddp.is_main:
@@ -564,17 +817,47 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                   f"profiled steps (plus the warm-up); nothing written", file=sys.stderr)
     if bar is not None:
         bar.close()
+    save(step)
     if ddp.is_main:
-        log.close()
-        _save(model, tokenizer, opt, sched, step, history, ckpt_dir)
-        model.save_pretrained(os.path.join(a.out, "final"), tokenizer=tokenizer)
+        model.save_pretrained(os.path.join(a.out, "final"), tokenizer=tokenizer, step=step)
         if selector is not None:
             selector.finish()
         with open(os.path.join(a.out, "train_args.json"), "w") as f:  # the resolved settings
             json.dump(dataclasses.asdict(a), f, indent=2, default=list)
     ddp.barrier()  # every rank returns once the final model is written
     return {"steps": step, "final_loss": history[-1]["loss"] if history else None, "history": history,
-            "out": a.out, "model": model, "tokenizer": tokenizer}
+            "out": a.out, "model": model, "tokenizer": tokenizer, "skipped_batches": skipped}
+
+
+class _Log:
+    """``<out>/log.jsonl``, one JSON record a line, each appended and closed at once (a run stopped by an
+    error leaves no open file and every record written)."""
+
+    def __init__(self, path: str, fresh: bool):
+        self.path = path
+        if fresh:
+            open(path, "w", encoding="utf-8").close()
+
+    def append(self, record: Dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _nonfinite(out: Dict[str, torch.Tensor], gnorm: Optional[torch.Tensor]) -> List[str]:
+    """The scalar loss terms (and the gradient norm) that are NaN or infinite: one host read."""
+    names = [k for k, v in out.items() if v.dim() == 0]
+    values = [out[k].detach().float() for k in names]
+    if gnorm is not None:
+        names.append("grad_norm")
+        values.append(gnorm.detach().float())
+    finite = torch.isfinite(torch.stack(values)).tolist()
+    return [f"{n}={float(v)}" for n, v, ok in zip(names, values, finite) if not ok]
+
+
+def _nonfinite_message(step: int, bad: List[str]) -> str:
+    if not bad:
+        return f"step {step}: another rank's loss or gradient is not finite"
+    return f"step {step}: non-finite {', '.join(bad)}"
 
 
 def _no_part(name):
@@ -593,12 +876,18 @@ def _report_profile(prof, a: TrainArgs, ddp: _Distributed, config: EGMAConfig) -
     print(format_table(s), file=sys.stderr)
 
 
-def _save(model, tokenizer, opt, sched, step, history, ckpt_dir):
-    model.save_pretrained(ckpt_dir, tokenizer=tokenizer)
-    tmp = os.path.join(ckpt_dir, STATE_NAME + ".tmp")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "history": history,
-                "rng": _rng_state()}, tmp)
-    os.replace(tmp, os.path.join(ckpt_dir, STATE_NAME))
+def _save(model, tokenizer, opt, sched, scaler, step, history, ckpt_dir, run_info, device):
+    """The training checkpoint, one atomic folder: the model, the tokenizer, the trainer state and the run's
+    options and data digest (``egma_model.checkpoint``)."""
+
+    def extra(folder: str) -> None:
+        checkpoint.save_torch({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                               "scaler": scaler.state_dict(), "step": step, "history": history,
+                               "rng": _rng_state(device)}, os.path.join(folder, STATE_NAME))
+        with open(os.path.join(folder, RUN_NAME), "w", encoding="utf-8") as f:
+            json.dump(run_info, f, indent=2)
+
+    model.save_pretrained(ckpt_dir, tokenizer=tokenizer, step=step, extra=extra)
 
 
 def _floats(s: str) -> List[float]:
@@ -655,7 +944,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints in <out>/checkpoint, "
                    "0 = only at the end")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (an error when there is none; "
+                   "options that change the model or the data must be the checkpoint's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--backend", default=None, help="egma_kernels backend (default: best available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
@@ -676,6 +966,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-chunk-size", type=int, default=d.grad_chunk_size,
                    help="gradient caching: the encoders run K images at a time and the gradients equal the whole "
                         "batch's (large contrastive batches in little memory, one extra encoder forward pass); 0 = off")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="a batch whose loss or gradient norm is NaN/inf is skipped (counted as a step without an "
+                        "update, logged) instead of stopping the run")
+    p.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
+                   help="under torchrun: seconds a rank waits for the others in a collective before the run stops")
     _add_model_source_args(p)
     _add_recipe_args(p, d)
     return p
@@ -789,15 +1084,24 @@ def _args_from_namespace(ns) -> TrainArgs:
         progress=not ns.no_progress, backend=ns.backend, threads=ns.threads,
         global_negatives=not ns.no_global_negatives, profile_steps=ns.profile_steps,
         grad_chunk_size=ns.grad_chunk_size, text_groups=ns.text_groups,
-        loss_dtype=ns.loss_dtype))
+        loss_dtype=ns.loss_dtype, skip_nonfinite=ns.skip_nonfinite, dist_timeout=ns.dist_timeout))
+
+
+def _dist_errors() -> tuple:
+    """The exceptions of torch.distributed's failures (timeouts, lost peers), where this torch has them."""
+    import torch.distributed as dist
+
+    err = getattr(dist, "DistError", None) if dist.is_available() else None
+    return (err,) if err is not None else ()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     ns = parser.parse_args(argv)
-    from .data import ManifestError
+    from .checkpoint import CheckpointError
     from .recipes import explicit_options
+    from .textio import TextDecodeError
 
     a, source = apply_recipe(args_from_namespace(ns), explicit_options(parser, argv))
     if ns.print_recipe:
@@ -810,10 +1114,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if a.recipe != "ours" and not a.init_from:
             print(f"egma-train: warning: --recipe {a.recipe} without --init-from: the authors start from MedCLIP's "
                   f"weights; these encoders are not MedCLIP's", file=sys.stderr)
+    if not a.dist_timeout > 0:
+        parser.error(f"--dist-timeout must be positive, got {a.dist_timeout}")
     try:
         res = train(a)
-    except (ManifestError, FileNotFoundError) as e:
+    except (ManifestError, FileNotFoundError, TrainError, CheckpointError, TextDecodeError) as e:
         print(f"egma-train: error: {e}", file=sys.stderr)
+        return 2
+    except _dist_errors() as e:  # a rank stopped or hung: the collective gave up after --dist-timeout
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"egma-train: error: the process group failed (a rank stopped, or did not answer within "
+              f"--dist-timeout {a.dist_timeout:g} s): {first}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"steps": res["steps"], "final_loss": res["final_loss"],

@@ -177,6 +177,36 @@ def _refusals(rank, world):
     return messages
 
 
+def _option_refusals(rank, world):
+    """Loss options that differ on the last rank must be refused on every rank, naming the option and each
+    rank's value; a ``max_seqlen`` that differs (each rank's own bound) is not; then a good call works."""
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    case = make_case(world, 0, gaze="some")
+    xp, xs, cu, g, m = split(case, rank)
+    with torch.no_grad():
+        p, s, t = Encoder(0)(xp, xs)
+    last = rank == world - 1
+    messages = {}
+
+    def attempt(name, scale=t, **kw):
+        try:
+            loss = ek.fine_grained_loss(p, s, cu, scale, g, m, backend="reference", group=group, **kw)
+            messages[name] = float(loss)
+        except (ValueError, RuntimeError) as exc:
+            messages[name] = f"{type(exc).__name__}: {exc}"
+
+    attempt("alpha", alpha=0.7 if last else 0.5)
+    attempt("map_threshold", map_threshold=0.3 if last else 2 / 7)
+    attempt("weights", weights=(1.0, 1.0, 0.5) if last else (1.0, 1.0, 1.0))
+    attempt("logit_scale", scale=t * 2 if last else t)
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    attempt("own_max_seqlen", max_seqlen=max(lengths) + (3 if last else 0))
+    attempt("after")
+    return messages
+
+
 def _worker(rank, world, port, outdir, job):
     """Runs ``job["cases"]``: each spec on the group of its ``ranks`` (a subgroup, or all when absent)."""
     import torch.distributed as dist
@@ -200,6 +230,8 @@ def _worker(rank, world, port, outdir, job):
             results["cases"].append({"spec": spec, "errors": errors, "seconds": time.perf_counter() - start})
         if job.get("refusals"):
             results["refusals"] = _refusals(rank, world)
+        if job.get("option_refusals"):
+            results["option_refusals"] = _option_refusals(rank, world)
         with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
     finally:
@@ -213,6 +245,18 @@ def run_ranks(world: int, job: dict, tmp_path) -> list:
         with open(tmp_path / f"rank{rank}.json") as f:
             results.append(json.load(f))
     return results
+
+
+def test_disagreeing_loss_options_are_refused_on_every_rank(tmp_path):
+    results = run_ranks(2, {"cases": [], "option_refusals": True}, tmp_path)
+    for result in results:
+        msgs = result["option_refusals"]
+        assert "same alpha on every rank; got rank 0: 0.5, rank 1: 0.7" in msgs["alpha"], msgs["alpha"]
+        assert "same map_threshold" in msgs["map_threshold"] and "rank 1: 0.3" in msgs["map_threshold"]
+        assert "same weights[2] (w_map)" in msgs["weights"] and "rank 1: 0.5" in msgs["weights"], msgs["weights"]
+        assert "same logit_scale" in msgs["logit_scale"], msgs["logit_scale"]
+        assert isinstance(msgs["own_max_seqlen"], float) and math.isfinite(msgs["own_max_seqlen"])
+        assert msgs["after"] == msgs["own_max_seqlen"] == results[0]["option_refusals"]["after"]
 
 
 def check_cases(results):
@@ -315,7 +359,7 @@ def test_explicit_zero_padding_matches_compat_similarity(make):
 def test_communicated_bytes_formula():
     # B=40, N=200, D=512 bf16 (2 bytes), K=4: sizes + lengths + 2x sentences + 2x scores + scalars.
     k1 = 3
-    expected = k1 * 13 * 8 + k1 * 40 * 8 + 2 * k1 * 200 * 512 * 2 + 2 * k1 * 40 * 160 * 4 + 2 * k1 * 16 // 4
+    expected = k1 * 19 * 8 + k1 * 40 * 8 + 2 * k1 * 200 * 512 * 2 + 2 * k1 * 40 * 160 * 4 + 2 * k1 * 16 // 4
     assert communicated_bytes(40, 200, 512, 4, element_size=2) == expected
     assert communicated_bytes(40, 200, 512, 1) == 0
 

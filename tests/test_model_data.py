@@ -123,3 +123,71 @@ def test_dataset_and_collate_from_reflacx_and_egd(tmp_path):
     # the tokenizer round-trips a sentence word by word
     ids = tok("right pleural effusion.")["input_ids"]
     assert tok.convert_ids_to_tokens(ids)[1:-1] == ["right", "pleural", "effusion", "."]
+
+
+def test_gaze_that_is_empty_is_no_gaze(tmp_path):
+    """A reading whose gaze is all zero on the patch grid (an all-zero map, or a reading with no usable
+    fixation left) has no gaze flag: the image counts as one without gaze, never as all-zero labels."""
+    from egma_model import gaze as gz
+
+    d = str(tmp_path)
+    _png(os.path.join(d, "a.png"))
+    some = np.zeros((2, 49), np.float32)
+    some[0, 3] = 1.0
+    np.save(os.path.join(d, "zero.npy"), np.zeros((2, 49), np.float32))
+    np.save(os.path.join(d, "some.npy"), some)
+    m = _write(os.path.join(d, "m.csv"), "image,report,gaze_format,gaze\n"
+               "a.png,Heart normal. Lungs clear.,npy,zero.npy\na.png,Heart normal. Lungs clear.,npy,some.npy\n")
+    ds = dm.EGMADataset(dm.load_manifest(m), image_size=32, grid=(7, 7))
+    assert ds[0]["gaze"] is None and ds[1]["gaze"] is not None
+    tok = build_word_tokenizer(["Heart normal.", "Lungs clear."])
+    batch = dm.Collator(tok, num_patches=49)([ds[0], ds[1]])
+    assert batch["gaze_mask"].tolist() == [False, True]
+    # a reader's record with no fixation left (all of them off the image or not finite)
+    rec = dm.load_manifest(m)[:1]
+    ds2 = dm.EGMADataset(rec, image_size=32, grid=(7, 7))
+    rec[0].gaze_format = "reflacx"
+    ds2._gaze_record = lambda r: gz.GazeRecord(np.zeros((0, 4)), [("heart", 0.0, 1.0)], (64, 48))
+    assert ds2[0]["gaze"] is None
+
+
+def test_non_finite_npy_image_is_refused(tmp_path):
+    d = str(tmp_path)
+    a = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    a[3, 4] = np.nan
+    np.save(os.path.join(d, "x.npy"), a)
+    m = _write(os.path.join(d, "m.csv"), "image,report\nx.npy,Heart normal.\n")
+    ds = dm.EGMADataset(dm.load_manifest(m), image_size=16, grid=(7, 7))
+    with pytest.raises(dm.ManifestError, match=r"m\.csv: row 2: .*x\.npy.*1 non-finite pixel"):
+        ds[0]
+
+
+def test_manifest_text_rule_and_empty_split(tmp_path):
+    """Manifests are read under egma_model.textio's rule (the error names the file and byte), and a split
+    that matches no row is refused (a training run would otherwise have nothing to iterate)."""
+    d = str(tmp_path)
+    _png(os.path.join(d, "a.png"))
+    with open(os.path.join(d, "bad.csv"), "wb") as f:
+        f.write(b"image,report\na.png,Heart \xe9nlarged.\n")
+    with pytest.raises(dm.ManifestError, match=r"bad\.csv: not valid UTF-8 at byte 25"):
+        dm.load_manifest(os.path.join(d, "bad.csv"))
+    with open(os.path.join(d, "bom.csv"), "wb") as f:
+        f.write(b"\xef\xbb\xbfimage,report,split\na.png,Heart normal.,train\n")
+    assert len(dm.load_manifest(os.path.join(d, "bom.csv"), split="train")) == 1
+    with pytest.raises(dm.ManifestError, match=r"bom\.csv: no row has split 'val' \(splits present: \['train'\]\)"):
+        dm.load_manifest(os.path.join(d, "bom.csv"), split="val")
+
+
+def test_gaze_file_that_is_not_utf8_names_the_row(tmp_path):
+    """A reader's text file with non-UTF-8 bytes: one error naming the manifest row, not a traceback."""
+    d = str(tmp_path)
+    _png(os.path.join(d, "a.png"))
+    m = _write(os.path.join(d, "m.csv"), "image,report,gaze_format,gaze\na.png,Heart normal.,reflacx,a.png\n")
+    ds = dm.EGMADataset(dm.load_manifest(m), image_size=32, grid=(7, 7))
+
+    def bad_reader(rec):
+        return b"transcript \xff".decode("utf-8")
+
+    ds._gaze_record = bad_reader
+    with pytest.raises(dm.ManifestError, match=r"m\.csv: row 2: .*not valid UTF-8"):
+        ds[0]
