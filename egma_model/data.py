@@ -17,6 +17,8 @@ Relative paths are relative to the manifest's folder. Columns:
 ``image_height``   the DICOM size for EGD-CXR); default: the image file's size
 ``labels``         class names separated by ``;`` (CSV) or a list (JSONL); empty = no finding listed
 ``split``          free text (e.g. ``train``/``test``), used by ``--split`` filters
+``cache``,         written by ``egma-prepare cache``: the preparation cache folder and this row's index in it;
+``cache_row``      the dataset then reads the prepared image, sentences and gaze (``egma_model.prepared``)
 =================  ==========================================================================================
 
 With gaze but neither ``report`` nor ``sentences``, the dataset's transcript (REFLACX ``transcription.txt``,
@@ -268,9 +270,11 @@ def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] =
                                 f"used only for evaluation)")
         known = {"image", "sentences", "report", "gaze_format", "gaze", "gaze_transcript", "dicom_id",
                  "image_width", "image_height", "labels", "split"}
+        extra = {k: v for k, v in r.items() if k not in known}
+        if _cell(r, "cache"):  # the folder of `egma-prepare cache`, relative to the manifest like the files
+            extra["cache"] = resolve(str(_cell(r, "cache")))
         records.append(ManifestRecord(image, sentences, fmt, g, tr, dicom, size, [str(x) for x in labels],
-                                      str(_cell(r, "split") or ""), where,
-                                      {k: v for k, v in r.items() if k not in known}))
+                                      str(_cell(r, "split") or ""), where, extra))
     return records
 
 
@@ -385,7 +389,8 @@ class EGMADataset(Dataset):
     def __init__(self, records: Sequence[ManifestRecord], *, image_size: int = 224, grid: Tuple[int, int] = (7, 7),
                  train: bool = False, classes: Optional[Sequence[str]] = None, max_sentences: int = 16,
                  gaze_options: Optional[GazeOptions] = None, use_gaze: bool = True, seed: int = 0,
-                 cache: Optional[Dict] = None, image_mean: float = IMAGE_MEAN, image_std: float = IMAGE_STD):
+                 cache: Optional[Dict] = None, image_mean: float = IMAGE_MEAN, image_std: float = IMAGE_STD,
+                 split_rule: str = "ours", prepared: bool = True):
         self.records = list(records)
         self.image_mean, self.image_std = float(image_mean), float(image_std)
         self.image_size = image_size
@@ -402,6 +407,40 @@ class EGMADataset(Dataset):
         # sentences and gaze per row; pass the same dict to datasets over the same records, grid and gaze
         # options (e.g. several training runs) to compute the gaze once
         self._cache: Dict[int, Tuple[List[str], Optional[torch.Tensor]]] = {} if cache is None else cache
+        # rows of a manifest written by `egma-prepare cache` read their image, sentences and gaze from it
+        self._prepared = self._open_prepared(split_rule) if prepared else None
+
+    def _open_prepared(self, split_rule: str):
+        with_cache = [r for r in self.records if "cache" in r.extra]
+        if not with_cache:
+            return None
+        if len(with_cache) != len(self.records):
+            raise ManifestError(f"{with_cache[0].where}: some rows name a preparation cache and some do not; use "
+                                f"the manifest `egma-prepare cache` wrote, or the original one")
+        folders = {r.extra["cache"] for r in with_cache}
+        if len(folders) > 1:
+            raise ManifestError(f"{with_cache[0].where}: rows name {len(folders)} preparation caches; one is expected")
+        from .prepared import CacheMismatchError, cache_settings, open_cache
+
+        try:
+            cache = open_cache(folders.pop())
+            wanted = cache_settings(image_size=self.image_size, grid=self.grid, gaze_options=self.gaze_options,
+                                    use_gaze=self.use_gaze, split_rule=split_rule)
+            if not self.use_gaze:  # a cache with gaze serves a run without it: its gaze is not read
+                wanted["use_gaze"] = cache.meta["settings"].get("use_gaze")
+            cache.check(wanted)
+        except CacheMismatchError as e:
+            raise ManifestError(f"{with_cache[0].where}: {e}") from None
+        rows = []
+        for r in self.records:
+            try:
+                row = int(r.extra["cache_row"])
+            except (KeyError, TypeError, ValueError):
+                raise ManifestError(f"{r.where}: 'cache' without an integer 'cache_row'") from None
+            if not 0 <= row < len(cache.rows):
+                raise ManifestError(f"{r.where}: cache_row {row} is outside the cache's {len(cache.rows)} rows")
+            rows.append(row)
+        return cache, rows
 
     def __len__(self) -> int:
         return len(self.records)
@@ -430,6 +469,25 @@ class EGMADataset(Dataset):
         """The sentences of row ``i`` and their gaze ``(S, P)`` (None without gaze); cached."""
         if i in self._cache:
             return self._cache[i]
+        if self._prepared is not None:
+            cache, rows = self._prepared
+            sentences, g = cache.sentences_and_gaze(rows[i])
+            g = g if self.use_gaze else None
+        else:
+            sentences, g = self._sentences_and_gaze_from_files(i)
+        if not sentences:
+            raise ManifestError(f"{self.records[i].where}: no sentences")
+        if self.max_sentences and len(sentences) > self.max_sentences:
+            sentences = sentences[: self.max_sentences]
+            g = None if g is None else g[: self.max_sentences]
+        if g is not None and not bool(g.any()):
+            # no usable gaze (no fixation left after the readers' rules, none on the image): the image has
+            # no gaze, rather than all-zero labels under a gaze flag
+            g = None
+        self._cache[i] = (sentences, g)
+        return sentences, g
+
+    def _sentences_and_gaze_from_files(self, i: int) -> Tuple[List[str], Optional[torch.Tensor]]:
         rec = self.records[i]
         sentences = list(rec.sentences)
         g = None
@@ -450,16 +508,6 @@ class EGMADataset(Dataset):
                 raise ManifestError(f"{rec.where}: {e}") from None
             except UnicodeDecodeError as e:  # a reader that decodes without textio's rule names no file
                 raise ManifestError(f"{rec.where}: a gaze file under {rec.gaze} is not valid UTF-8 ({e})") from None
-        if not sentences:
-            raise ManifestError(f"{rec.where}: no sentences")
-        if self.max_sentences and len(sentences) > self.max_sentences:
-            sentences = sentences[: self.max_sentences]
-            g = None if g is None else g[: self.max_sentences]
-        if g is not None and not bool(g.any()):
-            # no usable gaze (no fixation left after the readers' rules, none on the image): the image has
-            # no gaze, rather than all-zero labels under a gaze flag
-            g = None
-        self._cache[i] = (sentences, g)
         return sentences, g
 
     def _npy_gaze(self, rec: ManifestRecord, sentences: List[str]) -> torch.Tensor:
@@ -492,7 +540,16 @@ class EGMADataset(Dataset):
             v[self.classes.index(c)] = 1.0
         return v
 
-    def image_tensor(self, i: int, augment: Optional[bool] = None) -> torch.Tensor:
+    def image_tensor(self, i: int, augment: Optional[bool] = None, epoch: Optional[int] = None) -> torch.Tensor:
+        """Row ``i``'s image for the encoders; with augmentation, seeded by (seed, epoch, i) only."""
+        x = self._prepared[0].image(self._prepared[1][i]) if self._prepared is not None else self._load_image(i)
+        if self.train if augment is None else augment:
+            e = self.epoch if epoch is None else epoch
+            gen = torch.Generator().manual_seed(hash((self.seed, e, i)) & 0x7FFFFFFF)
+            x = photometric_augment(x, gen)
+        return normalize_image(x, self.image_mean, self.image_std)
+
+    def _load_image(self, i: int) -> torch.Tensor:
         rec = self.records[i]
         try:
             img = load_image(rec.image)
@@ -500,15 +557,14 @@ class EGMADataset(Dataset):
             raise ManifestError(f"{rec.where}: image file not found: {rec.image}") from None
         except Exception as e:  # unreadable image
             raise ManifestError(f"{rec.where}: cannot read image {rec.image}: {e}") from None
-        x = preprocess_image(img, self.image_size)
-        if self.train if augment is None else augment:
-            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
-            x = photometric_augment(x, gen)
-        return normalize_image(x, self.image_mean, self.image_std)
+        return preprocess_image(img, self.image_size)
 
-    def __getitem__(self, i: int) -> Dict:
+    def __getitem__(self, key) -> Dict:
+        """``key``: a row, or ``(row, epoch)`` (what a sampler yields for a DataLoader kept for the whole run:
+        its workers hold copies of the dataset, so the epoch of the augmentation travels with the index)."""
+        i, epoch = key if isinstance(key, tuple) else (key, None)
         sentences, g = self.sentences_and_gaze(i)
-        return {"pixel_values": self.image_tensor(i), "sentences": sentences, "gaze": g,
+        return {"pixel_values": self.image_tensor(i, epoch=epoch), "sentences": sentences, "gaze": g,
                 "labels": self.label_vector(self.records[i]), "index": i}
 
 

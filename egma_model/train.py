@@ -91,7 +91,10 @@ class TrainArgs:
     min_heat: float = 0.1
     raw_gaze: bool = False
     max_sentences: int = 16
-    num_workers: int = 0
+    num_workers: int = -1  # -1: auto (see loader_settings)
+    pin_memory: Optional[bool] = None  # None: auto (on for a CUDA device)
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
     device: Optional[str] = None
     save_every: int = 500
     resume: bool = False
@@ -222,11 +225,14 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     except one process with fewer samples than a batch, which gets them all. ``set_epoch`` reshuffles;
     its ``start_batch`` skips the epoch's first batches (a resumed run continues mid-epoch without loading them)."""
 
-    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, tag_epoch: bool = False):
         if world > 1 and n < batch * world:
             raise ValueError(f"{n} training samples are fewer than the global batch ({batch} x {world} processes)")
         self.n, self.batch, self.rank, self.world, self.seed, self.epoch = n, batch, rank, world, seed, 0
         self.start = 0
+        # tag_epoch: yield (index, epoch), so that a DataLoader kept for the whole run (persistent workers hold
+        # their own copy of the dataset) still augments each epoch differently; EGMADataset takes both forms
+        self.tag_epoch = tag_epoch
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start = epoch, start_batch * batch_of(self)
@@ -240,14 +246,33 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         perm = torch.randperm(self.n, generator=g)
         G = self.batch * self.world
         if self.n < G:
-            return iter(perm.tolist()[self.start:])
-        mine = perm[: (self.n // G) * G].view(-1, self.world, self.batch)[:, self.rank]
-        return iter(mine.reshape(-1).tolist()[self.start:])
+            mine = perm.tolist()[self.start:]
+        else:
+            mine = perm[: (self.n // G) * G].view(-1, self.world, self.batch)[:, self.rank].reshape(-1).tolist()
+            mine = mine[self.start:]
+        return iter([(i, self.epoch) for i in mine] if self.tag_epoch else mine)
 
 
 def batch_of(sampler: GlobalBatchSampler) -> int:
     """Indices per batch of this rank (the whole dataset when one process has fewer samples than a batch)."""
     return sampler.batch if sampler.n >= sampler.batch * sampler.world else sampler.n
+
+
+def loader_settings(a: TrainArgs, device: torch.device, world: int) -> Dict:
+    """DataLoader keyword arguments for the run's one loader.
+
+    Workers (``--num-workers -1``, auto): none on the CPU, where the step itself uses the cores; on a GPU, the
+    cores of this process's share of the machine, at most 8. Workers persist across epochs (their parsed gaze
+    files and memory maps stay open) and prefetch ``--prefetch-factor`` batches each; pinned memory on CUDA.
+    """
+    workers = a.num_workers
+    if workers < 0:
+        workers = 0 if device.type != "cuda" else max(1, min(8, (os.cpu_count() or 1) // max(1, world) - 1))
+    pin = device.type == "cuda" if a.pin_memory is None else bool(a.pin_memory)
+    kw = {"num_workers": workers, "pin_memory": pin}
+    if workers > 0:
+        kw.update(persistent_workers=a.persistent_workers, prefetch_factor=a.prefetch_factor)
+    return kw
 
 
 def set_seed(seed: int) -> None:
@@ -443,6 +468,7 @@ def _set_rng_state(s: Dict, device: torch.device) -> None:
 
 # Options a resumed run may change: how long it runs, where and how it reports, how fast it computes.
 _FREE_ON_RESUME = {"out", "resume", "epochs", "max_steps", "save_every", "progress", "num_workers", "device",
+                   "pin_memory", "prefetch_factor", "persistent_workers",
                    "threads", "keep_checkpoints", "profile_steps", "backend", "dist_timeout", "skip_nonfinite",
                    "select_on", "select_every", "select_prompts", "select_split", "select_scoring", "select_is_test",
                    "manifest"}  # the manifest's content is compared through its digest, not its path
@@ -639,10 +665,15 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                      max_sentences=a.max_sentences, use_gaze=not a.no_gaze, seed=a.seed,
                      gaze_options=GazeOptions(sigma=a.sigma, min_heat=a.min_heat, use_raw_gaze=a.raw_gaze,
                                               resize=a.gaze_resize), cache=cache,
-                     image_mean=model.config.image_mean, image_std=model.config.image_std)
+                     image_mean=model.config.image_mean, image_std=model.config.image_std, split_rule=a.split_rule)
     collate = Collator(tokenizer, max_length=model.config.max_length, num_patches=gg[0] * gg[1],
                        pad_to_max_length=pads_to_max_length(model.config.text_pooling, a.text_padding))
-    sampler = GlobalBatchSampler(len(ds), a.batch_size, ddp.rank, ddp.world, a.seed)
+    sampler = GlobalBatchSampler(len(ds), a.batch_size, ddp.rank, ddp.world, a.seed, tag_epoch=True)
+    # one loader for the run; its own generator: creating it draws nothing from the global RNG, which a resumed
+    # run restores to the state after its last step
+    loader_kw = loader_settings(a, device, ddp.world)
+    loader = DataLoader(ds, batch_size=a.batch_size, sampler=sampler, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(a.seed), **loader_kw)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if (p.ndim < 2 or n == "logit_scale") and not a.decay_all else decay).append(p)
@@ -724,10 +755,6 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
         epoch = step // steps_per_epoch
         ds.epoch = epoch
         sampler.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
-        # the loader's own generator: creating it draws nothing from the global RNG, which a resumed run
-        # restores to the state after its last step
-        loader = DataLoader(ds, batch_size=a.batch_size, sampler=sampler, collate_fn=collate,
-                            num_workers=a.num_workers, generator=torch.Generator().manual_seed(a.seed + epoch))
         batches = 0
         for batch in loader:
             if step >= total or step - epoch * steps_per_epoch >= steps_per_epoch:
@@ -739,7 +766,7 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
                 prof.add_time("data", time.perf_counter() - t_data)
                 model.part_timer = prof
             part = prof.part if profiling else _no_part
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=loader_kw["pin_memory"]) for k, v in batch.items()}
             opt.zero_grad(set_to_none=True)
             if a.grad_chunk_size:
                 from .gradcache import average_gradients, grad_cache_step
@@ -940,7 +967,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-gaze", action="store_true",
                    help="REFLACX: detect fixations from gaze.csv (I-VT) instead of using fixations.csv")
     p.add_argument("--max-sentences", type=int, default=d.max_sentences, help="sentences kept per report")
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes")
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes (-1: none "
+                   "on the CPU, on a GPU the cores per process minus one, at most 8)")
+    p.add_argument("--prefetch-factor", type=int, default=d.prefetch_factor, help="batches each worker loads ahead")
+    p.add_argument("--pin-memory", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
+    p.add_argument("--fresh-workers", action="store_true", help="start new DataLoader workers each epoch instead "
+                   "of keeping them for the run")
     p.add_argument("--device", default=None, help="torch device (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints in <out>/checkpoint, "
                    "0 = only at the end")
@@ -1080,7 +1112,9 @@ def _args_from_namespace(ns) -> TrainArgs:
         warmup_steps=ns.warmup_steps, clip_grad=ns.clip_grad, seed=ns.seed, no_gaze=ns.no_gaze,
         loss_weights=tuple(_floats(ns.loss_weights)), global_weight=ns.global_weight, alpha=ns.alpha,
         egma_compat=ns.egma_compat, sigma=ns.sigma, min_heat=ns.min_heat, raw_gaze=ns.raw_gaze, max_sentences=ns.max_sentences,
-        num_workers=ns.num_workers, device=ns.device, save_every=ns.save_every, resume=ns.resume,
+        num_workers=ns.num_workers, pin_memory={"auto": None, "on": True, "off": False}[ns.pin_memory],
+        prefetch_factor=ns.prefetch_factor, persistent_workers=not ns.fresh_workers, device=ns.device,
+        save_every=ns.save_every, resume=ns.resume,
         progress=not ns.no_progress, backend=ns.backend, threads=ns.threads,
         global_negatives=not ns.no_global_negatives, profile_steps=ns.profile_steps,
         grad_chunk_size=ns.grad_chunk_size, text_groups=ns.text_groups,

@@ -123,3 +123,44 @@ def test_egma_prepare_cache_cli(tree, tmp_path, capsys):
     assert prepared.PreparedCache(out).meta["settings"]["grid"] == [7, 7]
     assert main(["cache", "--manifest", manifest, "--out", out, "--grid", "7"]) == 2
     assert "expected HxW" in capsys.readouterr().err
+
+
+def _items_equal(a, b):
+    assert a["sentences"] == b["sentences"] and a["index"] == b["index"]
+    assert torch.equal(a["pixel_values"], b["pixel_values"])
+    assert (a["gaze"] is None) == (b["gaze"] is None)
+    if a["gaze"] is not None:
+        assert torch.equal(a["gaze"], b["gaze"])
+
+
+@pytest.mark.parametrize("max_sentences", [16, 2])
+def test_dataset_reads_the_cache_and_feeds_what_the_originals_feed(tree, max_sentences):
+    _, manifest = tree
+    s = prepared.build_cache(manifest, progress=False)
+    original = EGMADataset(load_manifest(manifest), train=True, max_sentences=max_sentences, seed=3)
+    cached = EGMADataset(load_manifest(s["manifest"]), train=True, max_sentences=max_sentences, seed=3)
+    assert cached._prepared is not None and original._prepared is None
+    for i in range(len(original)):
+        for epoch in (0, 1):
+            _items_equal(original[(i, epoch)], cached[(i, epoch)])
+    # a split of the cached manifest keeps each row's place in the cache
+    rows = load_manifest(s["manifest"])
+    sub = EGMADataset(rows[1:], train=False)
+    _items_equal(EGMADataset(load_manifest(manifest)[1:], train=False)[0], sub[0])
+    # a run without gaze reads a cache with gaze, and gets none
+    assert all(EGMADataset(rows, use_gaze=False)[i]["gaze"] is None for i in range(len(rows)))
+
+
+def test_dataset_refuses_a_cache_built_with_other_settings(tree):
+    from egma_model.data import ManifestError
+
+    _, manifest = tree
+    s = prepared.build_cache(manifest, progress=False)
+    rows = load_manifest(s["manifest"])
+    with pytest.raises(ManifestError, match=r"grid: cache \[7, 7\], this run \[14, 14\]"):
+        EGMADataset(rows, grid=(14, 14))
+    with pytest.raises(ManifestError, match="min_heat"):
+        EGMADataset(rows, gaze_options=GazeOptions(min_heat=0.2))
+    with pytest.raises(ManifestError, match="split_rule"):
+        EGMADataset(rows, split_rule="egma")
+    assert EGMADataset(rows, grid=(14, 14), prepared=False)._prepared is None  # the originals stay usable
