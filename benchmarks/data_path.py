@@ -123,8 +123,7 @@ def generate(root, *, images, width, height, reflacx_readings, fixations_per_rea
         with open(os.path.join(tdir, "transcript.json"), "w") as f:
             json.dump({"full_text": " ".join(sentences),
                        "time_stamped_text": [{"phrase": w, "begin_time": a, "end_time": b} for w, a, b in words]}, f)
-        if r < images:  # a few EGD rows in the manifest; the whole file is still parsed per reading
-            rows.append([image_paths[r % images], "egd", "egd-cxr/fixations.csv",
+        rows.append([image_paths[r % images], "egd", "egd-cxr/fixations.csv",
                          f"egd-cxr/audio_segmentation_transcripts/{dicom}/transcript.json", dicom, width, height])
     with open(os.path.join(egd, "fixations.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -148,11 +147,14 @@ def _median_seconds(fn, items, repeats):
     return statistics.median(times), len(times)
 
 
-def measure(manifest, *, image_size=224, grid=(7, 7), repeats=1, egd_sample=5):
+def measure(manifest, *, image_size=224, grid=(7, 7), repeats=1, egd_sample=5, egd_pass_readings=None,
+            cache_stage=True):
     records = load_manifest(manifest)
     opts = GazeOptions()
     refl = [r for r in records if r.gaze_format == "reflacx"]
-    egd = [r for r in records if r.gaze_format == "egd"][:egd_sample]
+    egd_all = [r for r in records if r.gaze_format == "egd"]
+    egd = egd_all[:egd_sample]
+    records = refl + egd  # the items timed below: every REFLACX reading and a few EGD-CXR ones
     out = {}
 
     def image(rec):
@@ -175,10 +177,45 @@ def measure(manifest, *, image_size=224, grid=(7, 7), repeats=1, egd_sample=5):
     s, n = _median_seconds(reflacx, refl, repeats)
     out["REFLACX reading: read + heatmaps"] = {"seconds": s, "n": n}
     if egd:
-        s, n = _median_seconds(egd_read, egd, 1)
-        out["EGD-CXR reading: read"] = {"seconds": s, "n": n}
+        getattr(gz, "_EGD_PARSED", {}).clear()  # a new worker: fixations.csv not parsed yet
+        timed = egd_all[:egd_pass_readings] if egd_pass_readings else egd_all
+        t0 = time.perf_counter()
+        for rec in timed:
+            egd_read(rec)
+        seconds = time.perf_counter() - t0
+        # with --egd-pass-readings (for code that parses the whole file per reading) the rest is extrapolated
+        out["EGD-CXR reading: read (first pass over every reading, per reading)"] = {
+            "seconds": seconds / len(timed), "n": len(timed),
+            "first_pass_seconds": seconds / len(timed) * len(egd_all), "extrapolated": len(timed) < len(egd_all)}
     s, n = _median_seconds(item_from_originals, range(min(len(records), len(refl) + len(egd))), 1)
     out["item from the originals (image + sentences + gaze)"] = {"seconds": s, "n": n}
+    if not cache_stage:
+        return _per_second(out)
+    from egma_model.prepared import build_cache
+
+    t0 = time.perf_counter()
+    sub = os.path.join(os.path.dirname(manifest), "timed.csv")  # the timed rows only
+    with open(manifest, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = {r.where.rsplit("row ", 1)[1] for r in records}
+    with open(sub, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0]] + [r for n, r in enumerate(rows[1:], start=2) if str(n) in keep])
+    built = build_cache(sub, image_size=image_size, grid=grid, gaze_options=opts, progress=False, rebuild=True)
+    out["build the preparation cache, per row"] = {"seconds": (time.perf_counter() - t0) / built["rows"],
+                                                   "n": built["rows"], "bytes_per_row": built["bytes"] / built["rows"]}
+    cached_records = load_manifest(built["manifest"])
+    cached = EGMADataset(cached_records, image_size=image_size, grid=grid, train=True, gaze_options=opts)
+
+    def item_from_cache(i):
+        cached._cache.clear()  # nothing kept from an earlier read: every item reads the cache's files
+        cached[(i, 0)]
+
+    s, n = _median_seconds(item_from_cache, range(len(cached_records)), max(3, repeats))
+    out["item from the cache (image + sentences + gaze, augmented)"] = {"seconds": s, "n": n}
+    return _per_second(out)
+
+
+def _per_second(out):
     for v in out.values():
         v["per_second_per_core"] = 1.0 / v["seconds"] if v["seconds"] > 0 else float("inf")
     return out
@@ -190,6 +227,10 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="scratch folder for the generated files (default: a temporary one)")
     p.add_argument("--quick", action="store_true", help="small sizes: checks that the script runs")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--egd-pass-readings", type=int, default=None,
+                   help="time the EGD-CXR first pass on this many readings and extrapolate (default: all)")
+    p.add_argument("--no-cache-stage", action="store_true",
+                   help="skip the preparation cache's stages (to time a version of the package without it)")
     ns = p.parse_args(argv)
     torch.set_num_threads(1)
     sizes = dict(images=6, width=2500, height=3000, reflacx_readings=12, fixations_per_reading=150,
@@ -201,8 +242,10 @@ def main(argv=None):
         t0 = time.perf_counter()
         manifest = generate(root, **sizes)
         gen_s = time.perf_counter() - t0
-        stages = measure(manifest, repeats=ns.repeats)
-    egd_pass = stages.get("EGD-CXR reading: read", {}).get("seconds", 0.0) * sizes["egd_readings"]
+        stages = measure(manifest, repeats=ns.repeats, egd_pass_readings=ns.egd_pass_readings,
+                         cache_stage=not ns.no_cache_stage)
+    egd = next((v for v in stages.values() if "first_pass_seconds" in v), {})
+    egd_pass = egd.get("first_pass_seconds", 0.0)
     result = {"sizes": sizes, "generate_seconds": gen_s, "stages": stages,
               "egd_first_pass_seconds_estimate": egd_pass,
               "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -213,7 +256,8 @@ def main(argv=None):
     lines = ["| stage | ms per item | items/s per core |", "|---|---:|---:|"]
     for k, v in stages.items():
         lines.append(f"| {k} | {v['seconds'] * 1e3:.1f} | {v['per_second_per_core']:.1f} |")
-    lines.append(f"\nEGD-CXR first pass over {sizes['egd_readings']} readings (estimate): {egd_pass:.0f} s per worker")
+    lines.append(f"\nEGD-CXR first pass over {sizes['egd_readings']} readings: {egd_pass:.1f} s per worker"
+                 + (" (extrapolated)" if egd.get("extrapolated") else ""))
     text = "\n".join(lines)
     print(text)
     return 0
