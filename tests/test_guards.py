@@ -205,3 +205,22 @@ def test_module_passes_backend_validate_and_return_details():
     ek.FineGrainedLoss(validate=False, backend="reference")(**bad)  # the value checks are skipped
     assert isinstance(ek.FineGrainedLoss(return_details=True)(**inputs), ek.LossTerms)
     assert torch.is_tensor(ek.FineGrainedLoss()(**inputs))
+
+
+# ------------------------------------------------------------------ the test tiers
+
+
+def test_every_slow_entry_names_an_existing_test():
+    """conftest.SLOW_TESTS names files and test functions: a renamed test would drop silently into the fast
+    tier (and the README's test time), so each entry must still name one."""
+    import re
+
+    from conftest import SLOW_TESTS
+
+    for entry in SLOW_TESTS:
+        path, _, func = entry.partition("::")
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:  # FileNotFoundError names a stale file
+            source = f.read()
+        if func:
+            name = func.split("[")[0]
+            assert re.search(rf"^def {re.escape(name)}\(", source, flags=re.M), f"SLOW_TESTS: {entry} is not a test"
