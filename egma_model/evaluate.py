@@ -367,7 +367,8 @@ def check_tasks(tasks: Sequence[str], *, prompts: Optional[str], train_manifest:
     tasks = [t.strip() for t in tasks if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        raise EvalInputError(f"--tasks: unknown task(s) {unknown or tasks}; use a comma-separated list of {', '.join(TASKS)}")
+        raise EvalInputError(f"--tasks: unknown task(s) {unknown or tasks}; "
+                             f"use a comma-separated list of {', '.join(TASKS)}")
     for task in ("zeroshot", "retrieval"):
         if task in tasks and not prompts:
             raise EvalInputError(f"--tasks {task} needs --prompts (a prompts JSON file or a built-in set)")
@@ -557,7 +558,8 @@ def _run(p: argparse.ArgumentParser, ns, argv: Sequence[str]) -> int:
 
     given = [flag for flag, _ in SET_OPTIONS if getattr(ns, flag[2:].replace("-", "_")) is not None]
     if given:
-        raise EvalInputError(f"{given[0]} is a --paper-table option: add --paper-table (egma-eval --paper-table --help)")
+        raise EvalInputError(f"{given[0]} is a --paper-table option: add --paper-table "
+                             "(egma-eval --paper-table --help)")
     if not ns.checkpoint or not ns.manifest:
         raise EvalInputError("--checkpoint and --manifest are required (or --paper-table with its sets)")
     if ns.batch_size < 1:

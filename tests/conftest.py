@@ -56,8 +56,8 @@ def make_inputs(lengths, P, D, *, seed=0, gaze="all", dtype=torch.float64, scale
 # roughly doubles them; the AOT compiles on 2 idle cores. docs/building.md ("Tests") says when to add one.
 SLOW_TESTS = {
     # ahead-of-time compiles of every Triton kernel variant (a subprocess, silent while it works)
-    "tests/test_triton_aot_targets.py::test_every_kernel_compiles_for_sm90": "AOT compile, every shape, sm_90: 230 s idle",
-    "tests/test_triton_aot_targets.py::test_variants_near_the_limits_fit_every_target": "AOT compile, 6 targets: 106 s idle",
+    "tests/test_triton_aot_targets.py::test_every_kernel_compiles_for_sm90": "every shape, sm_90: 230 s idle",
+    "tests/test_triton_aot_targets.py::test_variants_near_the_limits_fit_every_target": "6 targets: 106 s idle",
     # the Triton interpreter runs kernel programs one after another (about 2 ms per program per loop step)
     "tests/test_triton_packing.py": "interpreter, packed tiles on batches of up to 19 images: 259 s",
     "tests/test_triton_backend.py::test_patch_grid_of_1024": "interpreter, 1024 patches: 41 s",
