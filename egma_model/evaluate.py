@@ -490,14 +490,16 @@ def default_out(checkpoint: str, manifest: str, split: Optional[str]) -> str:
 
 
 def _check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    probe = folder
-    while not os.path.isdir(probe):  # the nearest existing folder decides whether makedirs can succeed
-        probe = os.path.dirname(probe)
-    if (os.path.exists(path) and not os.access(path, os.W_OK)) or not os.access(probe, os.W_OK | os.X_OK):
-        raise EvalInputError(f"--out {path}: cannot write there (give --out a writable path)")
+    """``--out`` can be written (checked before the encoding, which can take long)."""
     if os.path.isdir(path):
         raise EvalInputError(f"--out {path}: is a folder; give a file name")
+    probe = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(probe):  # the nearest existing ancestor decides whether makedirs can succeed
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise EvalInputError(f"--out {path}: {probe} is a file, not a folder")
+    if (os.path.exists(path) and not os.access(path, os.W_OK)) or not os.access(probe, os.W_OK | os.X_OK):
+        raise EvalInputError(f"--out {path}: cannot write there (give --out a writable path)")
 
 
 def _numbers(text: str, kind, option: str) -> tuple:

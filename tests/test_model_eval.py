@@ -209,6 +209,8 @@ BAD_INPUTS = {
     "bad fractions": (lambda d, c: {"--fractions": "0.1,all"}, "--fractions: expected comma-separated float"),
     "unknown scoring": (lambda d, c: {"--scoring": "fine,cosine"}, "unknown scoring(s) ['cosine']"),
     "a set option without --paper-table": (lambda d, c: {"--rsna": "x.csv"}, "--rsna is a --paper-table option"),
+    "--out under a file": (lambda d, c: {"--out": os.path.join(_write(os.path.join(d, "f"), ""), "r.json")},
+                           "is a file, not a folder"),
 }
 
 
