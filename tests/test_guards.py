@@ -2,7 +2,9 @@
 single entry, the gaze Gaussian's width and default, the ``min_heat`` boundary, the authors-code recipe's
 checkpoint selection, the fused backends' tie rule, and every option of ``FineGrainedLoss``.
 
-Each was written against a deliberate change of the code it guards (issue 29, item 6), which it fails."""
+Each fails when the detail it guards is changed (checked by making the change: a sign check on every entry
+instead of any, a Gaussian of half the width, another default sigma, ``>`` for ``>=``, fine scoring in the
+recipe, a rightmost tie rule in the Triton kernels, a module that drops an option)."""
 
 import inspect
 import math
