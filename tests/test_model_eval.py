@@ -234,3 +234,23 @@ def test_eval_refuses_bad_input_in_one_line_before_encoding(name, tiny_checkpoin
     assert err.count("\n") == 1 and err.startswith("egma-eval: error: ") and "Traceback" not in err, err
     assert fragment in err, err
     assert not os.path.exists(tmp_path / "r.json")
+
+
+def test_paper_table_refuses_a_missing_manifest_or_a_broken_checkpoint_in_one_line(tiny_checkpoint, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import shutil
+
+    ckpt, m, _ = tiny_checkpoint
+    monkeypatch.setattr(ev, "encode_dataset", _no_encoding)
+    # a good set first: every manifest is checked before the first set is encoded
+    assert ev.main(["--paper-table", "--checkpoint", ckpt, "--chexpert-5x200", m, "--rsna", str(tmp_path / "rsna.csv"),
+                    "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rsna.csv: manifest not found (--rsna)" in err, err
+    broken = str(tmp_path / "broken")
+    shutil.copytree(ckpt, broken)
+    with open(os.path.join(broken, "egma_model.pt"), "r+b") as f:
+        f.truncate(100)
+    assert ev.main(["--paper-table", "--checkpoint", broken, "--siim", m, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{broken}: cannot load the checkpoint" in err, err
