@@ -287,7 +287,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if ns.prompts:
             with open(ns.prompts) as f:
                 prompts = json.load(f)
-            bad = [k for k in prompts if k not in DEFAULT_PROMPTS] if isinstance(prompts, dict) else ["(not an object)"]
+            if not isinstance(prompts, dict):
+                raise ManifestError(f"{ns.prompts}: expected a JSON object {{set name: {{class: [prompts]}}}}")
+            bad = [k for k in prompts if k not in DEFAULT_PROMPTS]
             if bad:
                 raise ManifestError(f"{ns.prompts}: unknown set(s) {bad}; use {list(DEFAULT_PROMPTS)}")
         if prompts is None and not settings["prompts_from_option"]:
