@@ -3,7 +3,8 @@
 1. generates the synthetic set (``egma_model.synthetic``) if absent: images, reports, eye tracking in the
    REFLACX and EGD-CXR layouts, manifests, boxes, prompts;
 2. pre-trains a small model (tiny ViT at 112 px: a 7x7 patch grid, tiny BERT) with the full EGMA loss and,
-   with the same seed, initialisation, data order and steps, without the gaze terms;
+   with the same seed, initialisation, data order and steps, without gaze (no gaze MLCE; the contrastive
+   and mapping terms stay, the mapping weights built from the similarities alone);
 3. evaluates both: zero-shot accuracy / macro-F1 (fine-grained and global scoring), retrieval precision@k,
    and localisation (how often a finding sentence's most similar patch lies inside the true finding box);
 4. prints one table (mean and spread over seeds), writes ``demo_results.json`` and ``demo_figure.png``

@@ -14,13 +14,20 @@ Example::
 
     egma-eval --checkpoint runs/tiny/final --manifest data/test.csv --prompts data/prompts.json \\
         --tasks zeroshot,retrieval,probe --train-manifest data/train.csv --out runs/tiny/eval.json
+
+The command prints a short table (task, scoring, metric, value) and writes the full record (confusion
+matrices, per-class AUROCs, per-seed probe values) as JSON to ``--out`` (default: ``eval-<manifest>.json``
+in the checkpoint folder). Every input is checked before any image is encoded: a bad one stops the command
+with a one-line error naming the file or option (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import pickle
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -36,7 +43,16 @@ from .model import EGMAModel
 __all__ = [
     "accuracy", "macro_f1", "confusion_matrix", "precision_at_k", "auroc", "mean_auroc",
     "encode_dataset", "encode_texts", "similarity", "zero_shot", "retrieval", "linear_probe", "main",
+    "EvalInputError", "TASKS", "load_checkpoint", "format_summary",
 ]
+
+TASKS = ("zeroshot", "retrieval", "probe")
+SCORINGS = ("fine", "global")
+
+
+class EvalInputError(ValueError):
+    """A bad egma-eval input (option, prompts file, checkpoint), found before any image is encoded; the
+    message names the option or file."""
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -291,6 +307,12 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 # ------------------------------------------------------------------------------------------- CLI
 
 
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line (some, e.g. ``load_state_dict``'s, span many), cut at ``limit``."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_prompts(path: str) -> Dict:
     """A prompts JSON file, or a built-in set by name (``egma_model.recipes.BUILTIN_PROMPTS``)."""
     from .recipes import BUILTIN_PROMPTS, builtin_prompts
@@ -299,20 +321,77 @@ def load_prompts(path: str) -> Dict:
         return {"classes": builtin_prompts(path)}
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: prompts file not found")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d.get("classes"), dict) or not d["classes"]:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{path}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("classes"), dict) or not d["classes"]:
         raise ManifestError(f"{path}: needs 'classes': {{class name: [prompts]}}")
     for c, ps in d["classes"].items():
         if not isinstance(ps, list) or not ps or not all(isinstance(p, str) for p in ps):
             raise ManifestError(f"{path}: classes[{c!r}] must be a non-empty list of strings")
+    if not isinstance(d.get("queries", []), list):
+        raise ManifestError(f"{path}: 'queries' must be a list of {{'text': ..., 'label': ...}}")
     for i, q in enumerate(d.get("queries", [])):
-        if not isinstance(q, dict) or "text" not in q or "label" not in q:
-            raise ManifestError(f"{path}: queries[{i}] needs 'text' and 'label'")
+        if not isinstance(q, dict) or not isinstance(q.get("text"), str) or "label" not in q:
+            raise ManifestError(f"{path}: queries[{i}] needs 'text' (a string) and 'label'")
+    if not isinstance(d.get("multi_label", False), bool):
+        raise ManifestError(f"{path}: 'multi_label' must be true or false, got {d['multi_label']!r}")
     return d
+
+
+def load_checkpoint(checkpoint: str):
+    """``(model, tokenizer)`` from a folder written by egma-train. A folder that cannot be read as one (missing,
+    a weights file cut short, another model's files) raises ``EvalInputError`` naming it."""
+    from .tokenizer import load_tokenizer
+
+    if not os.path.isdir(checkpoint):
+        raise EvalInputError(f"{checkpoint}: checkpoint folder not found")
+    tokenizer_dir = os.path.join(checkpoint, "tokenizer")
+    try:
+        model = EGMAModel.from_pretrained(checkpoint)
+        if not os.path.isdir(tokenizer_dir):  # load_tokenizer would take the path for a hub id
+            raise FileNotFoundError(f"no tokenizer folder {tokenizer_dir}")
+        tokenizer = load_tokenizer(tokenizer_dir)
+    # OSError: a missing or unreadable file; ValueError (JSON errors among them) and RuntimeError: a truncated
+    # or foreign weights file, weights that do not fit the configuration; EOFError and UnpicklingError: a
+    # weights file cut short inside its pickle.
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise EvalInputError(f"{checkpoint}: cannot load the checkpoint ({type(e).__name__}: {_one_line(e)})") from None
+    return model, tokenizer
+
+
+def check_tasks(tasks: Sequence[str], *, prompts: Optional[str], train_manifest: Optional[str]) -> List[str]:
+    """The tasks, each known and with the inputs it needs (``EvalInputError`` otherwise)."""
+    tasks = [t.strip() for t in tasks if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise EvalInputError(f"--tasks: unknown task(s) {unknown or tasks}; "
+                             f"use a comma-separated list of {', '.join(TASKS)}")
+    for task in ("zeroshot", "retrieval"):
+        if task in tasks and not prompts:
+            raise EvalInputError(f"--tasks {task} needs --prompts (a prompts JSON file or a built-in set)")
+    if "probe" in tasks and not train_manifest:
+        raise EvalInputError("--tasks probe needs --train-manifest (a labelled training manifest)")
+    return tasks
+
+
+def _rows(manifest: str, split: Optional[str], option: str):
+    """The manifest's rows (of ``split``); none left is an error naming the splits the file has."""
+    recs = load_manifest(manifest, split=split)
+    if not recs:
+        found = sorted({str(r.split) for r in load_manifest(manifest, check_files=False)})
+        raise ManifestError(f"{manifest}: no rows with split {split!r} ({option}); the file's splits: {found}")
+    return recs
+
+
+def _check_prompt_classes(pr: Dict, recs, manifest: str) -> None:
+    """Zero-shot and retrieval score images against the prompt classes: at least one image must carry one."""
+    labels = {c for r in recs for c in r.labels}
+    if not labels & set(pr["classes"]):
+        raise EvalInputError(f"{manifest}: no image is labelled with a prompt class {sorted(pr['classes'])}; "
+                             f"the manifest's labels: {sorted(labels)[:20]}")
 
 
 def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, tasks=("zeroshot", "retrieval"),
@@ -320,16 +399,21 @@ def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, t
              scoring=("fine", "global"), reduce: str = "max", split_prompts: bool = True, batch_size: int = 32,
              device=None,
              progress: bool = True, fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2), model=None, tokenizer=None) -> Dict:
-    """Run the chosen tasks; returns a JSON-able dict."""
-    from .tokenizer import load_tokenizer
-
+    """Run the chosen tasks; returns a JSON-able dict. Every input (tasks, scorings, prompts, manifests, the
+    checkpoint) is read and checked before any image is encoded: ``EvalInputError`` or ``ManifestError``."""
+    tasks = check_tasks(tasks, prompts=prompts, train_manifest=train_manifest)
+    bad = [s for s in scoring if s not in SCORINGS]
+    if bad or not scoring:
+        raise EvalInputError(f"--scoring: unknown scoring(s) {bad or list(scoring)}; use fine, global")
+    pr = load_prompts(prompts) if prompts else None
+    recs = _rows(manifest, split, "--split")
+    if pr is not None and {"zeroshot", "retrieval"} & set(tasks):
+        _check_prompt_classes(pr, recs, manifest)
+    trecs = _rows(train_manifest, train_split, "--train-split") if "probe" in tasks else None
     if model is None:
-        model = EGMAModel.from_pretrained(checkpoint)
-        tokenizer = load_tokenizer(os.path.join(checkpoint, "tokenizer"))
+        model, tokenizer = load_checkpoint(checkpoint)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    pr = load_prompts(prompts) if prompts else None
-    recs = load_manifest(manifest, split=split)
     classes = sorted({c for r in recs for c in r.labels} | (set(pr["classes"]) if pr else set()))
     ds = EGMADataset(recs, image_size=model.config.image_size, grid=model.grid, classes=classes,
                      use_gaze=False, image_mean=model.config.image_mean, image_std=model.config.image_std)
@@ -338,14 +422,10 @@ def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, t
     multi = bool(pr.get("multi_label", False)) if pr else False
     for task in tasks:
         if task == "zeroshot":
-            if pr is None:
-                raise ManifestError("zero-shot needs --prompts")
             out["zeroshot"] = {s: zero_shot(model, tokenizer, images, pr["classes"], classes, scoring=s,
                                             reduce=reduce, multi_label=multi, split_prompts=split_prompts)
                                for s in scoring}
         elif task == "retrieval":
-            if pr is None:
-                raise ManifestError("retrieval needs --prompts")
             queries = pr.get("queries") or [{"text": p, "label": c} for c, ps in pr["classes"].items() for p in ps]
             lab = images["labels"].numpy()
             keep = lab.sum(1) == 1
@@ -354,18 +434,156 @@ def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, t
             out["retrieval"] = {s: retrieval(model, tokenizer, sub, img_labels, queries, scoring=s,
                                              split_prompts=split_prompts) for s in scoring}
         elif task == "probe":
-            if not train_manifest:
-                raise ManifestError("linear probing needs --train-manifest")
-            trecs = load_manifest(train_manifest, split=train_split)
             tds = EGMADataset(trecs, image_size=model.config.image_size, grid=model.grid, classes=classes,
                               image_mean=model.config.image_mean, image_std=model.config.image_std,
                               use_gaze=False)
             timgs = encode_dataset(model, tds, batch_size=batch_size, device=device, progress=progress)
             out["probe"] = linear_probe(timgs["pooled"], timgs["labels"], images["pooled"], images["labels"],
                                         fractions=fractions, seeds=seeds, multi_label=multi)
-        else:
-            raise ValueError(f"unknown task {task!r}: use zeroshot, retrieval, probe")
     return out
+
+
+# ------------------------------------------------------------------------------------------- output
+
+
+def _value(v) -> str:
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def summary_rows(res: Dict) -> List[Tuple[str, str, str, str]]:
+    """``(task, scoring, metric, value)`` for each headline number of an ``evaluate`` record."""
+    rows = []
+    for sc, z in res.get("zeroshot", {}).items():
+        if "mean_auroc" in z:
+            rows.append(("zeroshot", sc, f"mean AUROC ({len(z['classes'])} classes)", _value(z["mean_auroc"])))
+            continue
+        rows.append(("zeroshot", sc, f"accuracy ({z['n_images']} images)", _value(z["accuracy"])))
+        rows.append(("zeroshot", sc, "macro-F1", _value(z["macro_f1"])))
+    for sc, r in res.get("retrieval", {}).items():
+        for direction in ("image_to_text", "text_to_image"):
+            for key in (k for k in r if k.startswith(direction + "_p@")):
+                rows.append(("retrieval", sc, f"{direction.replace('_to_', '->')} P@{key.split('@')[1]}",
+                             _value(r[key])))
+    for frac, p in res.get("probe", {}).items():
+        rows.append(("probe", "pooled", f"AUROC, {100 * float(frac):g}% labels (n={p['n_train']})",
+                     f"{_value(p['auroc_mean'])} ± {_value(p['auroc_std'])}"))
+    return rows
+
+
+def format_summary(res: Dict, json_path: Optional[str] = None) -> str:
+    """The headline numbers as a plain table, with where the full record is."""
+    rows = [("task", "scoring", "metric", "value")] + summary_rows(res)
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"egma-eval: {res['checkpoint'] or 'model'} on {res['manifest']} ({res['n_images']} images)"]
+    lines += ["  ".join(f"{c:<{w}}" for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+    if json_path:
+        lines.append(f"full record (confusion matrices, per-class and per-seed values): {json_path}")
+    return "\n".join(lines)
+
+
+def default_out(checkpoint: str, manifest: str, split: Optional[str]) -> str:
+    """``<checkpoint>/eval-<manifest name>[-<split>].json``: the results beside the model they belong to."""
+    name = os.path.basename(manifest)
+    for ext in (".gz", ".csv", ".jsonl", ".json"):
+        name = name[: -len(ext)] if name.endswith(ext) else name
+    return os.path.join(checkpoint, f"eval-{name}" + (f"-{split}" if split else "") + ".json")
+
+
+def _check_writable(path: str) -> None:
+    """``--out`` can be written (checked before the encoding, which can take long)."""
+    if os.path.isdir(path):
+        raise EvalInputError(f"--out {path}: is a folder; give a file name")
+    probe = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(probe):  # the nearest existing ancestor decides whether makedirs can succeed
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise EvalInputError(f"--out {path}: {probe} is a file, not a folder")
+    if (os.path.exists(path) and not os.access(path, os.W_OK)) or not os.access(probe, os.W_OK | os.X_OK):
+        raise EvalInputError(f"--out {path}: cannot write there (give --out a writable path)")
+
+
+def _numbers(text: str, kind, option: str) -> tuple:
+    try:
+        values = tuple(kind(x) for x in text.split(","))
+    except ValueError:
+        raise EvalInputError(f"{option}: expected comma-separated {kind.__name__} values, got {text!r}") from None
+    return values
+
+
+def _check_device(name: Optional[str]) -> None:
+    if name is None:
+        return
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise EvalInputError(f"--device: {_one_line(e)}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalInputError(f"--device {name}: no CUDA device is visible")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from egma_kernels.bench.cli import HelpFormatter  # says each option's default once
+
+    from .paper_table import add_eval_options, add_set_options
+
+    p = argparse.ArgumentParser(prog="egma-eval", description="Evaluate an EGMA checkpoint (zero-shot, retrieval, "
+                                "linear probe) on one manifest, or with --paper-table the paper's whole table",
+                                formatter_class=HelpFormatter,
+                                epilog="--paper-table with its sets runs the paper's table instead; "
+                                       "'egma-eval --paper-table --help' lists its options alone.")
+    p.add_argument("--checkpoint", default=None, help="folder written by egma-train (<out>/final) (default: none; required unless --print-recipe)")
+    p.add_argument("--manifest", default=None, help="test manifest with labels (default: none; required unless --print-recipe or --paper-table)")
+    p.add_argument("--split", default=None, help="use only manifest rows with this 'split' value (default: every row)")
+    p.add_argument("--prompts", default=None, help="JSON with class prompts and optional retrieval queries; needed by zeroshot and "
+                   "retrieval (default: none)")
+    p.add_argument("--tasks", default="zeroshot,retrieval", help=f"comma-separated: {', '.join(TASKS)}")
+    p.add_argument("--train-manifest", default=None, help="labelled training manifest for the linear probe, needed by probe "
+                   "(default: none)")
+    p.add_argument("--train-split", default=None, help="use only --train-manifest rows with this 'split' value "
+                   "(default: every row)")
+    p.add_argument("--recipe", default=None, choices=["ours", "authors-code", "paper"],
+                   help="scoring, reduce and prompt splitting of a recipe (docs/recipes.md); options given win (default: ours). "
+                        "--prompts may name a built-in set: chexpert-5x200-combos, rsna-50v5, rsna-5v5, siim-5v5")
+    p.add_argument("--out", default=None, help="write the full results JSON here; stdout gets a short table "
+                   "(default: eval-<manifest name>[-<split>].json in the checkpoint folder)")
+    add_eval_options(p)  # --scoring, --reduce, --split-prompts, --print-recipe, probe and encoding options
+    table = p.add_argument_group("the paper's table (egma-eval --paper-table --checkpoint DIR and one or more sets)")
+    table.add_argument("--paper-table", action="store_true",
+                       help="evaluate on the sets below and print the paper's table beside its numbers")
+    add_set_options(table)
+    return p
+
+
+def _run(p: argparse.ArgumentParser, ns, argv: Sequence[str]) -> int:
+    """egma-eval on one manifest: inputs checked, evaluated, the table printed and the record written."""
+    from .paper_table import SET_OPTIONS
+
+    given = [flag for flag, _ in SET_OPTIONS if getattr(ns, flag[2:].replace("-", "_")) is not None]
+    if given:
+        raise EvalInputError(f"{given[0]} is a --paper-table option: add --paper-table "
+                             "(egma-eval --paper-table --help)")
+    if not ns.checkpoint or not ns.manifest:
+        raise EvalInputError("--checkpoint and --manifest are required (or --paper-table with its sets)")
+    if ns.batch_size < 1:
+        raise EvalInputError(f"--batch-size must be >= 1, got {ns.batch_size}")
+    _check_device(ns.device)
+    fractions = _numbers(ns.fractions, float, "--fractions")
+    seeds = _numbers(ns.seeds, int, "--seeds")
+    out = ns.out or default_out(ns.checkpoint, ns.manifest, ns.split)
+    _check_writable(out)
+    from .paper_table import resolve_eval
+
+    settings, _ = resolve_eval(ns.recipe, p, argv)
+    res = evaluate(ns.checkpoint, ns.manifest, ns.prompts, tasks=ns.tasks.split(","), split=ns.split,
+                   train_manifest=ns.train_manifest, train_split=ns.train_split,
+                   scoring=tuple(settings["scoring"].split(",")), reduce=settings["reduce"],
+                   split_prompts=settings["split_prompts"], batch_size=ns.batch_size,
+                   device=ns.device, progress=not ns.no_progress, fractions=fractions, seeds=seeds)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(format_summary(res, out))
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -374,55 +592,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .paper_table import main as paper_table_main
 
         return paper_table_main(argv)
-    from egma_kernels.bench.cli import HelpFormatter  # says each option's default once
+    from .paper_table import eval_recipe_text, resolve_eval
 
-    from .paper_table import add_eval_options, eval_recipe_text, resolve_eval
-
-    p = argparse.ArgumentParser(prog="egma-eval", description="Evaluate an EGMA checkpoint (zero-shot, retrieval, "
-                                "linear probe)", formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="folder written by egma-train (<out>/final) (default: none; required unless --print-recipe)")
-    p.add_argument("--manifest", default=None, help="test manifest with labels (default: none; required unless --print-recipe)")
-    p.add_argument("--split", default=None, help="use only manifest rows with this 'split' value (default: every row)")
-    p.add_argument("--prompts", default=None, help="JSON with class prompts and optional retrieval queries; needed by zeroshot and "
-                   "retrieval (default: none)")
-    p.add_argument("--tasks", default="zeroshot,retrieval", help="comma-separated: zeroshot, retrieval, probe")
-    p.add_argument("--train-manifest", default=None, help="labelled training manifest for the linear probe, needed by probe "
-                   "(default: none)")
-    p.add_argument("--train-split", default=None, help="use only --train-manifest rows with this 'split' value "
-                   "(default: every row)")
-    p.add_argument("--recipe", default=None, choices=["ours", "authors-code", "paper"],
-                   help="scoring, reduce and prompt splitting of a recipe (docs/recipes.md); options given win (default: ours). "
-                        "--prompts may name a built-in set: chexpert-5x200-combos, rsna-50v5, rsna-5v5, siim-5v5")
-    p.add_argument("--out", default=None, help="also write the results JSON to this file (default: stdout only)")
-    add_eval_options(p)  # --scoring, --reduce, --split-prompts, --print-recipe, probe and encoding options
+    p = build_parser()
     ns = p.parse_args(argv)
+    if ns.paper_table:  # an abbreviation of --paper-table
+        from .paper_table import main as paper_table_main
 
-    settings, source = resolve_eval(ns.recipe, p, argv)
+        return paper_table_main(argv)
     if ns.print_recipe:
+        settings, source = resolve_eval(ns.recipe, p, argv)
         settings.pop("prompts")  # per-set built-ins apply to --paper-table; here --prompts is given
         source["prompts"] = "option" if ns.prompts else "none given (--prompts)"
         print(eval_recipe_text(ns.recipe, dict(settings, prompts=ns.prompts), source))
         return 0
-    if not ns.checkpoint or not ns.manifest:
-        p.error("--checkpoint and --manifest are required")
     try:
-        res = evaluate(ns.checkpoint, ns.manifest, ns.prompts, tasks=ns.tasks.split(","), split=ns.split,
-                       train_manifest=ns.train_manifest, train_split=ns.train_split,
-                       scoring=tuple(settings["scoring"].split(",")), reduce=settings["reduce"],
-                       split_prompts=settings["split_prompts"], batch_size=ns.batch_size,
-                       device=ns.device, progress=not ns.no_progress,
-                       fractions=tuple(float(x) for x in ns.fractions.split(",")),
-                       seeds=tuple(int(x) for x in ns.seeds.split(",")))
-    except (ManifestError, FileNotFoundError) as e:
-        print(f"egma-eval: error: {e}", file=sys.stderr)
+        return _run(p, ns, argv)
+    except (EvalInputError, ManifestError) as e:
+        print(f"egma-eval: error: {_one_line(e, 2000)}", file=sys.stderr)
         return 2
-    text = json.dumps(res, indent=2)
-    if ns.out:
-        os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
-        with open(ns.out, "w") as f:
-            f.write(text)
-    print(text)
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

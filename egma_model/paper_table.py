@@ -226,6 +226,24 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# The evaluation sets of the table: egma-eval's --help lists them too (egma_model.evaluate.build_parser).
+SET_OPTIONS = (
+    ("--chexpert-5x200", "manifest from egma-prepare chexpert-5x200 (default: none)"),
+    ("--rsna", "manifest from egma-prepare rsna (test rows; train rows for the probe) (default: none)"),
+    ("--siim", "manifest from egma-prepare siim (test rows; train rows for the probe) (default: none)"),
+    ("--chexpert", "manifest from egma-prepare chexpert (its train rows -> its test rows) for the CheXpert probe "
+                   "(default: none)"),
+    ("--chexpert-train", "labelled CheXpert manifest for the probe's training side (default: none)"),
+    ("--chexpert-test", "labelled CheXpert manifest for the probe's test side (default: none)"),
+)
+
+
+def add_set_options(p) -> None:
+    """The table's evaluation sets (``SET_OPTIONS``) on a parser or argument group."""
+    for flag, text in SET_OPTIONS:
+        p.add_argument(flag, default=None, help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from egma_kernels.bench.cli import HelpFormatter  # says each option's default once
 
@@ -233,13 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--paper-table", action="store_true", help="(selects this mode)")
     p.add_argument("--checkpoint", default=None, help="folder written by egma-train (<out>/final) (default: none; required unless --print-recipe)")
-    p.add_argument("--chexpert-5x200", default=None, help="manifest from egma-prepare chexpert-5x200 (default: none)")
-    p.add_argument("--rsna", default=None, help="manifest from egma-prepare rsna (test rows; train rows for the probe) (default: none)")
-    p.add_argument("--siim", default=None, help="manifest from egma-prepare siim (test rows; train rows for the probe) (default: none)")
-    p.add_argument("--chexpert", default=None,
-                   help="manifest from egma-prepare chexpert (its train rows -> its test rows) for the CheXpert probe (default: none)")
-    p.add_argument("--chexpert-train", default=None, help="labelled CheXpert manifest for the probe's training side (default: none)")
-    p.add_argument("--chexpert-test", default=None, help="labelled CheXpert manifest for the probe's test side (default: none)")
+    add_set_options(p)
     p.add_argument("--prompts", default=None,
                    help='JSON {"chexpert-5x200"|"rsna"|"siim": {class: [prompts]}} replacing the built-in prompts '
                         "(default: the recipe's built-in sets)")
@@ -253,8 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import ManifestError
-    from .model import EGMAModel
-    from .tokenizer import load_tokenizer
+    from .evaluate import EvalInputError, _one_line, load_checkpoint
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -276,20 +287,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if ns.prompts:
             with open(ns.prompts) as f:
                 prompts = json.load(f)
+            if not isinstance(prompts, dict):
+                raise ManifestError(f"{ns.prompts}: expected a JSON object {{set name: {{class: [prompts]}}}}")
             bad = [k for k in prompts if k not in DEFAULT_PROMPTS]
             if bad:
                 raise ManifestError(f"{ns.prompts}: unknown set(s) {bad}; use {list(DEFAULT_PROMPTS)}")
         if prompts is None and not settings["prompts_from_option"]:
             prompts = {k: builtin_prompts(v) for k, v in settings["prompts"].items() if v != "simple"}
-        model = EGMAModel.from_pretrained(ns.checkpoint)
-        tok = load_tokenizer(os.path.join(ns.checkpoint, "tokenizer"))
+        for flag, _ in SET_OPTIONS:  # every manifest found before the model loads and any set is encoded
+            path = getattr(ns, flag[2:].replace("-", "_"))
+            if path is not None and not os.path.isfile(path):
+                raise ManifestError(f"{path}: manifest not found ({flag})")
+        model, tok = load_checkpoint(ns.checkpoint)
         res = paper_table(model, tok, chexpert_5x200=ns.chexpert_5x200, rsna=ns.rsna, siim=ns.siim,
                           chexpert=ns.chexpert, chexpert_train=ns.chexpert_train, chexpert_test=ns.chexpert_test, prompts=prompts,
                           scorings=scorings, fractions=fractions, seeds=tuple(int(x) for x in ns.seeds.split(",")),
                           batch_size=ns.batch_size, device=ns.device, progress=not ns.no_progress,
                           reduce=settings["reduce"], split_prompts=settings["split_prompts"])
-    except (ManifestError, FileNotFoundError, json.JSONDecodeError) as e:
-        print(f"egma-eval: error: {e}", file=sys.stderr)
+    except (ManifestError, EvalInputError, FileNotFoundError, json.JSONDecodeError) as e:
+        print(f"egma-eval: error: {_one_line(e, 2000)}", file=sys.stderr)
         return 2
     print(format_table(res, scorings=scorings, fractions=fractions, title=f"EGMA evaluation of {ns.checkpoint}"))
     if ns.out:

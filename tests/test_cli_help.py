@@ -79,3 +79,17 @@ def test_formatter_adds_a_default_only_where_none_is_said():
     assert "beta (default: computed)" in text and "(default: None)" not in text
     assert "gamma (default z)" in text and "(default: z)" not in text
     assert "a flag (default" not in text
+
+
+def test_eval_help_lists_the_paper_table_options(capsys):
+    """A user reads egma-eval --help first: the options of the README's "Reproducing the paper" are there, each
+    with what it does, and one given without --paper-table says so instead of being ignored."""
+    from egma_model.evaluate import main
+
+    entries = _entries(_help_text("egma_model.evaluate", capsys))
+    for option in ("--paper-table", "--chexpert-5x200", "--rsna", "--siim", "--chexpert", "--chexpert-train",
+                   "--chexpert-test"):
+        assert option in entries, option
+    assert "paper" in entries["--paper-table"]
+    assert main(["--checkpoint", "x", "--siim", "s.csv"]) == 2
+    assert "--siim is a --paper-table option" in capsys.readouterr().err

@@ -137,3 +137,120 @@ def test_train_resume_and_eval_clis(tmp_path, capsys):
         f.write("image,report\nnope.png,Heart normal.\n")
     assert train_main(["--manifest", os.path.join(d, "bad.csv"), "--out", out]) == 2
     assert "bad.csv: row 2: image file not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ egma-eval's output and its refusals
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A small random checkpoint (64 px Swin, tiny BERT) and a 12-image manifest with prompts."""
+    from egma_model.model import EGMAConfig, EGMAModel
+    from egma_model.tokenizer import build_word_tokenizer
+
+    d = str(tmp_path_factory.mktemp("eval"))
+    m, pr = _tiny_manifest(d)
+    tok = build_word_tokenizer(["the heart is enlarged", "small left pleural effusion", "cardiomegaly"])
+    torch.manual_seed(0)
+    model = EGMAModel(EGMAConfig.tiny(image_size=64, vocab_size=len(tok)))
+    ckpt = os.path.join(d, "ckpt")
+    model.save_pretrained(ckpt, tokenizer=tok)
+    return ckpt, m, pr
+
+
+def test_eval_prints_a_table_and_writes_the_record(tiny_checkpoint, capsys):
+    ckpt, m, pr = tiny_checkpoint
+    assert ev.main(["--checkpoint", ckpt, "--manifest", m, "--split", "test", "--prompts", pr, "--no-progress",
+                    "--tasks", "zeroshot,retrieval,probe", "--train-manifest", m, "--train-split", "train",
+                    "--fractions", "1", "--seeds", "0"]) == 0
+    out = capsys.readouterr().out
+    path = os.path.join(ckpt, "eval-m-test.json")  # the default --out: beside the model, named by the manifest
+    res = json.load(open(path))
+    assert res["zeroshot"]["fine"]["confusion_matrix"] and res["n_images"] == 4
+    lines = out.splitlines()
+    assert len(lines) < 25 and "{" not in out  # a table, not the JSON record
+    assert lines[1].split() == ["task", "scoring", "metric", "value"]
+    acc = res["zeroshot"]["global"]["accuracy"]
+    assert any(l.split()[:3] == ["zeroshot", "global", "accuracy"] and l.endswith(f"{acc:.4f}") for l in lines)
+    p1 = res["retrieval"]["fine"]["text_to_image_p@1"]
+    assert any(l.split()[:3] == ["retrieval", "fine", "text->image"] and "P@1 " in l and l.endswith(f"{p1:.4f}")
+               for l in lines)
+    assert any(l.startswith("probe") and "100% labels" in l for l in lines)
+    assert lines[-1].endswith(path)
+
+
+def _no_encoding(*args, **kwargs):
+    raise AssertionError("encoding started before the inputs were checked")
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+BAD_INPUTS = {
+    # name: (change to the good command line, given the fixture's folder; fragment of the one-line error)
+    "missing checkpoint": (lambda d, c: {"--checkpoint": os.path.join(d, "nope")}, "checkpoint folder not found"),
+    "truncated weights": (lambda d, c: {"--checkpoint": c}, "cannot load the checkpoint"),
+    "prompts a list": (lambda d, c: {"--prompts": _write(os.path.join(d, "p1.json"), "[1, 2]")}, "needs 'classes'"),
+    "prompts classes a list": (lambda d, c: {"--prompts": _write(os.path.join(d, "p2.json"), '{"classes": ["a"]}')},
+                               "needs 'classes'"),
+    "prompts queries not a list": (lambda d, c: {"--prompts": _write(os.path.join(d, "p3.json"),
+                                                                    '{"classes": {"Effusion": ["x"]}, "queries": 3}')},
+                                   "'queries' must be a list"),
+    "prompt classes not in the manifest": (
+        lambda d, c: {"--prompts": _write(os.path.join(d, "p4.json"), '{"classes": {"Edema": ["edema"]}}')},
+        "no image is labelled with a prompt class"),
+    "no rows after --split": (lambda d, c: {"--split": "validation"}, "no rows with split 'validation'"),
+    "unknown task": (lambda d, c: {"--tasks": "zeroshot,retreival"}, "unknown task(s) ['retreival']"),
+    "probe without a training manifest": (lambda d, c: {"--tasks": "probe"}, "needs --train-manifest"),
+    "missing manifest": (lambda d, c: {"--manifest": os.path.join(d, "nope.csv")}, "manifest not found"),
+    "bad fractions": (lambda d, c: {"--fractions": "0.1,all"}, "--fractions: expected comma-separated float"),
+    "unknown scoring": (lambda d, c: {"--scoring": "fine,cosine"}, "unknown scoring(s) ['cosine']"),
+    "a set option without --paper-table": (lambda d, c: {"--rsna": "x.csv"}, "--rsna is a --paper-table option"),
+    "--out under a file": (lambda d, c: {"--out": os.path.join(_write(os.path.join(d, "f"), ""), "r.json")},
+                           "is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_eval_refuses_bad_input_in_one_line_before_encoding(name, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    ckpt, m, pr = tiny_checkpoint
+    broken = str(tmp_path / "broken")
+    shutil.copytree(ckpt, broken)
+    weights = os.path.join(broken, "egma_model.pt")
+    with open(weights, "r+b") as f:  # a copy cut short, as by a full disk or an interrupted download
+        f.truncate(os.path.getsize(weights) // 2)
+    change, fragment = BAD_INPUTS[name]
+    args = {"--checkpoint": ckpt, "--manifest": m, "--split": "test", "--prompts": pr, "--out": str(tmp_path / "r.json")}
+    args.update(change(str(tmp_path), broken))
+    monkeypatch.setattr(ev, "encode_dataset", _no_encoding)
+    argv = [x for kv in args.items() for x in kv] + ["--no-progress"]
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("egma-eval: error: ") and "Traceback" not in err, err
+    assert fragment in err, err
+    assert not os.path.exists(tmp_path / "r.json")
+
+
+def test_paper_table_refuses_a_missing_manifest_or_a_broken_checkpoint_in_one_line(tiny_checkpoint, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import shutil
+
+    ckpt, m, _ = tiny_checkpoint
+    monkeypatch.setattr(ev, "encode_dataset", _no_encoding)
+    # a good set first: every manifest is checked before the first set is encoded
+    assert ev.main(["--paper-table", "--checkpoint", ckpt, "--chexpert-5x200", m, "--rsna", str(tmp_path / "rsna.csv"),
+                    "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rsna.csv: manifest not found (--rsna)" in err, err
+    broken = str(tmp_path / "broken")
+    shutil.copytree(ckpt, broken)
+    with open(os.path.join(broken, "egma_model.pt"), "r+b") as f:
+        f.truncate(100)
+    assert ev.main(["--paper-table", "--checkpoint", broken, "--siim", m, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{broken}: cannot load the checkpoint" in err, err

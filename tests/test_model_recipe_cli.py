@@ -140,10 +140,10 @@ def test_tiny_authors_code_run_with_test_set_selection(tmp_path, capsys):
     # egma-eval takes a built-in prompt set by name
     rc = egma_eval(["--checkpoint", os.path.join(run, "final"), "--manifest", os.path.join(m, "chexpert-5x200.csv"),
                     "--prompts", "chexpert-5x200-combos", "--recipe", "authors-code", "--tasks", "zeroshot",
-                    "--no-progress"])
+                    "--no-progress", "--out", str(tmp_path / "e.json")])
     out = capsys.readouterr()
     assert rc == 0, out.err
-    z = json.loads(out.out)["zeroshot"]
+    z = json.loads((tmp_path / "e.json").read_text())["zeroshot"]
     assert list(z) == ["global"] and z["global"]["n_images"] == 10 and not z["global"]["split_prompts"]
     rc = egma_eval(["--paper-table", "--recipe", "authors-code", "--checkpoint", os.path.join(run, "final"),
                     "--chexpert-5x200", os.path.join(m, "chexpert-5x200.csv"), "--no-progress",
