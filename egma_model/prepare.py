@@ -913,7 +913,7 @@ def _add_cache_parser(sub) -> None:
                        "sentences and gaze on the patch grid (egma_model/prepared.py); resumable")
     q.add_argument("--manifest", required=True, help="a manifest written by the other subcommands (or your own)")
     q.add_argument("--out", default=None, help="cache folder (default: <manifest>.cache); the manifest that "
-                   "points to it is written as <manifest>.cached.csv")
+                   "points to it is written beside the manifest, as the summary says")
     q.add_argument("--image-size", type=int, default=224, help="the image encoder's input size")
     q.add_argument("--grid", default="7x7", help="the image encoder's patch grid, HxW (egma-train prints it)")
     q.add_argument("--sigma", type=float, default=d.sigma, help="gaze Gaussian width, px of the original image")

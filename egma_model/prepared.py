@@ -11,8 +11,8 @@ Built by ``egma-prepare cache --manifest M`` (see :func:`build_cache`). A cache 
                     written last, so a folder without it is an unfinished build
 ==================  ========================================================================================
 
-Alongside the folder, the build writes ``<manifest>.cached.csv`` (or ``.jsonl``): the manifest's rows with two
-more columns, ``cache`` (the folder, relative to the manifest) and ``cache_row``. A dataset built on records
+Beside the manifest, the build writes ``<manifest>.cached.csv`` (or ``.jsonl``; ``<manifest>.cached-<folder>.csv``
+for a folder other than the default): the manifest's rows with two more columns, ``cache`` (the folder, relative to the manifest) and ``cache_row``. A dataset built on records
 that carry them reads the cache (``EGMADataset(..., prepared=True)``, the default) and refuses it, naming each
 setting that differs, when it was built with other settings than the run's (image size, patch grid, gaze
 options, sentence rule, the gaze readers' rules version, the cache format).
@@ -132,9 +132,14 @@ def open_cache(folder: str) -> PreparedCache:
 # ------------------------------------------------------------------------------------------- building
 
 
-def _cached_manifest_path(manifest: str) -> str:
+def _cached_manifest_path(manifest: str, folder: str) -> str:
+    """Beside the manifest (its relative paths stay valid): ``<stem>.cached.csv`` for the default folder,
+    ``<stem>.cached-<folder name>.csv`` for another, so that caches of other settings do not overwrite it."""
     stem, ext = os.path.splitext(manifest)
-    return f"{stem}.cached{ext if ext in ('.csv', '.jsonl') else '.csv'}"
+    ext = ext if ext in (".csv", ".jsonl") else ".csv"
+    if os.path.abspath(folder) == os.path.abspath(stem + ".cache"):
+        return f"{stem}.cached{ext}"
+    return f"{stem}.cached-{os.path.basename(os.path.normpath(folder))}{ext}"
 
 
 def _write_cached_manifest(manifest: str, folder: str, out_path: str) -> None:
@@ -221,7 +226,7 @@ def build_cache(manifest: str, folder: Optional[str] = None, *, image_size: int 
     del images
     _assemble(folder, len(records), grid, plan)
     shutil.rmtree(os.path.join(folder, "partial"), ignore_errors=True)
-    out_manifest = _cached_manifest_path(manifest)
+    out_manifest = _cached_manifest_path(manifest, folder)
     _write_cached_manifest(manifest, folder, out_manifest)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
     return {"rows": len(records), "seconds": time.perf_counter() - t0, "bytes": size, "cache": folder,

@@ -59,7 +59,7 @@ def test_training_refuses_a_cache_built_for_another_grid(reference, tmp_path, ca
     folder = str(tmp_path / "c14")
     assert prepare(["cache", "--manifest", manifest, "--out", folder, "--image-size", "64", "--grid", "7x7",
                     "--no-progress"]) == 0
-    cached = os.path.splitext(manifest)[0] + ".cached.csv"
+    cached = os.path.splitext(manifest)[0] + ".cached-c14.csv"
     capsys.readouterr()
     rc = main(["--manifest", cached, "--out", str(tmp_path / "run"), "--num-workers", "0"] + COMMON)
     err = capsys.readouterr().err

@@ -119,7 +119,8 @@ def test_egma_prepare_cache_cli(tree, tmp_path, capsys):
     out = str(tmp_path / "cli-cache")
     assert main(["cache", "--manifest", manifest, "--out", out, "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "prepared" in printed and "cached.csv" in printed
+    assert "prepared" in printed and "manifest.cached-cli-cache.csv" in printed
+    assert os.path.isfile(os.path.join(os.path.dirname(manifest), "manifest.cached-cli-cache.csv"))
     assert prepared.PreparedCache(out).meta["settings"]["grid"] == [7, 7]
     assert main(["cache", "--manifest", manifest, "--out", out, "--grid", "7"]) == 2
     assert "expected HxW" in capsys.readouterr().err
