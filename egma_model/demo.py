@@ -572,7 +572,7 @@ def _fractions(text: str) -> List[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from egma_kernels.bench.cli import HelpFormatter  # says each option's default once
+    from egma_kernels.cli_support import HelpFormatter  # says each option's default once
 
     p = argparse.ArgumentParser(prog="egma-demo", formatter_class=HelpFormatter,
                                 description="EGMA with and without gaze on a synthetic gaze-annotated chest X-ray set, "
@@ -619,7 +619,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threads = ns.threads
     if threads is None and not torch.cuda.is_available():
         # A shared CPU: as many threads as idle cores (torch's threads wait for each other at every op).
-        from egma_kernels.bench.cli import choose_threads
+        from egma_kernels.cli_support import choose_threads
 
         threads, why = choose_threads(torch.get_num_threads())
         print(f"egma-demo: torch CPU threads: {why}")

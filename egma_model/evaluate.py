@@ -129,13 +129,9 @@ def mean_auroc(scores, labels) -> Tuple[float, List[float]]:
 
 
 def _progress(it, total, desc, enabled):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return it
-    return tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    from egma_kernels.cli_support import progress_bar
+
+    return progress_bar(it, total=total, desc=desc, enabled=enabled, leave=False)
 
 
 @torch.no_grad()
@@ -522,7 +518,7 @@ def _check_device(name: Optional[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from egma_kernels.bench.cli import HelpFormatter  # says each option's default once
+    from egma_kernels.cli_support import HelpFormatter  # says each option's default once
 
     from .paper_table import add_eval_options, add_set_options
 

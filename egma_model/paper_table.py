@@ -245,7 +245,7 @@ def add_set_options(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from egma_kernels.bench.cli import HelpFormatter  # says each option's default once
+    from egma_kernels.cli_support import HelpFormatter  # says each option's default once
 
     p = argparse.ArgumentParser(prog="egma-eval --paper-table", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)

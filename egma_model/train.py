@@ -922,7 +922,7 @@ def _floats(s: str) -> List[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from egma_kernels.bench.cli import HelpFormatter  # says each option's default once
+    from egma_kernels.cli_support import HelpFormatter  # says each option's default once
 
     p = argparse.ArgumentParser(prog="egma-train", description=__doc__.split("\n\n")[0].replace("``", ""),
                                 formatter_class=HelpFormatter)

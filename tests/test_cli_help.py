@@ -67,7 +67,7 @@ def test_every_option_says_what_and_its_default_once(prog, capsys):
 def test_formatter_adds_a_default_only_where_none_is_said():
     import argparse
 
-    from egma_kernels.bench.cli import HelpFormatter
+    from egma_kernels.cli_support import HelpFormatter
 
     p = argparse.ArgumentParser(prog="x", formatter_class=HelpFormatter)
     p.add_argument("--a", default=3, help="alpha")
