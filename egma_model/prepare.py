@@ -928,7 +928,7 @@ def _add_cache_parser(sub) -> None:
 
 def run_cache(ns) -> Dict:
     from .data import GazeOptions
-    from .prepared import build_cache
+    from .prepared_build import build_cache
 
     try:
         grid = tuple(int(v) for v in ns.grid.lower().split("x"))

@@ -689,7 +689,7 @@ def _train(a: TrainArgs, ddp: _Distributed, records, model, tokenizer, cache) ->
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and a.amp == "fp16")
     selector = None
     if a.select_on and ddp.is_main:
-        from .recipes import CheckpointSelector
+        from .selection import CheckpointSelector
 
         selector = CheckpointSelector(a, tokenizer)
     step = 0

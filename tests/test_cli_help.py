@@ -8,7 +8,7 @@ import pytest
 CLIS = {
     "egma-bench": "egma_kernels.bench.cli",
     "egma-train": "egma_model.train",
-    "egma-eval": "egma_model.evaluate",
+    "egma-eval": "egma_model.eval_cli",
     "egma-demo": "egma_model.demo",
 }
 
@@ -84,9 +84,9 @@ def test_formatter_adds_a_default_only_where_none_is_said():
 def test_eval_help_lists_the_paper_table_options(capsys):
     """A user reads egma-eval --help first: the options of the README's "Reproducing the paper" are there, each
     with what it does, and one given without --paper-table says so instead of being ignored."""
-    from egma_model.evaluate import main
+    from egma_model.eval_cli import main
 
-    entries = _entries(_help_text("egma_model.evaluate", capsys))
+    entries = _entries(_help_text("egma_model.eval_cli", capsys))
     for option in ("--paper-table", "--chexpert-5x200", "--rsna", "--siim", "--chexpert", "--chexpert-train",
                    "--chexpert-test"):
         assert option in entries, option

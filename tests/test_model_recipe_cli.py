@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from egma_model.evaluate import main as egma_eval
+from egma_model.eval_cli import main as egma_eval
 from egma_model.prepare import main as prepare
 from egma_model.recipes import EVAL, TRAIN, builtin_prompts, resolve
 from egma_model.train import TrainArgs, apply_recipe, args_from_namespace, build_parser
