@@ -88,7 +88,7 @@ def test_interrupted_build_resumes(tree, monkeypatch, tmp_path):
 
 
 def test_egd_fixations_file_parsed_once_per_process(tree, monkeypatch):
-    import egma_model.gaze as gz
+    import egma_model.datasets.egd_cxr as gz  # the EGD-CXR reader and its parse cache
 
     root, manifest = tree
     egd = [r for r in load_manifest(manifest) if r.gaze_format == "egd"]
