@@ -7,7 +7,7 @@ import pytest
 
 CLIS = {
     "egma-bench": "egma_kernels.bench.cli",
-    "egma-train": "egma_model.train",
+    "egma-train": "egma_model.train_cli",
     "egma-eval": "egma_model.eval_cli",
     "egma-demo": "egma_model.demo",
 }

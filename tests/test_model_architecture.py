@@ -120,7 +120,11 @@ def test_recipes_are_data():
 @pytest.mark.parametrize("old, name", [("egma_model.recipes", "CheckpointSelector"),
                                        ("egma_model.recipes", "load_prompt_classes"),
                                        ("egma_model.evaluate", "main"), ("egma_model.evaluate", "build_parser"),
-                                       ("egma_model.prepared", "build_cache")])
+                                       ("egma_model.prepared", "build_cache"), ("egma_model.train", "main"),
+                                       ("egma_model.train", "build_parser"), ("egma_model.train", "apply_recipe"),
+                                       ("egma_model.gaze", "read_reflacx"), ("egma_model.gaze", "read_egd_cxr"),
+                                       ("egma_model.gaze", "read_mimic_eye_egd"), ("egma_model.prepare", "prepare_rsna"),
+                                       ("egma_model.data", "split_sentences_egma")])
 def test_old_import_paths_still_work(old, name):
     import importlib
 

@@ -108,7 +108,7 @@ def _tiny_manifest(d, n=12):
 
 def test_train_resume_and_eval_clis(tmp_path, capsys):
     from egma_model.eval_cli import main as eval_main
-    from egma_model.train import main as train_main
+    from egma_model.train_cli import main as train_main
 
     d = str(tmp_path)
     m, pr = _tiny_manifest(d)
