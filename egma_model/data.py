@@ -130,55 +130,10 @@ def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] =
         image = resolve(str(image))
         if check_files and not os.path.isfile(image):
             raise ManifestError(f"{where}: image file not found: {image}")
-        sentences = _cell(r, "sentences")
-        if sentences is not None:
-            if isinstance(sentences, str):
-                try:
-                    sentences = json.loads(sentences)
-                except json.JSONDecodeError:
-                    raise ManifestError(f"{where}: 'sentences' must be a JSON list of strings") from None
-            if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
-                raise ManifestError(f"{where}: 'sentences' must be a list of strings")
-            sentences = [s.strip() for s in sentences if s.strip()]
-            if split_rule in ("egma", "medclip"):
-                sentences = [t for s in sentences for t in splitter(s)]
-        else:
-            sentences = splitter(_cell(r, "report") or "")
-        fmt = str(_cell(r, "gaze_format") or "").lower()
-        if fmt not in GAZE_FORMATS:
-            raise ManifestError(f"{where}: unknown gaze_format {fmt!r}; use one of {list(GAZE_FORMATS[1:])} or leave empty")
-        g = _cell(r, "gaze")
-        if fmt and not g:
-            raise ManifestError(f"{where}: gaze_format {fmt!r} needs a 'gaze' path")
-        if g:
-            if not fmt:
-                raise ManifestError(f"{where}: 'gaze' given without 'gaze_format'")
-            g = resolve(str(g))
-            if check_files and not os.path.exists(g):
-                raise ManifestError(f"{where}: gaze path not found: {g}")
-        tr = _cell(r, "gaze_transcript")
-        tr = resolve(str(tr)) if tr else None
-        if tr and check_files and not os.path.isfile(tr):
-            raise ManifestError(f"{where}: gaze_transcript not found: {tr}")
-        dicom = _cell(r, "dicom_id")
-        if fmt in ("egd", "mimic_eye") and not dicom:
-            raise ManifestError(f"{where}: gaze_format {fmt!r} needs 'dicom_id'")
-        size = None
-        w, h = _cell(r, "image_width"), _cell(r, "image_height")
-        if (w is None) != (h is None):
-            raise ManifestError(f"{where}: give both image_width and image_height or neither")
-        if w is not None:
-            try:
-                size = (int(float(w)), int(float(h)))
-            except ValueError:
-                raise ManifestError(f"{where}: image_width/image_height must be numbers, got {w!r}, {h!r}") from None
-            if size[0] <= 0 or size[1] <= 0:
-                raise ManifestError(f"{where}: image_width/image_height must be positive, got {size}")
-        labels = _cell(r, "labels") or []
-        if isinstance(labels, str):
-            labels = [x.strip() for x in labels.split(";") if x.strip()]
-        if not isinstance(labels, list):
-            raise ManifestError(f"{where}: 'labels' must be ';'-separated names or a list")
+        sentences = _row_sentences(r, where, split_rule, splitter)
+        fmt, g, tr, dicom = _row_gaze(r, where, resolve, check_files)
+        size = _row_size(r, where)
+        labels = _row_labels(r, where)
         if not sentences and not fmt and not labels:
             # evaluation rows (zero-shot, retrieval, linear probe) need only the image and its labels
             raise ManifestError(f"{where}: no report text: give 'report' or 'sentences' (or 'labels' for a row "
@@ -191,6 +146,73 @@ def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] =
         records.append(ManifestRecord(image, sentences, fmt, g, tr, dicom, size, [str(x) for x in labels],
                                       str(_cell(r, "split") or ""), where, extra))
     return records
+
+
+def _row_sentences(r: dict, where: str, split_rule: str, splitter) -> List[str]:
+    """A row's sentences: its ``sentences`` list as given (re-split by the egma/medclip rules), else its report split."""
+    sentences = _cell(r, "sentences")
+    if sentences is None:
+        return splitter(_cell(r, "report") or "")
+    if isinstance(sentences, str):
+        try:
+            sentences = json.loads(sentences)
+        except json.JSONDecodeError:
+            raise ManifestError(f"{where}: 'sentences' must be a JSON list of strings") from None
+    if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
+        raise ManifestError(f"{where}: 'sentences' must be a list of strings")
+    sentences = [s.strip() for s in sentences if s.strip()]
+    if split_rule in ("egma", "medclip"):
+        sentences = [t for s in sentences for t in splitter(s)]
+    return sentences
+
+
+def _row_gaze(r: dict, where: str, resolve, check_files: bool):
+    """A row's ``(gaze_format, gaze path, transcript path, dicom_id)``, each checked."""
+    fmt = str(_cell(r, "gaze_format") or "").lower()
+    if fmt not in GAZE_FORMATS:
+        raise ManifestError(f"{where}: unknown gaze_format {fmt!r}; use one of {list(GAZE_FORMATS[1:])} or leave empty")
+    g = _cell(r, "gaze")
+    if fmt and not g:
+        raise ManifestError(f"{where}: gaze_format {fmt!r} needs a 'gaze' path")
+    if g:
+        if not fmt:
+            raise ManifestError(f"{where}: 'gaze' given without 'gaze_format'")
+        g = resolve(str(g))
+        if check_files and not os.path.exists(g):
+            raise ManifestError(f"{where}: gaze path not found: {g}")
+    tr = _cell(r, "gaze_transcript")
+    tr = resolve(str(tr)) if tr else None
+    if tr and check_files and not os.path.isfile(tr):
+        raise ManifestError(f"{where}: gaze_transcript not found: {tr}")
+    dicom = _cell(r, "dicom_id")
+    if fmt in ("egd", "mimic_eye") and not dicom:
+        raise ManifestError(f"{where}: gaze_format {fmt!r} needs 'dicom_id'")
+    return fmt, g, tr, dicom
+
+
+def _row_size(r: dict, where: str) -> Optional[Tuple[int, int]]:
+    """The size the row's gaze coordinates refer to (``image_width``, ``image_height``), or None."""
+    w, h = _cell(r, "image_width"), _cell(r, "image_height")
+    if (w is None) != (h is None):
+        raise ManifestError(f"{where}: give both image_width and image_height or neither")
+    if w is None:
+        return None
+    try:
+        size = (int(float(w)), int(float(h)))
+    except ValueError:
+        raise ManifestError(f"{where}: image_width/image_height must be numbers, got {w!r}, {h!r}") from None
+    if size[0] <= 0 or size[1] <= 0:
+        raise ManifestError(f"{where}: image_width/image_height must be positive, got {size}")
+    return size
+
+
+def _row_labels(r: dict, where: str) -> list:
+    labels = _cell(r, "labels") or []
+    if isinstance(labels, str):
+        labels = [x.strip() for x in labels.split(";") if x.strip()]
+    if not isinstance(labels, list):
+        raise ManifestError(f"{where}: 'labels' must be ';'-separated names or a list")
+    return labels
 
 
 def _manifest_rows(path: str) -> List[Tuple[int, dict]]:

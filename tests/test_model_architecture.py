@@ -129,3 +129,14 @@ def test_old_import_paths_still_work(old, name):
     import importlib
 
     assert callable(getattr(importlib.import_module(old), name))
+
+
+def test_no_function_in_the_model_layer_is_over_80_lines():
+    long = []
+    for module, path in _modules("egma_model").items():
+        for node in ast.walk(ast.parse(open(path).read(), filename=path)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{module}.{node.name}: {lines} lines")
+    assert not long, "; ".join(long)
