@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from egma_model import evaluate as ev
+from egma_model.model import WEIGHTS_NAME
 from egma_model.train import cosine_with_warmup
 
 
@@ -202,7 +203,7 @@ BAD_INPUTS = {
     "prompt classes not in the manifest": (
         lambda d, c: {"--prompts": _write(os.path.join(d, "p4.json"), '{"classes": {"Edema": ["edema"]}}')},
         "no image is labelled with a prompt class"),
-    "no rows after --split": (lambda d, c: {"--split": "validation"}, "no rows with split 'validation'"),
+    "no rows after --split": (lambda d, c: {"--split": "validation"}, "no row has split 'validation'"),
     "unknown task": (lambda d, c: {"--tasks": "zeroshot,retreival"}, "unknown task(s) ['retreival']"),
     "probe without a training manifest": (lambda d, c: {"--tasks": "probe"}, "needs --train-manifest"),
     "missing manifest": (lambda d, c: {"--manifest": os.path.join(d, "nope.csv")}, "manifest not found"),
@@ -221,7 +222,7 @@ def test_eval_refuses_bad_input_in_one_line_before_encoding(name, tiny_checkpoin
     ckpt, m, pr = tiny_checkpoint
     broken = str(tmp_path / "broken")
     shutil.copytree(ckpt, broken)
-    weights = os.path.join(broken, "egma_model.pt")
+    weights = os.path.join(broken, WEIGHTS_NAME)  # the weights file a checkpoint holds
     with open(weights, "r+b") as f:  # a copy cut short, as by a full disk or an interrupted download
         f.truncate(os.path.getsize(weights) // 2)
     change, fragment = BAD_INPUTS[name]
@@ -249,7 +250,7 @@ def test_paper_table_refuses_a_missing_manifest_or_a_broken_checkpoint_in_one_li
     assert err.count("\n") == 1 and "rsna.csv: manifest not found (--rsna)" in err, err
     broken = str(tmp_path / "broken")
     shutil.copytree(ckpt, broken)
-    with open(os.path.join(broken, "egma_model.pt"), "r+b") as f:
+    with open(os.path.join(broken, WEIGHTS_NAME), "r+b") as f:
         f.truncate(100)
     assert ev.main(["--paper-table", "--checkpoint", broken, "--siim", m, "--no-progress"]) == 2
     err = capsys.readouterr().err
