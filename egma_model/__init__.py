@@ -3,8 +3,8 @@
 Composes ``timm`` or ``transformers`` (image encoder), ``transformers`` (sentence encoder) and ``egma_kernels``
 (the loss). Encoders load by hub name or local path (``egma_model.hub``), or are built from configs with
 random weights; ``egma_model.medclip`` starts from a MedCLIP-ViT checkpoint; ``egma_model.prepare``
-(``egma-prepare``) turns the public datasets (one module each in ``egma_model.datasets``) into manifests; ``egma_model.paper_table`` runs the paper's
-evaluation table.
+(``egma-prepare``) turns the public datasets (one module each in ``egma_model.datasets``) into manifests;
+``egma_model.paper_table`` runs the paper's evaluation table. docs/architecture.md maps the modules.
 """
 
 from .data import (Collator, EGMADataset, GazeOptions, ManifestError, ManifestRecord, load_image, load_manifest,

@@ -149,7 +149,8 @@ def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] =
 
 
 def _row_sentences(r: dict, where: str, split_rule: str, splitter) -> List[str]:
-    """A row's sentences: its ``sentences`` list as given (re-split by the egma/medclip rules), else its report split."""
+    """A row's sentences: its ``sentences`` list as given (re-split by the egma/medclip rules), else its report
+    split by the rule."""
     sentences = _cell(r, "sentences")
     if sentences is None:
         return splitter(_cell(r, "report") or "")

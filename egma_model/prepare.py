@@ -13,8 +13,8 @@ and why)::
     egma-prepare siim       --root siim-acr/                                    --out data/siim.csv
 
 Each dataset's layout and columns, and the owners' sources they follow, are in its module under
-``egma_model/datasets/`` (docs/datasets.md has a table per dataset); ``egma_model.datasets.registry`` lists them. Every CSV is read by
-``egma_model.textio`` (strict UTF-8, a byte-order mark skipped) and also under its gzipped name ``<name>.gz``, as
+``egma_model/datasets/`` (docs/datasets.md has a table per dataset); ``egma_model.datasets.registry`` lists
+them. Every CSV is read by ``egma_model.textio`` (strict UTF-8, a byte-order mark skipped) and also under its gzipped name ``<name>.gz``, as
 PhysioNet distributes several of them. Splits are spelled ``train``/``valid``/``test`` everywhere (MIMIC-CXR's
 ``validate`` is mapped to ``valid``); the gaze sets take MIMIC-CXR's official split, and a row without one is
 left with an empty split and counted in the summary's notes (never put in ``train``). Fixations go through the

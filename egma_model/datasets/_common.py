@@ -3,8 +3,8 @@ skipped rows by reason, the gaze readers' counts), the CSV/size/split helpers, D
 ``Command`` that a dataset module declares for each of its ``egma-prepare`` subcommands.
 
 Every CSV is read by ``egma_model.textio`` (strict UTF-8, a byte-order mark skipped) and also under its gzipped
-name ``<name>.gz``. RSNA and SIIM split 70/15/15 into train/valid/test as GLoRIA's preprocessing does (its split is sklearn's
-``train_test_split`` with ``random_state=0``; ours is a seeded permutation of the same sizes, so the same
+name ``<name>.gz``. RSNA and SIIM split 70/15/15 into train/valid/test as GLoRIA's preprocessing does (its
+split is sklearn's ``train_test_split`` with ``random_state=0``; ours is a seeded permutation of the same sizes, so the same
 proportions, not the same images). DICOM images are converted once to 8-bit PNG under ``<out dir>/images/``
 with ``pydicom`` (in the ``model`` extra; without it those rows are skipped and the summary says so) by
 ``dicom_to_uint8`` (rescale, window, MONOCHROME1 inversion); a PNG/JPEG already next to the DICOM (same name) is

@@ -69,7 +69,8 @@ def _parse_egd_fixations(fixations_csv: str) -> Dict[str, np.ndarray]:
         t = number_cell(fixations_csv, i + 2, r, "Time (in secs)")
         d = number_cell(fixations_csv, i + 2, r, "FPOGD")
         out.setdefault(r["DICOM_ID"].strip(), []).append(
-            (t - d, t, number_cell(fixations_csv, i + 2, r, "X_ORIGINAL"), number_cell(fixations_csv, i + 2, r, "Y_ORIGINAL")))
+            (t - d, t, number_cell(fixations_csv, i + 2, r, "X_ORIGINAL"),
+             number_cell(fixations_csv, i + 2, r, "Y_ORIGINAL")))
     parsed = {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in out.items()}
     for a in parsed.values():
         a.flags.writeable = False  # shared by every later read of the file
