@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -38,6 +37,9 @@ import torch
 from torch.utils.data import Dataset
 
 from . import gaze as gz
+from .sentences import (SPLIT_RULES, _splitter, split_sentences, split_sentences_egma,  # noqa: F401
+                        split_sentences_medclip)
+from .datasets import egd_cxr, mimic_eye, reflacx
 from .textio import TextDecodeError, read_csv_rows, read_text
 
 __all__ = [
@@ -78,93 +80,6 @@ class ManifestRecord:
     split: str = ""
     where: str = ""  # "<manifest>: row <n>" for error messages
     extra: Dict = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------- sentences
-
-_ABBREV = re.compile(r"\b(?:dr|mr|mrs|ms|vs|e\.g|i\.e|approx|cf)\.$", re.IGNORECASE)
-
-
-def split_sentences(text: str) -> List[str]:
-    """Split a report into sentences at ``.``, ``?``, ``!``, ``;`` and line breaks.
-
-    Decimal numbers (``2.5 cm``) and common abbreviations do not end a sentence; section headers such as
-    ``FINDINGS:`` are dropped when alone; empty pieces are dropped; whitespace is collapsed.
-    """
-    text = str(text or "").replace("\r", "\n")
-    pieces: List[str] = []
-    buf = ""
-    i = 0
-    while i < len(text):
-        c = text[i]
-        buf += c
-        end = False
-        if c in "?!;\n":
-            end = True
-        elif c == ".":
-            nxt = text[i + 1] if i + 1 < len(text) else " "
-            prev = text[i - 1] if i > 0 else " "
-            if prev.isdigit() and nxt.isdigit():
-                end = False
-            elif _ABBREV.search(buf) or (nxt.isalpha() and re.search(r"(?:^|\W)[A-Za-z]\.$", buf)):
-                end = False  # "e.g.", "approx." ...
-            else:
-                end = True
-        if end:
-            pieces.append(buf)
-            buf = ""
-        i += 1
-    pieces.append(buf)
-    out = []
-    for p in pieces:
-        p = re.sub(r"\s+", " ", p).strip().strip(";").strip()
-        if not p or re.fullmatch(r"[A-Z ]+:", p) or not re.search(r"[A-Za-z0-9]", p):
-            continue
-        p = re.sub(r"^[A-Z ]{3,}:\s*", "", p)  # "FINDINGS: The lungs..." -> "The lungs..."
-        if p:
-            out.append(p)
-    return out
-
-
-_NUMBERED = re.compile(r"[0-9]+\.+[^0-9]")  # "1. ", "2.The": a number, its dots and the next character
-_WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
-
-
-def split_sentences_egma(text: str, min_tokens: int = 1) -> List[str]:
-    r"""The authors' sentence rule (EGMA/MedCLIP code), re-implemented.
-
-    Line breaks become spaces; the text is cut at numbered markers (digits, one or more dots, and the
-    character after them, which is dropped) and then at ``". "``; each piece is lowercased and split into
-    word and punctuation runs (``\w+`` or ``[^\w\s]+``, NLTK's ``wordpunct_tokenize`` rule), non-ASCII
-    characters are removed, and the tokens are re-joined with single spaces. Pieces with fewer than
-    ``min_tokens`` tokens are dropped: 1 keeps every piece with a token (the authors' training dataset class),
-    5 keeps pieces of more than 4 tokens only (MedCLIP's rule, in the authors' older dataset classes).
-    """
-    text = str(text or "").replace("\n", " ")
-    out = []
-    for part in _NUMBERED.split(text):
-        for sent in part.split(". "):
-            toks = [t.encode("ascii", "ignore").decode("ascii") for t in _WORDPUNCT.findall(sent.lower())]
-            toks = [t for t in toks if t]
-            if toks and len(toks) >= min_tokens:
-                out.append(" ".join(toks))
-    return out
-
-
-def split_sentences_medclip(text: str) -> List[str]:
-    """``split_sentences_egma`` keeping pieces of more than 4 tokens only (MedCLIP's rule)."""
-    return split_sentences_egma(text, min_tokens=5)
-
-
-# "ours": split_sentences (case kept); "egma": split_sentences_egma, every piece with a token (the authors'
-# training dataset); "medclip": the same split, pieces of more than 4 tokens only
-SPLIT_RULES = {"ours": split_sentences, "egma": split_sentences_egma, "medclip": split_sentences_medclip}
-
-
-def _splitter(rule: str):
-    if rule not in SPLIT_RULES:
-        raise ValueError(f"unknown sentence split rule {rule!r}; use one of {list(SPLIT_RULES)}")
-    return SPLIT_RULES[rule]
 
 
 # ------------------------------------------------------------------------------------------- manifest
@@ -215,55 +130,10 @@ def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] =
         image = resolve(str(image))
         if check_files and not os.path.isfile(image):
             raise ManifestError(f"{where}: image file not found: {image}")
-        sentences = _cell(r, "sentences")
-        if sentences is not None:
-            if isinstance(sentences, str):
-                try:
-                    sentences = json.loads(sentences)
-                except json.JSONDecodeError:
-                    raise ManifestError(f"{where}: 'sentences' must be a JSON list of strings") from None
-            if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
-                raise ManifestError(f"{where}: 'sentences' must be a list of strings")
-            sentences = [s.strip() for s in sentences if s.strip()]
-            if split_rule in ("egma", "medclip"):
-                sentences = [t for s in sentences for t in splitter(s)]
-        else:
-            sentences = splitter(_cell(r, "report") or "")
-        fmt = str(_cell(r, "gaze_format") or "").lower()
-        if fmt not in GAZE_FORMATS:
-            raise ManifestError(f"{where}: unknown gaze_format {fmt!r}; use one of {list(GAZE_FORMATS[1:])} or leave empty")
-        g = _cell(r, "gaze")
-        if fmt and not g:
-            raise ManifestError(f"{where}: gaze_format {fmt!r} needs a 'gaze' path")
-        if g:
-            if not fmt:
-                raise ManifestError(f"{where}: 'gaze' given without 'gaze_format'")
-            g = resolve(str(g))
-            if check_files and not os.path.exists(g):
-                raise ManifestError(f"{where}: gaze path not found: {g}")
-        tr = _cell(r, "gaze_transcript")
-        tr = resolve(str(tr)) if tr else None
-        if tr and check_files and not os.path.isfile(tr):
-            raise ManifestError(f"{where}: gaze_transcript not found: {tr}")
-        dicom = _cell(r, "dicom_id")
-        if fmt in ("egd", "mimic_eye") and not dicom:
-            raise ManifestError(f"{where}: gaze_format {fmt!r} needs 'dicom_id'")
-        size = None
-        w, h = _cell(r, "image_width"), _cell(r, "image_height")
-        if (w is None) != (h is None):
-            raise ManifestError(f"{where}: give both image_width and image_height or neither")
-        if w is not None:
-            try:
-                size = (int(float(w)), int(float(h)))
-            except ValueError:
-                raise ManifestError(f"{where}: image_width/image_height must be numbers, got {w!r}, {h!r}") from None
-            if size[0] <= 0 or size[1] <= 0:
-                raise ManifestError(f"{where}: image_width/image_height must be positive, got {size}")
-        labels = _cell(r, "labels") or []
-        if isinstance(labels, str):
-            labels = [x.strip() for x in labels.split(";") if x.strip()]
-        if not isinstance(labels, list):
-            raise ManifestError(f"{where}: 'labels' must be ';'-separated names or a list")
+        sentences = _row_sentences(r, where, split_rule, splitter)
+        fmt, g, tr, dicom = _row_gaze(r, where, resolve, check_files)
+        size = _row_size(r, where)
+        labels = _row_labels(r, where)
         if not sentences and not fmt and not labels:
             # evaluation rows (zero-shot, retrieval, linear probe) need only the image and its labels
             raise ManifestError(f"{where}: no report text: give 'report' or 'sentences' (or 'labels' for a row "
@@ -276,6 +146,74 @@ def load_manifest(path: str, *, check_files: bool = True, split: Optional[str] =
         records.append(ManifestRecord(image, sentences, fmt, g, tr, dicom, size, [str(x) for x in labels],
                                       str(_cell(r, "split") or ""), where, extra))
     return records
+
+
+def _row_sentences(r: dict, where: str, split_rule: str, splitter) -> List[str]:
+    """A row's sentences: its ``sentences`` list as given (re-split by the egma/medclip rules), else its report
+    split by the rule."""
+    sentences = _cell(r, "sentences")
+    if sentences is None:
+        return splitter(_cell(r, "report") or "")
+    if isinstance(sentences, str):
+        try:
+            sentences = json.loads(sentences)
+        except json.JSONDecodeError:
+            raise ManifestError(f"{where}: 'sentences' must be a JSON list of strings") from None
+    if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
+        raise ManifestError(f"{where}: 'sentences' must be a list of strings")
+    sentences = [s.strip() for s in sentences if s.strip()]
+    if split_rule in ("egma", "medclip"):
+        sentences = [t for s in sentences for t in splitter(s)]
+    return sentences
+
+
+def _row_gaze(r: dict, where: str, resolve, check_files: bool):
+    """A row's ``(gaze_format, gaze path, transcript path, dicom_id)``, each checked."""
+    fmt = str(_cell(r, "gaze_format") or "").lower()
+    if fmt not in GAZE_FORMATS:
+        raise ManifestError(f"{where}: unknown gaze_format {fmt!r}; use one of {list(GAZE_FORMATS[1:])} or leave empty")
+    g = _cell(r, "gaze")
+    if fmt and not g:
+        raise ManifestError(f"{where}: gaze_format {fmt!r} needs a 'gaze' path")
+    if g:
+        if not fmt:
+            raise ManifestError(f"{where}: 'gaze' given without 'gaze_format'")
+        g = resolve(str(g))
+        if check_files and not os.path.exists(g):
+            raise ManifestError(f"{where}: gaze path not found: {g}")
+    tr = _cell(r, "gaze_transcript")
+    tr = resolve(str(tr)) if tr else None
+    if tr and check_files and not os.path.isfile(tr):
+        raise ManifestError(f"{where}: gaze_transcript not found: {tr}")
+    dicom = _cell(r, "dicom_id")
+    if fmt in ("egd", "mimic_eye") and not dicom:
+        raise ManifestError(f"{where}: gaze_format {fmt!r} needs 'dicom_id'")
+    return fmt, g, tr, dicom
+
+
+def _row_size(r: dict, where: str) -> Optional[Tuple[int, int]]:
+    """The size the row's gaze coordinates refer to (``image_width``, ``image_height``), or None."""
+    w, h = _cell(r, "image_width"), _cell(r, "image_height")
+    if (w is None) != (h is None):
+        raise ManifestError(f"{where}: give both image_width and image_height or neither")
+    if w is None:
+        return None
+    try:
+        size = (int(float(w)), int(float(h)))
+    except ValueError:
+        raise ManifestError(f"{where}: image_width/image_height must be numbers, got {w!r}, {h!r}") from None
+    if size[0] <= 0 or size[1] <= 0:
+        raise ManifestError(f"{where}: image_width/image_height must be positive, got {size}")
+    return size
+
+
+def _row_labels(r: dict, where: str) -> list:
+    labels = _cell(r, "labels") or []
+    if isinstance(labels, str):
+        labels = [x.strip() for x in labels.split(";") if x.strip()]
+    if not isinstance(labels, list):
+        raise ManifestError(f"{where}: 'labels' must be ';'-separated names or a list")
+    return labels
 
 
 def _manifest_rows(path: str) -> List[Tuple[int, dict]]:
@@ -458,11 +396,11 @@ class EGMADataset(Dataset):
                     size = im.size
         opts = self.gaze_options
         if rec.gaze_format == "reflacx":
-            return gz.read_reflacx(rec.gaze, image_size=size, use_raw_gaze=opts.use_raw_gaze)
+            return reflacx.read_reflacx(rec.gaze, image_size=size, use_raw_gaze=opts.use_raw_gaze)
         if rec.gaze_format == "egd":
-            return gz.read_egd_cxr(rec.gaze, rec.dicom_id, rec.gaze_transcript, image_size=size)
+            return egd_cxr.read_egd_cxr(rec.gaze, rec.dicom_id, rec.gaze_transcript, image_size=size)
         if rec.gaze_format == "mimic_eye":
-            return gz.read_mimic_eye_egd(rec.gaze, rec.dicom_id, image_size=size)
+            return mimic_eye.read_mimic_eye_egd(rec.gaze, rec.dicom_id, image_size=size)
         raise AssertionError(rec.gaze_format)
 
     def sentences_and_gaze(self, i: int) -> Tuple[List[str], Optional[torch.Tensor]]:

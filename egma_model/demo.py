@@ -129,60 +129,88 @@ def make_figure(path, data_dir, test_records, boxes, sims_by_run: Dict[str, torc
     """Rows: test images with a finding. Columns: the image with the finding box, the gaze heatmap of the finding
     sentence, then each run's sentence-to-patch similarity map, each map on the patch grid with its colour bar,
     the box and its hottest patch (x). Below: every loss term of every run against the training step."""
-    from matplotlib.patches import Rectangle
-    from matplotlib.ticker import MaxNLocator
-
-    from .data import load_image
-
     plt = _pyplot()
     rows = min(n_show, len(gaze_maps))
     cols = 2 + len(sims_by_run)
     fig = plt.figure(figsize=(3.6 * max(cols, 4), 3.3 * rows + 4.2), dpi=100)
     outer = fig.add_gridspec(2, 1, height_ratios=[3.3 * rows, 3.0], hspace=0.15)
     top = outer[0].subgridspec(rows, cols, hspace=0.35, wspace=0.35)
-    gh, gw = grid
     titles = ["image + finding box", "radiologist gaze"] + [f"similarity: {k}" for k in sims_by_run]
     for r in range(rows):
         rec, box, sentence = test_records[r]
-        grey = load_image(rec.image)
-        H, W = grey.shape
-        side = max(H, W)
-        sq = np.zeros((side, side))
-        oy, ox = (side - H) // 2, (side - W) // 2
-        sq[oy : oy + H, ox : ox + W] = grey
-        bx = (box[0] + ox, box[1] + oy, box[2] - box[0], box[3] - box[1])
+        sq, side, bx = _square_with_box(rec.image, box)
         maps = [None, gaze_maps[r]] + [sims[r].numpy() for sims in sims_by_run.values()]
         for c in range(cols):
             ax = fig.add_subplot(top[r, c])
-            ax.imshow(sq, cmap="gray", extent=(0, side, side, 0), vmin=0, vmax=1)
-            m = maps[c]
-            if m is not None:
-                m = np.asarray(m, dtype=np.float64).reshape(gh, gw)
-                # patches without gaze stay clear, so the anatomy shows where nobody looked
-                shown = np.ma.masked_where(m <= 0, m) if c == 1 else m
-                im = ax.imshow(shown, cmap="inferno", alpha=0.6, extent=(0, side, side, 0), interpolation="nearest",
-                               vmin=0 if c == 1 else None)
-                cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-                cb.ax.tick_params(labelsize=9)
-                cb.set_label("gaze heat" if c == 1 else "cosine similarity", fontsize=9)
-                k = int(np.argmax(m))
-                py, px = (k // gw + 0.5) * side / gh, (k % gw + 0.5) * side / gw
-                inside = bx[0] <= px <= bx[0] + bx[2] and bx[1] <= py <= bx[1] + bx[3]
-                ax.plot([px], [py], marker="x", color="cyan", markersize=12, markeredgewidth=3)
-                ax.set_xlabel("peak in box" if inside else "peak outside box", fontsize=10,
-                              color="darkgreen" if inside else "firebrick")
-            ax.add_patch(Rectangle(bx[:2], bx[2], bx[3], fill=False, edgecolor="lime", linewidth=2))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_xlim(0, side)
-            ax.set_ylim(side, 0)
+            _draw_panel(fig, ax, sq, side, bx, maps[c], c == 1, grid)
             if r == 0:
                 ax.set_title(titles[c], fontsize=11, fontweight="bold")
             if c == 0:  # the finding sentence, on at most two lines within the panel's width
                 lines = textwrap.wrap(f'"{sentence}"', 34)
                 text = "\n".join(lines[:2]) + ("..." if len(lines) > 2 else "")
                 ax.set_xlabel(text, fontsize=10)
-    bottom = outer[1].subgridspec(1, len(LOSS_TERMS), wspace=0.3)
+    handles, k = _draw_loss_curves(fig, outer[1], histories)
+    smoothing = (f"thin lines: every step; thick: moving average over {k} steps" if k > 1
+                 else "every step (too few steps to smooth)")
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
+               bbox_to_anchor=(0.5, 0.0), title=f"training run ({smoothing})")
+    if caption:
+        fig.suptitle(caption, fontsize=12, y=0.995)
+    fig.subplots_adjust(left=0.04, right=0.93, top=0.95, bottom=0.075)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _square_with_box(image_path: str, box):
+    """The image centred in a black square (the frame the maps are in), its side, and the box ``(x, y, w, h)``
+    moved into that frame."""
+    from .data import load_image
+
+    grey = load_image(image_path)
+    H, W = grey.shape
+    side = max(H, W)
+    sq = np.zeros((side, side))
+    oy, ox = (side - H) // 2, (side - W) // 2
+    sq[oy : oy + H, ox : ox + W] = grey
+    bx = (box[0] + ox, box[1] + oy, box[2] - box[0], box[3] - box[1])
+    return sq, side, bx
+
+
+def _draw_panel(fig, ax, sq, side: int, bx, m, is_gaze: bool, grid) -> None:
+    """One panel: the image, the map ``m`` on the patch grid (None: none) with its colour bar and its hottest
+    patch (x), and the finding box."""
+    from matplotlib.patches import Rectangle
+
+    gh, gw = grid
+    ax.imshow(sq, cmap="gray", extent=(0, side, side, 0), vmin=0, vmax=1)
+    if m is not None:
+        m = np.asarray(m, dtype=np.float64).reshape(gh, gw)
+        # patches without gaze stay clear, so the anatomy shows where nobody looked
+        shown = np.ma.masked_where(m <= 0, m) if is_gaze else m
+        im = ax.imshow(shown, cmap="inferno", alpha=0.6, extent=(0, side, side, 0), interpolation="nearest",
+                       vmin=0 if is_gaze else None)
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        cb.ax.tick_params(labelsize=9)
+        cb.set_label("gaze heat" if is_gaze else "cosine similarity", fontsize=9)
+        k = int(np.argmax(m))
+        py, px = (k // gw + 0.5) * side / gh, (k % gw + 0.5) * side / gw
+        inside = bx[0] <= px <= bx[0] + bx[2] and bx[1] <= py <= bx[1] + bx[3]
+        ax.plot([px], [py], marker="x", color="cyan", markersize=12, markeredgewidth=3)
+        ax.set_xlabel("peak in box" if inside else "peak outside box", fontsize=10,
+                      color="darkgreen" if inside else "firebrick")
+    ax.add_patch(Rectangle(bx[:2], bx[2], bx[3], fill=False, edgecolor="lime", linewidth=2))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlim(0, side)
+    ax.set_ylim(side, 0)
+
+
+def _draw_loss_curves(fig, area, histories):
+    """Every loss term of every run against the step, one panel a term; returns the legend handles and the
+    moving-average width (1: every step drawn as is)."""
+    from matplotlib.ticker import MaxNLocator
+
+    bottom = area.subgridspec(1, len(LOSS_TERMS), wspace=0.3)
     n_steps = max((len(h) for h in histories.values()), default=0)
     k = max(1, n_steps // 15) if n_steps >= 20 else 1
     colours = ["tab:red", "tab:blue", "tab:green", "tab:purple"]
@@ -208,15 +236,7 @@ def make_figure(path, data_dir, test_records, boxes, sims_by_run: Dict[str, torc
         if j == 0:
             ax.set_ylabel("loss")
         ax.grid(True, alpha=0.3)
-    smoothing = (f"thin lines: every step; thick: moving average over {k} steps" if k > 1
-                 else "every step (too few steps to smooth)")
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
-               bbox_to_anchor=(0.5, 0.0), title=f"training run ({smoothing})")
-    if caption:
-        fig.suptitle(caption, fontsize=12, y=0.995)
-    fig.subplots_adjust(left=0.04, right=0.93, top=0.95, bottom=0.075)
-    fig.savefig(path)
-    plt.close(fig)
+    return handles, k
 
 
 # ---------------------------------------------------------------------------------------------- demo
@@ -572,7 +592,7 @@ def _fractions(text: str) -> List[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from egma_kernels.bench.cli import HelpFormatter  # says each option's default once
+    from egma_kernels.cli_support import HelpFormatter  # says each option's default once
 
     p = argparse.ArgumentParser(prog="egma-demo", formatter_class=HelpFormatter,
                                 description="EGMA with and without gaze on a synthetic gaze-annotated chest X-ray set, "
@@ -619,7 +639,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threads = ns.threads
     if threads is None and not torch.cuda.is_available():
         # A shared CPU: as many threads as idle cores (torch's threads wait for each other at every op).
-        from egma_kernels.bench.cli import choose_threads
+        from egma_kernels.cli_support import choose_threads
 
         threads, why = choose_threads(torch.get_num_threads())
         print(f"egma-demo: torch CPU threads: {why}")

@@ -17,27 +17,24 @@ Coordinates: fixations are in pixels of the original image ``(x right, y down)``
 centred square before resizing (``egma_model.data.preprocess_image``); the heatmaps are computed in that
 same square frame so that gaze stays aligned with the pixels.
 
-Readers (``read_reflacx``, ``read_egd_cxr``, ``read_mimic_eye_egd``) turn the public datasets' files into a
-``GazeRecord``; their docstrings list the files and columns they use. Every text file goes through
-``egma_model.textio`` (strict UTF-8, ``.gz`` accepted). Every reader ends with ``apply_reader_rules``, the one
-place that decides which fixations are usable (see ``READER_RULES_VERSION``).
+Readers turn the public datasets' files into a ``GazeRecord``; they live next to their datasets
+(``egma_model.datasets.reflacx.read_reflacx``, ``egma_model.datasets.egd_cxr.read_egd_cxr``,
+``egma_model.datasets.mimic_eye.read_mimic_eye_egd``), and their docstrings list the files and columns they use.
+Every reader ends with ``apply_reader_rules`` (here, through ``reader_record``), the one place that decides which
+fixations are usable (see ``READER_RULES_VERSION``). The readers' names stay importable from this module for one
+release.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from .textio import find_published, read_csv_rows, read_text
 
 __all__ = [
     "GazeRecord",
@@ -350,246 +347,29 @@ def apply_reader_rules(fixations: np.ndarray, image_size: Tuple[int, int]) -> Tu
     return fix[keep], int((finite & ~on_image).sum()), int((~finite).sum())
 
 
-def _record(fixations: np.ndarray, words, image_size, transcript, source) -> GazeRecord:
+def reader_record(fixations: np.ndarray, words, image_size, transcript, source) -> GazeRecord:
     size = (int(image_size[0]), int(image_size[1]))
     kept, off, non_finite = apply_reader_rules(fixations, size)
     return GazeRecord(kept, words, size, transcript, source=source, dropped_off_image=off,
                       dropped_non_finite=non_finite)
 
 
-# ----------------------------------------------------------------------------------------------------
-# readers
+# The readers moved next to their datasets (egma_model.datasets); their names stay importable from here for one
+# release, through importlib at attribute access so that this module imports nothing above it.
+_MOVED = {
+    "read_reflacx": "egma_model.datasets.reflacx",
+    "read_reflacx_metadata": "egma_model.datasets.reflacx",
+    "reflacx_raw_gaze_path": "egma_model.datasets.reflacx",
+    "read_egd_cxr": "egma_model.datasets.egd_cxr",
+    "read_egd_fixations": "egma_model.datasets.egd_cxr",
+    "EGD_FIXATION_COLUMNS": "egma_model.datasets.egd_cxr",
+    "read_mimic_eye_egd": "egma_model.datasets.mimic_eye",
+}
 
 
-def _published(folder: str, name: str) -> str:
-    """``folder/name`` as published or gzipped (the plain path when neither exists, for the error message)."""
-    return find_published(folder, name) or os.path.join(folder, name)
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
 
-
-def _read_csv(path: str) -> Tuple[List[str], List[dict]]:
-    if not os.path.isfile(path):
-        raise GazeFormatError(f"{path}: file not found")
-    return read_csv_rows(path)
-
-
-def _need(path: str, header: List[str], cols: Sequence[str]) -> None:
-    missing = [c for c in cols if c not in header]
-    if missing:
-        raise GazeFormatError(f"{path}: missing column(s) {missing}; found {header}")
-
-
-def _float(path: str, row_no: int, row: dict, col: str) -> float:
-    """A number cell; an empty cell is NaN (a missing value as pandas writes it), text is an error."""
-    v = row.get(col)
-    if v is not None and v.strip() == "":
-        return float("nan")
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise GazeFormatError(f"{path}: row {row_no}: column {col!r} is not a number: {row.get(col)!r}") from None
-
-
-def read_reflacx_metadata(path: str) -> List[dict]:
-    """Rows of a REFLACX ``main_data/metadata_phase_<n>.csv`` whose eye tracking was kept.
-
-    Columns used: ``id`` (the reading's folder under ``main_data/``), ``dicom_id``, ``image`` (path of the
-    DICOM in MIMIC-CXR), ``split``, ``eye_tracking_data_discarded`` (rows with ``True`` are dropped),
-    ``image_size_x``, ``image_size_y``. The other columns (label certainties per finding) are kept as is.
-    """
-    header, rows = _read_csv(path)
-    _need(path, header, ["id"])
-    keep = []
-    for r in rows:
-        if str(r.get("eye_tracking_data_discarded", "False")).strip().lower() in ("true", "1"):
-            continue
-        keep.append(r)
-    return keep
-
-
-def reflacx_raw_gaze_path(case_dir: str) -> str:
-    """``gaze.csv`` of a REFLACX reading ``.../main_data/<id>``: REFLACX 1.0.0 publishes it as
-    ``gaze_data/<id>/gaze.csv`` beside ``main_data/`` (the REFLACX PhysioNet page's file list; MIMIC-EYE keeps the
-    same ``REFLACX/gaze_data/<id>/`` and ``REFLACX/main_data/<id>/`` pair). A ``gaze.csv`` inside the reading's
-    own folder is used when there is one (a copy arranged by hand)."""
-    case_dir = os.path.normpath(case_dir)
-    own = find_published(case_dir, "gaze.csv")
-    if own:
-        return own
-    reading = os.path.basename(case_dir)
-    beside = os.path.join(os.path.dirname(os.path.dirname(case_dir)), "gaze_data", reading)
-    return _published(beside, "gaze.csv")
-
-
-def _reflacx_raw_fixations(case_dir: str, ivt) -> np.ndarray:
-    gz_path = reflacx_raw_gaze_path(case_dir)
-    header, rows = _read_csv(gz_path)
-    _need(gz_path, header, ["timestamp_sample", "x_position", "y_position"])
-    cols = ("timestamp_sample", "x_position", "y_position")
-    t, x, y = ([_float(gz_path, i + 2, r, c) for i, r in enumerate(rows)] for c in cols)
-    ppd = 1.0
-    if "angular_resolution_x_pixels_per_degree" in header:
-        c = "angular_resolution_x_pixels_per_degree"
-        vals = [v for v in (_float(gz_path, i + 2, r, c) for i, r in enumerate(rows)) if math.isfinite(v)]
-        if vals:
-            ppd = float(np.median(vals))
-    return detect_fixations(t, x, y, pixels_per_degree=ppd, **ivt)
-
-
-def read_reflacx(case_dir: str, *, image_size: Optional[Tuple[int, int]] = None, use_raw_gaze: bool = False,
-                 **ivt) -> GazeRecord:
-    """One REFLACX reading: the folder ``main_data/<id>/`` of REFLACX v1.0.0.
-
-    Files and columns used (each also accepted gzipped, ``<name>.gz``):
-      * ``fixations.csv``: ``timestamp_start_fixation``, ``timestamp_end_fixation`` (seconds),
-        ``x_position``, ``y_position`` (pixels of the original image).
-      * ``gaze_data/<id>/gaze.csv`` beside ``main_data/`` (only with ``use_raw_gaze=True``, then run through
-        ``detect_fixations``; see ``reflacx_raw_gaze_path``): ``timestamp_sample``, ``x_position``,
-        ``y_position`` and, when present, ``angular_resolution_x_pixels_per_degree`` (median used as pixels
-        per degree).
-      * ``timestamps_transcription.csv``: ``word``, ``timestamp_start_word``, ``timestamp_end_word``
-        (punctuation marks are rows of their own; they carry no token and match nothing).
-      * ``transcription.txt``: the dictated report (optional).
-    ``image_size`` (width, height) comes from the metadata's ``image_size_x``/``image_size_y``; without it the
-    extent of ``xmax_shown_from_image``/``ymax_shown_from_image`` in ``fixations.csv`` is used. Fixations go
-    through ``apply_reader_rules``.
-    """
-    fx_header: List[str] = []
-    fx_rows: List[dict] = []
-    if use_raw_gaze:
-        fixations = _reflacx_raw_fixations(case_dir, ivt)
-    else:
-        fx_path = _published(case_dir, "fixations.csv")
-        fx_header, fx_rows = _read_csv(fx_path)
-        cols = ["timestamp_start_fixation", "timestamp_end_fixation", "x_position", "y_position"]
-        _need(fx_path, fx_header, cols)
-        fixations = np.asarray(
-            [[_float(fx_path, i + 2, r, c) for c in cols] for i, r in enumerate(fx_rows)], dtype=np.float64
-        ).reshape(-1, 4)
-    words: List[Tuple[str, float, float]] = []
-    ts_path = _published(case_dir, "timestamps_transcription.csv")
-    if os.path.isfile(ts_path):
-        header, rows = _read_csv(ts_path)
-        _need(ts_path, header, ["word", "timestamp_start_word", "timestamp_end_word"])
-        for i, r in enumerate(rows):
-            start = _float(ts_path, i + 2, r, "timestamp_start_word")
-            end = _float(ts_path, i + 2, r, "timestamp_end_word")
-            if math.isfinite(start) and math.isfinite(end):  # a word without a time cannot place a sentence
-                words.append((r["word"], start, end))
-    transcript = None
-    tr_path = os.path.join(case_dir, "transcription.txt")
-    if os.path.isfile(tr_path):
-        transcript = read_text(tr_path).strip()
-    if image_size is None:
-        if fx_rows and "xmax_shown_from_image" in fx_header and "ymax_shown_from_image" in fx_header:
-            image_size = (int(max(float(r["xmax_shown_from_image"]) for r in fx_rows)),
-                          int(max(float(r["ymax_shown_from_image"]) for r in fx_rows)))
-        else:
-            raise GazeFormatError(f"{case_dir}: image_size not given and not derivable from fixations.csv")
-    return _record(fixations, words, image_size, transcript, case_dir)
-
-
-EGD_FIXATION_COLUMNS = ["DICOM_ID", "Time (in secs)", "FPOGD", "X_ORIGINAL", "Y_ORIGINAL"]
-
-
-# Parsed EGD-CXR fixations files, newest last: EGD-CXR puts all 1,083 readings in one ``fixations.csv`` (about
-# 200,000 rows), so each file is parsed once per process, not once per reading. Keyed by the file's path, size
-# and modification time, so an edited file is parsed again.
-_EGD_PARSED: "OrderedDict[Tuple[str, int, int], Dict[str, np.ndarray]]" = OrderedDict()
-_EGD_PARSED_FILES = 4  # MIMIC-EYE has one small file per patient: keep a few, not all
-
-
-def read_egd_fixations(fixations_csv: str) -> Dict[str, np.ndarray]:
-    """Every reading's fixations in an EGD-CXR ``fixations.csv``: ``DICOM_ID`` -> ``(F, 4)`` ``start_s, end_s,
-    x_px, y_px`` as written (before ``apply_reader_rules``; read-only arrays). Stray spaces around the IDs are
-    removed. Parsed once per process and file (see ``_EGD_PARSED``)."""
-    try:
-        st = os.stat(fixations_csv)
-        key = (os.path.realpath(fixations_csv), st.st_size, st.st_mtime_ns)
-    except OSError:
-        key = None  # missing: _read_csv names the file
-    if key is not None and key in _EGD_PARSED:
-        _EGD_PARSED.move_to_end(key)
-        return _EGD_PARSED[key]
-    parsed = _parse_egd_fixations(fixations_csv)
-    if key is not None:
-        _EGD_PARSED[key] = parsed
-        while len(_EGD_PARSED) > _EGD_PARSED_FILES:
-            _EGD_PARSED.popitem(last=False)
-    return parsed
-
-
-def _parse_egd_fixations(fixations_csv: str) -> Dict[str, np.ndarray]:
-    header, rows = _read_csv(fixations_csv)
-    _need(fixations_csv, header, EGD_FIXATION_COLUMNS)
-    out: Dict[str, List[Tuple[float, float, float, float]]] = {}
-    for i, r in enumerate(rows):
-        t = _float(fixations_csv, i + 2, r, "Time (in secs)")
-        d = _float(fixations_csv, i + 2, r, "FPOGD")
-        out.setdefault(r["DICOM_ID"].strip(), []).append(
-            (t - d, t, _float(fixations_csv, i + 2, r, "X_ORIGINAL"), _float(fixations_csv, i + 2, r, "Y_ORIGINAL")))
-    parsed = {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in out.items()}
-    for a in parsed.values():
-        a.flags.writeable = False  # shared by every later read of the file
-    return parsed
-
-
-def _egd_words(transcript_json: str) -> Tuple[List[Tuple[str, float, float]], Optional[str]]:
-    if not os.path.isfile(transcript_json):
-        raise GazeFormatError(f"{transcript_json}: file not found")
-    try:
-        tj = json.loads(read_text(transcript_json))
-    except json.JSONDecodeError as e:
-        raise GazeFormatError(f"{transcript_json}: not valid JSON ({e})") from None
-    if not isinstance(tj, dict) or not isinstance(tj.get("time_stamped_text"), list):
-        raise GazeFormatError(f"{transcript_json}: no 'time_stamped_text' list")
-    words = []
-    for i, p in enumerate(tj["time_stamped_text"]):
-        try:
-            words.append((str(p["phrase"]), float(p["begin_time"]), float(p["end_time"])))
-        except (KeyError, TypeError, ValueError):
-            raise GazeFormatError(
-                f"{transcript_json}: time_stamped_text[{i}] needs phrase, begin_time, end_time") from None
-    return words, tj.get("full_text")
-
-
-def read_egd_cxr(fixations_csv: str, dicom_id: str, transcript_json: Optional[str] = None, *,
-                 image_size: Optional[Tuple[int, int]] = None) -> GazeRecord:
-    """One reading of EGD-CXR (Karargyris et al., PhysioNet ``egd-cxr`` 1.0.0; also as MIMIC-EYE's ``EyeGaze``).
-
-    Files and columns used:
-      * ``fixations.csv`` (all readings in one file, or one patient's in MIMIC-EYE; ``fixations.csv.gz`` too):
-        ``DICOM_ID`` (rows of other images are ignored), ``Time (in secs)`` (time of the row since the reading
-        began, taken as the end of the fixation), ``FPOGD`` (fixation duration, s), ``X_ORIGINAL``,
-        ``Y_ORIGINAL`` (fixation position in pixels of the original image; a negative placeholder when the
-        radiologist looked outside the image, dropped by ``apply_reader_rules``). Start = ``Time - FPOGD``.
-      * ``audio_segmentation_transcripts/<dicom_id>/transcript.json``: ``full_text`` and
-        ``time_stamped_text``: a list of ``{"phrase", "begin_time", "end_time"}`` (seconds).
-    ``image_size`` (width, height): the DICOM's size (EGD-CXR does not repeat it); without it, the largest
-    finite ``X_ORIGINAL``/``Y_ORIGINAL`` seen bounds it (a rough fallback).
-    """
-    if not os.path.isfile(fixations_csv) and not fixations_csv.endswith(".gz"):
-        fixations_csv = _published(os.path.dirname(fixations_csv), os.path.basename(fixations_csv))
-    fixations = read_egd_fixations(fixations_csv).get(dicom_id.strip())
-    if fixations is None:
-        raise GazeFormatError(f"{fixations_csv}: no rows with DICOM_ID {dicom_id!r}")
-    words: List[Tuple[str, float, float]] = []
-    transcript = None
-    if transcript_json is not None:
-        words, transcript = _egd_words(transcript_json)
-    if image_size is None:
-        xy = fixations[:, 2:][np.isfinite(fixations[:, 2:]).all(axis=1)]
-        xy = xy[(xy >= 0).all(axis=1)]
-        if len(xy) == 0:
-            raise GazeFormatError(f"{fixations_csv}: image_size not given and no on-image fixation of {dicom_id!r}")
-        image_size = (int(np.ceil(xy[:, 0].max())) + 1, int(np.ceil(xy[:, 1].max())) + 1)
-    return _record(fixations, words, image_size, transcript, f"{fixations_csv}#{dicom_id}")
-
-
-def read_mimic_eye_egd(patient_dir: str, dicom_id: str, *, image_size: Optional[Tuple[int, int]] = None) -> GazeRecord:
-    """EGD-CXR as packaged in MIMIC-EYE: ``patient_<subject_id>/EyeGaze/fixations.csv`` and
-    ``patient_<subject_id>/EyeGaze/audio_segmentation_transcripts/<dicom_id>/transcript.json``
-    (same columns and rules as ``read_egd_cxr``)."""
-    eg = os.path.join(patient_dir, "EyeGaze")
-    tj = os.path.join(eg, "audio_segmentation_transcripts", dicom_id, "transcript.json")
-    return read_egd_cxr(_published(eg, "fixations.csv"), dicom_id, tj if os.path.isfile(tj) else None,
-                        image_size=image_size)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,13 +23,11 @@ differently worded prompts will not reproduce the paper's numbers exactly.
 from __future__ import annotations
 
 import json
-import os
 import random
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["TRAIN", "EVAL", "NOTES", "RECIPES", "resolve", "format_settings", "builtin_prompts",
-           "BUILTIN_PROMPTS", "CheckpointSelector", "explicit_options"]
+           "BUILTIN_PROMPTS", "explicit_options"]
 
 RECIPES = ("ours", "authors-code", "paper")
 
@@ -239,85 +237,14 @@ def builtin_prompts(name: str, *, n: int = 50, seed: int = 0) -> Dict[str, List[
 BUILTIN_PROMPTS = ("chexpert-5x200-combos", "rsna-50v5", "rsna-5v5", "siim-5v5")
 
 
-def load_prompt_classes(spec: str) -> Dict[str, List[str]]:
-    """``{class: [prompts]}`` from a built-in set name or a prompts JSON file (``{"classes": {...}}``)."""
-    if spec in BUILTIN_PROMPTS:
-        return builtin_prompts(spec)
-    from .evaluate import load_prompts
-
-    return load_prompts(spec)["classes"]
+# Names that moved to the training side (egma_model.selection); kept importable from here for one release.
+# importlib at attribute access, so that this settings module imports nothing above it.
+_MOVED = {"CheckpointSelector": "egma_model.selection", "load_prompt_classes": "egma_model.selection"}
 
 
-# ------------------------------------------------------------------ checkpoint selection
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
 
-
-def _looks_like_test_set(path: str, records) -> bool:
-    base = os.path.basename(path).lower()
-    return any(r.split == "test" for r in records) or "test" in base or "5x200" in base
-
-
-class CheckpointSelector:
-    """Zero-shot accuracy on a labelled manifest every ``select_every`` steps; the best model is kept in
-    ``<out>/best`` with ``selection.json`` (step, accuracy, manifest, and whether this is test-set selection).
-
-    When the manifest is the test set the kept model is chosen on the data it is scored on: the file says so
-    (``"selection": "test-set selection"``) and the numbers from it are optimistic, as the authors' are."""
-
-    def __init__(self, a, tokenizer):
-        from .data import EGMADataset, load_manifest
-
-        self.a, self.tokenizer = a, tokenizer
-        if not a.select_prompts:
-            raise ValueError("--select-on needs --select-prompts (a prompts JSON or a built-in set: "
-                             f"{list(BUILTIN_PROMPTS)})")
-        self.prompts = load_prompt_classes(a.select_prompts)
-        recs = load_manifest(a.select_on, split=a.select_split)
-        classes = list(self.prompts)
-        for r in recs:  # rows outside the prompt classes are not scored
-            r.labels = [c for c in r.labels if c in classes]
-        self.records = recs
-        self.classes = classes
-        self.is_test = a.select_is_test if a.select_is_test is not None else _looks_like_test_set(a.select_on, recs)
-        self.label = ("test-set selection: chosen on the set it is evaluated on, numbers are optimistic"
-                      if self.is_test else "validation-set selection")
-        # prompts are split into sentences as the recipe's evaluation does (ours: yes; the authors': no)
-        self.split_prompts = EVAL[a.recipe]["split_prompts"] if a.recipe else True
-        self.best: Optional[Dict] = None
-        self.history: List[Dict] = []
-        self._EGMADataset = EGMADataset
-        prev = os.path.join(a.out, "best", "selection.json")
-        if a.resume and os.path.isfile(prev):  # a resumed run competes with the model already kept
-            with open(prev) as f:
-                d = json.load(f)
-            self.best, self.history = d.get("best"), d.get("history", [])
-
-    def check(self, model, step: int, device) -> Dict:
-        from .evaluate import encode_dataset, zero_shot
-
-        ds = self._EGMADataset(self.records, image_size=model.config.image_size, grid=model.grid,
-                               classes=self.classes, use_gaze=False, image_mean=model.config.image_mean,
-                               image_std=model.config.image_std)
-        imgs = encode_dataset(model, ds, device=device, progress=False)
-        z = zero_shot(model, self.tokenizer, imgs, self.prompts, self.classes, scoring=self.a.select_scoring,
-                      reduce="max", split_prompts=self.split_prompts)
-        rec = {"step": step, "accuracy": z["accuracy"], "macro_f1": z["macro_f1"], "n_images": z["n_images"]}
-        self.history.append(rec)
-        if self.best is None or rec["accuracy"] > self.best["accuracy"]:
-            self.best = rec
-            out = os.path.join(self.a.out, "best")
-            model.save_pretrained(out, tokenizer=self.tokenizer)
-            self._write(out)
-        return dict(rec, best_step=self.best["step"])
-
-    def _write(self, out: str) -> None:
-        with open(os.path.join(out, "selection.json"), "w") as f:
-            json.dump({"selection": self.label, "is_test_set": self.is_test, "manifest": self.a.select_on,
-                       "prompts": self.a.select_prompts, "scoring": self.a.select_scoring,
-                       "best": self.best, "history": self.history}, f, indent=2)
-
-    def finish(self) -> None:
-        if self.best is None:
-            return
-        self._write(os.path.join(self.a.out, "best"))
-        print(f"egma-train: kept step {self.best['step']} (accuracy {self.best['accuracy']:.4f}) in "
-              f"{os.path.join(self.a.out, 'best')}: {self.label}", file=sys.stderr)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,6 +42,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from egma_kernels.cli_support import progress_bar
+
 __all__ = ["CLASSES", "generate", "render_case", "SyntheticCase"]
 
 CLASSES = ["Normal", "Opacity", "Cardiomegaly", "Effusion", "Pneumothorax"]
@@ -80,6 +82,49 @@ def _smooth_noise(rng, H, W, scale):
     c = g[y0 + 1][:, x0]
     d = g[y0 + 1][:, x0 + 1]
     return (a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + d * fx) * fy
+
+
+def _draw_lung_finding(rng: np.random.Generator, img, X, Y, label: str, lungs, texture):
+    """An opacity, effusion or pneumothorax in one lung (random side, severity and, for an opacity, zone), drawn
+    into ``img``; returns ``(img, severity, side, zone, box)``."""
+    H, W = img.shape
+    zone = None
+    sev_idx = int(rng.integers(0, 3))
+    severity = SEVERITY[label][sev_idx]
+    side = "right" if rng.random() < 0.5 else "left"
+    cx, cy, rx, ry = lungs[side]
+    inside = _ellipse(X, Y, cx, cy, rx, ry) < 1
+    if label == "Opacity":
+        zone = ZONES[int(rng.integers(0, 3))]
+        zc = {"upper": -0.5, "mid": 0.0, "lower": 0.5}[zone]
+        ox = cx + rng.uniform(-0.35, 0.35) * rx
+        oy = cy + zc * ry + rng.uniform(-0.1, 0.1) * ry
+        sig = [0.035, 0.05, 0.07][sev_idx]
+        blob = np.exp(-0.5 * (((X - ox) / sig) ** 2 + ((Y - oy) / (sig * 1.1)) ** 2))
+        blob *= 1 + 0.3 * _smooth_noise(rng, H, W, 4)
+        img += (0.2 + 0.06 * sev_idx) * blob * inside
+        box = ((ox - 2 * sig) * W, (oy - 2.2 * sig) * H, (ox + 2 * sig) * W, (oy + 2.2 * sig) * H)
+    elif label == "Effusion":
+        level = cy + ry * [0.55, 0.35, 0.1][sev_idx]
+        men = level - 0.06 * ((X - cx) / rx) * (1 if side == "right" else -1)  # meniscus rises laterally
+        fluid = inside & (Y > men)
+        img[fluid] = 0.5 + 0.03 * texture[fluid]
+        ys = np.where(fluid.any(1))[0]
+        xs = np.where(fluid.any(0))[0]
+        box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+    else:  # pneumothorax: apical and lateral rim, no lung markings beyond the pleural line
+        depth = [0.25, 0.4, 0.55][sev_idx]
+        e = _ellipse(X, Y, cx, cy, rx, ry)
+        top = Y < cy - ry * (1 - 2 * depth)
+        rim = inside & top & (e > (1 - depth) ** 2 * 0.9)
+        img[rim] = 0.06
+        line = inside & top & (np.abs(np.sqrt(e) - (1 - depth) * 0.95) < 0.025)
+        img[line] = 0.3
+        m = rim | line
+        ys = np.where(m.any(1))[0]
+        xs = np.where(m.any(0))[0]
+        box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+    return img, severity, side, zone, box
 
 
 def render_case(rng: np.random.Generator, label: str, width: int = 280, height: int = 256) -> SyntheticCase:
@@ -139,41 +184,7 @@ def render_case(rng: np.random.Generator, label: str, width: int = 280, height: 
         regions[f"{s} base"] = ((cx - rx) * W, (cy + 0.35 * ry) * H, (cx + rx) * W, (cy + ry) * H)
         regions[f"{s} apex"] = ((cx - rx) * W, (cy - ry) * H, (cx + rx) * W, (cy - 0.45 * ry) * H)
     if label in ("Opacity", "Effusion", "Pneumothorax"):
-        sev_idx = int(rng.integers(0, 3))
-        severity = SEVERITY[label][sev_idx]
-        side = "right" if rng.random() < 0.5 else "left"
-        cx, cy, rx, ry = lungs[side]
-        inside = _ellipse(X, Y, cx, cy, rx, ry) < 1
-        if label == "Opacity":
-            zone = ZONES[int(rng.integers(0, 3))]
-            zc = {"upper": -0.5, "mid": 0.0, "lower": 0.5}[zone]
-            ox = cx + rng.uniform(-0.35, 0.35) * rx
-            oy = cy + zc * ry + rng.uniform(-0.1, 0.1) * ry
-            sig = [0.035, 0.05, 0.07][sev_idx]
-            blob = np.exp(-0.5 * (((X - ox) / sig) ** 2 + ((Y - oy) / (sig * 1.1)) ** 2))
-            blob *= 1 + 0.3 * _smooth_noise(rng, H, W, 4)
-            img += (0.2 + 0.06 * sev_idx) * blob * inside
-            box = ((ox - 2 * sig) * W, (oy - 2.2 * sig) * H, (ox + 2 * sig) * W, (oy + 2.2 * sig) * H)
-        elif label == "Effusion":
-            level = cy + ry * [0.55, 0.35, 0.1][sev_idx]
-            men = level - 0.06 * ((X - cx) / rx) * (1 if side == "right" else -1)  # meniscus rises laterally
-            fluid = inside & (Y > men)
-            img[fluid] = 0.5 + 0.03 * texture[fluid]
-            ys = np.where(fluid.any(1))[0]
-            xs = np.where(fluid.any(0))[0]
-            box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-        else:  # pneumothorax: apical and lateral rim, no lung markings beyond the pleural line
-            depth = [0.25, 0.4, 0.55][sev_idx]
-            e = _ellipse(X, Y, cx, cy, rx, ry)
-            top = Y < cy - ry * (1 - 2 * depth)
-            rim = inside & top & (e > (1 - depth) ** 2 * 0.9)
-            img[rim] = 0.06
-            line = inside & top & (np.abs(np.sqrt(e) - (1 - depth) * 0.95) < 0.025)
-            img[line] = 0.3
-            m = rim | line
-            ys = np.where(m.any(1))[0]
-            xs = np.where(m.any(0))[0]
-            box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+        img, severity, side, zone, box = _draw_lung_finding(rng, img, X, Y, label, lungs, texture)
     elif label == "Cardiomegaly":
         box = heart_box
     # acquisition: contrast/brightness, blur-ish smoothing via noise, quantum noise
@@ -336,15 +347,7 @@ def generate(out_dir: str, n_train: int = 2000, n_test: int = 500, *, seed: int 
                      "image_height", "labels", "split"]
     rows = {"train": [], "test": []}
     meta_rows, egd_rows, boxes = [], [], {}
-    it = range(n)
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, desc="synthetic CXR", dynamic_ncols=True)
-        except ImportError:  # pragma: no cover
-            pass
-    for i in it:
+    for i in progress_bar(range(n), desc="synthetic CXR", enabled=progress):
         split = "train" if i < n_train else "test"
         label = CLASSES[int(rng.choice(len(CLASSES), p=probs))]
         case = render_case(rng, label, width, height)
@@ -355,29 +358,10 @@ def generate(out_dir: str, n_train: int = 2000, n_test: int = 500, *, seed: int 
         Image.fromarray((case.image * 255).round().astype(np.uint8)).save(os.path.join(out_dir, img_rel))
         report = " ".join(sents)
         if rng.random() < egd_fraction:
-            for j, (a, b, x, y) in enumerate(fix):
-                egd_rows.append([cid, img_rel, round(b, 4), round(x / width, 5), round(y / height, 5), round(a, 4),
-                                 round(b - a, 4), j + 1, 1, round(x, 2), round(y, 2)])
-            tdir = os.path.join(egd_dir, "audio_segmentation_transcripts", cid)
-            os.makedirs(tdir, exist_ok=True)
-            with open(os.path.join(tdir, "transcript.json"), "w") as f:
-                json.dump({"full_text": report, "time_stamped_text": _phrases(words, rng)}, f)
+            egd_rows += _write_egd_reading(egd_dir, cid, img_rel, fix, words, report, rng, width, height)
             g = ["egd", "egd/fixations.csv", f"egd/audio_segmentation_transcripts/{cid}/transcript.json", cid]
         else:
-            d = os.path.join(main, cid)
-            os.makedirs(d, exist_ok=True)
-            with open(os.path.join(d, "fixations.csv"), "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(_REFLACX_FIX_COLS)
-                for a, b, x, y in fix:
-                    w.writerow([round(a, 4), round(b, 4), round(x, 2), round(y, 2), 1.0, 10.0, 10.0, 1.0, 0.5,
-                                0, 0, width, height])
-            with open(os.path.join(d, "timestamps_transcription.csv"), "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["word", "timestamp_start_word", "timestamp_end_word"])
-                w.writerows(words)
-            with open(os.path.join(d, "transcription.txt"), "w") as f:
-                f.write(report)
+            _write_reflacx_reading(os.path.join(main, cid), fix, words, report, width, height)
             meta_rows.append([cid, split, "False", img_rel, cid, width, height])
             g = ["reflacx", f"reflacx/main_data/{cid}", "", ""]
         rows[split].append([img_rel, report, g[0], g[1], g[2], g[3], width, height, label, split])
@@ -385,6 +369,50 @@ def generate(out_dir: str, n_train: int = 2000, n_test: int = 500, *, seed: int 
                           "box": None if case.box is None else [round(v, 2) for v in case.box],
                           "finding_sentence_index": fidx, "finding_sentence": sents[fidx] if fidx >= 0 else None,
                           "sentences": sents}
+    _write_tables(out_dir, egd_dir, main, egd_rows, meta_rows, rows, manifest_cols, boxes)
+    queries = _retrieval_queries(seed)
+    with open(os.path.join(out_dir, "prompts.json"), "w") as f:
+        json.dump({"classes": PROMPTS, "multi_label": False, "queries": queries}, f, indent=1)
+    summary = {"n_train": n_train, "n_test": n_test, "seed": seed, "width": width, "height": height,
+               "egd_fraction": egd_fraction, "p_target": p_target, "jitter": jitter, "classes": CLASSES}
+    with open(os.path.join(out_dir, "synthetic.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def _write_egd_reading(egd_dir: str, cid: str, img_rel: str, fix, words, report: str, rng: np.random.Generator,
+                       width: int, height: int) -> List[list]:
+    """One reading in EGD-CXR's layout: its transcript.json written, its fixations.csv rows returned."""
+    rows = []
+    for j, (a, b, x, y) in enumerate(fix):
+        rows.append([cid, img_rel, round(b, 4), round(x / width, 5), round(y / height, 5), round(a, 4),
+                     round(b - a, 4), j + 1, 1, round(x, 2), round(y, 2)])
+    tdir = os.path.join(egd_dir, "audio_segmentation_transcripts", cid)
+    os.makedirs(tdir, exist_ok=True)
+    with open(os.path.join(tdir, "transcript.json"), "w") as f:
+        json.dump({"full_text": report, "time_stamped_text": _phrases(words, rng)}, f)
+    return rows
+
+
+def _write_reflacx_reading(d: str, fix, words, report: str, width: int, height: int) -> None:
+    """One reading in REFLACX's layout: ``main_data/<id>/`` with its fixations, word times and transcription."""
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "fixations.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(_REFLACX_FIX_COLS)
+        for a, b, x, y in fix:
+            w.writerow([round(a, 4), round(b, 4), round(x, 2), round(y, 2), 1.0, 10.0, 10.0, 1.0, 0.5,
+                        0, 0, width, height])
+    with open(os.path.join(d, "timestamps_transcription.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["word", "timestamp_start_word", "timestamp_end_word"])
+        w.writerows(words)
+    with open(os.path.join(d, "transcription.txt"), "w") as f:
+        f.write(report)
+
+
+def _write_tables(out_dir: str, egd_dir: str, main: str, egd_rows, meta_rows, rows, manifest_cols, boxes) -> None:
+    """EGD-CXR's fixations.csv, REFLACX's metadata, the train/test manifests and boxes.json."""
     with open(os.path.join(egd_dir, "fixations.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(_EGD_COLS)
@@ -400,7 +428,10 @@ def generate(out_dir: str, n_train: int = 2000, n_test: int = 500, *, seed: int 
             w.writerows(rows[split])
     with open(os.path.join(out_dir, "boxes.json"), "w") as f:
         json.dump(boxes, f)
-    # retrieval queries: fresh report-style sentences per class (not tied to a test image)
+
+
+def _retrieval_queries(seed: int) -> List[Dict]:
+    """Retrieval queries: fresh report-style sentences per class (not tied to a test image), from their own RNG."""
     qrng = np.random.default_rng(seed + 10_000)
     queries = []
     for c in CLASSES:
@@ -414,10 +445,4 @@ def generate(out_dir: str, n_train: int = 2000, n_test: int = 500, *, seed: int 
             else:
                 text = " ".join(_NORMAL[k][int(qrng.integers(0, 3))] for k in ("heart", "lungs", "effusion"))
             queries.append({"text": text, "label": c})
-    with open(os.path.join(out_dir, "prompts.json"), "w") as f:
-        json.dump({"classes": PROMPTS, "multi_label": False, "queries": queries}, f, indent=1)
-    summary = {"n_train": n_train, "n_test": n_test, "seed": seed, "width": width, "height": height,
-               "egd_fraction": egd_fraction, "p_target": p_target, "jitter": jitter, "classes": CLASSES}
-    with open(os.path.join(out_dir, "synthetic.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+    return queries

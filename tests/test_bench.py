@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from egma_kernels import cli_support
 from egma_kernels.bench import cli
 from egma_kernels.bench.loop import loop_filip_similarity, loop_fine_grained_loss
 from egma_kernels.bench.report import markdown_table, read_jsonl
@@ -246,16 +247,16 @@ def test_plot_dependency_checked_before_measuring(monkeypatch, capsys):
 
 
 def test_default_threads_follow_the_idle_cores(monkeypatch):
-    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cli_support.os, "cpu_count", lambda: 2)
     for idle, default, want in ((0.0, 2, 1), (0.9, 2, 1), (1.9, 2, 2), (7.5, 2, 2), (3.0, 8, 3)):
-        monkeypatch.setattr(cli, "_idle_cores", lambda sample_s=0.5, v=idle: v)
-        threads, why = cli.choose_threads(default)
+        monkeypatch.setattr(cli_support, "idle_cores", lambda sample_s=0.5, v=idle: v)
+        threads, why = cli_support.choose_threads(default)
         assert threads == want, (idle, default, threads)
         assert f"{threads} of torch's {default}" in why
-    monkeypatch.setattr(cli, "_idle_cores", lambda sample_s=0.5: None)
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (1.5, 1.0, 1.0))
-    assert cli.choose_threads(2)[0] == 1
-    idle = cli._idle_cores(0.05)  # the real sampler: a number of cores, or None without /proc/stat
+    monkeypatch.setattr(cli_support, "idle_cores", lambda sample_s=0.5: None)
+    monkeypatch.setattr(cli_support.os, "getloadavg", lambda: (1.5, 1.0, 1.0))
+    assert cli_support.choose_threads(2)[0] == 1
+    idle = cli_support.idle_cores(0.05)  # the real sampler: a number of cores, or None without /proc/stat
     assert idle is None or 0.0 <= idle <= 2.0 + 1e-6
 
 

@@ -7,8 +7,8 @@ import pytest
 
 CLIS = {
     "egma-bench": "egma_kernels.bench.cli",
-    "egma-train": "egma_model.train",
-    "egma-eval": "egma_model.evaluate",
+    "egma-train": "egma_model.train_cli",
+    "egma-eval": "egma_model.eval_cli",
     "egma-demo": "egma_model.demo",
 }
 
@@ -67,7 +67,7 @@ def test_every_option_says_what_and_its_default_once(prog, capsys):
 def test_formatter_adds_a_default_only_where_none_is_said():
     import argparse
 
-    from egma_kernels.bench.cli import HelpFormatter
+    from egma_kernels.cli_support import HelpFormatter
 
     p = argparse.ArgumentParser(prog="x", formatter_class=HelpFormatter)
     p.add_argument("--a", default=3, help="alpha")
@@ -84,9 +84,9 @@ def test_formatter_adds_a_default_only_where_none_is_said():
 def test_eval_help_lists_the_paper_table_options(capsys):
     """A user reads egma-eval --help first: the options of the README's "Reproducing the paper" are there, each
     with what it does, and one given without --paper-table says so instead of being ignored."""
-    from egma_model.evaluate import main
+    from egma_model.eval_cli import main
 
-    entries = _entries(_help_text("egma_model.evaluate", capsys))
+    entries = _entries(_help_text("egma_model.eval_cli", capsys))
     for option in ("--paper-table", "--chexpert-5x200", "--rsna", "--siim", "--chexpert", "--chexpert-train",
                    "--chexpert-test"):
         assert option in entries, option

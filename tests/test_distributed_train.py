@@ -33,7 +33,7 @@ def _worker(rank, world, port, runs):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     _no_dropout()
-    from egma_model.train import main
+    from egma_model.train_cli import main
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     try:
@@ -55,7 +55,7 @@ def _log(out):
 def test_two_processes_match_one_process_and_resume(tmp_path, monkeypatch):
     from egma_model import model as model_module
     from egma_model.model import EGMAModel
-    from egma_model.train import main
+    from egma_model.train_cli import main
 
     d = str(tmp_path)
     manifest, _ = _tiny_manifest(d)  # 8 training rows

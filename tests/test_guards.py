@@ -71,7 +71,8 @@ def test_default_sigma_everywhere():
     arguments and option, and docs/recipes.md; and a call without sigma uses it."""
     from egma_model import gaze as gz
     from egma_model.data import GazeOptions
-    from egma_model.train import TrainArgs, build_parser
+    from egma_model.train import TrainArgs
+    from egma_model.train_cli import build_parser
 
     for fn in (gz.sentence_heatmaps, gz.gaze_for_sentences):
         assert inspect.signature(fn).parameters["sigma"].default == DEFAULT_SIGMA_PX, fn.__name__
@@ -107,7 +108,7 @@ def test_recipe_checkpoint_selection_settings(name):
     global similarity (their evaluator has no fine-grained scoring) on their sampled prompt combinations
     (shared/reference: trainer.py's Trainer_multi_evaluator, PromptClassifier); the paper recipe keeps it."""
     from egma_model.recipes import EVAL, explicit_options
-    from egma_model.train import apply_recipe, args_from_namespace, build_parser
+    from egma_model.train_cli import apply_recipe, args_from_namespace, build_parser
 
     argv = ["--recipe", name]
     p = build_parser()

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from egma_model import evaluate as ev
+from egma_model.model import WEIGHTS_NAME
 from egma_model.train import cosine_with_warmup
 
 
@@ -107,8 +108,8 @@ def _tiny_manifest(d, n=12):
 
 
 def test_train_resume_and_eval_clis(tmp_path, capsys):
-    from egma_model.evaluate import main as eval_main
-    from egma_model.train import main as train_main
+    from egma_model.eval_cli import main as eval_main
+    from egma_model.train_cli import main as train_main
 
     d = str(tmp_path)
     m, pr = _tiny_manifest(d)
@@ -221,8 +222,7 @@ def test_eval_refuses_bad_input_in_one_line_before_encoding(name, tiny_checkpoin
     ckpt, m, pr = tiny_checkpoint
     broken = str(tmp_path / "broken")
     shutil.copytree(ckpt, broken)
-    weights = next(os.path.join(broken, f) for f in ("model.safetensors", "egma_model.pt")
-                   if os.path.isfile(os.path.join(broken, f)))
+    weights = os.path.join(broken, WEIGHTS_NAME)  # the weights file a checkpoint holds
     with open(weights, "r+b") as f:  # a copy cut short, as by a full disk or an interrupted download
         f.truncate(os.path.getsize(weights) // 2)
     change, fragment = BAD_INPUTS[name]
@@ -250,9 +250,7 @@ def test_paper_table_refuses_a_missing_manifest_or_a_broken_checkpoint_in_one_li
     assert err.count("\n") == 1 and "rsna.csv: manifest not found (--rsna)" in err, err
     broken = str(tmp_path / "broken")
     shutil.copytree(ckpt, broken)
-    weights = next(os.path.join(broken, f) for f in ("model.safetensors", "egma_model.pt")
-                   if os.path.isfile(os.path.join(broken, f)))
-    with open(weights, "r+b") as f:
+    with open(os.path.join(broken, WEIGHTS_NAME), "r+b") as f:
         f.truncate(100)
     assert ev.main(["--paper-table", "--checkpoint", broken, "--siim", m, "--no-progress"]) == 2
     err = capsys.readouterr().err

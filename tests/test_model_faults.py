@@ -34,7 +34,7 @@ COMMON = ["--split", "train", "--preset", "tiny", "--image-model", "vit_base_pat
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The tiny manifest (8 training rows: 4 steps per epoch at batch 2) and an uninterrupted run's log."""
-    from egma_model.train import main
+    from egma_model.train_cli import main
 
     d = str(tmp_path_factory.mktemp("faults"))
     manifest, _ = _tiny_manifest(d)
@@ -63,7 +63,7 @@ def _losses(records):
 
 def _main(argv, capsys):
     """``egma-train`` in this process: (exit status, stderr)."""
-    from egma_model.train import main
+    from egma_model.train_cli import main
 
     capsys.readouterr()
     rc = main(argv)
@@ -348,7 +348,7 @@ def _rank_worker(rank, world, port, outdir, runs):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from egma_model.train import main
+    from egma_model.train_cli import main
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     results = []
@@ -411,7 +411,7 @@ def _lonely_worker(rank, world, port, outdir, argv):
     os.environ.update(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from egma_model.train import main
+    from egma_model.train_cli import main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

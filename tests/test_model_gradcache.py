@@ -162,7 +162,7 @@ def test_egma_train_grad_chunk_size_matches_the_plain_step(tmp_path, monkeypatch
     import json
 
     from egma_model import model as model_module
-    from egma_model.train import main
+    from egma_model.train_cli import main
 
     from test_model_eval import _tiny_manifest
 
@@ -203,7 +203,7 @@ def test_grad_chunk_size_composes_with_the_distributed_loss(tmp_path, monkeypatc
     import json
 
     from egma_model import model as model_module
-    from egma_model.train import main
+    from egma_model.train_cli import main
 
     from test_distributed_train import _no_dropout, _spawn
     from test_model_eval import _tiny_manifest

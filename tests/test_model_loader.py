@@ -20,7 +20,7 @@ def _losses(out):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from egma_model.train import main
+    from egma_model.train_cli import main
 
     d = str(tmp_path_factory.mktemp("loader"))
     manifest, _ = _tiny_manifest(d)
@@ -30,7 +30,7 @@ def reference(tmp_path_factory):
 
 
 def test_persistent_workers_feed_the_same_batches(reference, tmp_path):
-    from egma_model.train import main
+    from egma_model.train_cli import main
 
     _, manifest, losses = reference
     assert [e for _, e, _ in losses] == [0, 0, 0, 0, 1, 1, 1, 1, 2]
@@ -41,7 +41,7 @@ def test_persistent_workers_feed_the_same_batches(reference, tmp_path):
 
 def test_training_from_the_preparation_cache_equals_the_originals(reference, tmp_path):
     from egma_model.prepare import main as prepare
-    from egma_model.train import main
+    from egma_model.train_cli import main
 
     d, manifest, losses = reference
     assert prepare(["cache", "--manifest", manifest, "--image-size", "64", "--grid", "4x4", "--no-progress"]) == 0
@@ -53,7 +53,7 @@ def test_training_from_the_preparation_cache_equals_the_originals(reference, tmp
 
 def test_training_refuses_a_cache_built_for_another_grid(reference, tmp_path, capsys):
     from egma_model.prepare import main as prepare
-    from egma_model.train import main
+    from egma_model.train_cli import main
 
     d, manifest, _ = reference
     folder = str(tmp_path / "c14")

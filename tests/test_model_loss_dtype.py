@@ -76,7 +76,8 @@ def test_float64_stays_float64_and_bad_names_are_refused(monkeypatch):
 
 
 def test_the_cli_option_reaches_the_model():
-    from egma_model.train import args_from_namespace, build_model_and_tokenizer, build_parser
+    from egma_model.train import build_model_and_tokenizer
+    from egma_model.train_cli import args_from_namespace, build_parser
 
     ns = build_parser().parse_args(["--manifest", "m.csv", "--out", "o", "--image-model", "vit_base_patch16_224",
                                     "--image-size", "112", "--loss-dtype", "bfloat16", "--text-groups", "2"])

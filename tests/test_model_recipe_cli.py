@@ -7,11 +7,12 @@ import os
 
 import pytest
 
-from egma_model.evaluate import main as egma_eval
+from egma_model.eval_cli import main as egma_eval
 from egma_model.prepare import main as prepare
 from egma_model.recipes import EVAL, TRAIN, builtin_prompts, resolve
-from egma_model.train import TrainArgs, apply_recipe, args_from_namespace, build_parser
-from egma_model.train import main as egma_train
+from egma_model.train import TrainArgs
+from egma_model.train_cli import apply_recipe, args_from_namespace, build_parser
+from egma_model.train_cli import main as egma_train
 from model_fakes import make_all
 
 # The differences between our pipeline and the authors' (docs/recipes.md), as settings

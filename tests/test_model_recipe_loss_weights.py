@@ -4,7 +4,7 @@
 import pytest
 
 from egma_model.recipes import explicit_options
-from egma_model.train import apply_recipe, args_from_namespace, build_parser
+from egma_model.train_cli import apply_recipe, args_from_namespace, build_parser
 
 
 def _resolved(argv):

@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from egma_model.evaluate import main as egma_eval
+from egma_model.eval_cli import main as egma_eval
 from egma_model.prepare import main as prepare
-from egma_model.train import main as egma_train
+from egma_model.train_cli import main as egma_train
 from model_fakes import make_all, medclip_state_dict, save_tiny_bert, save_tiny_hf_swin
 
 

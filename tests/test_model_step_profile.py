@@ -66,7 +66,7 @@ def test_the_model_times_its_own_parts():
 
 def _train_tiny(tmp_path, max_steps: int, profile_steps: int) -> str:
     """egma-train on a tiny manifest with --profile-steps; returns the output folder."""
-    from egma_model.train import main
+    from egma_model.train_cli import main
 
     from test_model_eval import _tiny_manifest
 

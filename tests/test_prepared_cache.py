@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 
 import data_path  # noqa: E402  (the benchmark's generator writes files in the published layouts)
-from egma_model import prepared  # noqa: E402
+from egma_model import prepared, prepared_build  # noqa: E402
 from egma_model.data import EGMADataset, GazeOptions, load_image, load_manifest, preprocess_image  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def tree(tmp_path_factory):
 
 def test_cache_equals_originals(tree):
     _, manifest = tree
-    s = prepared.build_cache(manifest, progress=False, rebuild=True)
+    s = prepared_build.build_cache(manifest, progress=False, rebuild=True)
     cache = prepared.PreparedCache(s["cache"])
     recs = load_manifest(manifest)
     ds = EGMADataset(recs, max_sentences=0)
@@ -44,7 +44,7 @@ def test_cache_equals_originals(tree):
 
 def test_cache_refuses_other_settings(tree):
     _, manifest = tree
-    s = prepared.build_cache(manifest, progress=False)
+    s = prepared_build.build_cache(manifest, progress=False)
     cache = prepared.PreparedCache(s["cache"])
     ok = prepared.cache_settings(image_size=224, grid=(7, 7), gaze_options=GazeOptions(), use_gaze=True,
                                  split_rule="ours")
@@ -73,23 +73,23 @@ def test_interrupted_build_resumes(tree, monkeypatch, tmp_path):
 
     monkeypatch.setattr(data, "load_image", failing)
     with pytest.raises(KeyboardInterrupt):
-        prepared.build_cache(manifest, folder, progress=False)
+        prepared_build.build_cache(manifest, folder, progress=False)
     assert not os.path.isfile(os.path.join(folder, "cache.json"))
     with pytest.raises(prepared.CacheMismatchError, match="not a finished"):
         prepared.PreparedCache(folder)
     calls.clear()
     monkeypatch.setattr(data, "load_image", lambda p: (calls.append(p), real(p))[1])
-    s = prepared.build_cache(manifest, folder, progress=False)
+    s = prepared_build.build_cache(manifest, folder, progress=False)
     n = len(load_manifest(manifest))
     assert len(calls) == n - 2  # the first chunk (2 rows) was not redone
-    fresh = prepared.build_cache(manifest, str(tmp_path / "fresh"), progress=False)
+    fresh = prepared_build.build_cache(manifest, str(tmp_path / "fresh"), progress=False)
     a, b = prepared.PreparedCache(s["cache"]), prepared.PreparedCache(fresh["cache"])
     assert torch.equal(torch.from_numpy(np.array(a.images)), torch.from_numpy(np.array(b.images)))
     assert torch.equal(torch.from_numpy(np.array(a.gaze)), torch.from_numpy(np.array(b.gaze)))
 
 
 def test_egd_fixations_file_parsed_once_per_process(tree, monkeypatch):
-    import egma_model.gaze as gz
+    import egma_model.datasets.egd_cxr as gz  # the EGD-CXR reader and its parse cache
 
     root, manifest = tree
     egd = [r for r in load_manifest(manifest) if r.gaze_format == "egd"]
@@ -138,7 +138,7 @@ def _items_equal(a, b):
 @pytest.mark.parametrize("max_sentences", [16, 2])
 def test_dataset_reads_the_cache_and_feeds_what_the_originals_feed(tree, max_sentences):
     _, manifest = tree
-    s = prepared.build_cache(manifest, progress=False)
+    s = prepared_build.build_cache(manifest, progress=False)
     original = EGMADataset(load_manifest(manifest), train=True, max_sentences=max_sentences, seed=3)
     cached = EGMADataset(load_manifest(s["manifest"]), train=True, max_sentences=max_sentences, seed=3)
     assert cached._prepared is not None and original._prepared is None
@@ -157,7 +157,7 @@ def test_dataset_refuses_a_cache_built_with_other_settings(tree):
     from egma_model.data import ManifestError
 
     _, manifest = tree
-    s = prepared.build_cache(manifest, progress=False)
+    s = prepared_build.build_cache(manifest, progress=False)
     rows = load_manifest(s["manifest"])
     with pytest.raises(ManifestError, match=r"grid: cache \[7, 7\], this run \[14, 14\]"):
         EGMADataset(rows, grid=(14, 14))

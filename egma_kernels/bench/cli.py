@@ -19,6 +19,8 @@ import time
 import warnings
 from typing import List, Optional
 
+from ..cli_support import HelpFormatter, choose_threads  # noqa: F401 (bench.cli.HelpFormatter: an alias)
+from ..cli_support import idle_cores as _idle_cores  # noqa: F401 (an alias for one release)
 from .sweeps import MODES, SIZES, SWEEPS, default_sweep_name, parse_size
 
 
@@ -37,23 +39,6 @@ def _split_sizes(text: Optional[str]) -> Optional[List[str]]:
         else:
             items.append(tok)
     return items or None
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Help with each option's default said once: " (default: X)" is appended unless the help already says
-    its default in words, or there is none to show (a flag, or None)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if (
-            "default" in text.lower()
-            or not action.option_strings
-            or action.default is None
-            or action.default is argparse.SUPPRESS
-            or isinstance(action.default, bool)
-        ):
-            return text
-        return text + " (default: %(default)s)"
 
 
 def _sweep_values(field: str) -> str:
@@ -197,45 +182,6 @@ def _selfcheck(args, device) -> int:
     verdict = "PASS" if report["passed"] else "FAIL: attach the report file to a bug report (docs/selfcheck.md)"
     print(f"{verdict}; report written to {args.report} ({report['seconds']:.1f} s)")
     return 0 if report["passed"] else 1
-
-
-def _idle_cores(sample_s: float = 0.5) -> Optional[float]:
-    """Cores left idle by the rest of the machine, from two reads of /proc/stat ``sample_s`` apart (None
-    where there is no /proc/stat). This process sleeps meanwhile, so all the busy time is other work."""
-    def read():
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
-
-    try:
-        idle0, total0 = read()
-        time.sleep(sample_s)
-        idle1, total1 = read()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return (idle1 - idle0) / (total1 - total0) * (os.cpu_count() or 1)
-
-
-def choose_threads(torch_default: int):
-    """The default CPU thread count: torch's own, but no more than the cores other work leaves idle (at least
-    1). Torch's threads wait for each other at every op: on an oversubscribed CPU the reference's many small
-    ops then run 10-100x slower, while one thread per idle core stays close to the quiet machine's time.
-    Returns ``(threads, why)``."""
-    idle = _idle_cores()
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    if idle is None:
-        if load is None:
-            return torch_default, f"torch's default ({torch_default})"
-        idle = max(0.0, (os.cpu_count() or 1) - load)
-    threads = max(1, min(torch_default, int(idle + 0.25)))
-    load_text = "" if load is None else f", load average {load:.1f}"
-    return threads, (f"{threads} of torch's {torch_default}: about {idle:.1f} of {os.cpu_count()} cores idle in a "
-                     f"0.5 s sample{load_text} (--threads N to choose)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
