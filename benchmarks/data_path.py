@@ -137,6 +137,20 @@ def generate(root, *, images, width, height, reflacx_readings, fixations_per_rea
     return manifest
 
 
+def _forget_parsed_gaze_files():
+    """Empty the per-process cache of parsed EGD-CXR fixations files (where this version of the package has one)."""
+    import importlib
+
+    for name in ("egma_model.datasets.egd_cxr", "egma_model.gaze"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        parsed = module.__dict__.get("_EGD_PARSED")
+        if parsed is not None:
+            parsed.clear()
+
+
 def _median_seconds(fn, items, repeats):
     times = []
     for _ in range(repeats):
@@ -177,7 +191,7 @@ def measure(manifest, *, image_size=224, grid=(7, 7), repeats=1, egd_sample=5, e
     s, n = _median_seconds(reflacx, refl, repeats)
     out["REFLACX reading: read + heatmaps"] = {"seconds": s, "n": n}
     if egd:
-        getattr(gz, "_EGD_PARSED", {}).clear()  # a new worker: fixations.csv not parsed yet
+        _forget_parsed_gaze_files()  # a new worker: fixations.csv not parsed yet
         timed = egd_all[:egd_pass_readings] if egd_pass_readings else egd_all
         t0 = time.perf_counter()
         for rec in timed:
@@ -191,7 +205,7 @@ def measure(manifest, *, image_size=224, grid=(7, 7), repeats=1, egd_sample=5, e
     out["item from the originals (image + sentences + gaze)"] = {"seconds": s, "n": n}
     if not cache_stage:
         return _per_second(out)
-    from egma_model.prepared import build_cache
+    from egma_model.prepared_build import build_cache
 
     t0 = time.perf_counter()
     sub = os.path.join(os.path.dirname(manifest), "timed.csv")  # the timed rows only
