@@ -59,6 +59,8 @@ def _run(p: argparse.ArgumentParser, ns, argv: Sequence[str]) -> int:
         raise EvalInputError("--checkpoint and --manifest are required (or --paper-table with its sets)")
     if ns.batch_size < 1:
         raise EvalInputError(f"--batch-size must be >= 1, got {ns.batch_size}")
+    if ns.num_workers < 0:
+        raise EvalInputError(f"--num-workers must be >= 0, got {ns.num_workers}")
     _check_device(ns.device)
     fractions = _numbers(ns.fractions, float, "--fractions")
     seeds = _numbers(ns.seeds, int, "--seeds")
@@ -68,7 +70,7 @@ def _run(p: argparse.ArgumentParser, ns, argv: Sequence[str]) -> int:
     res = evaluate(ns.checkpoint, ns.manifest, ns.prompts, tasks=ns.tasks.split(","), split=ns.split,
                    train_manifest=ns.train_manifest, train_split=ns.train_split,
                    scoring=tuple(settings["scoring"].split(",")), reduce=settings["reduce"],
-                   split_prompts=settings["split_prompts"], batch_size=ns.batch_size,
+                   split_prompts=settings["split_prompts"], batch_size=ns.batch_size, num_workers=ns.num_workers,
                    device=ns.device, progress=not ns.no_progress, fractions=fractions, seeds=seeds)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

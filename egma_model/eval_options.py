@@ -38,6 +38,8 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fractions", default="0.01,0.1,1", help="linear-probe label fractions")
     p.add_argument("--seeds", default="0,1,2", help="linear-probe seeds")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoding batch")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes that load and preprocess "
+                   "the images while the model encodes")
     p.add_argument("--device", default=None, help="torch device (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -133,17 +133,34 @@ def _progress(it, total, desc, enabled):
     return progress_bar(it, total=total, desc=desc, enabled=enabled, leave=False)
 
 
+class _EvalImages(torch.utils.data.Dataset):
+    """A dataset's images without augmentation, for a DataLoader (workers load and preprocess them)."""
+
+    def __init__(self, dataset: EGMADataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.dataset.image_tensor(i, augment=False)
+
+
 @torch.no_grad()
 def encode_dataset(model: EGMAModel, dataset: EGMADataset, *, batch_size: int = 32, device=None,
-                   progress: bool = True) -> Dict[str, torch.Tensor]:
-    """``{"patch" (M,P,D) normalised, "global" (M,D), "pooled" (M,C) backbone features, "labels" (M,C)}``."""
+                   progress: bool = True, num_workers: int = 0) -> Dict[str, torch.Tensor]:
+    """``{"patch" (M,P,D) normalised, "global" (M,D), "pooled" (M,C) backbone features, "labels" (M,C)}``.
+
+    ``num_workers``: DataLoader processes that load and preprocess the images (0: this process)."""
     model.eval()
     device = device or next(model.parameters()).device
     patch, pooled, labels, glob = [], [], [], []
     idx = list(range(len(dataset)))
     chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
-    for ch in _progress(chunks, len(chunks), "encode images", progress):
-        x = torch.stack([dataset.image_tensor(i, augment=False) for i in ch]).to(device)
+    loader = torch.utils.data.DataLoader(_EvalImages(dataset), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda")
+    for ch, x in zip(_progress(chunks, len(chunks), "encode images", progress), loader):
+        x = x.to(device, non_blocking=True)
         if model.config.image_global == "pooler":
             feats, pool_tok = model._image_features(x, with_pooled=True)
             feats = feats[0]
@@ -392,8 +409,7 @@ def _check_prompt_classes(pr: Dict, recs, manifest: str) -> None:
 def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, tasks=("zeroshot", "retrieval"),
              split: Optional[str] = None, train_manifest: Optional[str] = None, train_split: Optional[str] = None,
              scoring=("fine", "global"), reduce: str = "max", split_prompts: bool = True, batch_size: int = 32,
-             device=None,
-             progress: bool = True, fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2), model=None, tokenizer=None) -> Dict:
+             num_workers: int = 0, device=None, progress: bool = True, fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2), model=None, tokenizer=None) -> Dict:
     """Run the chosen tasks; returns a JSON-able dict. Every input (tasks, scorings, prompts, manifests, the
     checkpoint) is read and checked before any image is encoded: ``EvalInputError`` or ``ManifestError``."""
     tasks = check_tasks(tasks, prompts=prompts, train_manifest=train_manifest)
@@ -412,7 +428,8 @@ def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, t
     classes = sorted({c for r in recs for c in r.labels} | (set(pr["classes"]) if pr else set()))
     ds = EGMADataset(recs, image_size=model.config.image_size, grid=model.grid, classes=classes,
                      use_gaze=False, image_mean=model.config.image_mean, image_std=model.config.image_std)
-    images = encode_dataset(model, ds, batch_size=batch_size, device=device, progress=progress)
+    images = encode_dataset(model, ds, batch_size=batch_size, device=device, progress=progress,
+                            num_workers=num_workers)
     out: Dict = {"checkpoint": checkpoint, "manifest": manifest, "n_images": len(ds)}
     multi = bool(pr.get("multi_label", False)) if pr else False
     for task in tasks:
@@ -432,7 +449,8 @@ def evaluate(checkpoint: str, manifest: str, prompts: Optional[str] = None, *, t
             tds = EGMADataset(trecs, image_size=model.config.image_size, grid=model.grid, classes=classes,
                               image_mean=model.config.image_mean, image_std=model.config.image_std,
                               use_gaze=False)
-            timgs = encode_dataset(model, tds, batch_size=batch_size, device=device, progress=progress)
+            timgs = encode_dataset(model, tds, batch_size=batch_size, device=device, progress=progress,
+                                   num_workers=num_workers)
             out["probe"] = linear_probe(timgs["pooled"], timgs["labels"], images["pooled"], images["labels"],
                                         fractions=fractions, seeds=seeds, multi_label=multi)
     return out

@@ -89,7 +89,8 @@ def paper_table(model, tokenizer, *, chexpert_5x200: Optional[str] = None, rsna:
                 siim: Optional[str] = None, chexpert: Optional[str] = None, chexpert_train: Optional[str] = None,
                 chexpert_test: Optional[str] = None,
                 prompts: Optional[Dict] = None, scorings=("fine", "global"), fractions=(0.01, 0.1, 1.0),
-                seeds=(0, 1, 2), batch_size: int = 32, device=None, progress: bool = False, reduce: str = "max",
+                seeds=(0, 1, 2), batch_size: int = 32, num_workers: int = 0,
+                device=None, progress: bool = False, reduce: str = "max",
                 split_prompts: bool = True) -> Dict:
     """Every number of the table as ``{"zeroshot/<set>/<metric>/<scoring>": value, ...}`` (fractions 0-1)
     plus the raw task outputs under ``"details"``. ``reduce``/``split_prompts``: see ``evaluate.zero_shot``
@@ -108,7 +109,8 @@ def paper_table(model, tokenizer, *, chexpert_5x200: Optional[str] = None, rsna:
         classes = list(prompts[name])
         split = "test" if name != "chexpert-5x200" and _has_split(path, "test") else None
         ds = _dataset(model, path, classes, split)
-        imgs = encode_dataset(model, ds, batch_size=batch_size, device=device, progress=progress)
+        imgs = encode_dataset(model, ds, batch_size=batch_size, device=device, progress=progress,
+                            num_workers=num_workers)
         for sc in scorings:
             z = zero_shot(model, tokenizer, imgs, prompts[name], classes, scoring=sc, reduce=reduce,
                           split_prompts=split_prompts)
@@ -130,7 +132,8 @@ def paper_table(model, tokenizer, *, chexpert_5x200: Optional[str] = None, rsna:
                     res[f"retrieval/t2i_p@{k}/{sc}"] = r[f"text_to_image_p@{k}"]
         elif _has_split(path, "train") and split == "test":
             tds = _dataset(model, path, classes, "train")
-            timgs = encode_dataset(model, tds, batch_size=batch_size, device=device, progress=progress)
+            timgs = encode_dataset(model, tds, batch_size=batch_size, device=device, progress=progress,
+                            num_workers=num_workers)
             pr = linear_probe(timgs["pooled"], timgs["labels"], imgs["pooled"], imgs["labels"], fractions=fractions,
                               seeds=seeds)
             res["details"][f"probe/{name}"] = pr
@@ -140,8 +143,10 @@ def paper_table(model, tokenizer, *, chexpert_5x200: Optional[str] = None, rsna:
         classes = list(prompts["chexpert-5x200"])
         tr = _dataset(model, chexpert or chexpert_train, classes, "train" if chexpert else None, only_known=True)
         te = _dataset(model, chexpert or chexpert_test, classes, "test" if chexpert else None, only_known=True)
-        a = encode_dataset(model, tr, batch_size=batch_size, device=device, progress=progress)
-        b = encode_dataset(model, te, batch_size=batch_size, device=device, progress=progress)
+        a = encode_dataset(model, tr, batch_size=batch_size, device=device, progress=progress,
+                            num_workers=num_workers)
+        b = encode_dataset(model, te, batch_size=batch_size, device=device, progress=progress,
+                            num_workers=num_workers)
         pr = linear_probe(a["pooled"], a["labels"], b["pooled"], b["labels"], fractions=fractions, seeds=seeds,
                           multi_label=True)
         res["details"]["probe/chexpert"] = pr
@@ -252,7 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res = paper_table(model, tok, chexpert_5x200=ns.chexpert_5x200, rsna=ns.rsna, siim=ns.siim,
                           chexpert=ns.chexpert, chexpert_train=ns.chexpert_train, chexpert_test=ns.chexpert_test, prompts=prompts,
                           scorings=scorings, fractions=fractions, seeds=tuple(int(x) for x in ns.seeds.split(",")),
-                          batch_size=ns.batch_size, device=ns.device, progress=not ns.no_progress,
+                          batch_size=ns.batch_size, num_workers=ns.num_workers, device=ns.device,
+                          progress=not ns.no_progress,
                           reduce=settings["reduce"], split_prompts=settings["split_prompts"])
     except (ManifestError, EvalInputError, FileNotFoundError, json.JSONDecodeError) as e:
         print(f"egma-eval: error: {_one_line(e, 2000)}", file=sys.stderr)

@@ -64,3 +64,20 @@ def test_training_refuses_a_cache_built_for_another_grid(reference, tmp_path, ca
     rc = main(["--manifest", cached, "--out", str(tmp_path / "run"), "--num-workers", "0"] + COMMON)
     err = capsys.readouterr().err
     assert rc != 0 and "grid: cache [7, 7], this run [4, 4]" in err
+
+
+def test_evaluation_workers_encode_what_one_process_encodes(reference, tmp_path):
+    import torch
+
+    from egma_model.data import EGMADataset, load_manifest
+    from egma_model.evaluate import encode_dataset
+    from egma_model.model import EGMAModel
+
+    d, manifest, _ = reference
+    model = EGMAModel.from_pretrained(os.path.join(d, "reference", "final"))
+    ds = EGMADataset(load_manifest(manifest), image_size=64, grid=model.gaze_grid)
+    one = encode_dataset(model, ds, batch_size=5, progress=False)
+    two = encode_dataset(model, ds, batch_size=5, progress=False, num_workers=2)
+    assert one.keys() == two.keys() and len(one["patch"]) == len(ds) == 12
+    for k in one:
+        assert torch.equal(one[k], two[k]), k
