@@ -57,3 +57,17 @@ def new_output(shape, dtype, device) -> torch.Tensor:
         poison = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min  # integers: an impossible index
         return torch.full(shape, poison, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows of it."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

@@ -387,16 +387,6 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
         return hashlib.sha256(f.read()).digest()
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def _triton_version() -> Optional[str]:
     try:
@@ -414,7 +404,7 @@ def device_identity(device: torch.device) -> dict:
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
         return {"device": "cuda", "name": torch.cuda.get_device_name(index), "arch": f"sm_{major}{minor}"}
-    return {"device": device.type, "name": _cpu_model(), "arch": platform.machine()}
+    return {"device": device.type, "name": _utils.cpu_name(), "arch": platform.machine()}
 
 
 def cache_key(backend: str, device: torch.device) -> dict:

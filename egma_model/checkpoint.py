@@ -99,7 +99,8 @@ def save_torch(obj, path: str) -> None:
     write_bytes(path, buf.getbuffer())
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoint manifests, the preparation cache's key)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -136,7 +137,7 @@ def _listing(root: str) -> Dict[str, Dict]:
             path = os.path.join(folder, name)
             rel = os.path.relpath(path, root).replace(os.sep, "/")
             if rel != MANIFEST_NAME:
-                out[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+                out[rel] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
     return out
 
 
@@ -239,7 +240,7 @@ def verify(path: str) -> Dict:
         if size != entry.get("size"):
             raise CheckpointError(f"{path}: torn checkpoint: {rel} has {size} bytes, the manifest says "
                                   f"{entry.get('size')}")
-        if _sha256(fpath) != entry.get("sha256"):
+        if file_sha256(fpath) != entry.get("sha256"):
             raise CheckpointError(f"{path}: altered checkpoint: {rel} does not match its SHA-256 in {MANIFEST_NAME}")
     return manifest
 

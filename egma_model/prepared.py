@@ -24,7 +24,6 @@ The build is resumable: rows are processed in chunks, each chunk's sentences and
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from . import gaze as gz
+from .checkpoint import file_sha256  # noqa: F401  (the cache keys on the manifest's hash)
 
 CACHE_FORMAT = 1
 CACHE_COLUMNS = ("cache", "cache_row")
@@ -66,13 +66,6 @@ def _differences(built: Dict, wanted: Dict, prefix: str = "") -> List[str]:
             out.append(f"{prefix}{k}: cache {a!r}, this run {b!r}")
     return out
 
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class PreparedCache:

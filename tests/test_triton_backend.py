@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import egma_kernels as ek
+from egma_kernels.tolerances import same_dtype_bound
 from backend_cases import CASES, Case, check_backend, check_filip_backend
 from conftest import make_inputs
 
@@ -338,7 +339,7 @@ def test_gpu_matches_reference_flash_attention_style(dtype, lengths_seed, B, P, 
     fused, ref = _errors("triton", inputs, dtype, egma_compat=compat)
     names = ["loss", "i2t", "t2i", "d_patch", "d_sent", "d_scale"]
     for name, f, r in zip(names, fused, ref):
-        assert f <= 2 * r + 1e-5, f"{name}: fused error {f:.3e} > 2 x reference error {r:.3e}"
+        assert f <= same_dtype_bound(r, dtype), f"{name}: fused error {f:.3e} > 2 x reference error {r:.3e}"
 
 
 @pytest.mark.gpu
@@ -351,10 +352,11 @@ def test_gpu_float32_with_tf32_allowed_matches_reference_under_the_same_setting(
     torch.set_float32_matmul_precision("high")
     try:
         fused, ref = _errors("triton", inputs, torch.float32)
+        bounds = [same_dtype_bound(r, torch.float32) for r in ref]  # under TF32: the TF32 floor
     finally:
         torch.set_float32_matmul_precision(before)
-    for name, f, r in zip(["loss", "i2t", "t2i", "d_patch", "d_sent", "d_scale"], fused, ref):
-        assert f <= 2 * r + 1e-4, f"{name}: fused error {f:.3e} > 2 x reference error {r:.3e}"
+    for name, f, r, limit in zip(["loss", "i2t", "t2i", "d_patch", "d_sent", "d_scale"], fused, ref, bounds):
+        assert f <= limit, f"{name}: fused error {f:.3e} > 2 x reference error {r:.3e}"
 
 
 @pytest.mark.gpu
@@ -397,4 +399,4 @@ def test_gpu_issue_size_limits_match_reference(B, P, D, max_len):
     inputs = make_inputs(lengths, P, D, seed=11, gaze="mixed", dtype=torch.float64)
     fused, ref = _errors("triton", inputs, torch.float32)
     for name, f, r in zip(["loss", "i2t", "t2i", "d_patch", "d_sent", "d_scale"], fused, ref):
-        assert f <= 2 * r + 1e-5, f"{name}: fused error {f:.3e} > 2 x reference error {r:.3e}"
+        assert f <= same_dtype_bound(r, torch.float32), f"{name}: fused error {f:.3e} > 2 x reference error {r:.3e}"

@@ -17,6 +17,7 @@ import torch
 import egma_kernels as ek
 
 from .. import reference
+from .._utils import cpu_name
 from .problems import DTYPES, Problem, make_problem, similarity_elements
 from .providers import LossOptions, Provider
 from .sweeps import MODES, Size
@@ -56,7 +57,7 @@ def environment(device: torch.device) -> dict:
         cuda_version=torch.version.cuda,
         python_version=platform.python_version(),
         platform=platform.platform(),
-        cpu=_cpu_name(),
+        cpu=cpu_name(),
         cpu_threads=torch.get_num_threads(),
         device=device.type,
     )
@@ -80,16 +81,6 @@ def environment(device: torch.device) -> dict:
         info["load_average"] = None
     return info
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _driver_version():
