@@ -106,7 +106,7 @@ def test_min_heat_keeps_a_value_equal_to_it():
 def test_recipe_checkpoint_selection_settings(name):
     """The authors keep the best CheXpert 5x200 zero-shot accuracy, checked every 40 steps, scored with the
     global similarity (their evaluator has no fine-grained scoring) on their sampled prompt combinations
-    (shared/reference: trainer.py's Trainer_multi_evaluator, PromptClassifier); the paper recipe keeps it."""
+    (the authors' trainer.py, MoMarky/EGMA: Trainer_multi_evaluator, PromptClassifier); the paper recipe keeps it."""
     from egma_model.recipes import EVAL, explicit_options
     from egma_model.train_cli import apply_recipe, args_from_namespace, build_parser
 

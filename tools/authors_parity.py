@@ -1,10 +1,11 @@
 """Parity run: a few training steps of the authors' released training loop (MoMarky/EGMA) and of
 ``egma-train --recipe authors-code``, from the same randomly initialised weights and the same batches.
 
-    /work/authors-venv/bin/python tools/authors_parity.py --authors-repo /tmp/egma-authors \\
+    "$AUTHORS_VENV/bin/python" tools/authors_parity.py --authors-repo "$AUTHORS_REPO" \\
         --out benchmarks/results/authors-parity/parity-224-gaze.json [--image-size 224] [--gaze-ratio 1]
         [--n-images 8] [--batch-size 4] [--epochs 2] [--lr 1e-5] [--seed 0] [--threads 2]
 
+``$AUTHORS_VENV``: a venv with their extra dependencies (see benchmarks/results/authors-parity/README.md).
 ``--authors-repo``: a checkout of the authors' repository (the folder holding ``egma/`` and
 ``finetune_egma.py``); its modules are imported from there, nothing of it is copied. Run it with a Python
 that has their extra dependencies (nltk, pandas, scikit-learn, opencv, omegaconf, ftfy, regex,
