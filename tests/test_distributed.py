@@ -204,6 +204,18 @@ def _option_refusals(rank, world):
     lengths = (cu[1:] - cu[:-1]).tolist()
     attempt("own_max_seqlen", max_seqlen=max(lengths) + (3 if last else 0))
     attempt("after")
+    if "triton" in ek.available_backends("cpu"):  # Triton's interpreter: the refusal comes before any kernel
+        D = 8
+        n = 1025 if last else 2  # one report longer than the triton backend takes, on the last rank only
+        p_long = F.normalize(torch.randn(1, 5, D, dtype=torch.float64), dim=-1)
+        s_long = F.normalize(torch.randn(n, D, dtype=torch.float64), dim=-1)
+        try:
+            ek.fine_grained_loss(p_long, s_long, torch.tensor([0, n], dtype=torch.int32), t, backend="triton",
+                                 group=group)
+            messages["triton_long_report"] = "no error"
+        except (ValueError, RuntimeError) as exc:
+            messages["triton_long_report"] = f"{type(exc).__name__}: {exc}"
+        attempt("after_triton")
     return messages
 
 
@@ -257,6 +269,9 @@ def test_disagreeing_loss_options_are_refused_on_every_rank(tmp_path):
         assert "same logit_scale" in msgs["logit_scale"], msgs["logit_scale"]
         assert isinstance(msgs["own_max_seqlen"], float) and math.isfinite(msgs["own_max_seqlen"])
         assert msgs["after"] == msgs["own_max_seqlen"] == results[0]["option_refusals"]["after"]
+        if "triton_long_report" in msgs:  # refused on every rank, the group still usable afterwards
+            assert msgs["triton_long_report"].startswith("ValueError") and "at most 1024" in msgs["triton_long_report"]
+            assert msgs["after_triton"] == msgs["after"]
 
 
 def check_cases(results):
