@@ -456,17 +456,18 @@ class EGMAModel(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, path: str, tokenizer=None, *, step: Optional[int] = None,
-                        extra: Optional[Callable[[str], None]] = None) -> None:
+                        extra: Optional[Callable[[str], None]] = None, kind: Optional[str] = None) -> None:
         """Write the checkpoint folder ``path`` atomically (``egma_model.checkpoint``): ``egma_config.json``,
         the weights as ``model.safetensors``, the tokenizer under ``tokenizer/``, whatever ``extra(folder)``
-        writes (the trainer's state), and the manifest. A failed or killed save leaves the previous folder."""
+        writes (the trainer's state), and the manifest. A failed or killed save leaves the previous folder.
+        ``kind`` (default: "training" with ``extra``, else "model") is recorded in the manifest."""
 
         def fill(folder: str) -> None:
             self._write_files(folder, tokenizer)
             if extra is not None:
                 extra(folder)
 
-        checkpoint.write(path, fill, step=step, kind="model" if extra is None else "training")
+        checkpoint.write(path, fill, step=step, kind=kind or ("model" if extra is None else "training"))
 
     def _write_files(self, folder: str, tokenizer=None) -> None:
         with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
@@ -528,7 +529,7 @@ def _unshared(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """``state`` with a private copy of every tensor whose memory another one already uses."""
     seen, out = set(), {}
     for k, v in state.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else None
+        key = v.untyped_storage().data_ptr() if v.numel() else None  # any overlap, not only equal views
         out[k] = v.clone() if key is not None and key in seen else v
         seen.add(key)
     return out

@@ -4,7 +4,7 @@ Built by ``egma-prepare cache --manifest M`` (see ``egma_model.prepared_build.bu
 
 ==================  ========================================================================================
 ``images.npy``      ``(N, size, size)`` float32: ``preprocess_image``'s output for each manifest row, exactly
-                    (the photometric augmentation and the normalisation still run per item, as before)
+                    (the photometric augmentation and the normalisation still run per item)
 ``gaze.npy``        ``(total sentences, P)`` float32: every row's per-sentence gaze on the patch grid
 ``rows.json``       per row: its sentences, the first gaze row, and whether the row has gaze
 ``cache.json``      the settings it was built with (:func:`cache_settings`), the manifest's hash, the sizes;
@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from . import gaze as gz
-from .checkpoint import file_sha256  # noqa: F401  (the cache keys on the manifest's hash)
 
 CACHE_FORMAT = 1
 CACHE_COLUMNS = ("cache", "cache_row")
@@ -52,7 +51,7 @@ def cache_settings(*, image_size: int, grid: Sequence[int], gaze_options, use_ga
         "gaze_options": dataclasses.asdict(gaze_options),
         "use_gaze": bool(use_gaze),
         "split_rule": str(split_rule),
-        "gaze_reader_rules": str(getattr(gz, "READER_RULES_VERSION", "0")),
+        "gaze_reader_rules": gz.READER_RULES_VERSION,
     }
 
 
@@ -108,12 +107,16 @@ class PreparedCache:
         return sentences, torch.from_numpy(g)
 
 
-_OPEN: Dict[str, PreparedCache] = {}
+_OPEN: Dict[tuple, PreparedCache] = {}
 
 
 def open_cache(folder: str) -> PreparedCache:
-    """The cache at ``folder``, opened once per process."""
-    key = os.path.realpath(folder)
+    """The cache at ``folder``, opened once per process and build (a rebuilt cache has a new ``cache.json``)."""
+    try:
+        st = os.stat(os.path.join(folder, "cache.json"))
+        key = (os.path.realpath(folder), st.st_mtime_ns, st.st_size)
+    except OSError:
+        return PreparedCache(folder)  # names what is missing
     if key not in _OPEN:
         _OPEN[key] = PreparedCache(folder)
     return _OPEN[key]

@@ -19,7 +19,8 @@ import numpy as np
 from egma_kernels.cli_support import progress_bar
 
 from . import data, prepared
-from .prepared import CACHE_COLUMNS, CacheMismatchError, cache_settings, file_sha256
+from .checkpoint import file_sha256
+from .prepared import CACHE_COLUMNS, CacheMismatchError, cache_settings
 from .textio import read_csv_rows, read_text
 
 

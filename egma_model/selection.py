@@ -63,8 +63,8 @@ class CheckpointSelector:
 
     def check(self, model, step: int, device) -> Dict:
         ds = EGMADataset(self.records, image_size=model.config.image_size, grid=model.grid,
-                               classes=self.classes, use_gaze=False, image_mean=model.config.image_mean,
-                               image_std=model.config.image_std)
+                         classes=self.classes, use_gaze=False, image_mean=model.config.image_mean,
+                         image_std=model.config.image_std)
         imgs = encode_dataset(model, ds, device=device, progress=False)
         z = zero_shot(model, self.tokenizer, imgs, self.prompts, self.classes, scoring=self.a.select_scoring,
                       reduce="max", split_prompts=self.split_prompts)
@@ -73,15 +73,17 @@ class CheckpointSelector:
         if self.best is None or rec["accuracy"] > self.best["accuracy"]:
             self.best = rec
             out = os.path.join(self.a.out, "best")
-            model.save_pretrained(out, tokenizer=self.tokenizer)
-            self._write(out)
+            model.save_pretrained(out, tokenizer=self.tokenizer, extra=self._write, kind="model")
         return dict(rec, best_step=self.best["step"])
 
     def _write(self, out: str) -> None:
-        with open(os.path.join(out, "selection.json"), "w") as f:
+        """``selection.json`` in ``out``, replaced whole (a kill leaves the previous one)."""
+        path = os.path.join(out, "selection.json")
+        with open(path + ".tmp", "w") as f:
             json.dump({"selection": self.label, "is_test_set": self.is_test, "manifest": self.a.select_on,
                        "prompts": self.a.select_prompts, "scoring": self.a.select_scoring,
                        "best": self.best, "history": self.history}, f, indent=2)
+        os.replace(path + ".tmp", path)
 
     def finish(self) -> None:
         if self.best is None:

@@ -26,15 +26,15 @@ from torch.utils.data import DataLoader
 from egma_kernels.cli_support import progress_bar
 from egma_kernels.distributed import loss_group
 
-from . import checkpoint, gradcache  # gradcache's functions looked up at call time (a test counts them)
+from . import gradcache  # gradcache's functions looked up at call time (a test counts them)
 from .data import Collator, EGMADataset, GazeOptions, ManifestError, load_manifest
-from .distributed_setup import START_FACTS, Distributed, GlobalBatchSampler, agree_at_start, batch_of, crc  # noqa: F401
+from .distributed_setup import START_FACTS, Distributed, GlobalBatchSampler, agree_at_start, crc
 from .model import EGMAConfig, EGMAModel
 from .selection import CheckpointSelector
 from .step_profile import StepProfiler
 from .tokenizer import build_word_tokenizer, load_tokenizer
 from .train_args import TrainArgs, TrainError
-from .train_state import (RUN_NAME, STATE_NAME, RunLog, check_resume, data_digest,  # noqa: F401
+from .train_state import (STATE_NAME, RunLog, check_resume, data_digest,  # noqa: F401  (STATE_NAME: public)
                           find_resume_checkpoint, jsonable, load_training_state, save_checkpoint, set_rng_state,
                           truncate_log)
 
@@ -195,9 +195,8 @@ def _init_from_checkpoint(model: EGMAModel, a: TrainArgs) -> None:
 
     try:
         rep = init_from_medclip(model, a.init_from)
-    except MedCLIPInitError as e:
-        print(f"egma-train: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except MedCLIPInitError as e:  # a TrainError, so that under torchrun the ranks' start-up agreement sees it
+        raise TrainError(str(e)) from None
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank loads; rank 0 reports
         return
     os.makedirs(a.out, exist_ok=True)
@@ -414,7 +413,6 @@ class _Trainer:
     def _run_epoch(self) -> None:
         a, spe = self.a, self.steps_per_epoch
         epoch = self.step // spe
-        self.ds.epoch = epoch
         self.sampler.set_epoch(epoch, start_batch=self.step - epoch * spe)
         batches = 0
         for batch in self.loader:
@@ -433,12 +431,12 @@ class _Trainer:
         batch = {k: v.to(self.device, non_blocking=self.loader_kw["pin_memory"]) for k, v in batch.items()}
         self.opt.zero_grad(set_to_none=True)
         out = self._forward_backward(batch, part)
-        gnorm, skipped_why = self._optimiser_step(out, part)
+        values, skipped_why = self._optimiser_step(out, part)
         self.sched.step()
         self.step += 1
         if profiling:
             self._end_profiled_step()
-        self._record(out, gnorm, skipped_why, epoch)
+        self._record(values, skipped_why, epoch)
         self._after_step()
 
     def _begin_profiled_step(self) -> bool:
@@ -478,12 +476,15 @@ class _Trainer:
 
     def _optimiser_step(self, out: Dict[str, torch.Tensor], part):
         """Clip, check every term is finite on every rank, step (or skip the batch with --skip-nonfinite);
-        returns ``(grad_norm, why the batch was skipped or None)``."""
+        returns ``(the scalar terms and grad_norm as numbers (one host read), why the batch was skipped or
+        None)``."""
         a, scaler, opt = self.a, self.scaler, self.opt
         with part("optimizer"):
             scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.clip_grad) if a.clip_grad > 0 else None
-            bad = _nonfinite(out, None if scaler.is_enabled() else gnorm)
+            values = _host_values(out, gnorm)
+            bad = [f"{k}={v}" for k, v in values.items() if not math.isfinite(v)
+                   and not (k == "grad_norm" and scaler.is_enabled())]  # fp16's scaler handles inf gradients
             skipped_why = None
             if not self.ddp.all_true(not bad):
                 skipped_why = _nonfinite_message(self.step + 1, bad)
@@ -492,20 +493,21 @@ class _Trainer:
                                      f"(--skip-nonfinite skips such batches instead)")
             if skipped_why is None:
                 scaler.step(opt)
-                scaler.update()
             else:  # the batch counts as a step (the data order and schedule go on) without an update
                 opt.zero_grad(set_to_none=True)
+            scaler.update()  # also after a skip: fp16's scale comes down and its per-step state is reset
+            if skipped_why is not None:
                 self.skipped += 1
                 if self.ddp.is_main:
                     print(f"egma-train: warning: {skipped_why}; batch skipped", file=sys.stderr)
-        return gnorm, skipped_why
+        return values, skipped_why
 
-    def _record(self, out: Dict[str, torch.Tensor], gnorm, skipped_why: Optional[str], epoch: int) -> None:
+    def _record(self, values: Dict[str, float], skipped_why: Optional[str], epoch: int) -> None:
         """The step's record (loss terms averaged over the ranks) in the history, the log and the bar."""
-        rec = {"step": self.step, "epoch": epoch, "lr": self.opt.param_groups[0]["lr"],
-               **self.ddp.mean_of({k: float(v.detach()) for k, v in out.items() if v.dim() == 0})}
-        if gnorm is not None:
-            rec["grad_norm"] = float(gnorm)
+        terms = {k: v for k, v in values.items() if k != "grad_norm"}
+        rec = {"step": self.step, "epoch": epoch, "lr": self.opt.param_groups[0]["lr"], **self.ddp.mean_of(terms)}
+        if "grad_norm" in values:
+            rec["grad_norm"] = values["grad_norm"]
         if skipped_why is not None:
             rec["skipped_batch"] = skipped_why
         rec["time_s"] = round(time.time() - self.t0, 3)
@@ -522,23 +524,26 @@ class _Trainer:
         """The periodic checkpoint (and kept model), and the checkpoint selection's evaluation."""
         a, step = self.a, self.step
         if a.save_every and step % a.save_every == 0 and step < self.total:
-            self._checkpoint(step)
-            if a.keep_checkpoints and self.ddp.is_main:
-                self.model.save_pretrained(os.path.join(a.out, f"step-{step}"), tokenizer=self.tokenizer, step=step)
+            self._checkpoint(step, keep=a.keep_checkpoints)
         if self.selector is not None and (step % a.select_every == 0 or step == self.total):
-            sel = self.selector.check(self.model, step, self.device)
+            with torch.random.fork_rng(devices=[]):  # its DataLoader's seed draw leaves the run's RNG as it was
+                sel = self.selector.check(self.model, step, self.device)
             if self.log is not None:
                 self.log.append({"step": step, "selection": sel})
             self.model.train()
 
-    def _checkpoint(self, at: int) -> None:
-        """The training checkpoint at step ``at`` (rank 0 writes; every rank stops if it could not)."""
+    def _checkpoint(self, at: int, keep: bool = False) -> None:
+        """The training checkpoint at step ``at`` and, with ``keep``, the model as ``step-<at>`` (rank 0
+        writes; every rank stops if it could not, whatever the error)."""
         err = None
         if self.ddp.is_main:
             try:
                 save_checkpoint(self.model, self.tokenizer, self.opt, self.sched, self.scaler, at, self.history,
                                 self.ckpt_dir, self.run_info, self.device)
-            except checkpoint.CheckpointError as e:
+                if keep:
+                    self.model.save_pretrained(os.path.join(self.a.out, f"step-{at}"), tokenizer=self.tokenizer,
+                                               step=at)
+            except Exception as e:  # re-raised below on rank 0, after the other ranks have heard of it
                 err = e
         if not self.ddp.all_true(err is None):
             raise err or TrainError(f"rank 0 could not write the checkpoint at step {at} (see its error)")
@@ -569,15 +574,14 @@ class _Trainer:
                 "out": a.out, "model": self.model, "tokenizer": self.tokenizer, "skipped_batches": self.skipped}
 
 
-def _nonfinite(out: Dict[str, torch.Tensor], gnorm: Optional[torch.Tensor]) -> List[str]:
-    """The scalar loss terms (and the gradient norm) that are NaN or infinite: one host read."""
+def _host_values(out: Dict[str, torch.Tensor], gnorm: Optional[torch.Tensor]) -> Dict[str, float]:
+    """The scalar loss terms (and the gradient norm, when clipping computed it) as numbers: one host read."""
     names = [k for k, v in out.items() if v.dim() == 0]
-    values = [out[k].detach().float() for k in names]
+    tensors = [out[k].detach().double() for k in names]
     if gnorm is not None:
         names.append("grad_norm")
-        values.append(gnorm.detach().float())
-    finite = torch.isfinite(torch.stack(values)).tolist()
-    return [f"{n}={float(v)}" for n, v, ok in zip(names, values, finite) if not ok]
+        tensors.append(gnorm.detach().double())
+    return dict(zip(names, torch.stack(tensors).tolist())) if tensors else {}
 
 
 def _nonfinite_message(step: int, bad: List[str]) -> str:

@@ -31,7 +31,7 @@ def rng_state(device: torch.device) -> Dict:
     st = {"python": [version, list(keys), gauss], "numpy": [name, np_keys.tolist(), pos, has_gauss, cached],
           "torch": torch.get_rng_state()}
     if device.type == "cuda":
-        st["cuda"] = torch.cuda.getrng_state(device)
+        st["cuda"] = torch.cuda.get_rng_state(device)
     return st
 
 
@@ -77,11 +77,9 @@ def data_digest(a: TrainArgs, records) -> Dict:
     split and the number of rows kept."""
     import hashlib
 
-    h = hashlib.sha256()
-    if a.manifest and os.path.isfile(a.manifest):
-        with open(a.manifest, "rb") as f:
-            h.update(f.read())
-    return {"manifest_sha256": h.hexdigest(), "split": a.split, "rows": len(records)}
+    present = a.manifest and os.path.isfile(a.manifest)
+    digest = checkpoint.file_sha256(a.manifest) if present else hashlib.sha256().hexdigest()
+    return {"manifest_sha256": digest, "split": a.split, "rows": len(records)}
 
 
 def check_resume(a: TrainArgs, saved: Dict, data: Dict, ckpt: str) -> List[str]:
@@ -136,8 +134,14 @@ def truncate_log(log_path: str, step: int) -> None:
     resumed run does again)."""
     if not os.path.isfile(log_path):
         return
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:  # the line a kill cut short
+            return False
+
     with open(log_path, encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        lines = [ln for ln in f if ln.strip() and kept(ln)]
     tmp = log_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)

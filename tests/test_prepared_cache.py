@@ -166,3 +166,12 @@ def test_dataset_refuses_a_cache_built_with_other_settings(tree):
     with pytest.raises(ManifestError, match="split_rule"):
         EGMADataset(rows, split_rule="egma")
     assert EGMADataset(rows, grid=(14, 14), prepared=False)._prepared is None  # the originals stay usable
+
+
+def test_a_rebuilt_cache_is_read_anew_in_the_same_process(tree, tmp_path):
+    _, manifest = tree
+    folder = str(tmp_path / "rebuilt")
+    prepared_build.build_cache(manifest, folder, progress=False)
+    assert prepared.open_cache(folder).meta["settings"]["grid"] == [7, 7]
+    prepared_build.build_cache(manifest, folder, grid=(4, 4), progress=False, rebuild=True)
+    assert prepared.open_cache(folder).meta["settings"]["grid"] == [4, 4]
