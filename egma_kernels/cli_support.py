@@ -52,7 +52,7 @@ def idle_cores(sample_s: float = 0.5) -> Optional[float]:
 def choose_threads(torch_default: int):
     """The default CPU thread count: torch's own, but no more than the cores other work leaves idle (at least
     1). Torch's threads wait for each other at every op: on an oversubscribed CPU the reference's many small
-    ops then run 10-100x slower, while one thread per idle core stays close to the quiet machine's time.
+    ops then run many times slower, while one thread per idle core stays close to the quiet machine's time.
     Returns ``(threads, why)``."""
     idle = idle_cores()
     try:

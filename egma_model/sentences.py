@@ -1,6 +1,6 @@
 """Report text to sentences: our rule and the authors' (re-implemented), by name (``SPLIT_RULES``).
 
-Below the datasets and the ``Dataset`` (``egma_model.data`` re-exports every name); imports nothing from the house.
+Below the datasets and the ``Dataset`` (``egma_model.data`` re-exports every name); imports nothing from egma_model.
 """
 
 from __future__ import annotations

@@ -212,7 +212,8 @@ def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, toke
     """Run training; returns a summary ``{"steps", "final_loss", "history", "out"}``.
 
     ``records``/``model``/``tokenizer`` may be passed in (the demo does); otherwise they come from ``a``.
-    ``cache``: a dict shared by runs over the same records and gaze settings (sentences and gaze computed once).
+    ``cache``: a dict shared by runs over the same records and gaze settings (sentences and gaze computed once);
+    only DataLoader workers' own copies fill it when ``a.num_workers`` gives workers (on a GPU by default).
     """
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -403,7 +404,7 @@ class _Trainer:
         """The log (rank 0), the progress bar (rank 0), the running loss terms and the step profiler."""
         a, ddp = self.a, self.ddp
         self.log = RunLog(self.log_path, fresh=self.saved_state is None) if ddp.is_main else None
-        self.bar = (progress_bar(total=self.total, initial=self.step, desc="egma-train", disable=not a.progress)
+        self.bar = (progress_bar(total=self.total, initial=self.step, desc="egma-train", enabled=a.progress)
                     if ddp.is_main else None)  # None without tqdm
         self.running: Dict[str, float] = {}
         self.prof = StepProfiler(a.profile_steps, self.device) if a.profile_steps else None
