@@ -390,12 +390,9 @@ def check_tasks(tasks: Sequence[str], *, prompts: Optional[str], train_manifest:
 
 
 def _rows(manifest: str, split: Optional[str], option: str):
-    """The manifest's rows (of ``split``); none left is an error naming the splits the file has."""
-    recs = load_manifest(manifest, split=split)
-    if not recs:
-        found = sorted({str(r.split) for r in load_manifest(manifest, check_files=False)})
-        raise ManifestError(f"{manifest}: no rows with split {split!r} ({option}); the file's splits: {found}")
-    return recs
+    """The manifest's rows (of ``split``); ``load_manifest`` raises when none is left, naming the splits the file
+    has (``option``: the flag that chose ``split``, kept for the callers)."""
+    return load_manifest(manifest, split=split)
 
 
 def _check_prompt_classes(pr: Dict, recs, manifest: str) -> None:

@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .data import ManifestError
-    from .evaluate import EvalInputError, _one_line, load_checkpoint
+    from .evaluate import EvalInputError, _numbers, _one_line, load_checkpoint
+    from .textio import TextDecodeError, read_text
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -236,12 +237,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     scorings = tuple(settings["scoring"].split(","))
-    fractions = tuple(float(x) for x in ns.fractions.split(","))
     try:
+        fractions = _numbers(ns.fractions, float, "--fractions")
+        seeds = _numbers(ns.seeds, int, "--seeds")
         prompts = None
         if ns.prompts:
-            with open(ns.prompts) as f:
-                prompts = json.load(f)
+            prompts = json.loads(read_text(ns.prompts))
             if not isinstance(prompts, dict):
                 raise ManifestError(f"{ns.prompts}: expected a JSON object {{set name: {{class: [prompts]}}}}")
             bad = [k for k in prompts if k not in DEFAULT_PROMPTS]
@@ -256,11 +257,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model, tok = load_checkpoint(ns.checkpoint)
         res = paper_table(model, tok, chexpert_5x200=ns.chexpert_5x200, rsna=ns.rsna, siim=ns.siim,
                           chexpert=ns.chexpert, chexpert_train=ns.chexpert_train, chexpert_test=ns.chexpert_test, prompts=prompts,
-                          scorings=scorings, fractions=fractions, seeds=tuple(int(x) for x in ns.seeds.split(",")),
+                          scorings=scorings, fractions=fractions, seeds=seeds,
                           batch_size=ns.batch_size, num_workers=ns.num_workers, device=ns.device,
                           progress=not ns.no_progress,
                           reduce=settings["reduce"], split_prompts=settings["split_prompts"])
-    except (ManifestError, EvalInputError, FileNotFoundError, json.JSONDecodeError) as e:
+    except (ManifestError, EvalInputError, FileNotFoundError, json.JSONDecodeError, TextDecodeError) as e:
         print(f"egma-eval: error: {_one_line(e, 2000)}", file=sys.stderr)
         return 2
     print(format_table(res, scorings=scorings, fractions=fractions, title=f"EGMA evaluation of {ns.checkpoint}"))

@@ -13,6 +13,7 @@ import csv
 import gzip
 import io
 import os
+import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["TextDecodeError", "read_text", "read_csv_rows", "find_published"]
@@ -27,7 +28,7 @@ def _raw_bytes(path: str) -> bytes:
         try:
             with gzip.open(path, "rb") as f:
                 return f.read()
-        except (OSError, EOFError) as e:  # a truncated or non-gzip file under a .gz name
+        except (OSError, EOFError, zlib.error) as e:  # a truncated, corrupt or non-gzip file under a .gz name
             raise TextDecodeError(f"{path}: not a readable gzip file ({e})") from None
     with open(path, "rb") as f:
         return f.read()

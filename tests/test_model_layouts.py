@@ -333,3 +333,69 @@ def test_reading_without_usable_fixations_is_written_without_gaze(tmp_path):
     assert rows["P100R000"]["report"] == " ".join(REPORT)
     assert rows["P101R001"]["gaze_format"] == "reflacx"
     assert s["images_with_gaze"] == 1 and s["gaze_rules"]["readings_without_usable_fixations"] == 1
+
+
+# ------------------------------------------------------------------ review fixes: one check per file, one text rule
+
+
+def test_egd_prepare_checks_transcripts_as_training_reads_them(tmp_path):
+    make_mimic_cxr_jpg(str(tmp_path / "jpg"), MIMIC_ITEMS)
+    make_egd_cxr(str(tmp_path / "egd"), MIMIC_ITEMS)
+    d = MIMIC_ITEMS[3][2]
+    # a phrase without begin/end times: training's reader refuses it, so egma-prepare must not write the row
+    with open(tmp_path / "egd" / "audio_segmentation_transcripts" / d / "transcript.json", "w") as f:
+        json.dump({"full_text": " ".join(REPORT), "time_stamped_text": [{"phrase": REPORT[0]}]}, f)
+    out, s = _prepare(str(tmp_path / "out"), "egd-cxr", "--root", str(tmp_path / "egd"),
+                      "--mimic-cxr-jpg", str(tmp_path / "jpg"))
+    # this one (listed twice in master_sheet.csv) and the fakes' broken JSON
+    assert s["skipped"] == {"transcript.json malformed": 3}
+    assert d not in {r["dicom_id"] for r in _manifest_rows(out)}
+
+
+def test_not_utf8_gaze_file_skips_the_reading_not_the_run(tmp_path):
+    make_mimic_cxr_jpg(str(tmp_path / "jpg"), MIMIC_ITEMS)
+    make_reflacx(str(tmp_path / "reflacx"), MIMIC_ITEMS)
+    case = tmp_path / "reflacx" / "main_data" / "P100R000"
+    (case / "timestamps_transcription.csv").write_bytes(
+        b"word,timestamp_start_word,timestamp_end_word\nr\xe9sum\xe9,0.0,0.4\n")
+    out, s = _prepare(str(tmp_path / "out"), "reflacx", "--root", str(tmp_path / "reflacx"),
+                      "--mimic-cxr-jpg", str(tmp_path / "jpg"))
+    assert s["skipped"]["REFLACX gaze files malformed"] == 1
+    assert [r["source_id"] for r in _manifest_rows(out)] == ["P101R001"]
+    with pytest.raises(gz.GazeFormatError, match="not valid UTF-8"):
+        gz.read_reflacx(str(case), image_size=SIZE)
+    (case / "timestamps_transcription.csv").unlink()
+    (case / "transcription.txt").write_bytes(b"r\xe9sum\xe9.")
+    with pytest.raises(gz.GazeFormatError, match="transcription.txt: not valid UTF-8"):
+        gz.read_reflacx(str(case), image_size=SIZE)
+    egd = tmp_path / "egd"
+    write_csv(str(egd / "fixations.csv"), EGD_FIX_HEADER, [["d1", 1.0, 0.5, 3, 4]])
+    (egd / "transcript.json").write_bytes(b'{"full_text": "r\xe9sum\xe9", "time_stamped_text": []}')
+    with pytest.raises(gz.GazeFormatError, match="transcript.json: not valid UTF-8"):
+        gz.read_egd_cxr(str(egd / "fixations.csv"), "d1", str(egd / "transcript.json"), image_size=(8, 8))
+
+
+def test_gz_with_a_corrupt_body_is_a_text_decode_error(tmp_path):
+    from egma_model.textio import TextDecodeError, read_text
+
+    data = bytearray(gzip.compress(b"a,b\n1,2\n" * 100))
+    data[10] = 0x07  # the first deflate block's type: 11 (reserved), zlib's "invalid block type"
+    (tmp_path / "x.csv.gz").write_bytes(bytes(data))
+    with pytest.raises(TextDecodeError, match="x.csv.gz: not a readable gzip file"):
+        read_text(str(tmp_path / "x.csv.gz"))
+
+
+def test_reflacx_dicom_id_with_spaces_is_one_id(tmp_path):
+    make_mimic_cxr_jpg(str(tmp_path / "jpg"), MIMIC_ITEMS)
+    make_reflacx(str(tmp_path / "reflacx"), MIMIC_ITEMS)
+    sub, _, d = MIMIC_ITEMS[0]
+    # no image path hint and no image size: the JPG, the DICOM size and the split all come from the padded id
+    write_csv(str(tmp_path / "reflacx" / "main_data" / "metadata_phase_1.csv"),
+              ["id", "split", "eye_tracking_data_discarded", "image", "dicom_id", "subject_id", "image_size_x",
+               "image_size_y"], [("P100R000", "train", "False", "x.dcm", f" {d} ", sub, "", "")])
+    out, s = _prepare(str(tmp_path / "out"), "reflacx", "--root", str(tmp_path / "reflacx"),
+                      "--mimic-cxr-jpg", str(tmp_path / "jpg"))
+    rows = _manifest_rows(out)
+    assert s["skipped"] == {} and len(rows) == 1
+    assert (rows[0]["dicom_id"], rows[0]["split"]) == (d, "test")
+    assert (rows[0]["image_width"], rows[0]["image_height"]) == ("128", "160")

@@ -59,7 +59,7 @@ def test_egd_cxr(trees):
     out, s = _run(trees, "egd-cxr", "--root", trees["egd-cxr"], "--mimic-cxr-jpg", trees["mimic-cxr-jpg"])
     # dicom-6's fixations are all off the image: its row is written without gaze (image + report)
     assert s["rows"] == 3 and s["images_with_gaze"] == 2
-    assert s["skipped"] == {"transcript.json is not valid JSON": 1, DUPLICATE: 1}
+    assert s["skipped"] == {"transcript.json malformed": 1, DUPLICATE: 1}
     assert s["labels"] == {"Normal": 1, "CHF": 1}
     assert s["splits"] == {"test": 1, "valid": 1, "train": 1}
     assert s["gaze_rules"] == {"version": "1", "fixations_kept": 12, "fixations_dropped_off_image": 6,

@@ -9,7 +9,7 @@ import os
 from typing import List, Sequence, Tuple
 
 from ..gaze import GazeFormatError
-from ..textio import find_published, read_csv_rows
+from ..textio import TextDecodeError, find_published, read_csv_rows, read_text
 
 
 def gaze_file(folder: str, name: str) -> str:
@@ -20,7 +20,18 @@ def gaze_file(folder: str, name: str) -> str:
 def read_gaze_csv(path: str) -> Tuple[List[str], List[dict]]:
     if not os.path.isfile(path):
         raise GazeFormatError(f"{path}: file not found")
-    return read_csv_rows(path)
+    try:
+        return read_csv_rows(path)
+    except TextDecodeError as e:  # not UTF-8 (or a broken .gz): a malformed gaze file like any other
+        raise GazeFormatError(str(e)) from None
+
+
+def read_gaze_text(path: str) -> str:
+    """A gaze reading's text file (a transcript) under the one text rule; not UTF-8 is a GazeFormatError."""
+    try:
+        return read_text(path)
+    except TextDecodeError as e:
+        raise GazeFormatError(str(e)) from None
 
 
 def need_columns(path: str, header: List[str], cols: Sequence[str]) -> None:

@@ -20,10 +20,9 @@ import numpy as np
 
 from .. import gaze as gz
 from ..gaze import GazeFormatError, GazeRecord
-from ..textio import read_text
 from ._common import (Command, PrepareError, Summary, _image_size, _note_missing_split, _published, _read_csv,
                       _same_aspect, _split_sentences, _truthy, _without_gaze)
-from ._gaze_files import gaze_file, need_columns, number_cell, read_gaze_csv
+from ._gaze_files import gaze_file, need_columns, number_cell, read_gaze_csv, read_gaze_text
 from .mimic_cxr import MimicJpg
 
 # ----------------------------------------------------------------------------------- the gaze reader
@@ -81,7 +80,7 @@ def _egd_words(transcript_json: str) -> Tuple[List[Tuple[str, float, float]], Op
     if not os.path.isfile(transcript_json):
         raise GazeFormatError(f"{transcript_json}: file not found")
     try:
-        tj = json.loads(read_text(transcript_json))
+        tj = json.loads(read_gaze_text(transcript_json))
     except json.JSONDecodeError as e:
         raise GazeFormatError(f"{transcript_json}: not valid JSON ({e})") from None
     if not isinstance(tj, dict) or not isinstance(tj.get("time_stamped_text"), list):
@@ -132,19 +131,6 @@ def read_egd_cxr(fixations_csv: str, dicom_id: str, transcript_json: Optional[st
 # ----------------------------------------------------------------------------------- the manifest
 
 
-def _egd_transcript(path: str) -> Tuple[Optional[str], Optional[str]]:
-    """(full_text, error) of an EGD-CXR ``transcript.json``."""
-    if not os.path.isfile(path):
-        return None, "no transcript.json"
-    try:
-        tj = json.loads(read_text(path))
-    except json.JSONDecodeError:
-        return None, "transcript.json is not valid JSON"
-    if not isinstance(tj, dict) or not isinstance(tj.get("time_stamped_text"), list):
-        return None, "transcript.json has no time_stamped_text list"
-    return str(tj.get("full_text") or " ".join(str(p.get("phrase", "")) for p in tj["time_stamped_text"])), None
-
-
 def _egd_fixations(fixations_csv: str) -> Dict:
     """``DICOM_ID`` -> fixations as written, read once per file (a malformed cell is a PrepareError)."""
     try:
@@ -153,7 +139,7 @@ def _egd_fixations(fixations_csv: str) -> Dict:
         raise PrepareError(str(e)) from None
 
 
-def _egd_row(where: str, dicom_id: str, image: Optional[str], fixations: str, raw, transcript: str,
+def _egd_row(where: str, dicom_id: str, image: Optional[str], raw, transcript: str,
              size: Optional[Tuple[int, int]], labels: List[str], split: str, gaze_format: str, gaze: str,
              summary: Summary) -> None:
     if not image:
@@ -162,10 +148,15 @@ def _egd_row(where: str, dicom_id: str, image: Optional[str], fixations: str, ra
     if raw is None or not len(raw):
         summary.skip(where, "no fixations for this DICOM_ID in fixations.csv")
         return
-    text, err = _egd_transcript(transcript)
-    if err:
-        summary.skip(where, err)
+    if not os.path.isfile(transcript):
+        summary.skip(where, "no transcript.json")
         return
+    try:  # the check training makes when it reads the same file
+        words, full_text = _egd_words(transcript)
+    except GazeFormatError as e:
+        summary.skip(f"{where} ({e})", "transcript.json malformed")
+        return
+    text = str(full_text or " ".join(w for w, _, _ in words))
     js = _image_size(image)
     if js is None:
         summary.skip(where, "JPG unreadable")
@@ -199,7 +190,7 @@ def prepare_egd_cxr(root: str, mimic_cxr_jpg: str) -> Summary:
         d = r["dicom_id"].strip()
         where = f"master_sheet.csv: row {i + 2} (dicom_id {d})"
         labels = [c for c in conditions if _truthy(r.get(c, ""))]
-        _egd_row(where, d, jpg.find(d, r.get("path")), fx, raw.get(d),
+        _egd_row(where, d, jpg.find(d, r.get("path")), raw.get(d),
                  os.path.join(root, "audio_segmentation_transcripts", d, "transcript.json"), jpg.sizes.get(d),
                  labels, jpg.split.get(d, ""), "egd", fx, s)
     _note_missing_split(s, "not in mimic-cxr-2.0.0-split.csv(.gz)" if jpg.split else

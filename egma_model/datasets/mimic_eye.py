@@ -105,7 +105,7 @@ def prepare_mimic_eye(root: str) -> Summary:
             for d, fix in sorted(raw.items()):
                 where = f"{p}/EyeGaze (DICOM_ID {d})"
                 tj = os.path.join(pdir, "EyeGaze", "audio_segmentation_transcripts", d, "transcript.json")
-                _egd_row(where, d, jpgs.get(d), fx, fix, tj, sizes.get(d), [], splits.get(d, ""), "mimic_eye", pdir, s)
+                _egd_row(where, d, jpgs.get(d), fix, tj, sizes.get(d), [], splits.get(d, ""), "mimic_eye", pdir, s)
     if not any_sizes:
         s.notes.append("EyeGaze rows without CXR-JPG/cxr_meta.csv Rows/Columns take the JPG's size as the DICOM size")
     _note_missing_split(s, "not in the patient's CXR-JPG/cxr_split.csv (nor spreadsheets/CXR-JPG/cxr_split.csv)")

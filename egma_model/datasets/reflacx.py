@@ -21,10 +21,10 @@ import numpy as np
 
 from .. import gaze as gz
 from ..gaze import GazeFormatError, GazeRecord, detect_fixations
-from ..textio import find_published, read_text
+from ..textio import find_published
 from ._common import (Command, PrepareError, Summary, _image_size, _int, _note_missing_split, _read_csv,
                       _same_aspect, _split_sentences, _truthy, _without_gaze, split_name)
-from ._gaze_files import gaze_file, need_columns, number_cell, read_gaze_csv
+from ._gaze_files import gaze_file, need_columns, number_cell, read_gaze_csv, read_gaze_text
 from .mimic_cxr import MimicJpg
 
 # ----------------------------------------------------------------------------------- the gaze reader
@@ -119,7 +119,7 @@ def read_reflacx(case_dir: str, *, image_size: Optional[Tuple[int, int]] = None,
     transcript = None
     tr_path = os.path.join(case_dir, "transcription.txt")
     if os.path.isfile(tr_path):
-        transcript = read_text(tr_path).strip()
+        transcript = read_gaze_text(tr_path).strip()
     if image_size is None:
         if fx_rows and "xmax_shown_from_image" in fx_header and "ymax_shown_from_image" in fx_header:
             image_size = (int(max(float(r["xmax_shown_from_image"]) for r in fx_rows)),
@@ -141,7 +141,11 @@ def _reflacx_reading(case_dir: str, where: str, summary: Summary) -> Optional[Tu
         summary.skip(where, "REFLACX reading has no fixations.csv")
         return None
     tr = os.path.join(case_dir, "transcription.txt")
-    text = read_text(tr).strip() if os.path.isfile(tr) else ""
+    try:
+        text = read_gaze_text(tr).strip() if os.path.isfile(tr) else ""
+    except GazeFormatError as e:
+        summary.skip(f"{where}: {e}", "REFLACX gaze files malformed")
+        return None
     sents = _split_sentences(text)
     if not sents:
         summary.skip(where, "REFLACX reading has no transcription")
@@ -193,7 +197,7 @@ def _reflacx_row(where: str, r: Dict, case_dir: str, image: Optional[str], summa
         summary.skip(f"{where}: {e}", "REFLACX gaze files malformed")
         return
     row = {"image": os.path.abspath(image), "gaze_format": "reflacx", "gaze": os.path.abspath(case_dir),
-           "dicom_id": r["dicom_id"], "image_width": size[0], "image_height": size[1], "split": split,
+           "dicom_id": r["dicom_id"].strip(), "image_width": size[0], "image_height": size[1], "split": split,
            "source_id": r["id"]}
     keys = [("reflacx", r["id"]), ("content", row["image"], text)]
     if not summary.add(row if len(rec.fixations) else _without_gaze(row, text), sents, where=where, keys=keys):
@@ -208,9 +212,10 @@ def prepare_reflacx(root: str, mimic_cxr_jpg: str) -> Summary:
     main_data = os.path.join(root, "main_data") if os.path.isdir(os.path.join(root, "main_data")) else root
     jpg = MimicJpg(mimic_cxr_jpg)
     for where, r in _reflacx_metadata(main_data):
-        image = jpg.find(r["dicom_id"], r.get("image"))
-        split = jpg.split.get(r["dicom_id"].strip()) or split_name(r.get("split"))
-        _reflacx_row(where, r, os.path.join(main_data, r["id"]), image, s, split, jpg.sizes.get(r["dicom_id"]))
+        d = r["dicom_id"].strip()
+        split = jpg.split.get(d) or split_name(r.get("split"))
+        image = jpg.find(d, r.get("image"))
+        _reflacx_row(where, r, os.path.join(main_data, r["id"]), image, s, split, jpg.sizes.get(d))
     _note_missing_split(s, "no mimic-cxr-2.0.0-split.csv(.gz) entry and no REFLACX split value")
     return s
 
