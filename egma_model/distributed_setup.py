@@ -5,6 +5,7 @@ failure types. One process (no ``torchrun``) goes through the same calls, which 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Dict, List, Optional
@@ -12,6 +13,31 @@ from typing import Dict, List, Optional
 import torch
 
 from .train_args import TrainArgs, TrainError
+
+# Modules of torch.distributed with ``group=group.WORLD`` as a default argument (torch/distributed/nn/functional.py,
+# torch/distributed/optim/zero_redundancy_optimizer.py, torch/distributed/fsdp/sharded_grad_scaler.py). The
+# default is evaluated when the module is imported: imported while a process group is up, it holds that group for
+# the rest of the process, so destroy_process_group cannot free it, and the group's gloo worker threads are still
+# there at interpreter shutdown, where one that frees a finished collective's tensors aborts the process
+# ("terminate called without an active exception"). transformers imports them lazily while it builds a model
+# (transformers/distributed/fsdp.py), that is after torchrun's process group is set up. Imported here, with this
+# module and before any group exists, their defaults hold ``None`` instead.
+GROUP_BINDING_MODULES = ("torch.distributed.nn", "torch.distributed.optim", "torch.distributed.fsdp")
+
+
+def import_group_binding_modules() -> None:
+    """Import ``GROUP_BINDING_MODULES`` (if this PyTorch has torch.distributed). Call it before
+    ``init_process_group`` when setting up a group yourself for ``egma-train``; importing this module does it."""
+    if not torch.distributed.is_available():
+        return
+    for name in GROUP_BINDING_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a build without one of them: nothing of it can hold the group either
+            pass
+
+
+import_group_binding_modules()
 
 
 class Distributed:
@@ -41,6 +67,8 @@ class Distributed:
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
                 from datetime import timedelta
+
+                import_group_binding_modules()  # already done at import; kept beside the call it must precede
 
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                         timeout=timedelta(seconds=a.dist_timeout))

@@ -428,3 +428,43 @@ def test_a_rank_that_never_answers_stops_the_run_after_dist_timeout(data, tmp_pa
         res = json.load(f)
     line = _one_line_error(res["err"])
     assert res["rc"] == 2 and "process group failed" in line and "--dist-timeout 3 s" in line, line
+
+
+_GROUP_HOLDERS_SCRIPT = r"""
+import json, os, sys
+from datetime import timedelta
+
+import egma_model.train  # imports egma_model.distributed_setup, as egma-train and a user's script do
+import torch
+import torch.distributed as dist
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(seconds=60))
+from egma_model.model import EGMAConfig, EGMAModel
+
+EGMAModel(EGMAConfig.tiny(image_size=32, vocab_size=50))  # transformers' lazy imports happen here
+pg = dist.group.WORLD
+holders = []
+for name, module in list(sys.modules.items()):
+    if not name.startswith("torch.distributed") or module is None:
+        continue
+    for attr, obj in list(vars(module).items()):
+        funcs = [obj] + ([v for v in vars(obj).values() if callable(v)] if isinstance(obj, type) else [])
+        for f in funcs:
+            defaults = list(getattr(f, "__defaults__", None) or ()) + list((getattr(f, "__kwdefaults__", None) or {}).values())
+            if any(d is pg for d in defaults):
+                holders.append(f"{name}.{attr}")
+del pg
+dist.destroy_process_group()
+print(json.dumps(sorted(set(holders))))
+"""
+
+
+def test_the_process_group_is_freed_by_destroy_process_group():
+    """No function default holds the process group after a model is built under it (transformers imports
+    torch.distributed.nn and fsdp lazily, whose ``group=group.WORLD`` defaults would bind the live group; the
+    group then outlives ``destroy_process_group`` and its gloo threads can abort the process at exit)."""
+    proc = subprocess.run([sys.executable, "-c", _GROUP_HOLDERS_SCRIPT, str(free_port())], capture_output=True,
+                          text=True, timeout=240, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
