@@ -33,7 +33,7 @@ from .model import EGMAConfig, EGMAModel
 from .selection import CheckpointSelector
 from .step_profile import StepProfiler
 from .tokenizer import build_word_tokenizer, load_tokenizer
-from .train_args import TrainArgs, TrainError
+from .train_args import TrainArgs, TrainError, check_train_args
 from .train_state import (STATE_NAME, RunLog, check_resume, data_digest,  # noqa: F401  (STATE_NAME: public)
                           find_resume_checkpoint, jsonable, load_training_state, save_checkpoint, set_rng_state,
                           truncate_log)
@@ -215,6 +215,7 @@ def train(a: TrainArgs, *, records=None, model: Optional[EGMAModel] = None, toke
     ``cache``: a dict shared by runs over the same records and gaze settings (sentences and gaze computed once);
     only DataLoader workers' own copies fill it when ``a.num_workers`` gives workers (on a GPU by default).
     """
+    check_train_args(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     set_seed(a.seed)
@@ -261,7 +262,6 @@ class _Trainer:
         self._build_precision()
         self._build_selector()
         self._restore_state()
-        self._check_step_options()
         self._wrap_for_ranks()
         self._open_reporting()
         self.model.train()
@@ -352,8 +352,6 @@ class _Trainer:
     def _build_precision(self) -> None:
         """Autocast (CUDA only) and the gradient scaler (fp16 only)."""
         a = self.a
-        if a.amp not in ("bf16", "fp16", "off"):
-            raise ValueError(f"amp must be bf16, fp16 or off, got {a.amp!r}")
         self.use_amp = self.device.type == "cuda" and a.amp != "off"
         self.amp_dtype = torch.float16 if a.amp == "fp16" else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and a.amp == "fp16")
@@ -379,10 +377,6 @@ class _Trainer:
         set_rng_state(s["rng"], self.device)
         if self.ddp.is_main:
             truncate_log(self.log_path, self.step)
-
-    def _check_step_options(self) -> None:
-        if self.a.grad_chunk_size < 0 or self.a.profile_steps < 0:
-            raise ValueError("--grad-chunk-size and --profile-steps must be >= 0")
 
     def _wrap_for_ranks(self) -> None:
         """Under torchrun: DDP, or with gradient caching equal parameters on every rank; the loss calls run

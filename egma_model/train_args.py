@@ -89,3 +89,38 @@ class TrainArgs:
     grad_chunk_size: int = 0  # > 0: gradient caching, the encoders run this many images at a time (egma_model.gradcache)
     skip_nonfinite: bool = False  # a batch whose loss or gradient is NaN/inf is skipped instead of stopping the run
     dist_timeout: float = 600.0  # seconds a collective may wait for the other ranks (the process group's timeout)
+
+
+AMP_MODES = ("bf16", "fp16", "off")
+
+
+def check_train_args(a: TrainArgs) -> None:
+    """Raise ``TrainError`` naming the first setting no run can use (checked before the process group, the data
+    and the model are set up, so that a typo costs no model load and writes nothing)."""
+    import math
+
+    def need(ok: bool, option: str, rule: str, value) -> None:
+        if not ok:
+            raise TrainError(f"{option} must be {rule}, got {value!r}")
+
+    def finite(x) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    need(a.batch_size >= 1, "--batch-size", ">= 1", a.batch_size)
+    need(a.epochs >= 0, "--epochs", ">= 0", a.epochs)
+    need(a.max_steps is None or a.max_steps >= 0, "--max-steps", ">= 0", a.max_steps)
+    need(finite(a.lr) and a.lr >= 0, "--lr", "a finite number >= 0", a.lr)
+    need(finite(a.weight_decay) and a.weight_decay >= 0, "--weight-decay", "a finite number >= 0", a.weight_decay)
+    need(a.warmup_steps >= 0, "--warmup-steps", ">= 0", a.warmup_steps)
+    need(finite(a.clip_grad) and a.clip_grad >= 0, "--clip-grad", "a finite number >= 0 (0: off)", a.clip_grad)
+    need(a.max_sentences >= 0, "--max-sentences", ">= 0 (0: all)", a.max_sentences)
+    need(a.num_workers >= -1, "--num-workers", ">= -1 (-1: auto)", a.num_workers)
+    need(a.prefetch_factor >= 1, "--prefetch-factor", ">= 1", a.prefetch_factor)
+    need(a.save_every >= 0, "--save-every", ">= 0 (0: only at the end)", a.save_every)
+    need(a.select_every >= 1, "--select-every", ">= 1", a.select_every)
+    need(a.threads is None or a.threads >= 1, "--threads", ">= 1", a.threads)
+    need(a.amp in AMP_MODES, "--amp", "one of " + ", ".join(AMP_MODES), a.amp)
+    need(a.grad_chunk_size >= 0, "--grad-chunk-size", ">= 0 (0: off)", a.grad_chunk_size)
+    need(a.profile_steps >= 0, "--profile-steps", ">= 0 (0: off)", a.profile_steps)
+    need(finite(a.dist_timeout) and a.dist_timeout > 0, "--dist-timeout", "a finite number of seconds > 0",
+         a.dist_timeout)

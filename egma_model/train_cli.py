@@ -286,8 +286,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if a.recipe != "ours" and not a.init_from:
             print(f"egma-train: warning: --recipe {a.recipe} without --init-from: the authors start from MedCLIP's "
                   f"weights; these encoders are not MedCLIP's", file=sys.stderr)
-    if not a.dist_timeout > 0:
-        parser.error(f"--dist-timeout must be positive, got {a.dist_timeout}")
     try:
         res = train(a)
     except (ManifestError, FileNotFoundError, TrainError, CheckpointError, TextDecodeError) as e:

@@ -468,3 +468,34 @@ def test_the_process_group_is_freed_by_destroy_process_group():
                           text=True, timeout=240, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize("option,value,says", [
+    ("--batch-size", "0", "--batch-size must be >= 1"),
+    ("--epochs", "-1", "--epochs must be >= 0"),
+    ("--max-steps", "-2", "--max-steps must be >= 0"),
+    ("--lr", "nan", "--lr must be a finite number >= 0"),
+    ("--clip-grad", "-1", "--clip-grad must be"),
+    ("--prefetch-factor", "0", "--prefetch-factor must be >= 1"),
+    ("--num-workers", "-2", "--num-workers must be >= -1"),
+    ("--grad-chunk-size", "-1", "--grad-chunk-size must be >= 0"),
+    ("--profile-steps", "-1", "--profile-steps must be >= 0"),
+    ("--dist-timeout", "0", "--dist-timeout must be a finite number of seconds > 0"),
+    ("--dist-timeout", "inf", "--dist-timeout must be a finite number of seconds > 0"),
+    ("--threads", "0", "--threads must be >= 1"),
+])
+def test_an_unusable_setting_is_one_line_before_any_model_is_built(option, value, says, tmp_path, capsys,
+                                                                   monkeypatch):
+    """Checked before the data and the model are set up: one line, exit status 2, nothing written."""
+    from egma_model import train as train_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the settings were checked")
+
+    monkeypatch.setattr(train_module, "build_model_and_tokenizer", no_model)
+    manifest, _ = _tiny_manifest(str(tmp_path))
+    out = str(tmp_path / "run")
+    rc, err = _main(_set(["--manifest", manifest, "--out", out] + COMMON, option, value), capsys)
+    assert rc == 2
+    assert says in _one_line_error(err)
+    assert not os.path.exists(out)
