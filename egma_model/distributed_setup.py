@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -76,15 +76,17 @@ class Distributed:
             self.group = dist.group.WORLD
         self.is_main = self.rank == 0
 
-    def mean_of(self, values: Dict[str, float]) -> Dict[str, float]:
-        """The mean over the ranks of each logged number (one all_reduce)."""
-        if self.world == 1 or not values:
-            return values
+    def mean_and_all_true(self, values: Dict[str, float], ok: bool) -> Tuple[Dict[str, float], bool]:
+        """The mean over the ranks of each number in ``values``, and whether ``ok`` holds on every rank: one
+        all_reduce (a step's logged terms and its finiteness check share it)."""
+        if self.world == 1:
+            return dict(values), ok
         import torch.distributed as dist
 
-        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        t = torch.tensor(list(values.values()) + [0.0 if ok else 1.0], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return dict(zip(values, (t / self.world).tolist()))
+        *sums, not_ok = t.tolist()
+        return dict(zip(values, (v / self.world for v in sums))), not_ok == 0
 
     def all_true(self, ok: bool) -> bool:
         """Whether ``ok`` holds on every rank (one all_reduce), so that the ranks stop together."""

@@ -495,11 +495,13 @@ class EGMAModel(nn.Module):
         return cfg
 
     @classmethod
-    def from_pretrained(cls, path: str, map_location="cpu", **overrides) -> "EGMAModel":
+    def from_pretrained(cls, path: str, map_location="cpu", *, verify: bool = True, **overrides) -> "EGMAModel":
         """Load a checkpoint written by ``save_pretrained`` (local directory; ``overrides`` change config fields).
 
         The folder is checked against its manifest first (``egma_model.checkpoint.verify``): a torn, altered
-        or foreign checkpoint raises ``checkpoint.CheckpointError`` naming what is wrong. Weights load from
+        or foreign checkpoint raises ``checkpoint.CheckpointError`` naming what is wrong. ``verify=False``
+        skips that check, for a caller that has just made it (``--resume`` reads a folder
+        ``checkpoint.resolve`` verified; hashing the weights again doubles its start-up reads). Weights load from
         safetensors (no pickled code runs); a folder written before checkpoints had a manifest
         (``egma_model.pt``) loads through ``torch.load(weights_only=True)``."""
         cfg_path = os.path.join(path, CONFIG_NAME)
@@ -507,7 +509,7 @@ class EGMAModel(nn.Module):
         if legacy and not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{path}: not an EGMA checkpoint (no {CONFIG_NAME}); for encoder weights use "
                                     f"EGMAConfig(text_model=<dir>, image_weights=<file>)")
-        if not legacy:
+        if not legacy and verify:
             checkpoint.verify(path)
         try:
             with open(cfg_path, encoding="utf-8") as f:

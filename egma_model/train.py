@@ -235,7 +235,7 @@ def _setup(a: TrainArgs, ddp: Distributed, records, model, tokenizer):
     if not records:
         raise ManifestError(f"{a.manifest}: no rows to train on")
     if src is not None:
-        model = EGMAModel.from_pretrained(src)
+        model = EGMAModel.from_pretrained(src, verify=False)  # find_resume_checkpoint verified every file
         tokenizer = load_tokenizer(os.path.join(src, "tokenizer"))
     elif model is None or tokenizer is None:
         model, tokenizer = build_model_and_tokenizer(a, [s for r in records for s in r.sentences])
@@ -426,12 +426,12 @@ class _Trainer:
         batch = {k: v.to(self.device, non_blocking=self.loader_kw["pin_memory"]) for k, v in batch.items()}
         self.opt.zero_grad(set_to_none=True)
         out = self._forward_backward(batch, part)
-        values, skipped_why = self._optimiser_step(out, part)
+        values, means, skipped_why = self._optimiser_step(out, part)
         self.sched.step()
         self.step += 1
         if profiling:
             self._end_profiled_step()
-        self._record(values, skipped_why, epoch)
+        self._record(values, means, skipped_why, epoch)
         self._after_step()
 
     def _begin_profiled_step(self) -> bool:
@@ -471,8 +471,8 @@ class _Trainer:
 
     def _optimiser_step(self, out: Dict[str, torch.Tensor], part):
         """Clip, check every term is finite on every rank, step (or skip the batch with --skip-nonfinite);
-        returns ``(the scalar terms and grad_norm as numbers (one host read), why the batch was skipped or
-        None)``."""
+        returns ``(the scalar terms and grad_norm as numbers (one host read), the terms' means over the ranks,
+        why the batch was skipped or None)``; the means and the check share one all_reduce."""
         a, scaler, opt = self.a, self.scaler, self.opt
         with part("optimizer"):
             scaler.unscale_(opt)
@@ -481,7 +481,9 @@ class _Trainer:
             bad = [f"{k}={v}" for k, v in values.items() if not math.isfinite(v)
                    and not (k == "grad_norm" and scaler.is_enabled())]  # fp16's scaler handles inf gradients
             skipped_why = None
-            if not self.ddp.all_true(not bad):
+            means, all_finite = self.ddp.mean_and_all_true({k: v for k, v in values.items() if k != "grad_norm"},
+                                                           not bad)
+            if not all_finite:
                 skipped_why = _nonfinite_message(self.step + 1, bad)
                 if not a.skip_nonfinite:
                     raise TrainError(f"{skipped_why}; stopped before the optimiser step, nothing saved from it "
@@ -495,12 +497,12 @@ class _Trainer:
                 self.skipped += 1
                 if self.ddp.is_main:
                     print(f"egma-train: warning: {skipped_why}; batch skipped", file=sys.stderr)
-        return values, skipped_why
+        return values, means, skipped_why
 
-    def _record(self, values: Dict[str, float], skipped_why: Optional[str], epoch: int) -> None:
+    def _record(self, values: Dict[str, float], means: Dict[str, float], skipped_why: Optional[str],
+                epoch: int) -> None:
         """The step's record (loss terms averaged over the ranks) in the history, the log and the bar."""
-        terms = {k: v for k, v in values.items() if k != "grad_norm"}
-        rec = {"step": self.step, "epoch": epoch, "lr": self.opt.param_groups[0]["lr"], **self.ddp.mean_of(terms)}
+        rec = {"step": self.step, "epoch": epoch, "lr": self.opt.param_groups[0]["lr"], **means}
         if "grad_norm" in values:
             rec["grad_norm"] = values["grad_norm"]
         if skipped_why is not None:

@@ -499,3 +499,28 @@ def test_an_unusable_setting_is_one_line_before_any_model_is_built(option, value
     assert rc == 2
     assert says in _one_line_error(err)
     assert not os.path.exists(out)
+
+
+def test_resume_reads_each_checkpoint_file_once(data, tmp_path, capsys, monkeypatch):
+    """``--resume`` hashes each file of the checkpoint it resumes from once (resolve verifies; the model load
+    does not verify again), and still refuses an altered one (test_torn_altered_foreign_and_old_checkpoints)."""
+    import collections
+    import shutil
+
+    from egma_model import checkpoint
+
+    out = str(tmp_path / "run")
+    shutil.copytree(os.path.join(data["dir"], "reference"), out)
+    ckpt = os.path.join(out, "checkpoint")
+    files = checkpoint.verify(ckpt)["files"]
+    hashed = collections.Counter()
+    real = checkpoint.file_sha256
+
+    def counting(path):
+        hashed[os.path.relpath(os.path.abspath(path), ckpt)] += 1
+        return real(path)
+
+    monkeypatch.setattr(checkpoint, "file_sha256", counting)
+    rc, err = _main(_set(_args(data, out, "--resume"), "--max-steps", str(STEPS + 1)), capsys)
+    assert rc == 0, err
+    assert {rel: hashed[rel] for rel in files} == {rel: 1 for rel in files}
