@@ -20,6 +20,7 @@ import random
 from typing import Dict, List, Optional, Tuple
 
 from ._common import Command, PrepareError, Summary, _read_csv
+from ._fakes import write_csv, write_image
 
 CHEXPERT_COMPETITION = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 
@@ -202,3 +203,59 @@ COMMANDS = {
     "chexpert": Command("CheXpert for the linear probe: train.csv minus the 5x200 images, valid.csv as test",
                         _run_probe, _add_probe_arguments, seed=True),
 }
+
+
+# ----------------------------------------------------------------------------------- the fake tree
+
+
+# train.csv's and valid.csv's header as CheXpert-v1.0 publishes it (Lung Opacity before Lung Lesion)
+FAKE_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum",
+               "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis",
+               "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices"]
+
+
+def write_fake_tree(root: str, per_class: int = 3) -> str:
+    """A tiny CheXpert tree in the published layout under ``root``, for tests and demos; no real data; returns
+    its ``CheXpert-v1.0`` folder.
+
+    CheXpert-v1.0/train.csv: per competition class ``per_class`` clean candidates, plus rows that the
+    selection must not take (lateral, two findings, an uncertain other label) and one bad label cell."""
+    comp = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+    base = os.path.join(root, "CheXpert-v1.0")
+    rows, n = [], 0
+
+    def row(labels, view="Frontal", bad=False):
+        nonlocal n
+        n += 1
+        rel = f"CheXpert-v1.0/train/patient{n:05d}/study1/view1_{view.lower()}.jpg"
+        write_image(os.path.join(root, rel), seed=n)
+        r = [rel, "Female", 60, view, "AP"] + [""] * (len(FAKE_HEADER) - 5)
+        for k, v in labels.items():
+            r[FAKE_HEADER.index(k)] = v
+        if bad:
+            r[FAKE_HEADER.index("Fracture")] = "abc"
+        rows.append(r)
+
+    for c in comp:
+        for _ in range(per_class):
+            row({c: "1.0", "No Finding": ""})
+    row({"Edema": "1.0"}, view="Lateral")
+    row({"Edema": "1.0", "Cardiomegaly": "1.0"})
+    row({"Edema": "1.0", "Pneumonia": "-1.0"})
+    row({"Edema": "1.0"}, bad=True)
+    for _ in range(4):
+        row({"No Finding": "1.0"})
+    write_csv(os.path.join(base, "train.csv"), FAKE_HEADER, rows)
+    # valid.csv (the probe's test side): uncertain Edema counts as positive, uncertain Cardiomegaly as negative
+    rows = []
+    for labels in ({"Edema": "-1.0"}, {"Cardiomegaly": "-1.0", "Atelectasis": "1.0"}, {"No Finding": "1.0"},
+                   {"Pleural Effusion": "1.0", "Consolidation": "1.0"}, {"Cardiomegaly": "1.0"}):
+        row(labels)
+    row({"Edema": "1.0"}, view="Lateral")
+    for r in rows:
+        r[0] = r[0].replace("/train/", "/valid/")
+        src = os.path.join(root, r[0].replace("/valid/", "/train/"))
+        os.makedirs(os.path.dirname(os.path.join(root, r[0])), exist_ok=True)
+        os.replace(src, os.path.join(root, r[0]))
+    write_csv(os.path.join(base, "valid.csv"), FAKE_HEADER, rows)
+    return base

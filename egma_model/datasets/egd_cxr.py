@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,8 +22,9 @@ from .. import gaze as gz
 from ..gaze import GazeFormatError, GazeRecord
 from ._common import (Command, PrepareError, Summary, _image_size, _note_missing_split, _published, _read_csv,
                       _same_aspect, _split_sentences, _truthy, _without_gaze)
+from ._fakes import REPORT, write_csv
 from ._gaze_files import gaze_file, need_columns, number_cell, read_gaze_csv, read_gaze_text
-from .mimic_cxr import MimicJpg
+from .mimic_cxr import FAKE_ITEMS, MimicJpg
 
 # ----------------------------------------------------------------------------------- the gaze reader
 
@@ -203,3 +204,60 @@ def _run(ns, out_dir: str) -> Summary:
 
 
 COMMANDS = {"egd-cxr": Command("EGD-CXR with MIMIC-CXR-JPG", _run, mimic_cxr_jpg=True)}
+
+
+# ----------------------------------------------------------------------------------- the fake tree
+
+
+# EGD-CXR's placeholder for a look outside the displayed image: int(-1 * image/screen scale), about -2
+FAKE_OFF_IMAGE = (-2, -2)
+
+
+# fixations.csv's header as EGD-CXR publishes it; written out here rather than taken from EGD_FIXATION_COLUMNS, so
+# that the fake checks the reader's column names instead of repeating them
+FAKE_FIXATION_HEADER = ["DICOM_ID", "Time (in secs)", "FPOGD", "X_ORIGINAL", "Y_ORIGINAL"]
+
+
+def _fake_fixation_rows(dicom_id: str, dicom_size: Tuple[int, int], seed: int = 0, off_image: int = 2,
+                        on_image: int = 6) -> List[tuple]:
+    """Fixation rows of one reading; ``off_image`` long rows with the off-image placeholder fall inside the first
+    sentence's span (as a radiologist looking at the worklist while dictating)."""
+    W, H = dicom_size
+    rows = [(dicom_id, f"{0.5 + i:.2f}", "0.3", f"{W * (0.25 + 0.1 * ((i + seed) % 5)):.1f}",
+             f"{H * (0.3 + 0.1 * (i % 4)):.1f}") for i in range(on_image)]
+    rows += [(dicom_id, f"{0.9 + 0.2 * k:.2f}", "0.9", *FAKE_OFF_IMAGE) for k in range(off_image)]
+    return rows
+
+
+def _write_fake_transcript(path: str, bad: bool = False) -> None:
+    """A reading's transcript.json (``full_text``, ``time_stamped_text`` phrases with ``begin_time`` and
+    ``end_time``); ``bad`` writes a file that is not JSON."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        if bad:
+            f.write("{not json")
+            return
+        phrases, t = [], 0.0
+        for s in REPORT:
+            phrases.append({"phrase": s, "begin_time": t, "end_time": t + 1.5})
+            t += 2.0
+        json.dump({"full_text": " ".join(REPORT), "time_stamped_text": phrases}, f)
+
+
+def write_fake_tree(root: str, mimic_items: Optional[Sequence[Tuple[str, str, str]]] = None) -> None:
+    """A tiny EGD-CXR tree in the published layout under ``root``, for tests and demos; no real data.
+
+    Readings of the MIMIC-CXR-JPG images 4..7 of ``mimic_items`` (default: the ``mimic_cxr`` fake tree's): one
+    with a broken transcript.json, one (image 7) whose every fixation is off the image; image 4 is listed twice
+    in master_sheet.csv."""
+    mimic_items = FAKE_ITEMS if mimic_items is None else mimic_items
+    fx, rows = [], []
+    for i, (sub, study, dicom) in enumerate(mimic_items[3:7]):
+        fx += _fake_fixation_rows(dicom, (128, 160), seed=i, on_image=0 if i == 3 else 6)
+        _write_fake_transcript(os.path.join(root, "audio_segmentation_transcripts", dicom, "transcript.json"),
+                               bad=i == 2)
+        rows.append((dicom, f"files/p{sub[:2]}/p{sub}/s{study}/{dicom}.dcm", study, sub, int(i == 0), int(i == 1), 0))
+    rows.append(rows[0])
+    write_csv(os.path.join(root, "fixations.csv"), FAKE_FIXATION_HEADER, fx)
+    write_csv(os.path.join(root, "master_sheet.csv"), ["dicom_id", "path", "study_id", "patient_id", "Normal", "CHF",
+                                                       "pneumonia"], rows)

@@ -11,10 +11,11 @@ published (plain names are read too). Images are looked up by ``dicom_id`` over 
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..textio import find_published
 from ._common import IMAGE_EXTS, PrepareError, _int, _read_csv, split_name
+from ._fakes import write_csv, write_image
 
 
 class MimicJpg:
@@ -58,3 +59,35 @@ class MimicJpg:
             if os.path.isfile(cand):
                 return cand
         return self.paths.get(dicom_id)
+
+
+# ----------------------------------------------------------------------------------- the fake tree
+
+
+# The fake tree's images, (subject_id, study_id, dicom_id); the gaze sets' fake trees refer to them
+FAKE_ITEMS: List[Tuple[str, str, str]] = [(f"1{i}000001", f"5{i}00000{i}", f"dicom-{i}") for i in range(7)]
+
+
+FAKE_SPLITS = {0: "test", 1: "validate", 3: "test", 4: "validate"}  # MIMIC-CXR's spelling; the rest "train"
+
+
+def fake_split(i: int) -> str:
+    """The split of the fake tree's ``i``-th image, as MIMIC-CXR's split file spells it."""
+    return FAKE_SPLITS.get(i, "train")
+
+
+def write_fake_tree(root: str, items: Sequence[Tuple[str, str, str]], split_file: bool = True) -> None:
+    """A tiny MIMIC-CXR-JPG tree in the published layout under ``root``, for tests and demos; no real data.
+
+    items: (subject_id, study_id, dicom_id); JPG 64x80, the 'DICOM' 128x160 in the metadata. The metadata and
+    split files are gzipped, as PhysioNet distributes them; ``split_file=False`` leaves the split file out."""
+    meta, split = [], []
+    for i, (sub, study, dicom) in enumerate(items):
+        write_image(os.path.join(root, "files", f"p{sub[:2]}", f"p{sub}", f"s{study}", f"{dicom}.jpg"), seed=i)
+        meta.append((dicom, sub, study, "PA", 160, 128))
+        split.append((dicom, study, sub, fake_split(i)))
+    write_csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv.gz"),
+              ["dicom_id", "subject_id", "study_id", "ViewPosition", "Rows", "Columns"], meta)
+    if split_file:
+        write_csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv.gz"), ["dicom_id", "study_id", "subject_id", "split"],
+                  split)

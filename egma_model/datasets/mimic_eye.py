@@ -18,9 +18,11 @@ from typing import Dict, Optional, Tuple
 from ..gaze import GazeRecord
 from ..textio import find_published
 from ._common import IMAGE_EXTS, Command, PrepareError, Summary, _int, _note_missing_split, _read_csv, split_name
+from ._fakes import REPORT, write_csv, write_image
 from ._gaze_files import gaze_file
-from .egd_cxr import _egd_fixations, _egd_row, read_egd_cxr
-from .reflacx import _reflacx_row
+from .egd_cxr import (FAKE_FIXATION_HEADER, _egd_fixations, _egd_row, _fake_fixation_rows, _write_fake_transcript,
+                      read_egd_cxr)
+from .reflacx import _reflacx_row, _write_fake_reading
 
 # ----------------------------------------------------------------------------------- the gaze reader
 
@@ -117,3 +119,48 @@ def _run(ns, out_dir: str) -> Summary:
 
 
 COMMANDS = {"mimic-eye": Command("MIMIC-EYE patient folders (REFLACX and EyeGaze readings)", _run)}
+
+
+# ----------------------------------------------------------------------------------- the fake tree
+
+
+# MIMIC-EYE's per-patient CXR-JPG/cxr_split.csv (patient 0 only): the official split, MIMIC-CXR's spelling
+FAKE_SPLITS = {"d0a": "test", "d0b": "validate"}
+
+
+def write_fake_tree(root: str) -> None:
+    """A tiny MIMIC-EYE tree in the published layout under ``root``, for tests and demos; no real data.
+
+    Two patients: one with a REFLACX reading (REFLACX/main_data/<id>/, gaze in REFLACX/gaze_data/<id>/), an
+    EyeGaze reading and CXR-JPG/cxr_split.csv; one without cxr_split.csv, with an EyeGaze reading whose transcript
+    is missing, a usable EyeGaze reading and a REFLACX row whose folder is missing."""
+    for pi, sub in enumerate(["10000001", "10000002"]):
+        pdir = os.path.join(root, f"patient_{sub}")
+        dicoms = [f"d{pi}a", f"d{pi}b"]
+        meta = []
+        for j, d in enumerate(dicoms):
+            write_image(os.path.join(pdir, "CXR-JPG", f"s5{pi}{j}", f"{d}.jpg"), seed=10 * pi + j)
+            meta.append((d, sub, f"5{pi}{j}", 160, 128))
+            os.makedirs(os.path.join(pdir, "CXR-DICOM"), exist_ok=True)
+            with open(os.path.join(pdir, "CXR-DICOM", f"s5{pi}{j}.txt"), "w") as f:
+                f.write("FINDINGS: " + " ".join(REPORT))
+        write_csv(os.path.join(pdir, "CXR-JPG", "cxr_meta.csv"), ["dicom_id", "subject_id", "study_id", "Rows",
+                                                                  "Columns"], meta)
+        if pi == 0:
+            write_csv(os.path.join(pdir, "CXR-JPG", "cxr_split.csv"), ["dicom_id", "study_id", "subject_id", "split"],
+                      [(d, f"5{pi}{j}", sub, FAKE_SPLITS[d]) for j, d in enumerate(dicoms)])
+        rid = f"P20{pi}R00{pi}"
+        if pi == 0:
+            _write_fake_reading(os.path.join(pdir, "REFLACX", "main_data", rid), (128, 160),
+                                raw_gaze_dir=os.path.join(pdir, "REFLACX", "gaze_data", rid))
+        # no image_size_x/y here: the DICOM size comes from CXR-JPG/cxr_meta.csv; REFLACX's own split column says
+        # "train", the official cxr_split.csv "test"
+        write_csv(os.path.join(pdir, "REFLACX", "metadata.csv"), ["id", "split", "eye_tracking_data_discarded",
+                                                                  "dicom_id", "subject_id"],
+                  [(rid, "train", "False", dicoms[0], sub)])
+        fx = _fake_fixation_rows(dicoms[1], (128, 160))
+        if pi == 1:
+            fx += _fake_fixation_rows(dicoms[0], (128, 160))  # d1a: no transcript
+        write_csv(os.path.join(pdir, "EyeGaze", "fixations.csv"), FAKE_FIXATION_HEADER, fx)
+        _write_fake_transcript(os.path.join(pdir, "EyeGaze", "audio_segmentation_transcripts", dicoms[1],
+                                            "transcript.json"))

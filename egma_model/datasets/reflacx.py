@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -24,8 +24,9 @@ from ..gaze import GazeFormatError, GazeRecord, detect_fixations
 from ..textio import find_published
 from ._common import (Command, PrepareError, Summary, _image_size, _int, _note_missing_split, _read_csv,
                       _same_aspect, _split_sentences, _truthy, _without_gaze, split_name)
+from ._fakes import REPORT, write_csv
 from ._gaze_files import gaze_file, need_columns, number_cell, read_gaze_csv, read_gaze_text
-from .mimic_cxr import MimicJpg
+from .mimic_cxr import FAKE_ITEMS, MimicJpg, fake_split
 
 # ----------------------------------------------------------------------------------- the gaze reader
 
@@ -225,3 +226,65 @@ def _run(ns, out_dir: str) -> Summary:
 
 
 COMMANDS = {"reflacx": Command("REFLACX with MIMIC-CXR-JPG", _run, mimic_cxr_jpg=True)}
+
+
+# ----------------------------------------------------------------------------------- the fake tree
+
+
+# REFLACX fixations off the image: rounded screen-to-image positions are not clipped to the image (left of it, and
+# below it), both within the first sentence's time span
+FAKE_OFF_IMAGE = [(0.3, 1.4, -40.0, 10.0), (0.5, 1.6, 60.0, 9999.0)]
+
+
+def _write_fake_reading(case_dir: str, dicom_size: Tuple[int, int], seed: int = 0,
+                        raw_gaze_dir: Optional[str] = None) -> None:
+    """fixations.csv, timestamps_transcription.csv and transcription.txt of one REFLACX reading, as REFLACX 1.0.0
+    writes them: punctuation marks are word rows of their own, two fixations are off the image. ``raw_gaze_dir``:
+    where ``gaze.csv`` goes (REFLACX publishes it as ``gaze_data/<id>/gaze.csv`` beside ``main_data/``)."""
+    W, H = dicom_size
+    words, t = [], 0.0
+    for s in REPORT:
+        for wd in s.rstrip(".").split() + ["."]:
+            words.append((wd, t, t + 0.4))
+            t += 0.5
+    write_csv(os.path.join(case_dir, "timestamps_transcription.csv"),
+              ["word", "timestamp_start_word", "timestamp_end_word"], words)
+    fx = [(0.2 + i, 0.6 + i, W * (0.2 + 0.15 * ((i + seed) % 5)), H * (0.3 + 0.1 * (i % 4)), W, H) for i in range(6)]
+    fx += [f + (W, H) for f in FAKE_OFF_IMAGE]
+    write_csv(os.path.join(case_dir, "fixations.csv"), ["timestamp_start_fixation", "timestamp_end_fixation",
+                                                        "x_position", "y_position", "xmax_shown_from_image",
+                                                        "ymax_shown_from_image"], fx)
+    with open(os.path.join(case_dir, "transcription.txt"), "w") as f:
+        f.write(" ".join(REPORT))
+    if raw_gaze_dir:
+        # 100 Hz samples resting on each in-image fixation, an empty cell (track loss) between them
+        rows = []
+        for (s, e, x, y, _, _) in fx[:6]:
+            rows += [(f"{s + 0.01 * k:.2f}", x, y, 30.0) for k in range(int(round((e - s) / 0.01)))]
+            rows.append((f"{e + 0.05:.2f}", "", "", 30.0))
+        write_csv(os.path.join(raw_gaze_dir, "gaze.csv"), ["timestamp_sample", "x_position", "y_position",
+                                                          "angular_resolution_x_pixels_per_degree"], rows)
+
+
+def write_fake_tree(root: str, mimic_items: Optional[Sequence[Tuple[str, str, str]]] = None) -> None:
+    """A tiny REFLACX tree in the published layout under ``root``, for tests and demos; no real data.
+
+    Readings of the first three MIMIC-CXR-JPG images ``mimic_items`` (default: the ``mimic_cxr`` fake tree's;
+    one reading discarded), plus: a reading whose folder is missing and one whose dicom_id is not in
+    MIMIC-CXR-JPG."""
+    mimic_items = FAKE_ITEMS if mimic_items is None else mimic_items
+    md = os.path.join(root, "main_data")
+    rows = []
+    for i, (sub, study, dicom) in enumerate(mimic_items[:3]):
+        rid = f"P10{i}R00{i}"
+        _write_fake_reading(os.path.join(md, rid), (128, 160), seed=i,
+                            raw_gaze_dir=os.path.join(root, "gaze_data", rid))
+        rows.append((rid, fake_split(i), "True" if i == 2 else "False",
+                     f"physionet.org/files/mimic-cxr/2.0.0/files/p{sub[:2]}/p{sub}/s{study}/{dicom}.dcm", dicom, sub,
+                     128, 160))
+    rows.append(("P109R009", "train", "False", "x.dcm", mimic_items[3][2], mimic_items[3][0], 128, 160))  # no folder
+    rows.append(("P108R008", "train", "False", "y.dcm", "not-in-mimic", "10000099", 128, 160))
+    _write_fake_reading(os.path.join(md, "P108R008"), (128, 160))
+    write_csv(os.path.join(md, "metadata_phase_1.csv"), ["id", "split", "eye_tracking_data_discarded", "image",
+                                                         "dicom_id", "subject_id", "image_size_x", "image_size_y"],
+              rows)

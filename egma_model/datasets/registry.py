@@ -3,11 +3,16 @@
 Each module declares ``COMMANDS = {subcommand: Command(...)}`` (``egma_model.datasets._common.Command``); adding a
 dataset is one new module and one line here. The modules are imported by name when the command line is built,
 so this list is the only place that names them.
+
+A module may also define ``write_fake_tree(root)``: a tiny tree in its published layout, for tests and demos
+(no real data). It is optional: ``write_fake_trees`` writes the tree of each module that has one and passes
+over the others.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Dict, List
 
 from ._common import Command
@@ -34,3 +39,25 @@ def commands() -> Dict[str, Command]:
                 raise ValueError(f"{module_name}: egma-prepare subcommand {name!r} is already taken")
             found[name] = command
     return found
+
+
+def write_fake_trees(root: str) -> Dict[str, str]:
+    """Every dataset's fake tree under ``root`` (tiny trees in the published layouts, for tests and demos; no
+    real data); returns ``{folder name: the folder egma-prepare's --root takes}``.
+
+    MIMIC-CXR-JPG's tree (``mimic_cxr.FAKE_ITEMS``) goes to ``mimic-cxr-jpg``: the gaze sets' fake trees refer
+    to its images by default. Then each registered module's ``write_fake_tree(folder)``, in the folder named
+    after the module (``egd_cxr`` -> ``egd-cxr``); a writer that returns a folder (CheXpert's
+    ``CheXpert-v1.0``) names the ``--root`` to use. A module without ``write_fake_tree`` is passed over."""
+    from . import mimic_cxr
+
+    trees = {"mimic-cxr-jpg": os.path.join(root, "mimic-cxr-jpg")}
+    mimic_cxr.write_fake_tree(trees["mimic-cxr-jpg"], mimic_cxr.FAKE_ITEMS)
+    for module_name in MODULES:
+        write = getattr(importlib.import_module(module_name), "write_fake_tree", None)
+        if write is None:
+            continue
+        name = module_name.rpartition(".")[2].replace("_", "-")
+        folder = os.path.join(root, name)
+        trees[name] = write(folder) or folder
+    return trees

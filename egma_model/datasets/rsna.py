@@ -11,6 +11,7 @@ import os
 from typing import Dict
 
 from ._common import Command, Summary, _binary_set, _read_csv
+from ._fakes import write_csv, write_image
 
 def prepare_rsna(root: str, out_dir: str, *, seed: int = 0) -> Summary:
     """RSNA Pneumonia: one row per ``patientId`` (positive if any of its rows has ``Target`` 1)."""
@@ -34,3 +35,25 @@ def _run(ns, out_dir: str) -> Summary:
 
 
 COMMANDS = {"rsna": Command("RSNA Pneumonia (stage_2_train_labels.csv)", _run, seed=True)}
+
+
+# ----------------------------------------------------------------------------------- the fake tree
+
+
+def write_fake_tree(root: str) -> None:
+    """A tiny RSNA Pneumonia tree in the published layout under ``root``, for tests and demos; no real data.
+
+    stage_2_train_labels.csv (two boxes for one positive) and PNGs named like the DICOMs; a bad Target and a
+    missing image."""
+    ids = [f"rsna-{i:03d}" for i in range(20)]
+    rows = []
+    for i, k in enumerate(ids):
+        t = int(i % 3 == 0)
+        rows.append((k, "10" if t else "", "20" if t else "", "30" if t else "", "40" if t else "", t))
+        if i == 0:
+            rows.append((k, "50", "60", "10", "10", 1))
+        if i != 19:
+            write_image(os.path.join(root, "stage_2_train_images", f"{k}.png"), seed=i)
+    rows.append(("rsna-bad", "", "", "", "", "x"))
+    write_csv(os.path.join(root, "stage_2_train_labels.csv"), ["patientId", "x", "y", "width", "height", "Target"],
+              rows)

@@ -12,6 +12,7 @@ import os
 from typing import Dict
 
 from ._common import IMAGE_EXTS, Command, PrepareError, Summary, _binary_set, _read_csv
+from ._fakes import write_csv, write_image
 
 def prepare_siim(root: str, out_dir: str, *, seed: int = 0) -> Summary:
     """SIIM-ACR Pneumothorax: one row per ``ImageId`` (positive if any mask is not ``-1``)."""
@@ -45,3 +46,23 @@ def _run(ns, out_dir: str) -> Summary:
 
 
 COMMANDS = {"siim": Command("SIIM-ACR Pneumothorax (train-rle.csv)", _run, seed=True)}
+
+
+# ----------------------------------------------------------------------------------- the fake tree
+
+
+def write_fake_tree(root: str) -> None:
+    """A tiny SIIM-ACR Pneumothorax tree in the published layout under ``root``, for tests and demos; no real
+    data.
+
+    train-rle.csv (' EncodedPixels' header; -1 = none; two masks for one image) and images in
+    dicom-images-train/<study>/<series>/; an empty EncodedPixels cell."""
+    rows = []
+    for i in range(20):
+        k = f"1.2.276.0.{i}"
+        rows.append((k, " -1" if i % 2 else " 387620 23 996 33"))
+        if i == 1:
+            rows.append((k, " 100 5"))
+        write_image(os.path.join(root, "dicom-images-train", f"st{i}", f"se{i}", f"{k}.png"), seed=i)
+    rows.append(("1.2.276.0.99", ""))
+    write_csv(os.path.join(root, "train-rle.csv"), ["ImageId", " EncodedPixels"], rows)
