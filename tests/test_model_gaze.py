@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from egma_model import gaze as gz
-from model_fakes import write_csv
+from egma_model.datasets._fakes import write_csv
 
 
 # ------------------------------------------------------------------ fixation detection

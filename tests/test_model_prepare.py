@@ -1,5 +1,6 @@
-"""egma-prepare on tiny fake trees in each dataset's published layout (tests/model_fakes.py builds them):
-counts, the skipped rows and their reasons, and manifests that egma_model.data reads (gaze included)."""
+"""egma-prepare on tiny fake trees in each dataset's published layout (written by
+egma_model.datasets.registry.write_fake_trees): counts, the skipped rows and their reasons, and manifests that
+egma_model.data reads (gaze included)."""
 
 import json
 import os
@@ -7,15 +8,16 @@ import os
 import pytest
 
 from egma_model import EGMADataset, load_manifest
+from egma_model.datasets._fakes import REPORT
+from egma_model.datasets.registry import write_fake_trees
 from egma_model.prepare import main as prepare
 from egma_model.prepare import DUPLICATE
-from model_fakes import REPORT, make_all
 
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
     root = tmp_path_factory.mktemp("datasets")
-    d = make_all(str(root))
+    d = write_fake_trees(str(root))
     d["out"] = str(root / "manifests")
     return d
 

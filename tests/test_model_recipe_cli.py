@@ -7,13 +7,13 @@ import os
 
 import pytest
 
+from egma_model.datasets.registry import write_fake_trees
 from egma_model.eval_cli import main as egma_eval
 from egma_model.prepare import main as prepare
 from egma_model.recipes import EVAL, TRAIN, builtin_prompts, resolve
 from egma_model.train import TrainArgs
 from egma_model.train_cli import apply_recipe, args_from_namespace, build_parser
 from egma_model.train_cli import main as egma_train
-from model_fakes import make_all
 
 # The differences between our pipeline and the authors' (docs/recipes.md), as settings
 AUTHORS_CODE = dict(image_library="transformers", image_size=256, patch_norm="pre", image_global="pooler",
@@ -97,7 +97,7 @@ def test_builtin_prompt_sets():
 
 
 def test_tiny_authors_code_run_with_test_set_selection(tmp_path, capsys):
-    d = make_all(str(tmp_path / "data"))
+    d = write_fake_trees(str(tmp_path / "data"))
     m = str(tmp_path / "m")
     assert prepare(["egd-cxr", "--root", d["egd-cxr"], "--mimic-cxr-jpg", d["mimic-cxr-jpg"],
                     "--out", os.path.join(m, "egd.csv")]) == 0

@@ -6,14 +6,15 @@ import os
 
 import torch
 
+from egma_model.datasets.registry import write_fake_trees
 from egma_model.eval_cli import main as egma_eval
 from egma_model.prepare import main as prepare
 from egma_model.train_cli import main as egma_train
-from model_fakes import make_all, medclip_state_dict, save_tiny_bert, save_tiny_hf_swin
+from model_fakes import medclip_state_dict, save_tiny_bert, save_tiny_hf_swin
 
 
 def test_prepare_train_from_medclip_then_the_whole_table(tmp_path, capsys):
-    d = make_all(str(tmp_path / "data"))
+    d = write_fake_trees(str(tmp_path / "data"))
     m = str(tmp_path / "manifests")
     for args in (["mimic-eye", "--root", d["mimic-eye"]],
                  ["egd-cxr", "--root", d["egd-cxr"], "--mimic-cxr-jpg", d["mimic-cxr-jpg"]],
