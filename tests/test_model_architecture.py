@@ -93,6 +93,15 @@ def test_the_model_layer_does_not_import_the_benchmark():
         assert not bad, f"{module} imports {bad[0]}: use egma_kernels.cli_support"
 
 
+def test_the_model_layer_does_not_import_the_tests():
+    """The fake dataset trees live in the package (egma_model/datasets/<family>.py); none of it reaches into
+    tests/ for them."""
+    helpers = {name[:-3] for name in os.listdir(os.path.join(ROOT, "tests")) if name.endswith(".py")}
+    for module, path in _modules("egma_model").items():
+        bad = [n for n in _imported_names(module, path) if n and (n.split(".")[0] in helpers | {"tests"})]
+        assert not bad, f"{module} imports {bad[0]} from tests/"
+
+
 def test_the_cli_plumbing_imports_neither_package():
     path = os.path.join(ROOT, "egma_kernels", "cli_support.py")
     names = _imported_names("egma_kernels.cli_support", path)

@@ -73,3 +73,39 @@ def test_two_modules_claiming_one_subcommand_is_an_error(monkeypatch):
     monkeypatch.setattr(registry, "MODULES", registry.MODULES + ["egma_model.datasets.rsna"])
     with pytest.raises(ValueError, match="'rsna' is already taken"):
         registry.commands()
+
+
+# A fake tree for the made-up dataset: ``write_fake_tree`` is optional, and a module that has it gets its tree
+# written by registry.write_fake_trees into a folder named after the module
+FAKE_TREE_WRITER = '''
+
+def write_fake_tree(root):
+    """A tiny tree of the made-up dataset (one image and reports.csv), for tests; no real data."""
+    from PIL import Image
+
+    os.makedirs(root)
+    Image.new("L", (8, 8), 128).save(os.path.join(root, "a.png"))
+    with open(os.path.join(root, "reports.csv"), "w") as f:
+        f.write("file,text\\na.png,Heart is normal.\\n")
+'''
+
+BUILTIN_TREES = ["mimic-cxr-jpg", "mimic-eye", "reflacx", "egd-cxr", "chexpert", "rsna", "siim"]
+
+
+def test_write_fake_trees_passes_over_a_module_without_one(fake_dataset, tmp_path):
+    trees = registry.write_fake_trees(str(tmp_path / "trees"))
+    assert list(trees) == BUILTIN_TREES
+    assert trees["chexpert"] == str(tmp_path / "trees" / "chexpert" / "CheXpert-v1.0")
+    assert sorted(os.listdir(tmp_path / "trees")) == sorted(BUILTIN_TREES)
+
+
+def test_a_registered_module_s_fake_tree_is_written_and_prepares(tmp_path, monkeypatch):
+    (tmp_path / "fake_family_with_tree.py").write_text(FAKE_MODULE + FAKE_TREE_WRITER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "MODULES", registry.MODULES + ["fake_family_with_tree"])
+    trees = registry.write_fake_trees(str(tmp_path / "trees"))
+    assert list(trees) == BUILTIN_TREES + ["fake-family-with-tree"]
+    out = str(tmp_path / "fake.csv")
+    assert prepare(["fake-set", "--root", trees["fake-family-with-tree"], "--out", out]) == 0
+    with open(out, newline="") as f:
+        assert [os.path.basename(r["image"]) for r in csv.DictReader(f)] == ["a.png"]
