@@ -298,7 +298,7 @@ def _run_demo(data_dir: str, out_dir: str, *, n_train: int = 2000, n_test: int =
                           "gaze" if not no_gaze else "nogaze"), preset="tiny", image_model=image_model,
                           image_size=image_size, max_steps=steps, batch_size=batch_size, lr=lr,
                           warmup_steps=max(1, steps // 10), seed=seed, no_gaze=no_gaze, sigma=sigma,
-                          save_every=0, progress=progress)
+                          save_every=0, progress=progress, overwrite=True)
             res, ev, imgs, loc = d.train_and_score(a, train_recs, caches[no_gaze])
             model, tok = res["model"], res["tokenizer"]
             entry = {"seed": seed, "train_time_s": res["history"][-1]["time_s"] if res["history"] else 0,
@@ -447,7 +447,7 @@ def _run_gaze_fractions(data_dir: str, out_dir: str, fractions: Sequence[float],
                           out=os.path.join(out_dir, "gaze_fraction_runs", f"f{f:g}_seed{seed}"), preset="tiny",
                           image_model=image_model, image_size=image_size, max_steps=steps, batch_size=batch_size,
                           lr=lr, warmup_steps=max(1, steps // 10), seed=seed, no_gaze=False, sigma=sigma,
-                          save_every=0, progress=progress)
+                          save_every=0, progress=progress, overwrite=True)
             res, ev, _, loc = d.train_and_score(a, recs, cache)
             for i, sg in cache.items():
                 if i in keep:

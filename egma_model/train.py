@@ -35,8 +35,8 @@ from .step_profile import StepProfiler
 from .tokenizer import build_word_tokenizer, load_tokenizer
 from .train_args import TrainArgs, TrainError, check_train_args
 from .train_state import (STATE_NAME, RunLog, check_resume, data_digest,  # noqa: F401  (STATE_NAME: public)
-                          find_resume_checkpoint, jsonable, load_training_state, save_checkpoint, set_rng_state,
-                          truncate_log)
+                          find_resume_checkpoint, jsonable, load_training_state, refuse_to_replace_a_run,
+                          remove_earlier_run, save_checkpoint, set_rng_state, truncate_log)
 
 __all__ = ["TrainArgs", "TrainError", "train", "main", "cosine_with_warmup", "set_seed"]
 
@@ -230,6 +230,8 @@ def _setup(a: TrainArgs, ddp: Distributed, records, model, tokenizer):
     """Records, model, tokenizer and the checkpoint to resume from (``None``: a new run)."""
     ckpt_dir = os.path.join(a.out, "checkpoint")
     src = find_resume_checkpoint(ckpt_dir) if a.resume else None
+    if not a.resume and not a.overwrite:
+        refuse_to_replace_a_run(a.out)
     if records is None:
         records = load_manifest(a.manifest, split=a.split, split_rule=a.split_rule)
     if not records:
@@ -305,6 +307,8 @@ class _Trainer:
         (options it may change are reported)."""
         a = self.a
         os.makedirs(a.out, exist_ok=True)
+        if a.overwrite and self.src is None and self.ddp.is_main:
+            remove_earlier_run(a.out)  # after the ranks agreed to start: a later --resume cannot pick it up
         data = data_digest(a, self.records)
         self.run_info = {"args": jsonable(a), "data": data}
         self.saved_state = None

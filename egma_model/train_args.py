@@ -89,6 +89,7 @@ class TrainArgs:
     grad_chunk_size: int = 0  # > 0: gradient caching, the encoders run this many images at a time (egma_model.gradcache)
     skip_nonfinite: bool = False  # a batch whose loss or gradient is NaN/inf is skipped instead of stopping the run
     dist_timeout: float = 600.0  # seconds a collective may wait for the other ranks (the process group's timeout)
+    overwrite: bool = False  # a new run may replace an earlier run's checkpoint and final model in --out
 
 
 AMP_MODES = ("bf16", "fp16", "off")

@@ -137,6 +137,8 @@ def _add_run_args(p: argparse.ArgumentParser, d: TrainArgs) -> None:
                    "0 = only at the end")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (an error when there is none; "
                    "options that change the model or the data must be the checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds an earlier "
+                   "run's checkpoint or final model, replacing them (without it, such an --out is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--backend", default=None, help="egma_kernels backend (default: best available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
@@ -268,7 +270,8 @@ def _args_from_namespace(ns) -> TrainArgs:
         progress=not ns.no_progress, backend=ns.backend, threads=ns.threads,
         global_negatives=not ns.no_global_negatives, profile_steps=ns.profile_steps,
         grad_chunk_size=ns.grad_chunk_size, text_groups=ns.text_groups,
-        loss_dtype=ns.loss_dtype, skip_nonfinite=ns.skip_nonfinite, dist_timeout=ns.dist_timeout))
+        loss_dtype=ns.loss_dtype, skip_nonfinite=ns.skip_nonfinite, dist_timeout=ns.dist_timeout,
+        overwrite=ns.overwrite))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

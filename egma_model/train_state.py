@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -46,7 +47,7 @@ def set_rng_state(s: Dict, device: torch.device) -> None:
 
 
 # Options a resumed run may change: how long it runs, where and how it reports, how fast it computes.
-_FREE_ON_RESUME = {"out", "resume", "epochs", "max_steps", "save_every", "progress", "num_workers", "device",
+_FREE_ON_RESUME = {"out", "resume", "overwrite", "epochs", "max_steps", "save_every", "progress", "num_workers", "device",
                    "pin_memory", "prefetch_factor", "persistent_workers",
                    "threads", "keep_checkpoints", "profile_steps", "backend", "dist_timeout", "skip_nonfinite",
                    "select_on", "select_every", "select_prompts", "select_split", "select_scoring", "select_is_test",
@@ -102,6 +103,27 @@ def check_resume(a: TrainArgs, saved: Dict, data: Dict, ckpt: str) -> List[str]:
         raise TrainError(f"--resume: {ckpt} was trained with other model/data/optimiser options: {'; '.join(fixed)}; give the "
                          f"checkpoint's options (in {os.path.join(ckpt, RUN_NAME)}) or train into a new --out")
     return other
+
+
+# What a run leaves in --out that a later run could take for its own: its checkpoint (and the one a killed save
+# left as .previous) and its final model
+_RUN_FOLDERS = ("checkpoint", "checkpoint" + checkpoint.PREVIOUS_SUFFIX, "final")
+
+
+def remove_earlier_run(out: str) -> None:
+    """Remove an earlier run's checkpoint and final model from ``out`` (``--overwrite``), so that the new run's
+    folder never holds a checkpoint or model of another run."""
+    for name in _RUN_FOLDERS:
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
+def refuse_to_replace_a_run(out: str) -> None:
+    """``TrainError`` when ``out`` holds an earlier run's checkpoint or final model, which a new run (no
+    ``--resume``) would replace: weeks of training are not lost to a reused folder name."""
+    held = [name for name in _RUN_FOLDERS if os.path.isdir(os.path.join(out, name))]
+    if held:
+        raise TrainError(f"{out} holds an earlier run ({', '.join(h + '/' for h in held)}); --resume continues it, "
+                         f"--overwrite starts a new run in its place, or give another --out")
 
 
 def find_resume_checkpoint(ckpt_dir: str) -> str:

@@ -136,7 +136,7 @@ def test_train_resume_and_eval_clis(tmp_path, capsys):
     # a bad manifest gives a clear error and exit status 2
     with open(os.path.join(d, "bad.csv"), "w") as f:
         f.write("image,report\nnope.png,Heart normal.\n")
-    assert train_main(["--manifest", os.path.join(d, "bad.csv"), "--out", out]) == 2
+    assert train_main(["--manifest", os.path.join(d, "bad.csv"), "--out", os.path.join(d, "bad-run")]) == 2
     assert "bad.csv: row 2: image file not found" in capsys.readouterr().err
 
 
