@@ -20,14 +20,15 @@ from .train_args import TrainArgs, TrainError
 # the rest of the process, so destroy_process_group cannot free it, and the group's gloo worker threads are still
 # there at interpreter shutdown, where one that frees a finished collective's tensors aborts the process
 # ("terminate called without an active exception"). transformers imports them lazily while it builds a model
-# (transformers/distributed/fsdp.py), that is after torchrun's process group is set up. Imported here, with this
-# module and before any group exists, their defaults hold ``None`` instead.
+# (transformers/distributed/fsdp.py), that is after the process group is set up. Imported before any group
+# exists, their defaults hold ``None`` instead.
 GROUP_BINDING_MODULES = ("torch.distributed.nn", "torch.distributed.optim", "torch.distributed.fsdp")
 
 
 def import_group_binding_modules() -> None:
-    """Import ``GROUP_BINDING_MODULES`` (if this PyTorch has torch.distributed). Call it before
-    ``init_process_group`` when setting up a group yourself for ``egma-train``; importing this module does it."""
+    """Import ``GROUP_BINDING_MODULES`` (if this PyTorch has torch.distributed). A script that sets up the
+    process group itself for ``egma-train`` and has not imported ``egma_model.train`` yet calls it before
+    ``init_process_group``; importing this module does it, and ``Distributed`` again before its own set-up."""
     if not torch.distributed.is_available():
         return
     for name in GROUP_BINDING_MODULES:
@@ -37,6 +38,9 @@ def import_group_binding_modules() -> None:
             pass
 
 
+# Unconditionally, at import: a script that imports egma-train's modules and then sets up a group itself (as
+# torch.multiprocessing.spawn workers do, with WORLD_SIZE set after the imports) is covered too. The cost is
+# about 0.5 s, mostly torch.distributed.fsdp, which transformers imports anyway when it builds a model.
 import_group_binding_modules()
 
 
@@ -68,7 +72,7 @@ class Distributed:
             if not dist.is_initialized():
                 from datetime import timedelta
 
-                import_group_binding_modules()  # already done at import; kept beside the call it must precede
+                import_group_binding_modules()  # done at import already; kept beside the call it must precede
 
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                         timeout=timedelta(seconds=a.dist_timeout))
