@@ -19,9 +19,10 @@ from .train_args import TrainArgs, TrainError
 # default is evaluated when the module is imported: imported while a process group is up, it holds that group for
 # the rest of the process, so destroy_process_group cannot free it, and the group's gloo worker threads are still
 # there at interpreter shutdown, where one that frees a finished collective's tensors aborts the process
-# ("terminate called without an active exception"). transformers imports them lazily while it builds a model
-# (transformers/distributed/fsdp.py), that is after the process group is set up. Imported before any group
-# exists, their defaults hold ``None`` instead.
+# ("terminate called without an active exception"; the mechanism is described in pytorch/pytorch pull request
+# 179291). They are imported lazily after the group is set up by DistributedDataParallel's constructor (its
+# torch._dynamo import reaches torch.distributed.fsdp) and by transformers while it builds a model
+# (transformers/distributed/fsdp.py). Imported before any group exists, their defaults hold ``None`` instead.
 GROUP_BINDING_MODULES = ("torch.distributed.nn", "torch.distributed.optim", "torch.distributed.fsdp")
 
 

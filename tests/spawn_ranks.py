@@ -1,4 +1,10 @@
-"""Spawning gloo ranks for the distributed tests: a free loopback port and a bounded join."""
+"""Spawning gloo ranks for the distributed tests: a free loopback port and a bounded join.
+
+Each rank imports ``egma_model.distributed_setup.GROUP_BINDING_MODULES`` before its worker sets up a process
+group: torch.distributed modules whose ``group=group.WORLD`` defaults would otherwise bind the live group when
+DistributedDataParallel (through its lazy torch._dynamo import) or transformers import them later, which keeps
+the group alive past ``destroy_process_group`` and can abort the rank at exit (see that module).
+"""
 
 from __future__ import annotations
 
@@ -13,12 +19,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _rank_entry(rank: int, worker, args: tuple) -> None:
+    from egma_model.distributed_setup import import_group_binding_modules
+
+    import_group_binding_modules()
+    worker(rank, *args)
+
+
 def spawn_bounded(worker, args: tuple, world: int, timeout_s: float, what: str) -> None:
     """Run ``worker(rank, *args)`` in ``world`` spawned processes; raise if they are not all done within
     ``timeout_s`` (then kill them) or if one fails (torch.multiprocessing re-raises its error)."""
     import torch.multiprocessing as mp
 
-    context = mp.spawn(worker, args=args, nprocs=world, join=False)
+    context = mp.spawn(_rank_entry, args=(worker, args), nprocs=world, join=False)
     deadline = time.monotonic() + timeout_s
     try:
         while not context.join(timeout=max(0.1, deadline - time.monotonic())):

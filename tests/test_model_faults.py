@@ -443,6 +443,7 @@ dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(seconds=
 from egma_model.model import EGMAConfig, EGMAModel
 
 EGMAModel(EGMAConfig.tiny(image_size=32, vocab_size=50))  # transformers' lazy imports happen here
+torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))  # and DDP's (torch._dynamo)
 pg = dist.group.WORLD
 holders = []
 for name, module in list(sys.modules.items()):
@@ -461,9 +462,10 @@ print(json.dumps(sorted(set(holders))))
 
 
 def test_the_process_group_is_freed_by_destroy_process_group():
-    """No function default holds the process group after a model is built under it (transformers imports
-    torch.distributed.nn and fsdp lazily, whose ``group=group.WORLD`` defaults would bind the live group; the
-    group then outlives ``destroy_process_group`` and its gloo threads can abort the process at exit)."""
+    """No function default holds the process group after a model is built and wrapped in DDP under it
+    (transformers and DDP import torch.distributed.nn and fsdp lazily, whose ``group=group.WORLD`` defaults
+    would bind the live group; the group then outlives ``destroy_process_group`` and its gloo threads can
+    abort the process at exit)."""
     proc = subprocess.run([sys.executable, "-c", _GROUP_HOLDERS_SCRIPT, str(free_port())], capture_output=True,
                           text=True, timeout=240, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-3000:]
