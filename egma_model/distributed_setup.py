@@ -29,7 +29,7 @@ GROUP_BINDING_MODULES = ("torch.distributed.nn", "torch.distributed.optim", "tor
 def import_group_binding_modules() -> None:
     """Import ``GROUP_BINDING_MODULES`` (if this PyTorch has torch.distributed). A script that sets up the
     process group itself for ``egma-train`` and has not imported ``egma_model.train`` yet calls it before
-    ``init_process_group``; importing this module does it, and ``Distributed`` again before its own set-up."""
+    ``init_process_group``; importing this module does it (so before ``Distributed`` sets up a group)."""
     if not torch.distributed.is_available():
         return
     for name in GROUP_BINDING_MODULES:
@@ -72,8 +72,6 @@ class Distributed:
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
                 from datetime import timedelta
-
-                import_group_binding_modules()  # done at import already; kept beside the call it must precede
 
                 dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                         timeout=timedelta(seconds=a.dist_timeout))

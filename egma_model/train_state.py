@@ -47,8 +47,8 @@ def set_rng_state(s: Dict, device: torch.device) -> None:
 
 
 # Options a resumed run may change: how long it runs, where and how it reports, how fast it computes.
-_FREE_ON_RESUME = {"out", "resume", "overwrite", "epochs", "max_steps", "save_every", "progress", "num_workers", "device",
-                   "pin_memory", "prefetch_factor", "persistent_workers",
+_FREE_ON_RESUME = {"out", "resume", "overwrite", "epochs", "max_steps", "save_every", "progress", "num_workers",
+                   "device", "pin_memory", "prefetch_factor", "persistent_workers",
                    "threads", "keep_checkpoints", "profile_steps", "backend", "dist_timeout", "skip_nonfinite",
                    "select_on", "select_every", "select_prompts", "select_split", "select_scoring", "select_is_test",
                    "manifest"}  # the manifest's content is compared through its digest, not its path
@@ -106,21 +106,29 @@ def check_resume(a: TrainArgs, saved: Dict, data: Dict, ckpt: str) -> List[str]:
 
 
 # What a run leaves in --out that a later run could take for its own: its checkpoint (and the one a killed save
-# left as .previous) and its final model
-_RUN_FOLDERS = ("checkpoint", "checkpoint" + checkpoint.PREVIOUS_SUFFIX, "final")
+# left as .previous), its final model, the model its checkpoint selection kept, and the models --keep-checkpoints
+# kept as step-<n>
+_RUN_FOLDERS = ("checkpoint", "checkpoint" + checkpoint.PREVIOUS_SUFFIX, "final", "best")
+
+
+def _earlier_run_folders(out: str) -> List[str]:
+    if not os.path.isdir(out):
+        return []
+    kept = sorted(n for n in os.listdir(out) if n.startswith("step-") and n[5:].isdigit())
+    return [n for n in _RUN_FOLDERS + tuple(kept) if os.path.isdir(os.path.join(out, n))]
 
 
 def remove_earlier_run(out: str) -> None:
-    """Remove an earlier run's checkpoint and final model from ``out`` (``--overwrite``), so that the new run's
-    folder never holds a checkpoint or model of another run."""
-    for name in _RUN_FOLDERS:
+    """Remove an earlier run's checkpoint and models from ``out`` (``--overwrite``), so that the new run's
+    folder holds no checkpoint or model of another run."""
+    for name in _earlier_run_folders(out):
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
 
 def refuse_to_replace_a_run(out: str) -> None:
-    """``TrainError`` when ``out`` holds an earlier run's checkpoint or final model, which a new run (no
-    ``--resume``) would replace: weeks of training are not lost to a reused folder name."""
-    held = [name for name in _RUN_FOLDERS if os.path.isdir(os.path.join(out, name))]
+    """``TrainError`` when ``out`` holds an earlier run's checkpoint or models, which a new run (no
+    ``--resume``) would replace or mix with its own."""
+    held = _earlier_run_folders(out)
     if held:
         raise TrainError(f"{out} holds an earlier run ({', '.join(h + '/' for h in held)}); --resume continues it, "
                          f"--overwrite starts a new run in its place, or give another --out")

@@ -529,24 +529,31 @@ def test_resume_reads_each_checkpoint_file_once(data, tmp_path, capsys, monkeypa
 
 
 def test_a_new_run_does_not_replace_an_earlier_run_unless_told(data, tmp_path, capsys):
-    """Without --resume, an --out holding an earlier run's checkpoint or final model is refused (one line,
-    nothing touched); --overwrite starts over and leaves no folder of the earlier run behind."""
+    """Without --resume, an --out holding an earlier run's checkpoint or models is refused (one line, nothing
+    touched); --overwrite starts over and leaves no folder of the earlier run behind."""
     import shutil
 
     from egma_model import checkpoint
 
     out = str(tmp_path / "run")
     shutil.copytree(os.path.join(data["dir"], "reference"), out)
-    before = {p: checkpoint.file_sha256(os.path.join(out, p)) for p in ("log.jsonl",)}
+    for name in ("checkpoint.previous", "best", "step-2"):  # as a killed save, a selection, --keep-checkpoints
+        shutil.copytree(os.path.join(out, "final"), os.path.join(out, name))
+    earlier = ("checkpoint/", "checkpoint.previous/", "final/", "best/", "step-2/")
+
+    def digests():
+        return {os.path.relpath(os.path.join(d, f), out): checkpoint.file_sha256(os.path.join(d, f))
+                for d, _, files in os.walk(out) for f in files}
+
+    before = digests()
     rc, err = _main(_args(data, out), capsys)
     assert rc == 2
     line = _one_line_error(err)
-    assert "holds an earlier run" in line and "checkpoint/" in line and "final/" in line and "--overwrite" in line
-    assert before == {p: checkpoint.file_sha256(os.path.join(out, p)) for p in before}
+    assert "holds an earlier run" in line and all(n in line for n in earlier) and "--overwrite" in line, line
+    assert digests() == before
 
-    os.makedirs(os.path.join(out, "checkpoint.previous"))  # as a killed save leaves it: removed too
     rc, err = _main(_set(_args(data, out, "--overwrite"), "--max-steps", "1"), capsys)
     assert rc == 0, err
-    assert not os.path.exists(os.path.join(out, "checkpoint.previous"))
+    assert not [n for n in ("checkpoint.previous", "best", "step-2") if os.path.exists(os.path.join(out, n))]
     assert checkpoint.verify(os.path.join(out, "checkpoint"))["step"] == 1
     assert [r["step"] for r in _log(out) if "loss" in r] == [1]
